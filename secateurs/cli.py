@@ -1,0 +1,150 @@
+"""The `secateurs` command line: one subcommand per recipe step, usable by hand and by the pipeline components.
+
+Every subcommand validates its inputs before heavy work and exits non-zero with a one-line reason on failure.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Prune and distil Hugging Face LLMs (the Minitron recipe).")
+
+
+def _fail(e: BaseException) -> None:
+    typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(1)
+
+
+def _guarded(fn):
+    """Turn expected errors (bad input) into one line on stderr and exit code 1."""
+    import functools
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except (ValueError, FileNotFoundError, FileExistsError, PermissionError) as e:
+            _fail(e)
+
+    return wrapper
+
+
+def _print_report(report: dict) -> None:
+    typer.echo(json.dumps(report, indent=2, default=str))
+
+
+@app.command("import-model")
+@_guarded
+def import_model_cmd(
+    source: str = typer.Argument(..., help="Checkpoint dir, hub id, .gguf file, s3:// prefix or built-in name (smollm2-135m)."),
+    out: Path = typer.Option(..., "--out", help="Output checkpoint directory."),
+    dtype: str = typer.Option("auto", help="auto, float32, bfloat16 or float16."),
+):
+    """Import a model as a stock Hugging Face checkpoint."""
+    from secateurs.checkpoint import import_model
+
+    _print_report(import_model(source, out, dtype=dtype))
+
+
+@app.command("prepare-data")
+@_guarded
+def prepare_data_cmd(
+    source: str = typer.Option(..., "--source", help="Hub dataset, .txt/.jsonl/.parquet file or dir, s3:// URI, or python-docs."),
+    tokenizer: Path = typer.Option(..., "--tokenizer", help="Directory holding the model's tokenizer."),
+    seq_len: int = typer.Option(..., "--seq-len", help="Tokens per packed sequence."),
+    out: Path = typer.Option(..., "--out"),
+    max_tokens: Optional[int] = typer.Option(None, "--max-tokens"),
+    val_fraction: float = typer.Option(0.05, "--val-fraction"),
+    text_field: str = typer.Option("text", "--text-field"),
+    hub_config: Optional[str] = typer.Option(None, "--hub-config"),
+    seed: int = typer.Option(0, "--seed"),
+):
+    """Tokenize, pack and split a text corpus."""
+    from secateurs.data import prepare_data
+
+    _print_report(prepare_data(source, tokenizer, seq_len, out, max_tokens, val_fraction, text_field, hub_config, seed))
+
+
+@app.command("importance")
+@_guarded
+def importance_cmd(
+    model: Path = typer.Option(..., "--model"),
+    data: Path = typer.Option(..., "--data"),
+    out: Path = typer.Option(..., "--out"),
+    samples: int = typer.Option(1024, "--samples", help="Calibration sequences (the paper used 1024)."),
+    batch_size: int = typer.Option(8, "--batch-size"),
+    block_sizes: Optional[str] = typer.Option(None, "--block-sizes", help="Comma-separated k for the contiguous-block LM-loss scan."),
+    depth_samples: int = typer.Option(64, "--depth-samples", help="Validation sequences per depth-scan evaluation."),
+):
+    """Estimate the importance of neurons, heads, KV groups, channels and layers."""
+    from secateurs import importance
+
+    ks = [int(k) for k in block_sizes.split(",")] if block_sizes else None
+    _print_report(importance.run(model, data, out, samples, batch_size, ks, depth_samples))
+
+
+@app.command("prune")
+@_guarded
+def prune_cmd(
+    model: Path = typer.Option(..., "--model"),
+    importance: Path = typer.Option(..., "--importance"),
+    out: Path = typer.Option(..., "--out"),
+    hidden_size: Optional[int] = typer.Option(None, "--hidden-size"),
+    ffn_hidden_size: Optional[int] = typer.Option(None, "--ffn-hidden-size"),
+    num_attention_heads: Optional[int] = typer.Option(None, "--num-attention-heads"),
+    num_key_value_heads: Optional[int] = typer.Option(None, "--num-key-value-heads"),
+    num_layers: Optional[int] = typer.Option(None, "--num-layers"),
+    depth_criterion: str = typer.Option("block-influence", "--depth-criterion", help="block-influence, lm-loss or lm-loss-contiguous."),
+    drop_layers: Optional[str] = typer.Option(None, "--drop-layers", help="0-based layers to drop, e.g. 15-30,7."),
+):
+    """Prune a model to a target shape."""
+    from secateurs.config import PruneConfig
+    from secateurs import prune
+
+    try:
+        target = PruneConfig(
+            hidden_size=hidden_size,
+            ffn_hidden_size=ffn_hidden_size,
+            num_attention_heads=num_attention_heads,
+            num_key_value_heads=num_key_value_heads,
+            num_layers=num_layers,
+            depth_criterion=depth_criterion,
+            drop_layers=drop_layers,
+        ).target()
+    except Exception as e:  # pydantic ValidationError: show the first reason only
+        from pydantic import ValidationError
+
+        if isinstance(e, ValidationError):
+            from secateurs.config import format_error
+
+            _fail(ValueError("; ".join(format_error(err) for err in e.errors())))
+        raise
+    report = prune.run(model, importance, out, target)
+    typer.echo(
+        f"parameters: {report['parameters_before']:,} -> {report['parameters_after']:,} "
+        f"({report['parameter_ratio']:.1%}); layers kept: {len(report['kept_layers'])}"
+    )
+    _print_report(report)
+
+
+@app.command("validate")
+@_guarded
+def validate_cmd(config: Path = typer.Argument(..., help="Pipeline config YAML.")):
+    """Validate a pipeline config without running anything."""
+    from secateurs.config import load_config
+
+    cfg = load_config(config)
+    typer.echo(f"{config}: ok ({len(cfg.students)} students: {', '.join(s.name for s in cfg.students)})")
+
+
+def main() -> None:  # pragma: no cover
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,167 @@
+"""The pipeline config: one YAML file describes a whole run.
+
+Pydantic v2 models, one per step, composed into `PipelineConfig`. Every field has a description and a default
+whose origin is named; `extra="forbid"` so a mistyped key fails; cross-field rules are validators. Validation
+happens before any compute and names the field and the reason, e.g.
+`students[1].prune.num_attention_heads=20 is not a multiple of the 8 KV groups`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from secateurs.prune import DEPTH_CRITERIA, PruneTarget, parse_layer_list
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=False)
+
+
+class TeacherConfig(Section):
+    source: str = Field(description="Local checkpoint dir, hub id, .gguf file, s3:// prefix, or built-in name (smollm2-135m).")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="Weights dtype of the imported checkpoint.")
+
+
+class DataConfig(Section):
+    source: str = Field("python-docs", description="Hub dataset name, local .txt/.jsonl/.parquet file or dir, s3:// URI, or python-docs.")
+    hub_config: str | None = Field(None, description="Hub dataset configuration name.")
+    text_field: str = Field("text", description="Column holding the text.")
+    # 8192 in the Llama-3.1-Minitron recipe; small models and CPU demos use less.
+    seq_len: int = Field(4096, ge=2, description="Tokens per packed sequence.")
+    max_tokens: int | None = Field(None, ge=2, description="Cap on the tokens kept (None keeps all).")
+    val_fraction: float = Field(0.05, gt=0, lt=1, description="Fraction of sequences held out for validation.")
+    seed: int = Field(0, description="Document shuffle seed.")
+
+
+class ImportanceConfig(Section):
+    # Minitron used 1024 calibration samples (arXiv 2407.14679, Sec. 4).
+    samples: int = Field(1024, ge=1, description="Calibration sequences for activation statistics.")
+    batch_size: int = Field(8, ge=1, description="Sequences per forward pass.")
+    block_sizes: list[int] | None = Field(None, description="Contiguous block lengths k for the LM-loss depth scan (default: half the layers).")
+    depth_samples: int = Field(64, ge=1, description="Validation sequences per LM-loss evaluation in the depth scan.")
+
+    @field_validator("block_sizes")
+    @classmethod
+    def _positive(cls, v):
+        if v is not None and any(k < 1 for k in v):
+            raise ValueError(f"block sizes must be >= 1, got {v}")
+        return v
+
+
+class PruneConfig(Section):
+    hidden_size: int | None = Field(None, ge=1, description="Embedding channels to keep.")
+    ffn_hidden_size: int | None = Field(None, ge=1, description="MLP neurons to keep per layer.")
+    num_attention_heads: int | None = Field(None, ge=1, description="Query heads to keep, equally per KV group.")
+    num_key_value_heads: int | None = Field(None, ge=1, description="Whole KV groups to keep.")
+    num_layers: int | None = Field(None, ge=1, description="Decoder layers to keep, chosen by depth_criterion.")
+    depth_criterion: Literal["block-influence", "lm-loss", "lm-loss-contiguous"] = Field(
+        "block-influence", description="How layers are ranked when num_layers is given."
+    )
+    drop_layers: str | None = Field(None, description="Explicit 0-based layers to drop, e.g. '15-30,7'.")
+
+    @field_validator("drop_layers")
+    @classmethod
+    def _layers(cls, v):
+        if v is not None:
+            parse_layer_list(v)
+        return v
+
+    @model_validator(mode="after")
+    def _depth_exclusive(self):
+        if self.num_layers is not None and self.drop_layers is not None:
+            raise ValueError("give either num_layers or drop_layers, not both")
+        if self.num_key_value_heads and self.num_attention_heads and self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(
+                f"num_attention_heads={self.num_attention_heads} is not a multiple of the "
+                f"{self.num_key_value_heads} KV groups"
+            )
+        return self
+
+    def target(self) -> PruneTarget:
+        return PruneTarget(
+            hidden_size=self.hidden_size,
+            ffn_hidden_size=self.ffn_hidden_size,
+            num_attention_heads=self.num_attention_heads,
+            num_key_value_heads=self.num_key_value_heads,
+            num_layers=self.num_layers,
+            depth_criterion=self.depth_criterion,
+            drop_layers=parse_layer_list(self.drop_layers) if self.drop_layers else None,
+        )
+
+
+class StudentConfig(Section):
+    name: str = Field(pattern=r"^[a-z0-9][a-z0-9-]*$", description="Short name (lower case, digits, dashes).")
+    parent: str = Field("teacher", description="'teacher' or the name of another student to prune from (15B -> 8B -> 4B chains).")
+    prune: PruneConfig = Field(description="The pruning target.")
+
+
+class PipelineConfig(Section):
+    name: str = Field("secateurs", description="Pipeline/run name.")
+    teacher: TeacherConfig
+    data: DataConfig = DataConfig()
+    importance: ImportanceConfig = ImportanceConfig()
+    students: list[StudentConfig] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _student_graph(self):
+        names = [s.name for s in self.students]
+        for i, s in enumerate(self.students):
+            if s.name == "teacher" or names.count(s.name) > 1:
+                raise ValueError(f"students[{i}].name={s.name!r} is used twice or is reserved")
+            if s.parent != "teacher" and s.parent not in names:
+                raise ValueError(f"students[{i}].parent={s.parent!r} is neither 'teacher' nor a student name")
+        for s in self.students:
+            seen, node = [s.name], s
+            while node.parent != "teacher":
+                node = next(x for x in self.students if x.name == node.parent)
+                if node.name in seen:
+                    raise ValueError(f"student chain has a cycle: {' -> '.join(seen + [node.name])}")
+                seen.append(node.name)
+        return self
+
+    def lineage_order(self) -> list[StudentConfig]:
+        """Students ordered so every parent comes before its children."""
+        done, order = {"teacher"}, []
+        while len(order) < len(self.students):
+            for s in self.students:
+                if s.name not in done and s.parent in done:
+                    order.append(s)
+                    done.add(s.name)
+        return order
+
+
+class ConfigError(ValueError):
+    """A config file that does not validate."""
+
+
+def load_config(path: str | Path) -> PipelineConfig:
+    """Read and validate a YAML config; errors name the field and the reason in one line each."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    try:
+        return PipelineConfig.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError(f"{path}: " + "; ".join(format_error(err) for err in e.errors())) from None
+
+
+def format_error(err: dict) -> str:
+    """'students[1].prune.hidden_size=0: Input should be greater than or equal to 1'."""
+    where = ""
+    for part in err["loc"]:
+        where += f"[{part}]" if isinstance(part, int) else (f".{part}" if where else str(part))
+    value = err.get("input")
+    shown = f"={value!r}" if err["type"] not in ("missing",) and not isinstance(value, dict) else ""
+    msg = err["msg"].removeprefix("Value error, ")
+    return f"{where or 'config'}{shown}: {msg}"
+
+
+__all__ = ["PipelineConfig", "load_config", "ConfigError", "DEPTH_CRITERIA"]

@@ -1,0 +1,190 @@
+"""Calibration and training data: text in, packed token sequences out.
+
+`prepare_data` reads text from a hub dataset, local `.txt` / `.jsonl` / `.parquet` files, an `s3://` object, or the
+built-in offline corpus `python-docs`, tokenizes it with the model's tokenizer, concatenates documents separated by
+EOS, packs them into sequences of exactly `seq_len` tokens and saves a `DatasetDict` (`train`, `validation`, one
+column `input_ids`) with `save_to_disk`. Its manifest records `seq_len` and the tokenizer's identity so later steps
+read it without re-tokenizing and refuse it for a model with another tokenizer.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+from pathlib import Path
+
+from secateurs.manifest import atomic_output, read_manifest, write_manifest
+
+BUILTIN_CORPORA = ("python-docs",)
+LOCAL_FORMATS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+
+
+class DataError(ValueError):
+    """A data source or dataset artifact that cannot be used."""
+
+
+def python_docs_texts() -> list[str]:
+    """The standard library's own documentation rendered as plain text: ~4 MB of English prose and signatures
+    available on any machine with Python, which is what makes the demo and the tests work offline."""
+    import pkgutil
+    import pydoc
+    import sys
+    import warnings
+
+    skip = {"antigravity", "this", "idlelib", "tkinter", "turtle", "turtledemo", "lib2to3", "test", "pydoc_data"}
+    names = sorted(
+        m.name
+        for m in pkgutil.iter_modules()
+        if m.name in sys.stdlib_module_names and not m.name.startswith("_") and m.name not in skip
+    )
+    texts = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for name in names:
+            try:
+                module = __import__(name)
+                texts.append(pydoc.render_doc(module, renderer=pydoc.plaintext))
+            except Exception:  # some modules need a display, a platform or optional C libraries
+                continue
+    return texts
+
+
+def tokenizer_identity(tokenizer) -> str:
+    """A hash of the vocabulary and special tokens: equal for the same tokenizer saved anywhere."""
+    vocab = tokenizer.get_vocab()
+    ident = {"vocab": sorted(vocab.items()), "eos": tokenizer.eos_token, "bos": tokenizer.bos_token}
+    return hashlib.sha256(json.dumps(ident).encode()).hexdigest()[:16]
+
+
+def load_texts(source: str, text_field: str = "text", hub_config: str | None = None, split: str = "train"):
+    """A `datasets.Dataset` with one `text` column for any supported source."""
+    import datasets
+
+    if source in BUILTIN_CORPORA:
+        return datasets.Dataset.from_dict({"text": python_docs_texts()})
+    if source.startswith("s3://"):
+        from secateurs import storage
+        from secateurs.checkpoint import cache_dir
+
+        source = str(storage.localize(source, cache_dir() / "s3"))
+    path = Path(source).expanduser()
+    if path.exists() or path.suffix in LOCAL_FORMATS:
+        files = sorted(p for p in path.rglob("*") if p.suffix in LOCAL_FORMATS) if path.is_dir() else [path]
+        if not files or not all(p.is_file() for p in files):
+            raise DataError(f"data source {source} does not exist or holds no .txt/.jsonl/.parquet files")
+        formats = {LOCAL_FORMATS[p.suffix] for p in files}
+        if len(formats) != 1:
+            raise DataError(f"data source {source} mixes formats {sorted(formats)}; use one")
+        builder = formats.pop()
+        kwargs = {"sample_by": "document"} if builder == "text" else {}
+        ds = datasets.load_dataset(builder, data_files=[str(p) for p in files], split="train", **kwargs)
+    else:
+        from secateurs.checkpoint import _require_hub
+
+        _require_hub(f"dataset {source}")
+        ds = datasets.load_dataset(source, hub_config, split=split)
+    if text_field not in ds.column_names:
+        raise DataError(f"data source {source} has no text field {text_field!r} (fields: {', '.join(ds.column_names)})")
+    return ds.select_columns([text_field]).rename_column(text_field, "text") if text_field != "text" else ds.select_columns(["text"])
+
+
+def prepare_data(
+    source: str,
+    tokenizer_dir: str | Path,
+    seq_len: int,
+    out: str | Path,
+    max_tokens: int | None = None,
+    val_fraction: float = 0.05,
+    text_field: str = "text",
+    hub_config: str | None = None,
+    seed: int = 0,
+) -> dict:
+    """Tokenize, pack and split SOURCE into OUT; returns a report (sequences and tokens per split)."""
+    import datasets
+
+    from secateurs.checkpoint import load_tokenizer
+
+    if seq_len < 2:
+        raise DataError(f"seq_len={seq_len} must be at least 2")
+    if not 0 < val_fraction < 1:
+        raise DataError(f"val_fraction={val_fraction} must be between 0 and 1 (exclusive)")
+    tokenizer = load_tokenizer(tokenizer_dir)
+    texts = load_texts(source, text_field, hub_config)
+    # Shuffle documents, not sequences, so validation is a set of documents the training split never saw
+    # (only the one document that straddles the boundary is shared).
+    order = list(range(len(texts)))
+    random.Random(seed).shuffle(order)
+    texts = texts.select(order).filter(lambda t: bool(t and t.strip()), input_columns="text")
+    if len(texts) == 0:
+        raise DataError(f"data source {source} holds no text")
+
+    eos = tokenizer.eos_token_id
+
+    def tokenize(batch):
+        ids = tokenizer(batch["text"], add_special_tokens=False)["input_ids"]
+        return {"ids": [x + [eos] if eos is not None else x for x in ids]}
+
+    tokens = texts.map(tokenize, batched=True, remove_columns=["text"], desc="tokenizing")
+    # Packing is a concatenate-and-split no library offers for a DatasetDict in one call; it is four lines.
+    flat = [t for doc in tokens["ids"] for t in doc]
+    if max_tokens is not None:
+        flat = flat[:max_tokens]
+    n_seq = len(flat) // seq_len
+    if n_seq < 2:
+        raise DataError(
+            f"data source {source} yields {len(flat)} tokens: fewer than 2 sequences of seq_len={seq_len} "
+            "(one for training, one for validation)"
+        )
+    sequences = [flat[i * seq_len : (i + 1) * seq_len] for i in range(n_seq)]
+    n_val = max(1, round(n_seq * val_fraction))
+    dd = datasets.DatasetDict(
+        train=datasets.Dataset.from_dict({"input_ids": sequences[: n_seq - n_val]}),
+        validation=datasets.Dataset.from_dict({"input_ids": sequences[n_seq - n_val :]}),
+    )
+    report = {
+        "train_sequences": n_seq - n_val,
+        "validation_sequences": n_val,
+        "train_tokens": (n_seq - n_val) * seq_len,
+        "validation_tokens": n_val * seq_len,
+        "documents": len(texts),
+    }
+    config = {
+        "source": source,
+        "seq_len": seq_len,
+        "max_tokens": max_tokens,
+        "val_fraction": val_fraction,
+        "text_field": text_field,
+        "seed": seed,
+        "tokenizer": tokenizer_identity(tokenizer),
+    }
+    with atomic_output(out) as tmp:
+        dd.save_to_disk(str(tmp))
+        write_manifest(tmp, "prepare-data", inputs={"tokenizer": tokenizer_dir}, config=config, report=report)
+    return report
+
+
+def load_packed(path: str | Path):
+    """Open a prepared dataset; returns (DatasetDict, its manifest config)."""
+    import datasets
+
+    path = Path(path)
+    manifest = read_manifest(path)
+    if not path.is_dir() or manifest.get("step") != "prepare-data":
+        raise DataError(f"{path} is not a dataset made by `secateurs prepare-data`")
+    dd = datasets.load_from_disk(str(path))
+    for split in ("train", "validation"):
+        if split not in dd or len(dd[split]) == 0:
+            raise DataError(f"dataset {path} has an empty {split} split")
+    return dd.with_format("torch"), manifest["config"]
+
+
+def check_matches(data_config: dict, tokenizer, seq_len: int | None = None, where: str = "dataset") -> None:
+    """Refuse a dataset made with another tokenizer (or another sequence length when one is required)."""
+    ident = tokenizer_identity(tokenizer)
+    if data_config.get("tokenizer") != ident:
+        raise DataError(
+            f"{where} was tokenized with tokenizer {data_config.get('tokenizer')}, but the model's tokenizer is {ident}"
+        )
+    if seq_len is not None and data_config.get("seq_len") != seq_len:
+        raise DataError(f"{where} has seq_len={data_config.get('seq_len')}, expected {seq_len}")

@@ -1,0 +1,119 @@
+"""Shared fixtures: a real tokenizer, tiny random-weight models of every family, a small packed dataset, and the
+real SmolLM2-135M (converted once per machine into the secateurs cache, then copied)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+# Never reach for a hub in tests; a stray download would hang CI.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("SECATEURS_CACHE", str(Path(__file__).resolve().parents[1] / ".cache" / "secateurs"))
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+FAMILY_CASES = ["llama-tied", "llama-untied", "mistral", "qwen2", "qwen3"]
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir(tmp_path_factory) -> Path:
+    """The real SmolLM2-135M as a stock checkpoint (import-model smollm2-135m)."""
+    from secateurs.checkpoint import import_model
+
+    out = tmp_path_factory.mktemp("smollm2") / "teacher"
+    import_model("smollm2-135m", out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(smollm2_dir) -> Path:
+    return smollm2_dir
+
+
+def tiny_config(case: str, vocab_size: int):
+    from transformers import LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
+
+    common = dict(
+        vocab_size=vocab_size,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=4,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=256,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=2,
+    )
+    if case == "llama-tied":
+        return LlamaConfig(**common, tie_word_embeddings=True)
+    if case == "llama-untied":
+        return LlamaConfig(**common, tie_word_embeddings=False)
+    if case == "mistral":
+        return MistralConfig(**common, sliding_window=None, tie_word_embeddings=False)
+    if case == "qwen2":
+        return Qwen2Config(**common, tie_word_embeddings=True)
+    if case == "qwen3":
+        return Qwen3Config(**common, tie_word_embeddings=False)
+    raise ValueError(case)
+
+
+def make_tiny_model(case: str, tokenizer_dir: Path, out: Path, seed: int = 0) -> Path:
+    """A random-weight model of one family, saved with a real tokenizer and a manifest."""
+    from transformers import AutoModelForCausalLM
+
+    from secateurs.checkpoint import load_tokenizer, save_checkpoint
+    from secateurs.manifest import write_manifest
+
+    tokenizer = load_tokenizer(tokenizer_dir)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(case, len(tokenizer)), dtype=torch.float32)
+    # Random norms and biases, so pruning bugs that drop or misplace them change the logits.
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name or name.endswith("bias"):
+                p.copy_(torch.randn_like(p) * 0.5 + (1.0 if "norm" in name else 0.0))
+    save_checkpoint(model, tokenizer, out)
+    write_manifest(out, "import-model", config={"source": f"tiny-{case}"})
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory, tokenizer_dir) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("tiny")
+    return {case: make_tiny_model(case, tokenizer_dir, root / case) for case in FAMILY_CASES}
+
+
+@pytest.fixture(scope="session")
+def docs_txt(tmp_path_factory) -> Path:
+    """A few hundred KB of real English prose and signatures (python-docs) as a local .txt corpus."""
+    from secateurs.data import python_docs_texts
+
+    path = tmp_path_factory.mktemp("corpus") / "docs.txt"
+    texts = python_docs_texts()
+    path.write_text("\n\n".join(texts[:40]))
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory, tokenizer_dir, docs_txt) -> Path:
+    from secateurs.data import prepare_data
+
+    out = tmp_path_factory.mktemp("data") / "packed"
+    prepare_data(str(docs_txt), tokenizer_dir, seq_len=32, out=out, max_tokens=32 * 80, val_fraction=0.2)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_importance(tmp_path_factory, tiny_models, tiny_data) -> dict[str, Path]:
+    from secateurs import importance
+
+    root = tmp_path_factory.mktemp("importance")
+    return {
+        case: (importance.run(path, tiny_data, root / case, samples=16, batch_size=8, block_sizes=[1, 2], depth_samples=4), root / case)[1]
+        for case, path in tiny_models.items()
+    }
