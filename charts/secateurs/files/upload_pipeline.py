@@ -20,7 +20,9 @@ from kfp_server_api.exceptions import ApiException
 
 def find_pipeline_id(client: kfp.Client, name: str, namespace: str | None) -> str | None:
     """Returns the id of the pipeline displayed as `name`, or None. (Client.get_pipeline_id takes no namespace.)"""
-    by_name = json.dumps({"predicates": [{"operation": "EQUALS", "key": "display_name", "stringValue": name}]})
+    by_name = json.dumps(
+        {"predicates": [{"operation": "EQUALS", "key": "display_name", "stringValue": name}]}
+    )
     pipelines = client.list_pipelines(filter=by_name, namespace=namespace).pipelines or []
     return pipelines[0].pipeline_id if pipelines else None
 
@@ -28,7 +30,9 @@ def find_pipeline_id(client: kfp.Client, name: str, namespace: str | None) -> st
 def main() -> None:
     namespace = os.environ.get("KFP_NAMESPACE") or None
     client = kfp.Client(
-        host=os.environ["KFP_HOST"], existing_token=os.environ.get("KFP_TOKEN") or None, namespace=namespace or "kubeflow"
+        host=os.environ["KFP_HOST"],
+        existing_token=os.environ.get("KFP_TOKEN") or None,
+        namespace=namespace or "kubeflow",
     )
     name, version = os.environ["PIPELINE_NAME"], os.environ["PIPELINE_VERSION"]
     package = os.environ["PIPELINE_PACKAGE"]
