@@ -19,16 +19,16 @@ Produces: local files (downloads, under a cache for `localize`) and S3 objects (
 Guarantees:
 - Objects are moved with boto3's managed transfer: multipart above a threshold, parts in parallel.
 - Every object transfer is retried with exponential backoff on transient failures (connection reset or
-  refused, timeouts, 5xx, throttling), on top of botocore's per-request retries, which do not cover a failure in the
-  middle of a multipart transfer or a stream cut while reading a body.
+  refused, timeouts, 5xx, throttling), on top of botocore's per-request retries, which do not cover a failure
+  in the middle of a multipart transfer or a stream cut while reading a body.
 - A downloaded file appears under its final name only when complete (s3transfer writes a temporary sibling and
   renames it). Files already present with the ETag and size S3 lists are not fetched again; a prefix download
   mirrors the prefix, removing files it downloaded earlier that the prefix no longer holds.
-- A directory upload sends the artifact's manifest (`secateurs.json`) last, so an S3 prefix that holds a
-  manifest holds the whole artifact.
+- A directory upload deletes the manifest (`secateurs.json`) already at its prefix first and sends the new one
+  last, so an S3 prefix that holds a manifest holds a whole artifact.
 - Failures raise `StorageError` with a one-line message naming the endpoint and what failed; credential values
-  (and URL user info, presigned signatures) are redacted from every message, and an original exception whose text
-  carries a credential is not chained.
+  (and URL user info, presigned signatures) are redacted from every message, and an original exception whose
+  text carries a credential is not chained.
 
 boto3 is imported inside the functions that use it, so the core of secateurs imports without it.
 """
@@ -188,7 +188,7 @@ def s3_client(
         max_pool_connections=max_pool_connections,
         s3={"addressing_style": addressing},
     )
-    # One boto3 session per process caches the parsed S3 service model (a new session costs ~0.4 s per client).
+    # One boto3 session per process caches the parsed S3 service model (a new session costs ~0.4 s a client).
     # Credentials are passed to each client explicitly, read from the environment now, so botocore's provider
     # chain (shared files, instance metadata, which can stall for seconds off-cloud) is never consulted.
     global _session
@@ -233,8 +233,9 @@ def check_access(uri: str, *, client: Any = None) -> None:
     """Fail fast, with one line, when the bucket of `uri` cannot be used: endpoint unreachable, credentials
     refused, bucket missing. Costs one HEAD request; call it before any expensive work.
 
-    The default client for this check uses short timeouts and 2 attempts so an unreachable endpoint is reported
-    in seconds. HEAD on a bucket needs the `s3:ListBucket` permission, which prefix downloads need anyway.
+    The default client for this check uses short timeouts and 2 attempts so an unreachable endpoint is
+    reported in seconds. HEAD on a bucket needs the `s3:ListBucket` permission, which prefix downloads need
+    anyway.
 
     Raises:
         StorageError: the bucket is not usable; the message says why.
@@ -281,8 +282,8 @@ def download(
     A prefix (a key ending in `/`, the bucket root, or a key with no object of that exact name) is mirrored:
     `s3://b/run/model/config.json` lands in `dest_dir/config.json`. A single object lands in
     `dest_dir/<its basename>`. Files whose size and ETag match what a previous download recorded are skipped;
-    the record lives next to `dest_dir` (`.<name>.s3-etags.json`), outside the artifact, so it never changes an
-    artifact's content hash.
+    the record lives next to `dest_dir` (`.<name>.s3-etags.json`), outside the artifact, so it never changes
+    an artifact's content hash.
 
     Returns:
         `dest_dir` for a prefix, the downloaded file for a single object.
@@ -337,9 +338,11 @@ def upload(
 ) -> str:
     """Upload a file or a directory tree to S3 and return the URI it now lives at.
 
-    A file goes to `uri` itself, or to `uri/<its name>` when `uri` ends in `/` or is a bucket root. A directory
-    goes under the prefix `uri` (relative paths kept, `/`-separated), with its top-level `secateurs.json` last.
-    Existing objects under the prefix that the directory does not hold are left in place.
+    A file goes to `uri` itself, or to `uri/<its name>` when `uri` ends in `/` or is a bucket root. A
+    directory goes under the prefix `uri` (relative paths kept, `/`-separated), with its top-level
+    `secateurs.json` last; a manifest already under the prefix is deleted first, so while an artifact is being
+    replaced its prefix never claims to be complete. Other objects under the prefix that the directory does
+    not hold are left.
 
     Raises:
         FileNotFoundError: `local_path` does not exist.
@@ -369,6 +372,13 @@ def upload(
     client = client or s3_client()
     transfer = transfer or transfer_config()
     endpoint = _endpoint(client)
+    if local_path.is_dir() and files[-1][0] == local_path / MANIFEST:
+        manifest_key = files[-1][1]
+        _retrying(
+            f"remove the old manifest s3://{bucket}/{manifest_key}",
+            functools.partial(client.delete_object, Bucket=bucket, Key=manifest_key),  # no-op when absent
+            endpoint,
+        )
     with _progress(sum(f.stat().st_size for f, _ in files), f"upload {uri}") as bar:
         for path, object_key in files:
             counter = _Counter(bar)
@@ -397,8 +407,9 @@ def localize(
 ) -> Path:
     """A local path for an input: a local path (or `file://` URI) as it is, an `s3://` URI downloaded.
 
-    S3 inputs land in `cache_dir/s3/<name>-<hash of the URI>`; a second call lists the prefix again and fetches
-    only what changed. A file lock serialises concurrent steps that localize the same URI on one machine.
+    S3 inputs land in `cache_dir/s3/<name>-<hash of the URI>`; a second call lists the prefix again and
+    fetches only what changed. A file lock serialises concurrent steps that localize the same URI on one
+    machine.
 
     Raises:
         FileNotFoundError: a local input does not exist.
@@ -430,9 +441,10 @@ def staged_output(
 ) -> Iterator[Path]:
     """Yield a local directory for a step to write its artifact into, published to `uri` only on success.
 
-    A local `uri` is written atomically (`manifest.atomic_output`). An S3 `uri` is checked for access before the
-    step runs, the artifact is written to a temporary directory under `staging_dir` and uploaded after the block
-    succeeds; a failed block uploads nothing, so an existing artifact at `uri` is never replaced by a partial one.
+    A local `uri` is written atomically (`manifest.atomic_output`). An S3 `uri` is checked for access before
+    the step runs, the artifact is written to a temporary directory under `staging_dir` and uploaded after the
+    block succeeds; a failed block uploads nothing, so an existing artifact at `uri` is never replaced by a
+    partial one.
     """
     if not is_s3_uri(uri):
         with atomic_output(_local_path(uri)) as tmp:
@@ -502,7 +514,7 @@ def _inside(dest_dir: Path, rel: str, uri: str) -> Path:
 
 
 def _is_current(path: Path, rel: str, obj: _RemoteObject, index: dict[str, dict[str, Any]]) -> bool:
-    """Whether `path` already holds `obj`: recorded with the same ETag and size, and still that size on disk."""
+    """Whether `path` already holds `obj`: recorded with its ETag and size, and still that size on disk."""
     entry = index.get(rel)
     return (
         entry is not None
@@ -630,8 +642,8 @@ def _storage_error(action: str, exc: BaseException, endpoint: str) -> StorageErr
     for e in chain:
         if isinstance(e, bx.ClientError) and _status(e) in (401, 403):
             return StorageError(
-                f"S3 endpoint {endpoint} refused to {_redact(action)}: {_describe(e)} (check AWS_ACCESS_KEY_ID / "
-                "AWS_SECRET_ACCESS_KEY / AWS_SESSION_TOKEN and the bucket's policy)"
+                f"S3 endpoint {endpoint} refused to {_redact(action)}: {_describe(e)} (check "
+                "AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY / AWS_SESSION_TOKEN and the bucket's policy)"
             )
     return StorageError(f"cannot {_redact(action)} at S3 endpoint {endpoint}: {_describe(exc)}")
 

@@ -1,7 +1,8 @@
 """secateurs.storage against a real S3-protocol server (moto's server mode) on 127.0.0.1.
 
-Faults are injected by a small TCP proxy between the client and the server, so every request still travels over
-a real socket and is answered by real S3 code: the proxy only resets a connection or answers one request itself.
+Faults are injected by a small TCP proxy between the client and the server, so every request still travels
+over a real socket and is answered by real S3 code: the proxy only resets a connection or answers one request
+itself.
 """
 
 from __future__ import annotations
@@ -103,7 +104,7 @@ class FaultyProxy:
         threading.Thread(target=self._accept, daemon=True).start()
 
     def fail_once(self, method: str, path: str, action: object) -> None:
-        """Break the next `method path` request: "reset" (TCP RST) or (status, code, message) answered here."""
+        """Break the next `method path` request: "reset" (TCP RST), or (status, code, message) to answer."""
         with self.lock:
             self.faults.append((method, path, action))
 
@@ -253,7 +254,9 @@ def test_model_directory_round_trip_multipart_and_cache(bucket, proxy, tmp_path)
     transfer = storage.transfer_config(**SMALL)
 
     assert storage.upload(model, uri, transfer=transfer) == uri
-    assert proxy.requests[-1] == ("PUT", f"/{bucket}/runs/r1/model/{MANIFEST}")  # the manifest goes up last
+    manifest_path = f"/{bucket}/runs/r1/model/{MANIFEST}"
+    # The manifest marks a complete artifact: an old one is removed first, the new one goes up last.
+    assert proxy.requests[0] == ("DELETE", manifest_path) and proxy.requests[-1] == ("PUT", manifest_path)
     client = storage.s3_client()
     # A multipart ETag ends in -<parts>: 12 MiB in 5 MiB parts is 3 parts.
     etag = client.head_object(Bucket=bucket, Key="runs/r1/model/model.safetensors")["ETag"]
