@@ -21,6 +21,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 import botocore.exceptions
+import datasets
 import pytest
 
 from secateurs import storage
@@ -304,7 +305,6 @@ def test_single_file_round_trip(bucket, tmp_path):
 
 
 def test_dataset_round_trip(bucket, tmp_path):
-    datasets = pytest.importorskip("datasets")
     seq_len = 16
     dataset = datasets.DatasetDict(
         {
