@@ -1,0 +1,478 @@
+"""secateurs.storage against a real S3-protocol server (moto's server mode) on 127.0.0.1.
+
+Faults are injected by a small TCP proxy between the client and the server, so every request still travels
+over a real socket and is answered by real S3 code: the proxy only resets a connection or answers one request
+itself.
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import socket
+import struct
+import subprocess
+import sys
+import threading
+import time
+import traceback
+import uuid
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import botocore.exceptions
+import datasets
+import pytest
+
+from secateurs import storage
+from secateurs.manifest import MANIFEST, content_hash, read_manifest, write_manifest
+
+MiB = 1 << 20
+# Small multipart settings so a 12 MiB file goes up and down in 3 parts (5 MiB is S3's minimum part size).
+SMALL = {"multipart_threshold": 5 * MiB, "multipart_chunksize": 5 * MiB, "max_concurrency": 4}
+CREDENTIALS = {
+    "AWS_ACCESS_KEY_ID": "AKIASECATEURSTEST042",
+    "AWS_SECRET_ACCESS_KEY": "s3cr3t-value-that-must-not-leak-9f2c",
+    "AWS_SESSION_TOKEN": "session-token-that-must-not-leak-51ab",
+}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_moto(extra_env: dict[str, str], log_path: Path):
+    port = free_port()
+    # The server logs every request: to a file, since an unread pipe would fill up and stall it.
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+            env={**os.environ, **extra_env},
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    deadline = time.monotonic() + 60
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(f"moto server exited: {log_path.read_text(errors='replace')[-2000:]}")
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            break
+        except OSError:
+            if time.monotonic() > deadline:
+                proc.kill()
+                raise RuntimeError("moto server did not start within 60 s") from None
+            time.sleep(0.1)
+    return proc, f"http://127.0.0.1:{port}"
+
+
+@pytest.fixture(scope="session")
+def moto_server(tmp_path_factory):
+    proc, url = start_moto({}, tmp_path_factory.mktemp("moto") / "server.log")
+    yield url
+    proc.terminate()
+    proc.wait(timeout=10)
+
+
+@pytest.fixture(scope="session")
+def moto_server_with_auth(tmp_path_factory):
+    """A server that checks every request against its (empty) IAM: any access key is refused."""
+    proc, url = start_moto(
+        {"INITIAL_NO_AUTH_ACTION_COUNT": "0"}, tmp_path_factory.mktemp("moto") / "server.log"
+    )
+    yield url
+    proc.terminate()
+    proc.wait(timeout=10)
+
+
+class FaultyProxy:
+    """A TCP proxy to the S3 server that logs every request and can break chosen ones once.
+
+    Each forwarded request gets `Connection: close`, so every request opens its own connection and the proxy
+    sees each request line (keep-alive would hide later requests inside one byte stream).
+    """
+
+    def __init__(self, upstream: str):
+        parts = urlsplit(upstream)
+        self.upstream = (parts.hostname, parts.port)
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.server.getsockname()[1]}"
+        self.requests: list[tuple[str, str]] = []
+        self.faults: list[tuple[str, str, object]] = []
+        self.lock = threading.Lock()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def fail_once(self, method: str, path: str, action: object) -> None:
+        """Break the next `method path` request: "reset" (TCP RST), or (status, code, message) to answer."""
+        with self.lock:
+            self.faults.append((method, path, action))
+
+    def count(self, method: str, path: str) -> int:
+        with self.lock:
+            return self.requests.count((method, path))
+
+    def close(self) -> None:
+        self.server.shutdown(socket.SHUT_RDWR)  # wakes the accept() in the proxy's thread
+        self.server.close()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.server.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._handle, args=(conn,), daemon=True).start()
+
+    def _handle(self, conn: socket.socket) -> None:
+        with conn:
+            data = b""
+            while b"\r\n\r\n" not in data:
+                chunk = conn.recv(65536)
+                if not chunk:
+                    return
+                data += chunk
+            head, rest = data.split(b"\r\n\r\n", 1)
+            lines = head.split(b"\r\n")
+            method, target, _ = lines[0].decode().split(" ", 2)
+            path = urlsplit(target).path
+            headers = {
+                k.strip().lower(): v.strip() for k, _, v in (ln.decode().partition(":") for ln in lines[1:])
+            }
+            with self.lock:
+                self.requests.append((method, path))
+                fault = next((f for f in self.faults if f[:2] == (method, path)), None)
+                if fault is not None:
+                    self.faults.remove(fault)
+            if fault is not None and fault[2] == "reset":
+                conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                return
+            if fault is not None:
+                status, code, message = fault[2]
+                if "100-continue" not in headers.get("expect", "").lower():
+                    # Read the body first: closing with unread data would reset the connection instead.
+                    remaining = int(headers.get("content-length", 0)) - len(rest)
+                    while remaining > 0:
+                        chunk = conn.recv(min(remaining, 65536))
+                        if not chunk:
+                            break
+                        remaining -= len(chunk)
+                body = f"<?xml version='1.0'?><Error><Code>{code}</Code><Message>{message}</Message></Error>"
+                conn.sendall(
+                    f"HTTP/1.1 {status} {code}\r\nContent-Type: application/xml\r\n"
+                    f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n{body}".encode()
+                )
+                return
+            kept = [ln for ln in lines[1:] if not ln.lower().startswith(b"connection:")]
+            with socket.create_connection(self.upstream) as up:
+                up.sendall(b"\r\n".join([lines[0], b"Connection: close", *kept]) + b"\r\n\r\n" + rest)
+                self._pump(conn, up)
+
+    @staticmethod
+    def _pump(conn: socket.socket, up: socket.socket) -> None:
+        while True:
+            ready, _, _ = select.select([conn, up], [], [], 30)
+            if not ready:
+                return
+            for src in ready:
+                chunk = src.recv(65536)
+                if not chunk:
+                    return
+                (up if src is conn else conn).sendall(chunk)
+
+
+@pytest.fixture
+def s3_env(monkeypatch, tmp_path, moto_server):
+    """Fake credentials and the moto endpoint, for this test only."""
+    for name in (
+        "AWS_ENDPOINT_URL",
+        "AWS_ENDPOINT_URL_S3",
+        "AWS_PROFILE",
+        "AWS_REGION",
+        "AWS_MAX_ATTEMPTS",
+        "AWS_RETRY_MODE",
+        "SECATEURS_S3_ADDRESSING_STYLE",
+    ):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in CREDENTIALS.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-aws-config"))
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-aws-credentials"))
+    monkeypatch.setenv("SECATEURS_S3_ENDPOINT", moto_server)
+    return moto_server
+
+
+@pytest.fixture
+def bucket(s3_env) -> str:
+    name = f"secateurs-{uuid.uuid4().hex[:12]}"
+    storage.s3_client().create_bucket(Bucket=name)
+    return name
+
+
+@pytest.fixture
+def proxy(s3_env, monkeypatch):
+    """Route this test's S3 traffic through a FaultyProxy."""
+    p = FaultyProxy(s3_env)
+    monkeypatch.setenv("SECATEURS_S3_ENDPOINT", p.url)
+    yield p
+    p.close()
+
+
+def files_of(root: Path) -> dict[str, bytes]:
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_parse_s3_uri():
+    assert storage.parse_s3_uri("s3://bucket/a/b/model.safetensors") == ("bucket", "a/b/model.safetensors")
+    assert storage.parse_s3_uri("s3://my.bucket-1/prefix/") == ("my.bucket-1", "prefix/")
+    assert storage.parse_s3_uri("s3://bucket") == ("bucket", "")
+    assert storage.is_s3_uri("s3://bucket/k") and not storage.is_s3_uri("/data/s3/bucket")
+    assert not storage.is_s3_uri(Path("s3://bucket/k"))
+    for bad, why in [
+        ("s3://", "names no bucket"),
+        ("s3:///key", "names no bucket"),
+        ("s3://ab/key", "invalid bucket name"),
+        ("s3://bad bucket/key", "invalid bucket name"),
+        ("https://bucket/key", "expected an s3://"),
+    ]:
+        with pytest.raises(ValueError, match=why):
+            storage.parse_s3_uri(bad)
+    with pytest.raises(TypeError, match="turned into a path"):
+        storage.parse_s3_uri(Path("s3://bucket/key"))
+
+
+def test_model_directory_round_trip_multipart_and_cache(bucket, proxy, tmp_path):
+    model = tmp_path / "model"
+    (model / "extra").mkdir(parents=True)
+    (model / MANIFEST).write_text('{"step": "prune"}')
+    (model / "config.json").write_text('{"model_type": "llama", "head_dim": 64}')
+    (model / "tokenizer.json").write_text('{"version": "1.0"}')
+    (model / "model.safetensors").write_bytes(os.urandom(12 * MiB))
+    (model / "extra" / "notes.txt").write_text("pruned from 30 to 24 layers")
+    uri = f"s3://{bucket}/runs/r1/model"
+    transfer = storage.transfer_config(**SMALL)
+
+    assert storage.upload(model, uri, transfer=transfer) == uri
+    manifest_path = f"/{bucket}/runs/r1/model/{MANIFEST}"
+    # The manifest marks a complete artifact: an old one is removed first, the new one goes up last.
+    assert proxy.requests[0] == ("DELETE", manifest_path) and proxy.requests[-1] == ("PUT", manifest_path)
+    client = storage.s3_client()
+    # A multipart ETag ends in -<parts>: 12 MiB in 5 MiB parts is 3 parts.
+    etag = client.head_object(Bucket=bucket, Key="runs/r1/model/model.safetensors")["ETag"]
+    assert etag.strip('"').endswith("-3")
+
+    copy = tmp_path / "copy"
+    assert storage.download(uri, copy, transfer=transfer) == copy
+    assert files_of(copy) == files_of(model)
+    weights_path = f"/{bucket}/runs/r1/model/model.safetensors"
+    assert proxy.count("GET", weights_path) == 3  # ranged GETs, one per part
+
+    # A second download lists the prefix and fetches nothing: the files stay the very same inodes.
+    inodes = {rel: (copy / rel).stat().st_ino for rel in files_of(copy)}
+    proxy.requests.clear()
+    storage.download(uri, copy, transfer=transfer)
+    assert [m for m, _ in proxy.requests] == ["HEAD", "GET"]  # HEAD of the exact key (404), then the listing
+    assert {rel: (copy / rel).stat().st_ino for rel in files_of(copy)} == inodes
+
+    # Change one object (same size, new content) and delete another: only those two change locally.
+    client.put_object(
+        Bucket=bucket, Key="runs/r1/model/config.json", Body=b'{"model_type": "qwen2", "head_dim": 64}'
+    )
+    client.delete_object(Bucket=bucket, Key="runs/r1/model/extra/notes.txt")
+    proxy.requests.clear()
+    storage.download(uri, copy, transfer=transfer)
+    assert (copy / "config.json").read_bytes() == b'{"model_type": "qwen2", "head_dim": 64}'
+    assert not (copy / "extra" / "notes.txt").exists()
+    assert (copy / "model.safetensors").stat().st_ino == inodes["model.safetensors"]
+    assert proxy.count("GET", weights_path) == 0
+    assert proxy.count("GET", f"/{bucket}/runs/r1/model/config.json") == 1
+
+
+def test_single_file_round_trip(bucket, tmp_path):
+    gguf = tmp_path / "SmolLM2-135M.Q4_1.gguf"
+    gguf.write_bytes(os.urandom(300_000))
+    uri = storage.upload(gguf, f"s3://{bucket}/weights/")
+    assert uri == f"s3://{bucket}/weights/SmolLM2-135M.Q4_1.gguf"
+    local = storage.localize(uri, tmp_path / "cache")
+    assert local.name == gguf.name and local.read_bytes() == gguf.read_bytes()
+    assert storage.localize(str(gguf)) == gguf and storage.localize(f"file://{gguf}") == gguf
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        storage.localize(str(tmp_path / "missing"))
+    with pytest.raises(storage.StorageError, match=f"nothing at s3://{bucket}/weights/other"):
+        storage.download(f"s3://{bucket}/weights/other", tmp_path / "out")
+
+
+def test_dataset_round_trip(bucket, tmp_path):
+    seq_len = 16
+    dataset = datasets.DatasetDict(
+        {
+            split: datasets.Dataset.from_dict(
+                {"input_ids": [[(i * 7 + j) % 1000 for j in range(seq_len)] for i in range(n)]}
+            )
+            for split, n in (("train", 40), ("validation", 8))
+        }
+    )
+    saved = tmp_path / "data"
+    dataset.save_to_disk(str(saved))
+    write_manifest(saved, step="data", config={"seq_len": seq_len, "tokenizer": "3f1c2a"})
+    uri = storage.upload(saved, f"s3://{bucket}/runs/r1/data/")
+    assert uri == f"s3://{bucket}/runs/r1/data"
+
+    local = storage.localize(uri, tmp_path / "cache")
+    assert local.is_relative_to(tmp_path / "cache")
+    loaded = datasets.load_from_disk(str(local))
+    assert set(loaded) == {"train", "validation"}
+    for split in ("train", "validation"):
+        assert loaded[split].features == dataset[split].features
+        assert loaded[split].to_dict() == dataset[split].to_dict()
+    assert read_manifest(local)["config"] == {"seq_len": seq_len, "tokenizer": "3f1c2a"}
+    # The ETag record lives outside the artifact, so the artifact's identity is unchanged by the trip.
+    assert content_hash(local) == content_hash(saved)
+    assert storage.localize(uri + "/", tmp_path / "cache") == local  # same URI, same cache entry
+
+
+def test_download_is_retried_after_a_connection_reset(bucket, proxy, tmp_path, monkeypatch):
+    # One botocore attempt per request, so only the transfer-level retry can save the download.
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
+    payload = os.urandom(100_000)
+    client = storage.s3_client()
+    client.put_object(Bucket=bucket, Key="obj/shard.bin", Body=payload)
+    path = f"/{bucket}/obj/shard.bin"
+
+    proxy.fail_once("GET", path, "reset")
+    with pytest.raises(botocore.exceptions.ConnectionClosedError):
+        client.get_object(Bucket=bucket, Key="obj/shard.bin")  # the fault is real for a plain client
+
+    proxy.fail_once("GET", path, "reset")
+    proxy.requests.clear()
+    local = storage.download(f"s3://{bucket}/obj/shard.bin", tmp_path / "dl")
+    assert local.read_bytes() == payload
+    assert proxy.count("GET", path) == 2 and not proxy.faults
+    # 3 HEADs: the type check, then one per download_file call: the whole transfer was run again.
+    assert proxy.count("HEAD", path) == 3
+    assert sorted(p.name for p in (tmp_path / "dl").iterdir()) == ["shard.bin"]  # no partial file left
+
+
+def test_upload_is_retried_after_a_503(bucket, proxy, tmp_path, monkeypatch):
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
+    src = tmp_path / "metrics.json"
+    src.write_text('{"val_loss": 2.5}')
+    path = f"/{bucket}/runs/r1/metrics.json"
+    slow_down = (503, "SlowDown", "Please reduce your request rate.")
+
+    proxy.fail_once("PUT", path, slow_down)
+    with pytest.raises(botocore.exceptions.ClientError, match="SlowDown"):
+        storage.s3_client().put_object(Bucket=bucket, Key="runs/r1/metrics.json", Body=b"{}")
+
+    proxy.fail_once("PUT", path, slow_down)
+    proxy.requests.clear()
+    assert storage.upload(src, f"s3://{bucket}/runs/r1/metrics.json") == f"s3://{bucket}/runs/r1/metrics.json"
+    assert proxy.count("PUT", path) == 2 and not proxy.faults
+    body = storage.s3_client().get_object(Bucket=bucket, Key="runs/r1/metrics.json")["Body"].read()
+    assert body == b'{"val_loss": 2.5}'
+
+
+def test_unreachable_endpoint_is_one_line(s3_env, tmp_path, monkeypatch):
+    port = free_port()  # nothing listens there
+    monkeypatch.setenv("SECATEURS_S3_ENDPOINT", f"http://127.0.0.1:{port}")
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
+    with pytest.raises(storage.StorageError) as err:
+        storage.check_access("s3://models/llama")
+    message = str(err.value)
+    assert message.startswith(f"cannot reach S3 endpoint http://127.0.0.1:{port}: ")
+    assert "\n" not in message
+    assert isinstance(err.value.__cause__, botocore.exceptions.EndpointConnectionError)  # kept for debugging
+    with pytest.raises(storage.StorageError, match=f"^cannot reach S3 endpoint http://127.0.0.1:{port}: "):
+        storage.download("s3://models/llama", tmp_path / "dl")
+    assert not (tmp_path / "dl").exists()
+
+
+def test_endpoint_from_boto3_environment_variable(bucket, moto_server, monkeypatch):
+    # boto3 reads AWS_ENDPOINT_URL_S3 itself; s3_client then switches to path-style addressing.
+    monkeypatch.delenv("SECATEURS_S3_ENDPOINT")
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", moto_server)
+    client = storage.s3_client()
+    assert client.meta.endpoint_url == moto_server
+    assert client.meta.config.s3 == {"addressing_style": "path"}
+    storage.check_access(f"s3://{bucket}/anything")
+
+
+def assert_no_credentials(exc: BaseException) -> None:
+    text = "".join(traceback.format_exception(exc))
+    for name, value in CREDENTIALS.items():
+        assert value not in text, f"{name} leaked into an error"
+
+
+def test_refused_credentials(moto_server_with_auth, s3_env, tmp_path, monkeypatch):
+    monkeypatch.setenv("SECATEURS_S3_ENDPOINT", moto_server_with_auth)
+    (tmp_path / "f.txt").write_text("x")
+    with pytest.raises(storage.StorageError) as err:
+        storage.check_access("s3://models/llama")
+    assert str(err.value).startswith(f"S3 endpoint {moto_server_with_auth} refused access to bucket 'models'")
+    assert_no_credentials(err.value)
+    for call in (
+        lambda: storage.download("s3://models/llama", tmp_path / "dl"),
+        lambda: storage.upload(tmp_path / "f.txt", "s3://models/f.txt"),
+    ):
+        with pytest.raises(
+            storage.StorageError, match=f"^S3 endpoint {moto_server_with_auth} refused to "
+        ) as err:
+            call()
+        assert "\n" not in str(err.value)
+        assert_no_credentials(err.value)
+
+
+def test_credentials_echoed_by_a_server_are_redacted(bucket, proxy, tmp_path, monkeypatch):
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
+    (tmp_path / "f.txt").write_text("x")
+    message = (
+        f"Key {CREDENTIALS['AWS_ACCESS_KEY_ID']} with secret {CREDENTIALS['AWS_SECRET_ACCESS_KEY']} "
+        f"and token {CREDENTIALS['AWS_SESSION_TOKEN']} did not sign this request"
+    )
+    echo = (403, "SignatureDoesNotMatch", message)
+    proxy.fail_once("PUT", f"/{bucket}/f.txt", echo)
+    with pytest.raises(storage.StorageError, match="SignatureDoesNotMatch") as err:
+        storage.upload(tmp_path / "f.txt", f"s3://{bucket}/f.txt")
+    assert "Key *** with secret *** and token ***" in str(err.value)
+    # The original error carries the secrets, so it is neither chained nor kept as context.
+    assert err.value.__cause__ is None and err.value.__context__ is None
+    assert_no_credentials(err.value)
+
+
+def test_missing_credentials(s3_env, monkeypatch):
+    monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
+    with pytest.raises(
+        storage.StorageError, match="no S3 credentials: set AWS_SECRET_ACCESS_KEY in the environment"
+    ):
+        storage.s3_client()
+
+
+def test_staged_output_publishes_only_on_success(bucket, tmp_path):
+    uri = f"s3://{bucket}/runs/r1/student"
+    with pytest.raises(RuntimeError, match="step failed"), storage.staged_output(uri) as out:
+        (out / "config.json").write_text("{}")
+        raise RuntimeError("step failed")
+    client = storage.s3_client()
+    assert "Contents" not in client.list_objects_v2(Bucket=bucket, Prefix="runs/r1/")
+
+    with storage.staged_output(uri) as out:
+        (out / "config.json").write_text("{}")
+        write_manifest(out, step="distill")
+    keys = [o["Key"] for o in client.list_objects_v2(Bucket=bucket, Prefix="runs/r1/")["Contents"]]
+    assert sorted(keys) == ["runs/r1/student/config.json", f"runs/r1/student/{MANIFEST}"]
+
+    with storage.staged_output(tmp_path / "local") as out:  # local destinations are written atomically
+        (out / "config.json").write_text("{}")
+    assert files_of(tmp_path / "local") == {"config.json": b"{}"}
+    unusable = f"s3://no-such-bucket-{bucket}/x"
+    with pytest.raises(storage.StorageError, match="does not exist"), storage.staged_output(unusable):
+        pytest.fail("the block must not run when the destination is unusable")
+
+
+def test_keys_that_leave_the_destination_are_refused(bucket, tmp_path):
+    storage.s3_client().put_object(Bucket=bucket, Key="p/../../escaped", Body=b"x")
+    with pytest.raises(storage.StorageError, match="its path leaves"):
+        storage.download(f"s3://{bucket}/p/", tmp_path / "a" / "b")
+    assert not (tmp_path / "a").exists() and not (tmp_path / "escaped").exists()
