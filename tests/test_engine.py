@@ -51,11 +51,14 @@ def _smollm2_gguf_dir(cache: Path) -> Path:
 
 
 @pytest.fixture(scope="session")
-def tokenizer_dir(request) -> Path:
+def tokenizer_dir(request, tmp_path_factory) -> Path:
     """SmolLM2's tokenizer saved as tokenizer.json (parsing the GGUF takes ~15 s, so it is cached across runs)."""
     from transformers import AutoTokenizer
 
-    cache = Path(request.config.cache.mkdir("secateurs-smollm2-tokenizer"))
+    if getattr(request.config, "cache", None) is not None:
+        cache = Path(request.config.cache.mkdir("secateurs-smollm2-tokenizer"))
+    else:  # pytest -p no:cacheprovider
+        cache = tmp_path_factory.mktemp("smollm2-tokenizer")
     if not (cache / "tokenizer.json").is_file():
         tok = AutoTokenizer.from_pretrained(str(_smollm2_gguf_dir(cache)), gguf_file=GGUF)
         tok.save_pretrained(str(cache))
