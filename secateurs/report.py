@@ -1,7 +1,7 @@
 """The comparison report: teacher, pruned students and distilled students side by side.
 
-Consumes one entry per model (name, role, parent, parameter count, validation loss, perplexity, task scores and
-the throughput `bench_engine` measured) and produces, in one directory: `report.md` (Markdown tables),
+Consumes one entry per model (name, role, parent, parameter count, validation loss, perplexity, task scores
+and the throughput `bench_engine` measured) and produces, in one directory: `report.md` (Markdown tables),
 `report.html` (the same tables and the plots) and three PNG plots drawn with matplotlib's Agg backend:
 - `quality_vs_parameters.png`: mean task score (validation loss where no model has task scores) against size;
 - `throughput_vs_parameters.png`: output tokens/s against size, one line per backend and precision, one panel
@@ -67,10 +67,15 @@ class ReportEntry(BaseModel):
 def throughput_from_bench(bench: dict[str, Any]) -> list[dict[str, Any]]:
     """The `throughput` list of a report entry from one `bench.json` (as `bench_engine` returns it)."""
     return [
-        {"backend": bench["backend"], "precision": bench["precision"], "input_len": r["input_len"],
-         "output_len": r["output_len"], "batch": r["batch"],
-         "requests_per_s": r["requests_per_s"]["median"],
-         "output_tokens_per_s": r["output_tokens_per_s"]["median"]}
+        {
+            "backend": bench["backend"],
+            "precision": bench["precision"],
+            "input_len": r["input_len"],
+            "output_len": r["output_len"],
+            "batch": r["batch"],
+            "requests_per_s": r["requests_per_s"]["median"],
+            "output_tokens_per_s": r["output_tokens_per_s"]["median"],
+        }
         for r in bench["results"]
     ]
 
@@ -87,13 +92,20 @@ def speedups(entries: Sequence[ReportEntry]) -> list[dict[str, Any]]:
             continue
         for t in e.throughput:
             if t.setting in teacher and teacher[t.setting].requests_per_s > 0:
-                rows.append({"name": e.name, "backend": t.backend, "precision": t.precision,
-                             "lengths": f"{t.input_len}:{t.output_len}", "batch": t.batch,
-                             "speedup": t.requests_per_s / teacher[t.setting].requests_per_s})
+                rows.append(
+                    {
+                        "name": e.name,
+                        "backend": t.backend,
+                        "precision": t.precision,
+                        "lengths": f"{t.input_len}:{t.output_len}",
+                        "batch": t.batch,
+                        "speedup": t.requests_per_s / teacher[t.setting].requests_per_s,
+                    }
+                )
     return rows
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------
 # Tables
 
 
@@ -105,24 +117,45 @@ def quality_rows(entries: Sequence[ReportEntry]) -> tuple[list[str], list[list[s
     """Header and rows of the model table (one row per model)."""
     tasks = sorted({t for e in entries for t in e.tasks})
     header = ["model", "role", "parent", "params (M)", "val loss", "perplexity", *tasks]
-    rows = [[e.name, e.role, e.parent or "-", f"{e.parameters / 1e6:.1f}", _fmt(e.val_loss), _fmt(e.perplexity, 2),
-             *(_fmt(e.tasks.get(t)) for t in tasks)] for e in entries]
+    rows = [
+        [
+            e.name,
+            e.role,
+            e.parent or "-",
+            f"{e.parameters / 1e6:.1f}",
+            _fmt(e.val_loss),
+            _fmt(e.perplexity, 2),
+            *(_fmt(e.tasks.get(t)) for t in tasks),
+        ]
+        for e in entries
+    ]
     return header, rows
 
 
 def throughput_rows(entries: Sequence[ReportEntry]) -> tuple[list[str], list[list[str]]]:
     """Header and rows of the throughput table (one row per model and measured setting)."""
-    speed = {(s["name"], s["backend"], s["precision"], s["lengths"], s["batch"]): s["speedup"]
-             for s in speedups(entries)}
+    speed = {
+        (s["name"], s["backend"], s["precision"], s["lengths"], s["batch"]): s["speedup"]
+        for s in speedups(entries)
+    }
     header = ["model", "backend", "precision", "in:out", "batch", "requests/s", "output tok/s", "speed-up"]
     rows = []
     for e in entries:
         for t in e.throughput:
             lengths = f"{t.input_len}:{t.output_len}"
             s = speed.get((e.name, t.backend, t.precision, lengths, t.batch))
-            rows.append([e.name, t.backend, t.precision, lengths, str(t.batch), f"{t.requests_per_s:.2f}",
-                         f"{t.output_tokens_per_s:.1f}", "1.00x" if e.role == "teacher" else
-                         (f"{s:.2f}x" if s is not None else "-")])
+            rows.append(
+                [
+                    e.name,
+                    t.backend,
+                    t.precision,
+                    lengths,
+                    str(t.batch),
+                    f"{t.requests_per_s:.2f}",
+                    f"{t.output_tokens_per_s:.1f}",
+                    "1.00x" if e.role == "teacher" else (f"{s:.2f}x" if s is not None else "-"),
+                ]
+            )
     return header, rows
 
 
@@ -147,7 +180,10 @@ def format_table(entries: Sequence[ReportEntry | dict[str, Any]]) -> str:
 
     entries = _validate(entries)
     console = Console(file=io.StringIO(), width=160, color_system=None)
-    for title, (header, rows) in (("Models", quality_rows(entries)), ("Throughput", throughput_rows(entries))):
+    for title, (header, rows) in (
+        ("Models", quality_rows(entries)),
+        ("Throughput", throughput_rows(entries)),
+    ):
         if not rows:
             continue
         table = Table(*header, title=title, box=box.SIMPLE)
@@ -157,7 +193,7 @@ def format_table(entries: Sequence[ReportEntry | dict[str, Any]]) -> str:
     return console.file.getvalue()
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------
 # Plots
 
 
@@ -172,8 +208,14 @@ def _plot_quality(entries: Sequence[ReportEntry], path: Path) -> None:
         x, y = points[e.name]
         if y is None:
             continue
-        ax.scatter(x, y, color=ROLE_COLORS[e.role], s=60, zorder=3,
-                   label=e.role if e.role not in ax.get_legend_handles_labels()[1] else None)
+        ax.scatter(
+            x,
+            y,
+            color=ROLE_COLORS[e.role],
+            s=60,
+            zorder=3,
+            label=e.role if e.role not in ax.get_legend_handles_labels()[1] else None,
+        )
         ax.annotate(e.name, (x, y), textcoords="offset points", xytext=(6, 4), fontsize=8)
         parent = points.get(e.parent or "")
         if parent and parent[1] is not None:  # lineage: an arrow from the parent to the child
@@ -199,9 +241,16 @@ def _plot_throughput(entries: Sequence[ReportEntry], path: Path) -> None:
             for t in e.throughput:
                 if (t.input_len, t.output_len) == (i, o):
                     series.setdefault(f"{t.backend} {t.precision} (batch {t.batch})", []).append(
-                        (e.parameters / 1e6, t.output_tokens_per_s))
-                    ax.annotate(e.name, (e.parameters / 1e6, t.output_tokens_per_s), textcoords="offset points",
-                                xytext=(5, 3), fontsize=7, color="0.35")
+                        (e.parameters / 1e6, t.output_tokens_per_s)
+                    )
+                    ax.annotate(
+                        e.name,
+                        (e.parameters / 1e6, t.output_tokens_per_s),
+                        textcoords="offset points",
+                        xytext=(5, 3),
+                        fontsize=7,
+                        color="0.35",
+                    )
         for name, pts in sorted(series.items()):
             pts.sort()
             ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name)
@@ -226,8 +275,11 @@ def _plot_speedup(entries: Sequence[ReportEntry], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(names) * max(len(settings), 1) / 2), 4.5))
     width = 0.8 / max(len(settings), 1)
     for k, setting in enumerate(settings):
-        values = {r["name"]: r["speedup"] for r in rows
-                  if (r["backend"], r["precision"], r["lengths"], r["batch"]) == setting}
+        values = {
+            r["name"]: r["speedup"]
+            for r in rows
+            if (r["backend"], r["precision"], r["lengths"], r["batch"]) == setting
+        }
         xs = [j + k * width for j, n in enumerate(names) if n in values]
         ys = [values[n] for n in names if n in values]
         bars = ax.bar(xs, ys, width=width, label=f"{setting[0]} {setting[1]} {setting[2]} b{setting[3]}")
@@ -241,14 +293,15 @@ def _plot_speedup(entries: Sequence[ReportEntry], path: Path) -> None:
         ax.set_ylim(0, 1.35 * max(r["speedup"] for r in rows))
         ax.legend(fontsize=8, loc="upper left", ncol=2)
     else:
-        ax.text(0.5, 0.5, "no student measured like the teacher", ha="center", va="center",
-                transform=ax.transAxes)
+        ax.text(
+            0.5, 0.5, "no student measured like the teacher", ha="center", va="center", transform=ax.transAxes
+        )
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------
 # The report
 
 
@@ -287,21 +340,29 @@ def write_report(entries: Sequence[ReportEntry | dict[str, Any]], out_dir: str |
     _plot_speedup(entries, paths["speedup_plot"])
 
     tables = [("Models", quality_rows(entries)), ("Throughput", throughput_rows(entries))]
-    plots = [("Quality against size", "quality_plot"), ("Throughput against size", "throughput_plot"),
-             ("Speed-up over the teacher", "speedup_plot")]
+    plots = [
+        ("Quality against size", "quality_plot"),
+        ("Throughput against size", "throughput_plot"),
+        ("Speed-up over the teacher", "speedup_plot"),
+    ]
     md = ["# secateurs: model family report", ""]
     for title, (header, rows) in tables:
         md += [f"## {title}", "", _markdown_table(header, rows) if rows else "_none measured_", ""]
     md += [f"![{title}]({paths[key].name})" for title, key in plots]
     paths["markdown"].write_text("\n".join(md) + "\n")
 
-    body = [f"<h2>{title}</h2>" + (_html_table(header, rows) if rows else "<p>none measured</p>")
-            for title, (header, rows) in tables]
+    body = [
+        f"<h2>{title}</h2>" + (_html_table(header, rows) if rows else "<p>none measured</p>")
+        for title, (header, rows) in tables
+    ]
     body += [f'<h2>{title}</h2><img src="{paths[key].name}" alt="{title}">' for title, key in plots]
-    style = ("body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}"
-             "td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}img{max-width:100%}")
+    style = (
+        "body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}"
+        "td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}img{max-width:100%}"
+    )
     paths["html"].write_text(
-        f"<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>secateurs report</title>"
-        f"<style>{style}</style></head><body><h1>secateurs: model family report</h1>{''.join(body)}</body></html>\n"
+        f'<!DOCTYPE html>\n<html><head><meta charset="utf-8"><title>secateurs report</title>'
+        f"<style>{style}</style></head><body><h1>secateurs: model family report</h1>"
+        f"{''.join(body)}</body></html>\n"
     )
     return paths
