@@ -18,6 +18,8 @@ Guarantees:
 
 from __future__ import annotations
 
+import functools
+import warnings
 from collections.abc import Sequence
 from typing import Literal
 
@@ -216,14 +218,16 @@ class _ChunkedKD(torch.autograd.Function):
         row_idx = rows.nonzero().squeeze(1)  # [n] data-dependent, one host sync per micro-batch
 
         grad_hidden = torch.zeros_like(s_hidden) if need_grad_hidden else None
-        grad_weight = torch.zeros_like(s_weight) if need_grad_weight else None
+        # The LM-head gradient sums over all chunks: accumulate in fp32 like one full matmul would, not with a
+        # rounding to bf16 after every chunk.
+        grad_weight = torch.zeros_like(s_weight, dtype=torch.float32) if need_grad_weight else None
         loss = torch.zeros((), dtype=torch.float32, device=device)
         for start in range(0, row_idx.numel(), chunk_size):
             idx = row_idx[start : start + chunk_size]
             h_s = s_hidden.index_select(0, idx)  # [c, H_s]
             chunk_loss, grad_logits = _kd_chunk(
-                student_logits=(h_s @ s_w.T).float(),  # [c, V]
-                teacher_logits=(t_hidden.index_select(0, idx) @ t_w.T).float(),  # [c, V]
+                student_logits=_logits_fp32(h_s, s_w),  # [c, V]
+                teacher_logits=_logits_fp32(t_hidden.index_select(0, idx), t_w),  # [c, V]
                 kd_weight=kd_weight.index_select(0, idx),
                 labels=None if labels is None else labels.index_select(0, idx),
                 ce_weight=None if ce_weight is None else ce_weight.index_select(0, idx),
@@ -234,11 +238,13 @@ class _ChunkedKD(torch.autograd.Function):
             loss += chunk_loss
             if grad_hidden is None and grad_weight is None:
                 continue
-            grad_logits = grad_logits.to(s_w.dtype)  # [c, V]: the matmuls run in the model's dtype
+            low_precision = grad_logits.to(s_w.dtype)  # [c, V]: the matmuls run in the model's dtype
             if grad_hidden is not None:
-                grad_hidden.index_copy_(0, idx, grad_logits @ s_w)
+                grad_hidden.index_copy_(0, idx, low_precision @ s_w)
             if grad_weight is not None:
-                grad_weight[:vocab].addmm_(grad_logits.T, h_s)
+                _accumulate_weight_grad(grad_weight[:vocab], grad_logits, low_precision, h_s)
+        if grad_weight is not None:
+            grad_weight = grad_weight.to(s_weight.dtype)
         ctx.save_for_backward(grad_hidden, grad_weight)
         return loss
 
@@ -250,6 +256,31 @@ class _ChunkedKD(torch.autograd.Function):
             grad_hidden = None if grad_hidden is None else grad_hidden * grad_output.to(grad_hidden.dtype)
             grad_weight = None if grad_weight is None else grad_weight * grad_output.to(grad_weight.dtype)
         return grad_hidden, grad_weight, None, None, None, None, None, None, None, None, None, None
+
+
+def _logits_fp32(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """`hidden @ weight^T` as fp32 [c, V]; on CUDA a half-precision matmul writes fp32 directly (`out_dtype`),
+    which skips a [c, V] half-precision buffer and its rounding."""
+    if hidden.is_cuda and hidden.dtype in (torch.bfloat16, torch.float16) and weight.dtype == hidden.dtype:
+        return torch.mm(hidden, weight.T, out_dtype=torch.float32)
+    return (hidden @ weight.T).float()
+
+
+def _accumulate_weight_grad(
+    acc: torch.Tensor, grad_logits: torch.Tensor, low_precision: torch.Tensor, hidden: torch.Tensor
+) -> None:
+    """`acc += grad_logits^T @ hidden` into the fp32 accumulator `acc` [V, H], at the model dtype's speed.
+
+    fp32 weights: a plain addmm. Half precision on CUDA: the half-precision matmul writing fp32 output
+    (`out_dtype`, torch >= 2.8, tensor cores kept). Half precision elsewhere (CPU has no `out_dtype` kernel): an
+    fp32 matmul, exact and slower, for a case that only tests run.
+    """
+    if hidden.dtype == torch.float32:
+        acc.addmm_(grad_logits.T, hidden)
+    elif acc.is_cuda:
+        torch.addmm(acc, low_precision.T, hidden, out_dtype=torch.float32, out=acc)
+    else:
+        acc.addmm_(grad_logits.T, hidden.float())
 
 
 def _kd_chunk(
@@ -377,11 +408,16 @@ def fused_kd_loss(
     )
 
 
+@functools.cache
 def _liger_fused_linear_jsd():
     """Liger's functional fused linear JSD, or None when liger_kernel (or triton) does not import."""
     try:
         from liger_kernel.transformers.functional import liger_fused_linear_jsd
     except ImportError:
+        return None
+    except Exception as error:  # noqa: BLE001 - installed but broken (e.g. a triton it does not support)
+        warnings.warn(f"liger_kernel is installed but does not import ({error!r}); using the chunked KD loss",
+                      stacklevel=2)
         return None
     return liger_fused_linear_jsd
 
@@ -424,6 +460,9 @@ def _liger_kd_loss(
         jsd_beta=0.0,
         ignore_index=IGNORE_INDEX,
         temperature=float(temperature),
+        # As in the chunked path, sum the LM-head gradient over chunks in fp32 (Liger's default is the weight's
+        # dtype, rounding after each of its ~32 chunks at 128k vocabulary).
+        accum_dtype=torch.float32 if student_lm_head_weight.dtype != torch.float32 else None,
     )
     return loss.float() * temperature**2
 
