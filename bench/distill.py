@@ -37,17 +37,17 @@ from secateurs import losses
 # KV groups, head_dim and depth; hidden and MLP widths shrink).
 PRESETS = {
     "tiny": {
-        "teacher": dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=4,
-                        num_key_value_heads=2, head_dim=64, vocab_size=32000),
-        "student": dict(hidden_size=192, intermediate_size=768),
+        "teacher": {"hidden_size": 256, "intermediate_size": 1024, "num_hidden_layers": 4, "num_attention_heads": 4,
+                        "num_key_value_heads": 2, "head_dim": 64, "vocab_size": 32000},
+        "student": {"hidden_size": 192, "intermediate_size": 768},
         "batch": 2, "seq_len": 512, "dtype": "float32", "gradient_checkpointing": False, "chunk_size": 256,
     },
     # Llama-3.1-8B teacher and the Llama-3.1-Minitron-4B-Width student shape (arXiv 2408.11796).
     "llama31-8b-4b-width": {
-        "teacher": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-                        num_key_value_heads=8, head_dim=128, vocab_size=128256, rope_theta=500000.0,
-                        max_position_embeddings=8192, rms_norm_eps=1e-5),
-        "student": dict(hidden_size=3072, intermediate_size=9216),
+        "teacher": {"hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32,
+                        "num_key_value_heads": 8, "head_dim": 128, "vocab_size": 128256, "rope_theta": 500000.0,
+                        "max_position_embeddings": 8192, "rms_norm_eps": 1e-5},
+        "student": {"hidden_size": 3072, "intermediate_size": 9216},
         "batch": 2, "seq_len": 2048, "dtype": "bfloat16", "gradient_checkpointing": True, "chunk_size": 1024,
     },
 }  # fmt: skip
@@ -57,12 +57,20 @@ DEFAULT_PEAK_TFLOPS = 989.0
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--warmup", type=int, default=None, help="untimed steps per method (default 1 CPU, 2 GPU)")
-    parser.add_argument("--steps", type=int, default=None, help="timed steps per method (default 2 CPU, 3 GPU)")
-    parser.add_argument("--chunk-size", type=int, default=None, help="tokens per chunk (default: the preset's)")
+    parser.add_argument(
+        "--warmup", type=int, default=None, help="untimed steps per method (default 1 CPU, 2 GPU)"
+    )
+    parser.add_argument(
+        "--steps", type=int, default=None, help="timed steps per method (default 2 CPU, 3 GPU)"
+    )
+    parser.add_argument(
+        "--chunk-size", type=int, default=None, help="tokens per chunk (default: the preset's)"
+    )
     parser.add_argument("--peak-tflops", type=float, default=DEFAULT_PEAK_TFLOPS, help="GPU dense bf16 peak")
     parser.add_argument("--out", type=Path, default=None, help="JSON results file")
     args = parser.parse_args()
@@ -74,7 +82,9 @@ def main() -> int:
     warmup = args.warmup if args.warmup is not None else (2 if device.type == "cuda" else 1)
     timed = args.steps if args.steps is not None else (3 if device.type == "cuda" else 2)
     if device.type == "cpu" and args.preset != "tiny":
-        sys.exit(f"preset {args.preset} needs a GPU (its models alone take ~25 GB and 12 B parameters of compute)")
+        sys.exit(
+            f"preset {args.preset} needs a GPU (its models alone take ~25 GB and 12 B parameters of compute)"
+        )
 
     torch.manual_seed(0)
     log(f"building {args.preset} teacher and student on {device}")
@@ -83,8 +93,9 @@ def main() -> int:
         student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     optimizer = make_optimizer(student, device)
     tokens = preset["batch"] * preset["seq_len"]
-    input_ids = torch.randint(0, preset["teacher"]["vocab_size"], (preset["batch"], preset["seq_len"]),
-                              device=device)
+    input_ids = torch.randint(
+        0, preset["teacher"]["vocab_size"], (preset["batch"], preset["seq_len"]), device=device
+    )
 
     methods = ["naive", "chunked"]
     if losses.kd_backend(device) == "liger":
@@ -110,7 +121,9 @@ def main() -> int:
 
     report = {
         "preset": args.preset,
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "device": torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else platform.processor() or "cpu",
         "device_type": device.type,
         "dtype": preset["dtype"],
         "micro_batch": [preset["batch"], preset["seq_len"]],
@@ -119,9 +132,12 @@ def main() -> int:
         "gradient_checkpointing": preset["gradient_checkpointing"],
         "warmup_steps": warmup,
         "timed_steps": timed,
-        "parameters": {"student": sum(p.numel() for p in student.parameters()),
-                       "teacher": sum(p.numel() for p in teacher.parameters()),
-                       "student_matmul": n_student, "teacher_matmul": n_teacher},
+        "parameters": {
+            "student": sum(p.numel() for p in student.parameters()),
+            "teacher": sum(p.numel() for p in teacher.parameters()),
+            "student_matmul": n_student,
+            "teacher_matmul": n_teacher,
+        },
         "flops_per_token": flops_per_token,
         "peak_tflops": args.peak_tflops if device.type == "cuda" else None,
         "memory_measure": MEMORY_MEASURE[device.type],
@@ -129,8 +145,12 @@ def main() -> int:
         "agreement": agreement,
         "methods": results,
         "ratios": ratios(results, ours),
-        "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
-                     "python": platform.python_version(), "liger_kernel": liger_version()},
+        "versions": {
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "python": platform.python_version(),
+            "liger_kernel": liger_version(),
+        },
     }
     report["goals"] = goals(report)
     print_report(report)
@@ -152,8 +172,9 @@ def log(message: str) -> None:
 def build_models(preset: dict, device: torch.device, dtype: torch.dtype):
     """Random-weight teacher and width-pruned student, created directly on `device` in `dtype`."""
     teacher_cfg = LlamaConfig(**preset["teacher"], tie_word_embeddings=False, use_cache=False)
-    student_cfg = LlamaConfig(**{**preset["teacher"], **preset["student"]}, tie_word_embeddings=False,
-                              use_cache=False)
+    student_cfg = LlamaConfig(
+        **{**preset["teacher"], **preset["student"]}, tie_word_embeddings=False, use_cache=False
+    )
     # Allocated on the device in the target dtype directly (not fp32 on CPU, then cast and moved: 8B is 32 GB).
     with torch.device(device):
         teacher = AutoModelForCausalLM.from_config(teacher_cfg, dtype=dtype)
@@ -187,8 +208,14 @@ def make_step(method: str, teacher, student, input_ids: torch.Tensor, chunk_size
         with torch.no_grad():
             teacher_hidden = teacher.model(input_ids=input_ids).last_hidden_state  # [B, S, H_t]
         student_hidden = student.model(input_ids=input_ids).last_hidden_state  # [B, S, H_s]
-        loss = losses.fused_kd_loss(student_hidden, student.lm_head.weight, teacher_hidden, teacher.lm_head.weight,
-                                    chunk_size=chunk_size, backend=method)
+        loss = losses.fused_kd_loss(
+            student_hidden,
+            student.lm_head.weight,
+            teacher_hidden,
+            teacher.lm_head.weight,
+            chunk_size=chunk_size,
+            backend=method,
+        )
         loss.backward()
         return loss.detach()
 
@@ -197,7 +224,10 @@ def make_step(method: str, teacher, student, input_ids: torch.Tensor, chunk_size
 
 def check_agreement(steps: dict, student: torch.nn.Module) -> dict:
     """Loss and two gradients of every method at the same weights, compared with the naive method's."""
-    probes = {"lm_head": student.lm_head.weight, "layers.0.mlp.down_proj": student.model.layers[0].mlp.down_proj.weight}
+    probes = {
+        "lm_head": student.lm_head.weight,
+        "layers.0.mlp.down_proj": student.model.layers[0].mlp.down_proj.weight,
+    }
     seen = {}
     for name, step in steps.items():
         student.zero_grad(set_to_none=True)
@@ -221,9 +251,16 @@ def check_agreement(steps: dict, student: torch.nn.Module) -> dict:
             out["methods"][name] = "oom"
             continue
         loss_rel = abs(value[0] - reference[0]) / abs(reference[0])
-        grad_rel = {k: ((g - reference[1][k]).norm() / reference[1][k].norm()).item() for k, g in value[1].items()}
+        grad_rel = {
+            k: ((g - reference[1][k]).norm() / reference[1][k].norm()).item() for k, g in value[1].items()
+        }
         ok = loss_rel <= loss_tol and all(v <= grad_tol for v in grad_rel.values())
-        out["methods"][name] = {"loss": value[0], "loss_rel_diff": loss_rel, "grad_rel_diff": grad_rel, "ok": ok}
+        out["methods"][name] = {
+            "loss": value[0],
+            "loss_rel_diff": loss_rel,
+            "grad_rel_diff": grad_rel,
+            "ok": ok,
+        }
         out["ok"] &= ok
     return out
 
@@ -232,9 +269,9 @@ def check_agreement(steps: dict, student: torch.nn.Module) -> dict:
 
 MEMORY_MEASURE = {
     "cuda": "torch.cuda.max_memory_allocated() during the step minus torch.cuda.memory_allocated() before it "
-            "(weights, gradients and optimizer states exist before the step, so this is activations + loss)",
+    "(weights, gradients and optimizer states exist before the step, so this is activations + loss)",
     "cpu": "peak resident set size (Linux VmHWM, reset through /proc/self/clear_refs) during the step minus the "
-           "resident size before it, after returning freed heap pages with malloc_trim",
+    "resident size before it, after returning freed heap pages with malloc_trim",
 }
 
 
@@ -264,8 +301,14 @@ def measure(
         optimizer.zero_grad(set_to_none=False)
         return {"error": "out of memory", "detail": str(error).splitlines()[0]}
     step_s = statistics.median(times)
-    return {"loss": loss.item(), "step_s": step_s, "step_times_s": times, "tokens_per_s": tokens / step_s,
-            "extra_memory_bytes": max(extras), "peak_memory_bytes": max(peaks)}
+    return {
+        "loss": loss.item(),
+        "step_s": step_s,
+        "step_times_s": times,
+        "tokens_per_s": tokens / step_s,
+        "extra_memory_bytes": max(extras),
+        "peak_memory_bytes": max(peaks),
+    }
 
 
 class PeakMemory:
@@ -324,7 +367,10 @@ def _rss() -> int:
 def _malloc_trim() -> None:
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc: RSS may include freed heap pages, the measure stays an upper bound
+    except (
+        OSError,
+        AttributeError,
+    ):  # not glibc: RSS may include freed heap pages, the measure stays an upper bound
         pass
 
 
@@ -361,8 +407,10 @@ def ratios(results: dict, ours: str) -> dict:
     for name, r in results.items():
         if name == "naive" or "error" in r or "error" in naive:
             continue
-        out[name] = {"memory_ours_over_naive": r["extra_memory_bytes"] / naive["extra_memory_bytes"],
-                     "tokens_per_s_ours_over_naive": r["tokens_per_s"] / naive["tokens_per_s"]}
+        out[name] = {
+            "memory_ours_over_naive": r["extra_memory_bytes"] / naive["extra_memory_bytes"],
+            "tokens_per_s_ours_over_naive": r["tokens_per_s"] / naive["tokens_per_s"],
+        }
     out["ours"] = out.get(ours)
     return out
 
@@ -373,7 +421,9 @@ def goals(report: dict) -> dict:
     ratio = report["ratios"]["ours"]
     out = {
         "memory_at_most_half_of_naive": None if ratio is None else ratio["memory_ours_over_naive"] <= 0.5,
-        "tokens_per_s_at_least_naive": None if ratio is None else ratio["tokens_per_s_ours_over_naive"] >= 1.0,
+        "tokens_per_s_at_least_naive": None
+        if ratio is None
+        else ratio["tokens_per_s_ours_over_naive"] >= 1.0,
     }
     if report["device_type"] == "cuda":
         out["mfu_at_least_55_percent"] = ours.get("mfu", 0.0) >= 0.55
@@ -391,11 +441,15 @@ def liger_version() -> str | None:
 
 def print_report(report: dict) -> None:
     gib = 1024**3
-    print(f"\ndistillation step, preset {report['preset']} on {report['device']} ({report['dtype']}), "
-          f"micro-batch {report['micro_batch'][0]}x{report['micro_batch'][1]} = {report['tokens_per_step']} tokens, "
-          f"chunk {report['chunk_size']}, gradient checkpointing {report['gradient_checkpointing']}")
-    print(f"parameters: student {report['parameters']['student'] / 1e9:.3f} B, "
-          f"teacher {report['parameters']['teacher'] / 1e9:.3f} B; memory: {report['memory_measure']}")
+    print(
+        f"\ndistillation step, preset {report['preset']} on {report['device']} ({report['dtype']}), "
+        f"micro-batch {report['micro_batch'][0]}x{report['micro_batch'][1]} = {report['tokens_per_step']} tokens, "
+        f"chunk {report['chunk_size']}, gradient checkpointing {report['gradient_checkpointing']}"
+    )
+    print(
+        f"parameters: student {report['parameters']['student'] / 1e9:.3f} B, "
+        f"teacher {report['parameters']['teacher'] / 1e9:.3f} B; memory: {report['memory_measure']}"
+    )
     header = f"{'method':<9} {'loss':>9} {'step s':>8} {'tokens/s':>10} {'extra GiB':>10} {'peak GiB':>9} {'MFU':>6}"
     print(header)
     print("-" * len(header))
@@ -405,17 +459,24 @@ def print_report(report: dict) -> None:
             continue
         mfu = f"{100 * r['mfu']:.1f}%" if "mfu" in r else "-"
         mark = " <- ours" if name == report["ours"] else ""
-        print(f"{name:<9} {r['loss']:>9.5f} {r['step_s']:>8.3f} {r['tokens_per_s']:>10.0f} "
-              f"{r['extra_memory_bytes'] / gib:>10.3f} {r['peak_memory_bytes'] / gib:>9.3f} {mfu:>6}{mark}")
+        print(
+            f"{name:<9} {r['loss']:>9.5f} {r['step_s']:>8.3f} {r['tokens_per_s']:>10.0f} "
+            f"{r['extra_memory_bytes'] / gib:>10.3f} {r['peak_memory_bytes'] / gib:>9.3f} {mfu:>6}{mark}"
+        )
     for name, r in report["ratios"].items():
         if name != "ours" and r is not None:
-            print(f"{name}/naive: extra memory x{r['memory_ours_over_naive']:.3f}, "
-                  f"tokens/s x{r['tokens_per_s_ours_over_naive']:.3f}")
+            print(
+                f"{name}/naive: extra memory x{r['memory_ours_over_naive']:.3f}, "
+                f"tokens/s x{r['tokens_per_s_ours_over_naive']:.3f}"
+            )
     agreement = report["agreement"]
     for name, a in agreement["methods"].items():
         if isinstance(a, dict):
-            print(f"agreement {name}: loss rel diff {a['loss_rel_diff']:.2e}, grad rel diff "
-                  + ", ".join(f"{k} {v:.2e}" for k, v in a["grad_rel_diff"].items()) + (" ok" if a["ok"] else " FAIL"))
+            print(
+                f"agreement {name}: loss rel diff {a['loss_rel_diff']:.2e}, grad rel diff "
+                + ", ".join(f"{k} {v:.2e}" for k, v in a["grad_rel_diff"].items())
+                + (" ok" if a["ok"] else " FAIL")
+            )
     print("goals:", ", ".join(f"{k}={v}" for k, v in report["goals"].items()))
 
 

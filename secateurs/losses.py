@@ -19,6 +19,7 @@ Guarantees:
 from __future__ import annotations
 
 import functools
+import itertools
 import warnings
 from collections.abc import Sequence
 from typing import Literal
@@ -416,8 +417,10 @@ def _liger_fused_linear_jsd():
     except ImportError:
         return None
     except Exception as error:  # noqa: BLE001 - installed but broken (e.g. a triton it does not support)
-        warnings.warn(f"liger_kernel is installed but does not import ({error!r}); using the chunked KD loss",
-                      stacklevel=2)
+        warnings.warn(
+            f"liger_kernel is installed but does not import ({error!r}); using the chunked KD loss",
+            stacklevel=2,
+        )
         return None
     return liger_fused_linear_jsd
 
@@ -504,11 +507,13 @@ def default_layer_mapping(
             f"the student has more layers ({num_student_layers}) than the teacher ({num_teacher_layers})"
         )
     if kept_layers is None:
-        return [(i, (i + 1) * num_teacher_layers // num_student_layers - 1) for i in range(num_student_layers)]
+        return [
+            (i, (i + 1) * num_teacher_layers // num_student_layers - 1) for i in range(num_student_layers)
+        ]
     kept = list(kept_layers)
     if len(kept) != num_student_layers:
         raise ValueError(f"kept_layers has {len(kept)} entries, the student has {num_student_layers} layers")
-    if any(b <= a for a, b in zip(kept, kept[1:])) or kept[0] < 0 or kept[-1] >= num_teacher_layers:
+    if any(b <= a for a, b in itertools.pairwise(kept)) or kept[0] < 0 or kept[-1] >= num_teacher_layers:
         raise ValueError(
             f"kept_layers must be strictly increasing teacher layers in [0, {num_teacher_layers}), got {kept}"
         )
@@ -527,7 +532,9 @@ def intermediate_projections(
     """
     if student_width == teacher_width:
         return None
-    return nn.ModuleList(nn.Linear(student_width, teacher_width, bias=False, dtype=dtype) for _ in range(num_pairs))
+    return nn.ModuleList(
+        nn.Linear(student_width, teacher_width, bias=False, dtype=dtype) for _ in range(num_pairs)
+    )
 
 
 def intermediate_cosine_loss(

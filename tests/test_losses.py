@@ -36,14 +36,18 @@ def reference_ce(student_logits, labels):
     vocab = student_logits.shape[-1]
     logp = student_logits.double() - torch.log(torch.exp(student_logits.double()).sum(-1, keepdim=True))
     valid = labels != -100
-    picked = torch.gather(logp.reshape(-1, vocab), 1, labels.reshape(-1, 1).clamp_min(0)).reshape(labels.shape)
+    picked = torch.gather(logp.reshape(-1, vocab), 1, labels.reshape(-1, 1).clamp_min(0)).reshape(
+        labels.shape
+    )
     return -(picked * valid).sum() / valid.sum()
 
 
 def make_case(student_vocab=40, teacher_vocab=40, h_s=12, h_t=16, dtype=torch.float32, seed=0):
     g = torch.Generator().manual_seed(seed)
+
     def rand(*shape, scale=1.0):
         return (torch.randn(*shape, generator=g) * scale).to(DEVICE, dtype)
+
     return {
         "student_hidden": rand(B, S, h_s).requires_grad_(),
         "student_weight": rand(student_vocab, h_s, scale=0.5).requires_grad_(),
@@ -92,8 +96,15 @@ def chunked_versus_reference(fn, name, **extra):
     masked, kd, shape = split_case(CASES[name])
     c = make_case(**shape)
     mask = c["mask"] if masked else None
-    got = fn(c["student_hidden"], c["student_weight"], c["teacher_hidden"], c["teacher_weight"], mask=mask, **kd,
-             **extra)
+    got = fn(
+        c["student_hidden"],
+        c["student_weight"],
+        c["teacher_hidden"],
+        c["teacher_weight"],
+        mask=mask,
+        **kd,
+        **extra,
+    )
     grads_got = torch.autograd.grad(got, [c["student_hidden"], c["student_weight"]])
     # The reference runs autograd through the full float64 logits.
     h64 = c["student_hidden"].detach().double().requires_grad_()
@@ -106,7 +117,7 @@ def chunked_versus_reference(fn, name, **extra):
         torch.testing.assert_close(g_got.double(), g_want, rtol=1e-4, atol=1e-7)
     if shape.get("student_vocab", 40) > shape.get("teacher_vocab", 40):
         # The student's padding rows beyond the shared vocabulary get exactly zero gradient.
-        assert torch.count_nonzero(grads_got[1][shape.get("teacher_vocab", 40):]) == 0
+        assert torch.count_nonzero(grads_got[1][shape.get("teacher_vocab", 40) :]) == 0
 
 
 @pytest.mark.parametrize("name", CASES)
@@ -121,12 +132,18 @@ def test_chunked_kd_loss_does_not_depend_on_chunk_size(chunk_size):
 
 def test_chunked_kd_loss_equals_forward_kl_on_full_logits():
     c = make_case(student_vocab=41)
-    args = dict(mask=c["mask"], temperature=1.5, top_k=7)
+    args = {"mask": c["mask"], "temperature": 1.5, "top_k": 7}
     chunked = losses.chunked_kd_loss(
-        c["student_hidden"], c["student_weight"], c["teacher_hidden"], c["teacher_weight"], chunk_size=4, **args
+        c["student_hidden"],
+        c["student_weight"],
+        c["teacher_hidden"],
+        c["teacher_weight"],
+        chunk_size=4,
+        **args,
     )
-    plain = losses.forward_kl(c["student_hidden"] @ c["student_weight"].T,
-                              c["teacher_hidden"] @ c["teacher_weight"].T, **args)
+    plain = losses.forward_kl(
+        c["student_hidden"] @ c["student_weight"].T, c["teacher_hidden"] @ c["teacher_weight"].T, **args
+    )
     torch.testing.assert_close(chunked, plain, rtol=1e-6, atol=1e-7)
     g_chunked = torch.autograd.grad(chunked, [c["student_hidden"], c["student_weight"]])
     g_plain = torch.autograd.grad(plain, [c["student_hidden"], c["student_weight"]])
@@ -141,9 +158,17 @@ def test_chunked_kd_loss_with_cross_entropy_mix_equals_reference(temperature):
     labels = torch.randint(0, 40, (B, S), generator=g).to(DEVICE)
     labels[0, :2] = -100  # no target there, while the KD mask may still count these tokens
     alpha = 0.3
-    got = losses.chunked_kd_loss(c["student_hidden"], c["student_weight"], c["teacher_hidden"], c["teacher_weight"],
-                                 mask=c["mask"], temperature=temperature, chunk_size=4, labels=labels,
-                                 ce_alpha=alpha)
+    got = losses.chunked_kd_loss(
+        c["student_hidden"],
+        c["student_weight"],
+        c["teacher_hidden"],
+        c["teacher_weight"],
+        mask=c["mask"],
+        temperature=temperature,
+        chunk_size=4,
+        labels=labels,
+        ce_alpha=alpha,
+    )
     grads_got = torch.autograd.grad(got, [c["student_hidden"], c["student_weight"]])
     h64 = c["student_hidden"].detach().double().requires_grad_()
     w64 = c["student_weight"].detach().double().requires_grad_()
@@ -230,8 +255,9 @@ def test_fused_kd_loss_on_cpu_is_the_chunked_path():
 
 
 @pytest.mark.skipif(not liger_available(), reason="Liger-Kernel runs on CUDA with liger_kernel installed")
-@pytest.mark.parametrize("name", ["full", "temperature", "mask", "vocab_cut_student_padded",
-                                  "vocab_cut_teacher_padded"])
+@pytest.mark.parametrize(
+    "name", ["full", "temperature", "mask", "vocab_cut_student_padded", "vocab_cut_teacher_padded"]
+)
 def test_liger_path_equals_reference(name):
     assert losses.kd_backend(DEVICE) == "liger"
     chunked_versus_reference(losses.fused_kd_loss, name, backend="liger")
@@ -241,16 +267,41 @@ def test_liger_path_equals_reference(name):
     ("call", "message"),
     [
         (lambda c: losses.forward_kl(c["student_hidden"], c["teacher_hidden"][:, :3]), "token shapes"),
-        (lambda c: losses.forward_kl(c["student_hidden"], c["student_hidden"], mask=c["mask"][:, :3]),
-         "mask shape"),
-        (lambda c: losses.forward_kl(c["student_hidden"], c["student_hidden"], temperature=0.0), "temperature"),
+        (
+            lambda c: losses.forward_kl(c["student_hidden"], c["student_hidden"], mask=c["mask"][:, :3]),
+            "mask shape",
+        ),
+        (
+            lambda c: losses.forward_kl(c["student_hidden"], c["student_hidden"], temperature=0.0),
+            "temperature",
+        ),
         (lambda c: losses.forward_kl(c["student_hidden"], c["student_hidden"], top_k=13), "top_k"),
-        (lambda c: losses.chunked_kd_loss(c["student_hidden"], c["teacher_weight"], c["teacher_hidden"],
-                                          c["teacher_weight"]), "student LM-head"),
-        (lambda c: losses.chunked_kd_loss(c["student_hidden"], c["student_weight"], c["teacher_hidden"],
-                                          c["teacher_weight"], ce_alpha=0.5), "labels"),
-        (lambda c: losses.chunked_kd_loss(c["student_hidden"], c["student_weight"], c["teacher_hidden"],
-                                          c["teacher_weight"], chunk_size=0), "chunk_size"),
+        (
+            lambda c: losses.chunked_kd_loss(
+                c["student_hidden"], c["teacher_weight"], c["teacher_hidden"], c["teacher_weight"]
+            ),
+            "student LM-head",
+        ),
+        (
+            lambda c: losses.chunked_kd_loss(
+                c["student_hidden"],
+                c["student_weight"],
+                c["teacher_hidden"],
+                c["teacher_weight"],
+                ce_alpha=0.5,
+            ),
+            "labels",
+        ),
+        (
+            lambda c: losses.chunked_kd_loss(
+                c["student_hidden"],
+                c["student_weight"],
+                c["teacher_hidden"],
+                c["teacher_weight"],
+                chunk_size=0,
+            ),
+            "chunk_size",
+        ),
         (lambda c: losses.cross_entropy_mix(torch.tensor(1.0), torch.tensor(2.0), 1.5), "alpha"),
     ],
 )
@@ -313,7 +364,9 @@ def test_intermediate_cosine_loss_without_projection_equals_reference(masked):
     mask = (torch.arange(S, device=DEVICE) < 5).expand(B, S) if masked else None
     pairs = [(0, 1), (2, 5)]
     got = losses.intermediate_cosine_loss(student, teacher, pairs, mask=mask)
-    want = (reference_cosine(student[1], teacher[2], mask) + reference_cosine(student[3], teacher[6], mask)) / 2
+    want = (
+        reference_cosine(student[1], teacher[2], mask) + reference_cosine(student[3], teacher[6], mask)
+    ) / 2
     torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-7)
     got.backward()
     assert student[0].grad is None and student[2].grad is None
@@ -330,9 +383,13 @@ def test_intermediate_cosine_loss_with_projection_equals_reference():
     assert [tuple(p.weight.shape) for p in projections] == [(16, 12), (16, 12)]
     mask = torch.rand(B, S, generator=torch.Generator().manual_seed(4)).to(DEVICE) > 0.4
     got = losses.intermediate_cosine_loss(student, teacher, pairs, projections=projections, mask=mask)
-    want = sum(
-        reference_cosine(student[i + 1] @ p.weight.T, teacher[j + 1], mask) for (i, j), p in zip(pairs, projections)
-    ) / 2
+    want = (
+        sum(
+            reference_cosine(student[i + 1] @ p.weight.T, teacher[j + 1], mask)
+            for (i, j), p in zip(pairs, projections)
+        )
+        / 2
+    )
     torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-7)
     got.backward()
     assert all(torch.count_nonzero(p.weight.grad) > 0 for p in projections)
