@@ -72,10 +72,22 @@ def main() -> int:
         "--chunk-size", type=int, default=None, help="tokens per chunk (default: the preset's)"
     )
     parser.add_argument("--peak-tflops", type=float, default=DEFAULT_PEAK_TFLOPS, help="GPU dense bf16 peak")
+    parser.add_argument(
+        "--seq-len", type=int, default=None, help="tokens per sequence (default: the preset's)"
+    )
+    parser.add_argument(
+        "--model-kernels",
+        choices=["hf", "liger"],
+        default="hf",
+        help="transformers' own Llama layers, or Liger's RMSNorm/SwiGLU/RoPE kernels patched into both models "
+        "(the same for every method; for the MFU)",
+    )
     parser.add_argument("--out", type=Path, default=None, help="JSON results file")
     args = parser.parse_args()
 
-    preset = PRESETS[args.preset]
+    preset = dict(PRESETS[args.preset])
+    if args.seq_len:
+        preset["seq_len"] = args.seq_len
     device = torch.device(args.device)
     dtype = getattr(torch, preset["dtype"])
     chunk_size = args.chunk_size or preset["chunk_size"]
@@ -89,6 +101,11 @@ def main() -> int:
     torch.manual_seed(0)
     log(f"building {args.preset} teacher and student on {device}")
     teacher, student = build_models(preset, device, dtype)
+    if args.model_kernels == "liger":
+        from liger_kernel.transformers import apply_liger_kernel_to_llama
+
+        for model in (teacher, student):
+            apply_liger_kernel_to_llama(fused_linear_cross_entropy=False, cross_entropy=False, model=model)
     if preset["gradient_checkpointing"]:
         student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     optimizer = make_optimizer(student, device)
@@ -130,6 +147,7 @@ def main() -> int:
         "tokens_per_step": tokens,
         "chunk_size": chunk_size,
         "gradient_checkpointing": preset["gradient_checkpointing"],
+        "model_kernels": args.model_kernels,
         "warmup_steps": warmup,
         "timed_steps": timed,
         "parameters": {
@@ -444,7 +462,8 @@ def print_report(report: dict) -> None:
     print(
         f"\ndistillation step, preset {report['preset']} on {report['device']} ({report['dtype']}), "
         f"micro-batch {report['micro_batch'][0]}x{report['micro_batch'][1]} = {report['tokens_per_step']} tokens, "
-        f"chunk {report['chunk_size']}, gradient checkpointing {report['gradient_checkpointing']}"
+        f"chunk {report['chunk_size']}, gradient checkpointing {report['gradient_checkpointing']}, "
+        f"model kernels {report['model_kernels']}"
     )
     print(
         f"parameters: student {report['parameters']['student'] / 1e9:.3f} B, "

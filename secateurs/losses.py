@@ -33,6 +33,9 @@ IGNORE_INDEX = -100
 
 KDBackend = Literal["auto", "liger", "chunked"]
 
+# Half-precision CUDA matmuls with an fp32 output (`out_dtype=`) exist from torch 2.8; the project allows 2.6.
+_MM_OUT_DTYPE = torch.torch_version.TorchVersion(torch.__version__) >= "2.8"
+
 
 # --------------------------------------------------------------------------------------------------------------
 # Logit losses on full logits (the plain reference path)
@@ -262,7 +265,12 @@ class _ChunkedKD(torch.autograd.Function):
 def _logits_fp32(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """`hidden @ weight^T` as fp32 [c, V]; on CUDA a half-precision matmul writes fp32 directly (`out_dtype`),
     which skips a [c, V] half-precision buffer and its rounding."""
-    if hidden.is_cuda and hidden.dtype in (torch.bfloat16, torch.float16) and weight.dtype == hidden.dtype:
+    if (
+        _MM_OUT_DTYPE
+        and hidden.is_cuda
+        and hidden.dtype in (torch.bfloat16, torch.float16)
+        and weight.dtype == hidden.dtype
+    ):
         return torch.mm(hidden, weight.T, out_dtype=torch.float32)
     return (hidden @ weight.T).float()
 
@@ -273,12 +281,12 @@ def _accumulate_weight_grad(
     """`acc += grad_logits^T @ hidden` into the fp32 accumulator `acc` [V, H], at the model dtype's speed.
 
     fp32 weights: a plain addmm. Half precision on CUDA: the half-precision matmul writing fp32 output
-    (`out_dtype`, torch >= 2.8, tensor cores kept). Half precision elsewhere (CPU has no `out_dtype` kernel): an
-    fp32 matmul, exact and slower, for a case that only tests run.
+    (`out_dtype`, torch >= 2.8, tensor cores kept). Half precision elsewhere (CPU has no `out_dtype` kernel, older
+    torch has none at all): an fp32 matmul, exact and slower.
     """
     if hidden.dtype == torch.float32:
         acc.addmm_(grad_logits.T, hidden)
-    elif acc.is_cuda:
+    elif acc.is_cuda and _MM_OUT_DTYPE and low_precision.dtype == hidden.dtype:
         torch.addmm(acc, low_precision.T, hidden, out_dtype=torch.float32, out=acc)
     else:
         acc.addmm_(grad_logits.T, hidden.float())
