@@ -1,18 +1,18 @@
 """MLflow tracking and lineage for secateurs runs.
 
-Consumes: artifact directories with their `secateurs.json` manifests (see `secateurs.manifest`), and metrics that
-steps report while they run (training curves).
+Consumes: artifact directories with their `secateurs.json` manifests (see `secateurs.manifest`), and metrics
+that steps report while they run (training curves).
 
 Produces, in MLflow:
 - one parent run per pipeline run and one nested run per step, tagged `secateurs.step` / `secateurs.student`;
   each step run holds the step's resolved config as params, its report numbers as metrics, its input datasets
   (`log_input`, digest = the artifact's content hash) and input models (`LoggedModelInput` edges), and its
   manifest as an artifact;
-- one LoggedModel per model artifact (teacher, corrected teacher, pruned student, distilled student). The weights
-  stay where the step wrote them (local disk or S3): the model is an *external* LoggedModel that records the URI,
-  the content hash, the shape and the parameter count, and names the model it came from in the tags
-  `secateurs.parent_model_id` / `secateurs.parent_uri` (the MLflow UI draws no lineage graph, tags are readable
-  anywhere);
+- one LoggedModel per model artifact (teacher, corrected teacher, pruned student, distilled student). The
+  weights stay where the step wrote them (local disk or S3): the model is an *external* LoggedModel that
+  records the URI, the content hash, the shape and the parameter count, and names the model it came from in
+  the tags `secateurs.parent_model_id` / `secateurs.parent_uri` (the MLflow UI draws no lineage graph, tags
+  are readable anywhere);
 - one registered model version per distilled student, tagged with its teacher, shape, parameter count, tokens
   seen and, once evaluated, its scores.
 
@@ -29,10 +29,11 @@ Guarantees:
 A pipeline step uses it in three lines::
 
     tracker = Tracker(tracking_uri, pipeline_run=kfp_run_id)
-    with tracker.step("distill", student="width") as run:   # or: record_step(tracker, "prune", out_dir, "width")
+    with tracker.step("distill", student="width") as run:
         report = distill.run(..., on_metrics=run.log_metrics)
         run.record(out_dir)
 
+or, for a step with nothing to log while it runs, `record_step(tracker, "prune", out_dir, student="width")`,
 and `lineage(model_or_run_or_name)` walks the recorded chain back to the teacher.
 
 mlflow is imported inside the functions that use it, so `secateurs` imports without it.
@@ -48,18 +49,22 @@ import os
 import re
 import time
 import warnings
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
 
 from secateurs.manifest import MANIFEST, content_hash, read_manifest
+
+if TYPE_CHECKING:
+    from typing_extensions import Self
 
 log = logging.getLogger(__name__)
 
 EXPERIMENT = "secateurs"
 
-# Tags secateurs writes. Dotted keys need backticks in MLflow filter strings (`tags.`secateurs.sha256` = '...'`).
+# Tags secateurs writes. Dotted keys need backticks in MLflow filters: tags.`secateurs.sha256` = '...'.
 TAG_ROLE = "secateurs.role"  # "pipeline" on parent runs, "step" on step runs
 TAG_CREATED_BY = "secateurs.created_by"  # on runs secateurs created (and therefore may end)
 TAG_PIPELINE_RUN = "secateurs.pipeline_run"
@@ -81,8 +86,8 @@ MAX_PARAM_VALUE_LENGTH = 6000
 MAX_TAG_VALUE_LENGTH = 8000
 MAX_DATASET_DIGEST_LENGTH = 36
 
-# The MLflow client retries 7 times with a backoff factor of 2 and a 120 s timeout by default: minutes per call
-# when the server is down. A training step would stall that long at every logging interval.
+# The MLflow client retries 7 times with a backoff factor of 2 and a 120 s timeout by default: minutes per
+# call when the server is down. A training step would stall that long at every logging interval.
 HTTP_DEFAULTS = {
     "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3",
     "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
@@ -96,8 +101,8 @@ MODEL_NAMES = {
     "prune": "{student}-pruned",
     "distill": "{student}",
 }
-# Which model input a step's output model was made from, in order of preference. The distillation teacher is an
-# input too (an edge), but the student it distils into descends from the pruned student.
+# Which model input a step's output model was made from, in order of preference. The distillation teacher is
+# an input too (an edge), but the student it distils into descends from the pruned student.
 PARENT_INPUTS = ("student", "model", "base", "teacher")
 # Steps whose model output is registered in the model registry.
 REGISTERED_STEPS = ("distill",)
@@ -124,8 +129,8 @@ class TrackingUnreachable(ConnectionError):
 def resolve_tracking_uri(uri: str | None = None, run_dir: str | Path | None = None) -> str:
     """The tracking URI to use: `uri`, else `MLFLOW_TRACKING_URI`, else SQLite under `run_dir`.
 
-    A bare path ending in `.db` is read as a SQLite file. The file store (`file:` URIs, plain directories) errors
-    out since MLflow 3.13, so it is refused here with the fix in the message.
+    A bare path ending in `.db` is read as a SQLite file. The file store (`file:` URIs, plain directories)
+    errors out since MLflow 3.13, so it is refused here with the fix in the message.
 
     Raises:
         ValueError: no URI can be derived, or the URI names the file store.
@@ -166,15 +171,19 @@ def check_reachable(uri: str, timeout: float = 5.0) -> None:
         try:
             response = requests.get(uri.rstrip("/") + "/health", timeout=timeout)
         except requests.RequestException as exc:
-            raise TrackingUnreachable(f"MLflow tracking server at {uri} is unreachable: {_describe(exc)}") from exc
+            raise TrackingUnreachable(
+                f"MLflow tracking server at {uri} is unreachable: {_describe(exc)}"
+            ) from exc
         if response.status_code != 200:
             hint = (
-                " (the server refuses this host name: add it to --allowed-hosts / MLFLOW_SERVER_ALLOWED_HOSTS)"
+                " (the server refuses this host name: add it to --allowed-hosts /"
+                " MLFLOW_SERVER_ALLOWED_HOSTS)"
                 if response.status_code == 403
                 else ""
             )
             raise TrackingUnreachable(
-                f"MLflow tracking server at {uri} is unreachable: /health answered HTTP {response.status_code}"
+                f"MLflow tracking server at {uri} is unreachable: /health answered HTTP "
+                f"{response.status_code}"
                 f"{hint}"
             )
     elif scheme == "sqlite":
@@ -199,8 +208,8 @@ class Tracker:
     """One pipeline run's connection to MLflow: the experiment, the parent run, and the failures so far.
 
     The parent run is found in this order:
-    1. `MLFLOW_RUN_ID` (set by the KFP MLflow plugin): if that run is itself nested, it is this task's step run
-       and its parent is the pipeline run; otherwise it is the parent and steps nest under it.
+    1. `MLFLOW_RUN_ID` (set by the KFP MLflow plugin): if that run is itself nested, it is this task's step
+       run and its parent is the pipeline run; otherwise it is the parent and steps nest under it.
     2. `pipeline_run`: the run tagged `secateurs.pipeline_run=<id>`, created by whichever step comes first.
        All steps of one pipeline run pass the same id (the KFP run id), so they share one parent.
     3. neither: a new parent run for this tracker alone (a step run by hand), ended by `close()`.
@@ -211,8 +220,8 @@ class Tracker:
         experiment: experiment name (ignored when `MLFLOW_EXPERIMENT_ID` or `MLFLOW_RUN_ID` decide it).
         pipeline_run: identifier shared by all steps of one pipeline run.
         run_name: name of the parent run when this tracker creates it.
-        cooldown_s: after a connection error, training metrics are skipped (and recorded as not logged) for this
-            long instead of each paying the HTTP retries again.
+        cooldown_s: after a connection error, training metrics are skipped (and recorded as not logged) for
+            this long instead of each paying the HTTP retries again.
     """
 
     def __init__(
@@ -246,14 +255,14 @@ class Tracker:
         import mlflow
         from mlflow import MlflowClient
 
-        # The fluent API (create_external_model) reads the global URI; set it like transformers' MLflowCallback.
+        # The fluent API (create_external_model) reads the global URI: set it, as transformers' callback does.
         mlflow.set_tracking_uri(self.uri)
         registry_uri = os.environ.get("MLFLOW_REGISTRY_URI") or self.uri
         self.client = MlflowClient(tracking_uri=self.uri, registry_uri=registry_uri)
         if self._guarded("open the pipeline run", self._open_parent, run_name) is None:
             self.active = False  # failure recorded; the step goes on untracked
 
-    # ----------------------------------------------------------------------------------------------- lifecycle
+    # ---------------------------------------------------------------------------------------------- lifecycle
     def _open_parent(self, run_name: str | None) -> str:
         env_run = os.environ.get("MLFLOW_RUN_ID")
         if env_run:
@@ -305,22 +314,25 @@ class Tracker:
     def _pipeline_runs(self) -> list:
         runs = self.client.search_runs(
             [self.experiment_id],
-            filter_string=f"tags.`{TAG_PIPELINE_RUN}` = '{self.pipeline_run}' AND tags.`{TAG_ROLE}` = 'pipeline'",
+            filter_string=(
+                f"tags.`{TAG_PIPELINE_RUN}` = '{self.pipeline_run}' AND tags.`{TAG_ROLE}` = 'pipeline'"
+            ),
             order_by=["attributes.start_time ASC"],
         )
         return sorted(runs, key=lambda r: (r.info.start_time, r.info.run_id))
 
     @contextlib.contextmanager
-    def step(self, name: str, student: str | None = None, params: Mapping[str, Any] | None = None
-             ) -> Iterator[StepRun]:
+    def step(
+        self, name: str, student: str | None = None, params: Mapping[str, Any] | None = None
+    ) -> Iterator[StepRun]:
         """Open the run of one step, nested under the pipeline run; end it (if created here) on exit.
 
         The run ends FINISHED, or FAILED when the block raises (the exception propagates). Metrics that could
         not be logged during the step are retried once before it ends.
 
         Args:
-            name: the step (`import-model`, `prepare-data`, `correct-teacher`, `importance`, `prune`, `distill`,
-                `evaluate`, `report`).
+            name: the step (`import-model`, `prepare-data`, `correct-teacher`, `importance`, `prune`,
+                `distill`, `evaluate`, `report`).
             student: the student this step works on, if any.
             params: params to log right away (flattened like a manifest's config).
         """
@@ -331,6 +343,9 @@ class Tracker:
         try:
             yield run
             status = "FINISHED"
+        except KeyboardInterrupt:
+            status = "KILLED"
+            raise
         finally:
             run._flush_pending()
             if run.run_id and run._owned:
@@ -362,7 +377,7 @@ class Tracker:
         return StepRun(self, run.info.run_id if run else None, name, student, owned=run is not None)
 
     def close(self, status: str = "FINISHED") -> None:
-        """End the parent run if this tracker created it for itself (no `pipeline_run`, no `MLFLOW_RUN_ID`)."""
+        """End the parent run if this tracker created it for itself (no pipeline_run, no MLFLOW_RUN_ID)."""
         if self.active and self._owns_parent:
             self._guarded("end the pipeline run", self.client.set_terminated, self.parent_run_id, status)
             self._owns_parent = False
@@ -379,7 +394,7 @@ class Tracker:
             self._guarded("end the pipeline run", self.client.set_terminated, self.parent_run_id, status)
             self._owns_parent = False
 
-    def __enter__(self) -> Tracker:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
@@ -390,8 +405,9 @@ class Tracker:
         return "\n".join(self.failures)
 
     # ------------------------------------------------------------------------------------------------- guard
-    def _guarded(self, what: str, fn: Callable[..., Any], *args: Any, essential: bool = True, **kwargs: Any
-                 ) -> Any:
+    def _guarded(
+        self, what: str, fn: Callable[..., Any], *args: Any, essential: bool = True, **kwargs: Any
+    ) -> Any:
         """Call `fn`; on a tracking error warn, record `what` in `failures` and return None.
 
         Non-essential calls (training metrics) are skipped without a network round trip while the server is
@@ -418,8 +434,9 @@ class Tracker:
     def _set_tags(self, run_id: str, tags: Mapping[str, str]) -> None:
         from mlflow.entities import RunTag
 
-        self.client.log_batch(run_id, tags=[RunTag(k, _truncate(str(v), MAX_TAG_VALUE_LENGTH)) for k, v in
-                                            tags.items()])
+        self.client.log_batch(
+            run_id, tags=[RunTag(k, _truncate(str(v), MAX_TAG_VALUE_LENGTH)) for k, v in tags.items()]
+        )
 
     # ------------------------------------------------------------------------------------------------ lookups
     def find_model(self, sha256: str) -> Any | None:
@@ -449,9 +466,11 @@ class StepRecord:
 
 
 class StepRun:
-    """The MLflow run of one step. Every method is a no-op when tracking is off (other ranks, failed start)."""
+    """The MLflow run of one step. Every method is a no-op when tracking is off (other ranks, no server)."""
 
-    def __init__(self, tracker: Tracker, run_id: str | None, name: str, student: str | None, owned: bool) -> None:
+    def __init__(
+        self, tracker: Tracker, run_id: str | None, name: str, student: str | None, owned: bool
+    ) -> None:
         self.tracker = tracker
         self.run_id = run_id
         self.name = name
@@ -463,7 +482,7 @@ class StepRun:
     @property
     def failures(self) -> list[str]:
         """The tracker's failures since this step started."""
-        return self.tracker.failures[self._first_failure:]
+        return self.tracker.failures[self._first_failure :]
 
     @property
     def active(self) -> bool:
@@ -471,7 +490,7 @@ class StepRun:
 
     # ---------------------------------------------------------------------------------------- params, metrics
     def log_params(self, params: Mapping[str, Any], prefix: str = "") -> None:
-        """Log params, nested mappings flattened to dotted keys, 100 per call, values cut to MLflow's limit."""
+        """Log params: nested mappings flattened to dotted keys, 100 a call, values cut to MLflow's limit."""
         if not self.active:
             return
         from mlflow.entities import Param
@@ -481,12 +500,14 @@ class StepRun:
             for key, value in flatten(params, prefix).items()
         ]
         for i in range(0, len(flat), MAX_PARAMS_PER_BATCH):
-            batch = flat[i:i + MAX_PARAMS_PER_BATCH]
-            self.tracker._guarded(f"log params {batch[0].key}..", self.tracker.client.log_batch, self.run_id,
-                                  params=batch)
+            batch = flat[i : i + MAX_PARAMS_PER_BATCH]
+            self.tracker._guarded(
+                f"log params {batch[0].key}..", self.tracker.client.log_batch, self.run_id, params=batch
+            )
 
-    def log_metrics(self, metrics: Mapping[str, Any], step: int | None = None, model_id: str | None = None
-                    ) -> None:
+    def log_metrics(
+        self, metrics: Mapping[str, Any], step: int | None = None, model_id: str | None = None
+    ) -> None:
         """Log scalar metrics at `step`: the callback a training loop calls every few steps.
 
         Values that are not numbers (strings, None, booleans) are left out; 0-d tensors and numpy scalars are
@@ -502,15 +523,18 @@ class StepRun:
         for key, value in flatten(metrics).items():
             number = _as_number(value)
             if number is not None:
-                batch.append(Metric(_truncate(key, MAX_KEY_LENGTH), number, now, step or 0, model_id=model_id))
+                batch.append(
+                    Metric(_truncate(key, MAX_KEY_LENGTH), number, now, step or 0, model_id=model_id)
+                )
         self._send_metrics(batch, "metrics" + (f" step {step}" if step is not None else ""))
 
     def _send_metrics(self, batch: list, what: str) -> None:
         for i in range(0, len(batch), MAX_METRICS_PER_BATCH):
-            chunk = batch[i:i + MAX_METRICS_PER_BATCH]
+            chunk = batch[i : i + MAX_METRICS_PER_BATCH]
             before = len(self.tracker.failures)
-            self.tracker._guarded(f"log {what}", self.tracker.client.log_batch, self.run_id, metrics=chunk,
-                                  essential=False)
+            self.tracker._guarded(
+                f"log {what}", self.tracker.client.log_batch, self.run_id, metrics=chunk, essential=False
+            )
             if len(self.tracker.failures) > before:
                 self._pending.append((self.tracker.failures[-1], chunk))
 
@@ -522,24 +546,33 @@ class StepRun:
         self.tracker._down_until = 0.0  # one more try, whatever the cooldown says
         metrics = [m for _, chunk in pending for m in chunk]
         for i in range(0, len(metrics), MAX_METRICS_PER_BATCH):
-            ok = self.tracker._guarded(
+            sent = self.tracker._guarded(
                 f"log {len(metrics)} metric values that failed earlier in step {self.name}",
-                _returns_true(self.tracker.client.log_batch), self.run_id, metrics=metrics[i:i + MAX_METRICS_PER_BATCH],
+                lambda chunk: self.tracker.client.log_batch(self.run_id, metrics=chunk) or True,
+                metrics[i : i + MAX_METRICS_PER_BATCH],
             )
-            if not ok:
+            if not sent:
                 return
         for message, _ in pending:
             with contextlib.suppress(ValueError):
                 self.tracker.failures.remove(message)
-        log.info("mlflow: logged %d metric values that had failed earlier in step %s", len(metrics), self.name)
+        log.info(
+            "mlflow: logged %d metric values that had failed earlier in step %s", len(metrics), self.name
+        )
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
         if self.active:
             self.tracker._guarded("set run tags", self.tracker._set_tags, self.run_id, tags)
 
     # --------------------------------------------------------------------------------------- inputs, outputs
-    def log_dataset(self, uri: str, sha256: str | None, name: str, context: str = "training",
-                    path: str | Path | None = None) -> None:
+    def log_dataset(
+        self,
+        uri: str,
+        sha256: str | None,
+        name: str,
+        context: str = "training",
+        path: str | Path | None = None,
+    ) -> None:
         """Record a dataset artifact as an input of this run.
 
         Args:
@@ -560,8 +593,12 @@ class StepRun:
         tags = [InputTag("mlflow.data.context", context)]
         if sha256:
             tags.append(InputTag(TAG_SHA256, sha256))
-        self.tracker._guarded(f"log input dataset {name}", self.tracker.client.log_inputs, self.run_id,
-                              datasets=[DatasetInput(entity, tags)])
+        self.tracker._guarded(
+            f"log input dataset {name}",
+            self.tracker.client.log_inputs,
+            self.run_id,
+            datasets=[DatasetInput(entity, tags)],
+        )
 
     def log_input_model(self, model_id: str) -> None:
         """Draw the edge model -> this run (`LoggedModelInput`)."""
@@ -569,8 +606,12 @@ class StepRun:
             return
         from mlflow.entities import LoggedModelInput
 
-        self.tracker._guarded(f"log input model {model_id}", self.tracker.client.log_inputs, self.run_id,
-                              models=[LoggedModelInput(model_id)])
+        self.tracker._guarded(
+            f"log input model {model_id}",
+            self.tracker.client.log_inputs,
+            self.run_id,
+            models=[LoggedModelInput(model_id)],
+        )
 
     def log_model(
         self,
@@ -584,14 +625,17 @@ class StepRun:
         params: Mapping[str, Any] | None = None,
         tags: Mapping[str, Any] | None = None,
     ) -> str | None:
-        """Create the LoggedModel of a checkpoint that stays where it is (an external model), output of this run.
+        """Create the LoggedModel of a checkpoint that stays where it is (an external model), output of this
+        run.
 
         Args:
             uri: where the checkpoint lives; recorded as tag `secateurs.uri`, weights are not copied.
             sha256: its content hash, tag `secateurs.sha256` (how later steps find this model).
             name: the LoggedModel's name (`teacher`, `width-pruned`, ...).
-            path: a local copy, to read the shape from config.json and count parameters from safetensors headers.
-            parent: the LoggedModel it was made from; tags `secateurs.parent_model_id` / `secateurs.parent_uri`.
+            path: a local copy, to read the shape from config.json and count parameters from safetensors
+                headers.
+            parent: the LoggedModel it was made from; tags `secateurs.parent_model_id` /
+                `secateurs.parent_uri`.
             teacher: the LoggedModel that taught it (distillation), tag `secateurs.teacher_model_id`.
             params: extra params for the model.
             tags: extra tags for the model.
@@ -613,31 +657,50 @@ class StepRun:
             model_tags[TAG_TEACHER_MODEL_ID] = teacher.model_id
         model_tags.update({k: str(v) for k, v in (tags or {}).items()})
         model_tags = {k: _truncate(v, MAX_TAG_VALUE_LENGTH) for k, v in model_tags.items()}
-        model_params = {_truncate(k, MAX_KEY_LENGTH): _truncate(v, MAX_PARAM_VALUE_LENGTH)
-                        for k, v in model_params.items()}
-        model = self.tracker._guarded(f"log model {name}", self._create_external_model, name, model_tags,
-                                      model_params)
-        return model.model_id if model is not None else None
+        model_params = {
+            _truncate(k, MAX_KEY_LENGTH): _truncate(v, MAX_PARAM_VALUE_LENGTH)
+            for k, v in model_params.items()
+        }
+        model = self.tracker._guarded(
+            f"log model {name}", self._create_external_model, name, model_tags, model_params
+        )
+        if model is None:
+            return None
+        from mlflow.entities import LoggedModelOutput
+
+        self.tracker._guarded(
+            f"log model {name} as output",
+            self.tracker.client.log_outputs,
+            self.run_id,
+            [LoggedModelOutput(model.model_id, step=0)],
+        )
+        return model.model_id
 
     def _create_external_model(self, name: str, tags: dict[str, str], params: dict[str, str]) -> Any:
         import mlflow
-        from mlflow.entities import LoggedModelOutput
 
         mlflow.set_tracking_uri(self.tracker.uri)  # create_external_model uses the global client
-        model = mlflow.create_external_model(
-            name=name, source_run_id=self.run_id, tags=tags, params=params, model_type="hf-causal-lm",
+        return mlflow.create_external_model(
+            name=name,
+            source_run_id=self.run_id,
+            tags=tags,
+            params=params,
+            model_type="hf-causal-lm",
             experiment_id=self.tracker.experiment_id,
         )
-        self.tracker.client.log_outputs(self.run_id, [LoggedModelOutput(model.model_id, step=0)])
-        return model
 
     def log_files(self, paths: list[str | Path], artifact_path: str | None = None) -> None:
         """Upload small files (manifests, JSON reports) to the run's artifacts."""
         if not self.active:
             return
         for p in paths:
-            self.tracker._guarded(f"log artifact {Path(p).name}", self.tracker.client.log_artifact, self.run_id,
-                                  str(p), artifact_path)
+            self.tracker._guarded(
+                f"log artifact {Path(p).name}",
+                self.tracker.client.log_artifact,
+                self.run_id,
+                str(p),
+                artifact_path,
+            )
 
     def register(self, model_id: str, name: str, tags: Mapping[str, Any] | None = None) -> str | None:
         """Register a LoggedModel as a new version of registered model `name`; returns "name/version"."""
@@ -647,8 +710,12 @@ class StepRun:
         if version is None:
             return None
         ref = f"{name}/{version.version}"
-        self.tracker._guarded(f"tag model {model_id}", self.tracker.client.set_logged_model_tags, model_id,
-                              {TAG_REGISTERED: ref})
+        self.tracker._guarded(
+            f"tag model {model_id}",
+            self.tracker.client.set_logged_model_tags,
+            model_id,
+            {TAG_REGISTERED: ref},
+        )
         return ref
 
     def _register(self, model_id: str, name: str, tags: Mapping[str, Any]) -> Any:
@@ -681,16 +748,16 @@ class StepRun:
     ) -> StepRecord:
         """Log what a step's manifest says: config, report, inputs, and the output model if it is one.
 
-        - `config` -> params (flattened, 100 per call, truncated); `report` numbers -> metrics (lists of numbers
-          -> one value per step), other report scalars -> params `report.*`.
+        - `config` -> params (flattened, 100 per call, truncated); `report` numbers -> metrics (lists of
+          numbers -> one value per step), other report scalars -> params `report.*`.
         - each input -> tag `secateurs.input.<name>` = "uri sha256"; inputs that are recorded LoggedModels
-          (found by content hash) -> model edges; other inputs with a hash that are not checkpoints -> datasets
-          (context = the input's name).
+          (found by content hash) -> model edges; other inputs with a hash that are not checkpoints ->
+          datasets (context = the input's name).
         - out_dir with a config.json -> an external LoggedModel named after the step (`MODEL_NAMES`) whose
           parent is the input `parent_input` (default: the first of `PARENT_INPUTS` that is a recorded model);
           for `distill` it is also registered as `register_as` (default: "<experiment>-<student>").
-        - for evaluation steps (`EVALUATION_STEPS`), the report's numbers also go to the model read (the parent
-          input), and onto its registered version as `score.*` tags when it has one.
+        - for evaluation steps (`EVALUATION_STEPS`), the report's numbers also go to the model read (the
+          parent input), and onto its registered version as `score.*` tags when it has one.
         - the manifest (and small JSON reports of non-model artifacts) -> run artifacts.
 
         Args:
@@ -719,8 +786,12 @@ class StepRun:
 
         inputs = manifest.get("inputs") or {}
         models: dict[str, Any] = {}
-        self.set_tags({f"secateurs.input.{k}": f"{v.get('uri', '')} {v.get('sha256') or ''}".strip()
-                       for k, v in inputs.items()})
+        self.set_tags(
+            {
+                f"secateurs.input.{k}": f"{v.get('uri', '')} {v.get('sha256') or ''}".strip()
+                for k, v in inputs.items()
+            }
+        )
         for input_name, spec in inputs.items():
             in_uri, in_sha = str(spec.get("uri", "")), spec.get("sha256") or ""
             model = self.tracker.find_model(in_sha)
@@ -728,8 +799,13 @@ class StepRun:
                 models[input_name] = model
                 self.log_input_model(model.model_id)
             elif in_sha and not (Path(in_uri) / "config.json").is_file():
-                self.log_dataset(in_uri, in_sha, input_name, context=input_name,
-                                 path=in_uri if Path(in_uri).exists() else None)
+                self.log_dataset(
+                    in_uri,
+                    in_sha,
+                    input_name,
+                    context=input_name,
+                    path=in_uri if Path(in_uri).exists() else None,
+                )
         record.input_model_ids = {k: m.model_id for k, m in models.items()}
         parent_key = parent_input or next((k for k in PARENT_INPUTS if k in models), None)
         if parent_key is None and len(models) == 1:
@@ -748,11 +824,14 @@ class StepRun:
             if record.model_id and (register_as or self.name in REGISTERED_STEPS):
                 registry_name = register_as or f"{self.tracker.experiment_name}-{self.student or name}"
                 record.registered = self.register(
-                    record.model_id, registry_name,
+                    record.model_id,
+                    registry_name,
                     self._version_tags(out_dir, uri, sha256, numbers, teacher or parent),
                 )
         else:
-            files += sorted(p for p in out_dir.glob("*.json") if p.name != MANIFEST and p.stat().st_size < 1 << 20)
+            files += sorted(
+                p for p in out_dir.glob("*.json") if p.name != MANIFEST and p.stat().st_size < 1 << 20
+            )
             scored = parent if self.name in EVALUATION_STEPS else None
             self._log_report_metrics(numbers, model_id=scored.model_id if scored is not None else None)
             if scored is not None:
@@ -773,8 +852,9 @@ class StepRun:
                 batch.append(Metric(_truncate(key, MAX_KEY_LENGTH), float(v), now, step, model_id=model_id))
         self._send_metrics(batch, "report metrics")
 
-    def _version_tags(self, out_dir: Path, uri: str, sha256: str, numbers: Mapping[str, Any], teacher: Any
-                      ) -> dict[str, Any]:
+    def _version_tags(
+        self, out_dir: Path, uri: str, sha256: str, numbers: Mapping[str, Any], teacher: Any
+    ) -> dict[str, Any]:
         shape = checkpoint_params(out_dir)
         tags = {
             "student": self.student or "",
@@ -793,15 +873,23 @@ class StepRun:
         return tags
 
     def _tag_registered_scores(self, model_id: str, numbers: Mapping[str, Any]) -> None:
-        model = self.tracker._guarded(f"read model {model_id}", self.tracker.client.get_logged_model, model_id)
+        model = self.tracker._guarded(
+            f"read model {model_id}", self.tracker.client.get_logged_model, model_id
+        )
         ref = model.tags.get(TAG_REGISTERED) if model is not None else None
         if not ref:
             return
         name, version = ref.rsplit("/", 1)
         for key, value in numbers.items():
             if not isinstance(value, list):
-                self.tracker._guarded(f"tag {ref} with score {key}", self.tracker.client.set_model_version_tag,
-                                      name, version, f"score.{key}", str(value))
+                self.tracker._guarded(
+                    f"tag {ref} with score {key}",
+                    self.tracker.client.set_model_version_tag,
+                    name,
+                    version,
+                    f"score.{key}",
+                    str(value),
+                )
 
 
 def record_step(
@@ -813,7 +901,8 @@ def record_step(
 ) -> StepRecord:
     """Open the run of `step`, log the manifest of `out_dir` into it (see `StepRun.record`), end it.
 
-    For steps with nothing to log while they run. Raises ValueError (before logging) if out_dir has no manifest.
+    For steps with nothing to log while they run. Raises ValueError (before logging) if out_dir has no
+    manifest.
     """
     if not read_manifest(out_dir):
         raise ValueError(f"{out_dir} has no {MANIFEST}: not an artifact written by a secateurs step")
@@ -821,14 +910,17 @@ def record_step(
         return run.record(out_dir, **record_kwargs)
 
 
-# ------------------------------------------------------------------------------------------------------ lineage
-def lineage(ref: str | Path, uri: str | None = None, run_dir: str | Path | None = None) -> list[dict[str, Any]]:
+# ---------------------------------------------------------------------------------------------------- lineage
+def lineage(
+    ref: str | Path, uri: str | None = None, run_dir: str | Path | None = None
+) -> list[dict[str, Any]]:
     """The chain of models from `ref` back to the teacher, newest first.
 
     Args:
-        ref: a LoggedModel id (`m-...`, `models:/m-...`), a registered model (`name`, `name/3`, `models:/name/3`;
-            a bare name means its newest version), a run id (the model the run produced; for a step run without
-            one, e.g. evaluate, the model it read), or a local artifact directory (found by content hash).
+        ref: a LoggedModel id (`m-...`, `models:/m-...`), a registered model (`name`, `name/3`,
+            `models:/name/3`; a bare name means its newest version), a run id (the model the run produced; for
+            a step run without one, e.g. evaluate, the model it read), or a local artifact directory (found by
+            content hash).
         uri, run_dir: where to look; see `resolve_tracking_uri`.
 
     Returns:
@@ -841,8 +933,9 @@ def lineage(ref: str | Path, uri: str | None = None, run_dir: str | Path | None 
     from mlflow import MlflowClient
 
     tracking_uri = resolve_tracking_uri(uri, run_dir)
-    client = MlflowClient(tracking_uri=tracking_uri,
-                          registry_uri=os.environ.get("MLFLOW_REGISTRY_URI") or tracking_uri)
+    client = MlflowClient(
+        tracking_uri=tracking_uri, registry_uri=os.environ.get("MLFLOW_REGISTRY_URI") or tracking_uri
+    )
     model = _resolve_model(client, str(ref))
     chain, seen = [], set()
     while model is not None and model.model_id not in seen:
@@ -899,9 +992,12 @@ def _resolve_model(client: Any, ref: str) -> Any:
     path = Path(ref)
     if path.is_dir():
         sha = content_hash(path)
-        found = client.search_logged_models(experiment_ids, filter_string=f"tags.`{TAG_SHA256}` = '{sha}'",
-                                            order_by=[{"field_name": "creation_time", "ascending": False}],
-                                            max_results=1)
+        found = client.search_logged_models(
+            experiment_ids,
+            filter_string=f"tags.`{TAG_SHA256}` = '{sha}'",
+            order_by=[{"field_name": "creation_time", "ascending": False}],
+            max_results=1,
+        )
         if not found:
             raise ValueError(f"no recorded model has the content of {ref} (sha256 {sha[:12]})")
         return found[0]
@@ -914,13 +1010,16 @@ def _resolve_model(client: Any, ref: str) -> Any:
     if version:
         mv = client.get_model_version(name, version)
     else:
-        versions = client.search_model_versions(f"name = '{name}'", order_by=["version_number DESC"],
-                                                max_results=1)
+        versions = client.search_model_versions(
+            f"name = '{name}'", order_by=["version_number DESC"], max_results=1
+        )
         if not versions:
             raise ValueError(f"{ref!r}: not a model id, run id, registered model or artifact directory")
         mv = versions[0]
     # The SQL registry keeps the model id only in the version's source ("models:/m-..."), not in model_id.
-    model_id = mv.model_id or (mv.source.removeprefix("models:/") if mv.source.startswith("models:/m-") else None)
+    model_id = mv.model_id or (
+        mv.source.removeprefix("models:/") if mv.source.startswith("models:/m-") else None
+    )
     if not model_id:
         raise ValueError(f"registered model {name}/{mv.version} has no logged model to trace")
     return client.get_logged_model(model_id)
@@ -930,10 +1029,13 @@ def _model_of_run(client: Any, run: Any, experiment_ids: list[str]) -> Any:
     run_id = run.info.run_id
     models = client.search_logged_models(experiment_ids, filter_string=f"source_run_id = '{run_id}'")
     if not models:  # a pipeline run: the models of its steps
-        children = client.search_runs(experiment_ids, filter_string=f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{run_id}'")
+        children = client.search_runs(
+            experiment_ids, filter_string=f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{run_id}'"
+        )
         for child in children:
-            models += client.search_logged_models(experiment_ids,
-                                                  filter_string=f"source_run_id = '{child.info.run_id}'")
+            models += client.search_logged_models(
+                experiment_ids, filter_string=f"source_run_id = '{child.info.run_id}'"
+            )
         if len(models) > 1:
             # Of a pipeline run, trace the models nothing else was made from: the ends of the chains.
             parents = {m.tags.get(TAG_PARENT_MODEL_ID) for m in models}
@@ -992,8 +1094,8 @@ def split_report(report: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, A
 
 
 def checkpoint_params(path: str | Path) -> dict[str, str]:
-    """Shape params of a local HF checkpoint: config.json's shape keys, `shape` in one string, and `parameters`
-    counted from the safetensors headers (no weights are read)."""
+    """Shape params of a local HF checkpoint: config.json's shape keys, `shape` in one string, and
+    `parameters` counted from the safetensors headers (no weights are read)."""
     path = Path(path)
     config_file = path / "config.json"
     if not config_file.is_file():
@@ -1023,7 +1125,7 @@ def count_parameters(path: str | Path) -> int:
     total = 0
     for f in sorted(Path(path).glob("*.safetensors")):
         with safe_open(str(f), framework="pt") as st:
-            for key in st.keys():
+            for key in st.keys():  # noqa: SIM118 (safe_open is not iterable)
                 total += math.prod(st.get_slice(key).get_shape())
     return total
 
@@ -1040,8 +1142,14 @@ def _dataset_entity(uri: str, sha256: str | None, name: str, path: str | Path | 
     meta = MetaDataset(source, name=name, digest=(sha256 or None) and sha256[:MAX_DATASET_DIGEST_LENGTH])
     entity = meta._to_mlflow_entity()
     profile = _dataset_profile(path) if path is not None else None
-    return Dataset(name=entity.name, digest=entity.digest, source_type=entity.source_type, source=entity.source,
-                   schema=entity.schema, profile=json.dumps(profile) if profile else None)
+    return Dataset(
+        name=entity.name,
+        digest=entity.digest,
+        source_type=entity.source_type,
+        source=entity.source,
+        schema=entity.schema,
+        profile=json.dumps(profile) if profile else None,
+    )
 
 
 def _dataset_profile(path: str | Path) -> dict[str, Any] | None:
@@ -1089,7 +1197,9 @@ def _is_connection_error(exc: BaseException) -> bool:
     for e in _chain(exc):
         if isinstance(e, (requests.ConnectionError, requests.Timeout, ConnectionError, TimeoutError)):
             return True
-        if any(s in str(e) for s in ("Max retries exceeded", "Failed to establish a new connection", "timed out")):
+        if any(
+            s in str(e) for s in ("Max retries exceeded", "Failed to establish a new connection", "timed out")
+        ):
             return True
     return False
 
@@ -1097,9 +1207,9 @@ def _is_connection_error(exc: BaseException) -> bool:
 def _describe(exc: BaseException) -> str:
     """'<cause type>: <reason>', short enough for one log line.
 
-    MLflow wraps transport errors in an MlflowException whose context is the real cause, and whose message buries
-    the reason ("[Errno 111] Connection refused") after 300 characters of URL and retry state: name the cause's
-    type and pull the reason and the URL out.
+    MLflow wraps transport errors in an MlflowException whose context is the real cause, and whose message
+    buries the reason ("[Errno 111] Connection refused") after 300 characters of URL and retry state: name the
+    cause's type and pull the reason and the URL out.
     """
     chain = list(_chain(exc))
     cause = chain[0]
@@ -1140,14 +1250,6 @@ def _as_number(value: Any) -> float | None:
     except (TypeError, ValueError, RuntimeError):
         return None
     return number
-
-
-def _returns_true(fn: Callable[..., Any]) -> Callable[..., bool]:
-    def call(*args: Any, **kwargs: Any) -> bool:
-        fn(*args, **kwargs)
-        return True
-
-    return call
 
 
 def _human_count(value: Any) -> str:

@@ -1,10 +1,10 @@
 """secateurs.tracking against a real `mlflow server` on 127.0.0.1 (SQLite backend, proxied artifacts), and
 against a local SQLite store.
 
-One server serves the whole module (it takes seconds to start). A chain of small but real artifacts (tiny Llama
-checkpoints saved with transformers, a DatasetDict saved with datasets, each with its manifest) is recorded step
-by step, each step through its own Tracker as separate pipeline processes would, and what MLflow then holds is
-read back through MlflowClient.
+One server serves the whole module (it takes seconds to start). A chain of small but real artifacts (tiny
+Llama checkpoints saved with transformers, a DatasetDict saved with datasets, each with its manifest) is
+recorded step by step, each step through its own Tracker as separate pipeline processes would, and what MLflow
+then holds is read back through MlflowClient.
 """
 
 from __future__ import annotations
@@ -25,10 +25,10 @@ import pytest
 mlflow = pytest.importorskip("mlflow", reason="mlflow is in the `pipeline` extra")
 requests = pytest.importorskip("requests")
 
-from mlflow import MlflowClient  # noqa: E402
+from mlflow import MlflowClient
 
-from secateurs.manifest import content_hash, write_manifest  # noqa: E402
-from secateurs.tracking import (  # noqa: E402
+from secateurs.manifest import content_hash, write_manifest
+from secateurs.tracking import (
     TAG_PARENT_MODEL_ID,
     TAG_PARENT_URI,
     TAG_PIPELINE_RUN,
@@ -57,8 +57,14 @@ def free_port() -> int:
 
 @pytest.fixture(autouse=True)
 def clean_env(monkeypatch):
-    for key in ("MLFLOW_TRACKING_URI", "MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "MLFLOW_REGISTRY_URI", "RANK",
-                "LOCAL_RANK"):
+    for key in (
+        "MLFLOW_TRACKING_URI",
+        "MLFLOW_RUN_ID",
+        "MLFLOW_EXPERIMENT_ID",
+        "MLFLOW_REGISTRY_URI",
+        "RANK",
+        "LOCAL_RANK",
+    ):
         monkeypatch.delenv(key, raising=False)
     monkeypatch.setenv("MLFLOW_DISABLE_TELEMETRY", "true")  # no internet here; nothing to report to
     # One quick retry: the outage tests stop the server on purpose.
@@ -72,24 +78,24 @@ def server_process(tmp_path_factory):
     """A real MLflow tracking server on a free port of 127.0.0.1, stopped at the end of the module."""
     root = tmp_path_factory.mktemp("mlflow-server")
     port = free_port()
-    log_file = open(root / "server.log", "w")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-         "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
-         "--artifacts-destination", str(root / "artifacts"), "--workers", "1"],
-        stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True,
-        # The server's job runner (GenAI evaluation jobs) is unused here and more than doubles its start time.
-        env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", "MLFLOW_DISABLE_TELEMETRY": "true"},
-    )
-    try:
-        yield proc, f"http://127.0.0.1:{port}", root / "server.log"
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
+    command = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port)]
+    command += ["--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}", "--workers", "1"]
+    command += ["--artifacts-destination", str(root / "artifacts")]
+    # The server's job runner (GenAI evaluation jobs) is unused here and more than doubles its start time.
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", "MLFLOW_DISABLE_TELEMETRY": "true"}
+    with open(root / "server.log", "w") as log_file:
+        proc = subprocess.Popen(
+            command, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True, env=env
+        )
         try:
-            proc.wait(timeout=3)  # it waits for idle keep-alive connections; nothing to save
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-        log_file.close()
+            yield proc, f"http://127.0.0.1:{port}", root / "server.log"
+        finally:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=3)  # it waits for idle keep-alive connections; nothing to save
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
 
 
 @pytest.fixture(scope="module")
@@ -164,7 +170,7 @@ class Outage:
                     pass
 
 
-# --------------------------------------------------------------------------------------------------- artifacts
+# -------------------------------------------------------------------------------------------------- artifacts
 def save_llama(out: Path, seed: int, **shape) -> int:
     """A tiny random Llama checkpoint with an explicit head_dim; returns its parameter count."""
     import torch
@@ -186,43 +192,100 @@ def artifacts(tmp_path_factory, server_process):
     import datasets
 
     root = tmp_path_factory.mktemp("artifacts")
-    a = {name: root / name for name in ("teacher", "dataset", "importance", "pruned", "distilled", "evaluation")}
+    a = {
+        name: root / name
+        for name in ("teacher", "dataset", "importance", "pruned", "distilled", "evaluation")
+    }
     counts = {}
-    counts["teacher"] = save_llama(a["teacher"], 0, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2)
-    write_manifest(a["teacher"], "import-model", inputs={"source": "HuggingFaceTB/SmolLM2-135M"},
-                   config={"source": "HuggingFaceTB/SmolLM2-135M", "dtype": "float32"},
-                   report={"parameters": counts["teacher"]})
+    counts["teacher"] = save_llama(
+        a["teacher"],
+        0,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
+    write_manifest(
+        a["teacher"],
+        "import-model",
+        inputs={"source": "HuggingFaceTB/SmolLM2-135M"},
+        config={"source": "HuggingFaceTB/SmolLM2-135M", "dtype": "float32"},
+        report={"parameters": counts["teacher"]},
+    )
 
-    rows = lambda n, off: {"input_ids": [[(i * SEQ_LEN + j + off) % 128 for j in range(SEQ_LEN)] for i in range(n)]}
-    datasets.DatasetDict({"train": datasets.Dataset.from_dict(rows(8, 0)),
-                          "validation": datasets.Dataset.from_dict(rows(2, 5))}).save_to_disk(a["dataset"])
-    write_manifest(a["dataset"], "prepare-data", inputs={"corpus": "python-docs"},
-                   config={"seq_len": SEQ_LEN, "tokenizer": "tok-1234"}, report={"train_sequences": 8})
+    rows = lambda n, off: {
+        "input_ids": [[(i * SEQ_LEN + j + off) % 128 for j in range(SEQ_LEN)] for i in range(n)]
+    }
+    datasets.DatasetDict(
+        {
+            "train": datasets.Dataset.from_dict(rows(8, 0)),
+            "validation": datasets.Dataset.from_dict(rows(2, 5)),
+        }
+    ).save_to_disk(a["dataset"])
+    write_manifest(
+        a["dataset"],
+        "prepare-data",
+        inputs={"corpus": "python-docs"},
+        config={"seq_len": SEQ_LEN, "tokenizer": "tok-1234"},
+        report={"train_sequences": 8},
+    )
 
     a["importance"].mkdir()
     (a["importance"] / "depth.json").write_text(json.dumps({"layer_scores": [0.9, 0.1]}))
-    write_manifest(a["importance"], "importance", inputs={"model": a["teacher"], "dataset": a["dataset"]},
-                   config={"batches": 2}, report={"layers_scored": 2})
+    write_manifest(
+        a["importance"],
+        "importance",
+        inputs={"model": a["teacher"], "dataset": a["dataset"]},
+        config={"batches": 2},
+        report={"layers_scored": 2},
+    )
 
-    counts["pruned"] = save_llama(a["pruned"], 1, hidden_size=48, intermediate_size=96, num_hidden_layers=1,
-                                  num_attention_heads=2, num_key_value_heads=1)
-    write_manifest(a["pruned"], "prune", inputs={"model": a["teacher"], "importance": a["importance"]},
-                   config={"target": {"hidden_size": 48, "num_hidden_layers": 1}}, report={"kept_layers": [0]})
+    counts["pruned"] = save_llama(
+        a["pruned"],
+        1,
+        hidden_size=48,
+        intermediate_size=96,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+    )
+    write_manifest(
+        a["pruned"],
+        "prune",
+        inputs={"model": a["teacher"], "importance": a["importance"]},
+        config={"target": {"hidden_size": 48, "num_hidden_layers": 1}},
+        report={"kept_layers": [0]},
+    )
 
-    counts["distilled"] = save_llama(a["distilled"], 2, hidden_size=48, intermediate_size=96, num_hidden_layers=1,
-                                     num_attention_heads=2, num_key_value_heads=1)
+    counts["distilled"] = save_llama(
+        a["distilled"],
+        2,
+        hidden_size=48,
+        intermediate_size=96,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+    )
     # 150 flattened keys (two log-batch calls) and one value over MLflow's 6000-character limit.
     distill_config = {"optimizer": {f"opt_{i}": i for i in range(150)}, "notes": "x" * 7000, "lr": 1e-4}
-    write_manifest(a["distilled"], "distill",
-                   inputs={"student": a["pruned"], "teacher": a["teacher"], "dataset": a["dataset"]},
-                   config=distill_config,
-                   report={"tokens_seen": 4096, "loss": [3.0, 2.5, 2.0], "final_loss": 2.0, "stopped": "max_steps"})
+    write_manifest(
+        a["distilled"],
+        "distill",
+        inputs={"student": a["pruned"], "teacher": a["teacher"], "dataset": a["dataset"]},
+        config=distill_config,
+        report={"tokens_seen": 4096, "loss": [3.0, 2.5, 2.0], "final_loss": 2.0, "stopped": "max_steps"},
+    )
 
     a["evaluation"].mkdir()
     (a["evaluation"] / "metrics.json").write_text(json.dumps({"hellaswag": 0.31, "val_loss": 2.1}))
-    write_manifest(a["evaluation"], "evaluate", inputs={"model": a["distilled"]}, config={"tasks": ["hellaswag"]},
-                   report={"hellaswag": 0.31, "val_loss": 2.1})
+    write_manifest(
+        a["evaluation"],
+        "evaluate",
+        inputs={"model": a["distilled"]},
+        config={"tasks": ["hellaswag"]},
+        report={"hellaswag": 0.31, "val_loss": 2.1},
+    )
     return a, counts
 
 
@@ -259,18 +322,24 @@ def client(server):
 
 def test_one_parent_run_with_a_nested_run_per_step(recorded, client):
     experiment = client.get_experiment_by_name(EXPERIMENT)
-    parents = client.search_runs([experiment.experiment_id],
-                                 filter_string=f"tags.`{TAG_PIPELINE_RUN}` = '{PIPELINE_RUN}' AND "
-                                               "tags.`secateurs.role` = 'pipeline'")
+    parents = client.search_runs(
+        [experiment.experiment_id],
+        filter_string=f"tags.`{TAG_PIPELINE_RUN}` = '{PIPELINE_RUN}' AND tags.`secateurs.role` = 'pipeline'",
+    )
     assert [r.info.run_id for r in parents] == [recorded["parent_run_id"]]
     assert parents[0].info.status == "FINISHED"  # finish_pipeline ended the run secateurs created
-    steps = client.search_runs([experiment.experiment_id],
-                               filter_string=f"tags.`mlflow.parentRunId` = '{recorded['parent_run_id']}'")
+    steps = client.search_runs(
+        [experiment.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{recorded['parent_run_id']}'"
+    )
     assert sorted(r.data.tags["secateurs.step"] for r in steps) == sorted(
-        ["import-model", "prepare-data", "importance", "prune", "distill", "evaluate"])
+        ["import-model", "prepare-data", "importance", "prune", "distill", "evaluate"]
+    )
     assert {r.info.status for r in steps} == {"FINISHED"}
-    assert {r.data.tags.get("secateurs.student") for r in steps if r.data.tags["secateurs.step"] in
-            ("prune", "distill", "evaluate")} == {"width"}
+    assert {
+        r.data.tags.get("secateurs.student")
+        for r in steps
+        if r.data.tags["secateurs.step"] in ("prune", "distill", "evaluate")
+    } == {"width"}
     assert recorded["distill_failures"] == []
 
 
@@ -302,8 +371,11 @@ def test_datasets_logged_as_inputs(recorded, client, artifacts):
     tags = {t.key: t.value for t in ds_input.tags}
     assert tags == {"mlflow.data.context": "dataset", TAG_SHA256: sha}
     profile = json.loads(ds_input.dataset.profile)
-    assert profile == {"num_rows": {"train": 8, "validation": 2}, "seq_len": SEQ_LEN,
-                       "tokens": {"train": 8 * SEQ_LEN, "validation": 2 * SEQ_LEN}}
+    assert profile == {
+        "num_rows": {"train": 8, "validation": 2},
+        "seq_len": SEQ_LEN,
+        "tokens": {"train": 8 * SEQ_LEN, "validation": 2 * SEQ_LEN},
+    }
     prune = client.get_run(recorded["prune"].run_id)
     assert [d.dataset.name for d in prune.inputs.dataset_inputs] == ["importance"]
     assert [d.dataset.digest for d in prune.inputs.dataset_inputs] == [content_hash(a["importance"])[:36]]
@@ -319,7 +391,9 @@ def test_logged_models_and_edges(recorded, client, artifacts):
 
     teacher = client.get_logged_model(teacher_id)
     assert teacher.name == "teacher" and TAG_PARENT_MODEL_ID not in teacher.tags
-    assert teacher.tags[TAG_URI] == str(a["teacher"]) and teacher.tags[TAG_SHA256] == content_hash(a["teacher"])
+    assert teacher.tags[TAG_URI] == str(a["teacher"]) and teacher.tags[TAG_SHA256] == content_hash(
+        a["teacher"]
+    )
     assert teacher.params["parameters"] == str(counts["teacher"])
     assert teacher.params["shape"] == "layers=2 hidden=64 heads=4/2 head_dim=16 mlp=128"
     assert teacher.tags["mlflow.model.isExternal"] == "true"
@@ -331,7 +405,9 @@ def test_logged_models_and_edges(recorded, client, artifacts):
 
     distilled = client.get_logged_model(distilled_id)
     assert distilled.name == "width"
-    assert distilled.tags[TAG_PARENT_MODEL_ID] == pruned_id and distilled.tags[TAG_PARENT_URI] == str(a["pruned"])
+    assert distilled.tags[TAG_PARENT_MODEL_ID] == pruned_id and distilled.tags[TAG_PARENT_URI] == str(
+        a["pruned"]
+    )
     assert distilled.tags[TAG_TEACHER_MODEL_ID] == teacher_id
     assert distilled.source_run_id == recorded["distill"].run_id
 
@@ -361,7 +437,9 @@ def test_distilled_student_registered_with_tags_and_scores(recorded, client, art
     assert version.tags["score.val_loss"] == "2.1"
     evaluated = client.get_logged_model(recorded["distill"].model_id)
     assert {m.key: m.value for m in evaluated.metrics if m.run_id == recorded["evaluate"].run_id} == {
-        "hellaswag": 0.31, "val_loss": 2.1}
+        "hellaswag": 0.31,
+        "val_loss": 2.1,
+    }
 
 
 def test_lineage_back_to_the_teacher(recorded, server, artifacts):
@@ -410,8 +488,10 @@ def test_outage_during_training_does_not_stop_the_step(server, caplog, client):
         assert tracker.failures[0].startswith("mlflow: could not log metrics step 120 (ConnectionError: ")
         assert tracker.failures[1] == "mlflow: could not log metrics step 130 (server unreachable, skipped)"
         assert len(tracker.failures) == 2
-        assert any(r.getMessage().startswith("mlflow: could not log metrics step 120 (ConnectionError")
-                   for r in caplog.records)
+        assert any(
+            r.getMessage().startswith("mlflow: could not log metrics step 120 (ConnectionError")
+            for r in caplog.records
+        )
         proxy.up()
     # Back up before the step ended: the two failed values were logged then, and the run ended.
     assert tracker.failures == []
@@ -430,7 +510,9 @@ def test_outage_during_training_does_not_stop_the_step(server, caplog, client):
 
 def test_nothing_listening(monkeypatch):
     uri = f"http://127.0.0.1:{free_port()}"
-    with pytest.raises(TrackingUnreachable, match=rf"MLflow tracking server at {uri} is unreachable: ConnectionError"):
+    with pytest.raises(
+        TrackingUnreachable, match=rf"MLflow tracking server at {uri} is unreachable: ConnectionError"
+    ):
         check_reachable(uri, timeout=2)
     tracker = Tracker(uri, pipeline_run="kfp-run-nowhere")
     assert not tracker.active
@@ -446,8 +528,9 @@ def test_reuses_the_kfp_plugin_task_run(server, client, monkeypatch):
     open for the plugin to close."""
     experiment_id = client.get_experiment_by_name(EXPERIMENT).experiment_id
     plugin_parent = client.create_run(experiment_id, run_name="kfp-pipeline")
-    task = client.create_run(experiment_id, run_name="prune-task",
-                             tags={"mlflow.parentRunId": plugin_parent.info.run_id})
+    task = client.create_run(
+        experiment_id, run_name="prune-task", tags={"mlflow.parentRunId": plugin_parent.info.run_id}
+    )
     monkeypatch.setenv("MLFLOW_RUN_ID", task.info.run_id)
     tracker = Tracker(server)
     assert tracker.parent_run_id == plugin_parent.info.run_id
@@ -507,3 +590,12 @@ def test_tracking_uri_and_bad_input(tmp_path, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI")
     with pytest.raises(ValueError, match="no MLflow tracking URI"):
         resolve_tracking_uri()
+
+
+def test_core_imports_without_mlflow():
+    """mlflow is an optional dependency: importing the module must not import it."""
+    import secateurs
+
+    code = "import sys, secateurs.tracking; assert 'mlflow' not in sys.modules, 'mlflow imported'"
+    root = str(Path(secateurs.__file__).parent.parent)  # the copy of the package under test
+    subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ, "PYTHONPATH": root})
