@@ -46,6 +46,7 @@ import json
 import logging
 import math
 import os
+import posixpath
 import re
 import time
 import warnings
@@ -435,7 +436,8 @@ class Tracker:
         from mlflow.entities import RunTag
 
         self.client.log_batch(
-            run_id, tags=[RunTag(k, _truncate(str(v), MAX_TAG_VALUE_LENGTH)) for k, v in tags.items()]
+            run_id,
+            tags=[RunTag(mlflow_key(k), _truncate(str(v), MAX_TAG_VALUE_LENGTH)) for k, v in tags.items()],
         )
 
     # ------------------------------------------------------------------------------------------------ lookups
@@ -496,7 +498,7 @@ class StepRun:
         from mlflow.entities import Param
 
         flat = [
-            Param(_truncate(key, MAX_KEY_LENGTH), _truncate(_param_text(value), MAX_PARAM_VALUE_LENGTH))
+            Param(mlflow_key(key), _truncate(_param_text(value), MAX_PARAM_VALUE_LENGTH))
             for key, value in flatten(params, prefix).items()
         ]
         for i in range(0, len(flat), MAX_PARAMS_PER_BATCH):
@@ -523,9 +525,7 @@ class StepRun:
         for key, value in flatten(metrics).items():
             number = _as_number(value)
             if number is not None:
-                batch.append(
-                    Metric(_truncate(key, MAX_KEY_LENGTH), number, now, step or 0, model_id=model_id)
-                )
+                batch.append(Metric(mlflow_key(key), number, now, step or 0, model_id=model_id))
         self._send_metrics(batch, "metrics" + (f" step {step}" if step is not None else ""))
 
     def _send_metrics(self, batch: list, what: str) -> None:
@@ -657,10 +657,7 @@ class StepRun:
             model_tags[TAG_TEACHER_MODEL_ID] = teacher.model_id
         model_tags.update({k: str(v) for k, v in (tags or {}).items()})
         model_tags = {k: _truncate(v, MAX_TAG_VALUE_LENGTH) for k, v in model_tags.items()}
-        model_params = {
-            _truncate(k, MAX_KEY_LENGTH): _truncate(v, MAX_PARAM_VALUE_LENGTH)
-            for k, v in model_params.items()
-        }
+        model_params = {mlflow_key(k): _truncate(v, MAX_PARAM_VALUE_LENGTH) for k, v in model_params.items()}
         model = self.tracker._guarded(
             f"log model {name}", self._create_external_model, name, model_tags, model_params
         )
@@ -849,7 +846,7 @@ class StepRun:
         for key, value in numbers.items():
             # A list is a series (per epoch, per layer): one value per step.
             for step, v in enumerate(value) if isinstance(value, list) else [(0, value)]:
-                batch.append(Metric(_truncate(key, MAX_KEY_LENGTH), float(v), now, step, model_id=model_id))
+                batch.append(Metric(mlflow_key(key), float(v), now, step, model_id=model_id))
         self._send_metrics(batch, "report metrics")
 
     def _version_tags(
@@ -887,7 +884,7 @@ class StepRun:
                     self.tracker.client.set_model_version_tag,
                     name,
                     version,
-                    f"score.{key}",
+                    mlflow_key(f"score.{key}"),
                     str(value),
                 )
 
@@ -1074,6 +1071,19 @@ def flatten(mapping: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             flat[name] = value
     return flat
+
+
+def mlflow_key(name: str) -> str:
+    """`name` as a valid MLflow param/metric/tag key; one bad key would fail its whole batch.
+
+    Characters outside letters, digits, `_ - . /` and space become `_` (lm-eval reports keys like "acc,none");
+    a key that is not a normalised path (MLflow may store it as a file) loses its slashes; at most 250
+    characters.
+    """
+    key = re.sub(r"[^/\w.\- ]", "_", str(name))
+    if not key or posixpath.normpath(key) != key or key.startswith(("/", "..")):
+        key = key.replace("/", "_") or "_"
+    return _truncate(key, MAX_KEY_LENGTH)
 
 
 def split_report(report: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:

@@ -40,6 +40,7 @@ from secateurs.tracking import (
     check_reachable,
     format_lineage,
     lineage,
+    mlflow_key,
     record_step,
     resolve_tracking_uri,
 )
@@ -278,13 +279,15 @@ def artifacts(tmp_path_factory, server_process):
     )
 
     a["evaluation"].mkdir()
-    (a["evaluation"] / "metrics.json").write_text(json.dumps({"hellaswag": 0.31, "val_loss": 2.1}))
+    (a["evaluation"] / "metrics.json").write_text(
+        json.dumps({"hellaswag": {"acc,none": 0.31}, "val_loss": 2.1})
+    )
     write_manifest(
         a["evaluation"],
         "evaluate",
         inputs={"model": a["distilled"]},
         config={"tasks": ["hellaswag"]},
-        report={"hellaswag": 0.31, "val_loss": 2.1},
+        report={"hellaswag": {"acc,none": 0.31}, "val_loss": 2.1},  # lm-eval's key style
     )
     return a, counts
 
@@ -433,11 +436,11 @@ def test_distilled_student_registered_with_tags_and_scores(recorded, client, art
     assert version.tags["shape"] == "layers=1 hidden=48 heads=2/1 head_dim=16 mlp=96"
     assert version.tags["tokens_seen"] == "4096"
     # Added by the evaluate step, which read the distilled model.
-    assert version.tags["score.hellaswag"] == "0.31"
+    assert version.tags["score.hellaswag.acc_none"] == "0.31"
     assert version.tags["score.val_loss"] == "2.1"
     evaluated = client.get_logged_model(recorded["distill"].model_id)
     assert {m.key: m.value for m in evaluated.metrics if m.run_id == recorded["evaluate"].run_id} == {
-        "hellaswag": 0.31,
+        "hellaswag.acc_none": 0.31,
         "val_loss": 2.1,
     }
 
@@ -473,6 +476,35 @@ def test_lineage_back_to_the_teacher(recorded, server, artifacts):
     assert text[3].split()[:4] == ["<-", "teacher", "import-model", recorded["import-model"].model_id]
     with pytest.raises(ValueError, match="no-such-model"):
         lineage("no-such-model", uri=server)
+
+
+def test_student_derived_from_a_student_of_an_earlier_run(recorded, server, artifacts, tmp_path):
+    """A later pipeline run prunes the distilled student of the first one further (15B -> 8B -> 4B chains):
+    the lineage crosses pipeline runs back to the first teacher."""
+    a, counts = artifacts
+    derived = tmp_path / "half"
+    n = save_llama(
+        derived,
+        3,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+    )
+    write_manifest(derived, "prune", inputs={"model": a["distilled"]}, config={"target": {"hidden_size": 32}})
+    tracker = Tracker(server, experiment=EXPERIMENT, pipeline_run="kfp-run-0002")
+    record = record_step(tracker, "prune", derived, student="half")
+    assert tracker.parent_run_id != recorded["parent_run_id"]
+    assert record.parent_model_id == recorded["distill"].model_id
+    chain = lineage(record.model_id, uri=server)
+    assert [m["name"] for m in chain] == ["half-pruned", "width", "width-pruned", "teacher"]
+    assert [m["params"]["parameters"] for m in chain] == [
+        str(n),
+        str(counts["distilled"]),
+        str(counts["pruned"]),
+        str(counts["teacher"]),
+    ]
 
 
 def test_outage_during_training_does_not_stop_the_step(server, caplog, client):
@@ -599,3 +631,11 @@ def test_core_imports_without_mlflow():
     code = "import sys, secateurs.tracking; assert 'mlflow' not in sys.modules, 'mlflow imported'"
     root = str(Path(secateurs.__file__).parent.parent)  # the copy of the package under test
     subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ, "PYTHONPATH": root})
+
+
+def test_mlflow_keys():
+    assert mlflow_key("acc,none") == "acc_none"
+    assert mlflow_key("train/loss") == "train/loss"
+    assert mlflow_key("a//b") == "a__b"  # not a normalised path: MLflow would refuse it
+    assert mlflow_key("/abs") == "_abs"
+    assert mlflow_key("k" * 300) == "k" * 247 + "..."
