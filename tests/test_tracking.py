@@ -1,0 +1,641 @@
+"""secateurs.tracking against a real `mlflow server` on 127.0.0.1 (SQLite backend, proxied artifacts), and
+against a local SQLite store.
+
+One server serves the whole module (it takes seconds to start). A chain of small but real artifacts (tiny
+Llama checkpoints saved with transformers, a DatasetDict saved with datasets, each with its manifest) is
+recorded step by step, each step through its own Tracker as separate pipeline processes would, and what MLflow
+then holds is read back through MlflowClient.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+mlflow = pytest.importorskip("mlflow", reason="mlflow is in the `pipeline` extra")
+requests = pytest.importorskip("requests")
+
+from mlflow import MlflowClient
+
+from secateurs.manifest import content_hash, write_manifest
+from secateurs.tracking import (
+    TAG_PARENT_MODEL_ID,
+    TAG_PARENT_URI,
+    TAG_PIPELINE_RUN,
+    TAG_SHA256,
+    TAG_TEACHER_MODEL_ID,
+    TAG_URI,
+    Tracker,
+    TrackingUnreachable,
+    check_reachable,
+    format_lineage,
+    lineage,
+    mlflow_key,
+    record_step,
+    resolve_tracking_uri,
+)
+
+EXPERIMENT = "secateurs-test"
+PIPELINE_RUN = "kfp-run-0001"
+SEQ_LEN = 16
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(autouse=True)
+def clean_env(monkeypatch):
+    for key in (
+        "MLFLOW_TRACKING_URI",
+        "MLFLOW_RUN_ID",
+        "MLFLOW_EXPERIMENT_ID",
+        "MLFLOW_REGISTRY_URI",
+        "RANK",
+        "LOCAL_RANK",
+    ):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("MLFLOW_DISABLE_TELEMETRY", "true")  # no internet here; nothing to report to
+    # One quick retry: the outage tests stop the server on purpose.
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+
+
+@pytest.fixture(scope="module")
+def server_process(tmp_path_factory):
+    """A real MLflow tracking server on a free port of 127.0.0.1, stopped at the end of the module."""
+    root = tmp_path_factory.mktemp("mlflow-server")
+    port = free_port()
+    command = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port)]
+    command += ["--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}", "--workers", "1"]
+    command += ["--artifacts-destination", str(root / "artifacts")]
+    # The server's job runner (GenAI evaluation jobs) is unused here and more than doubles its start time.
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", "MLFLOW_DISABLE_TELEMETRY": "true"}
+    with open(root / "server.log", "w") as log_file:
+        proc = subprocess.Popen(
+            command, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True, env=env
+        )
+        try:
+            yield proc, f"http://127.0.0.1:{port}", root / "server.log"
+        finally:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=3)  # it waits for idle keep-alive connections; nothing to save
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+
+
+@pytest.fixture(scope="module")
+def server(server_process):
+    """The server's URI once `/health` answers."""
+    proc, uri, log = server_process
+    deadline = time.monotonic() + 180
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(f"mlflow server exited: {log.read_text()[-2000:]}")
+        try:
+            if requests.get(f"{uri}/health", timeout=2).status_code == 200:
+                return uri
+        except requests.RequestException:
+            pass
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"mlflow server did not answer /health: {log.read_text()[-2000:]}")
+        time.sleep(0.5)
+
+
+class Outage:
+    """A TCP forwarder to the server that the test can stop and restart: a real network outage."""
+
+    def __init__(self, target_port: int):
+        self.target = ("127.0.0.1", target_port)
+        self.port = free_port()
+        self.listener: socket.socket | None = None
+        self.conns: list[socket.socket] = []
+
+    @property
+    def uri(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def up(self) -> None:
+        self.listener = socket.create_server(("127.0.0.1", self.port))
+        threading.Thread(target=self._accept, args=(self.listener,), daemon=True).start()
+
+    def down(self) -> None:
+        self.listener.shutdown(socket.SHUT_RDWR)  # wakes the accept() of the forwarding thread (Linux)
+        self.listener.close()
+        for c in self.conns:
+            try:
+                c.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            c.close()
+        self.conns.clear()
+
+    def _accept(self, listener: socket.socket) -> None:
+        while True:
+            try:
+                client, _ = listener.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(self.target)
+            self.conns += [client, upstream]
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pipe(a: socket.socket, b: socket.socket) -> None:
+        try:
+            while data := a.recv(65536):
+                b.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (a, b):
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+
+# -------------------------------------------------------------------------------------------------- artifacts
+def save_llama(out: Path, seed: int, **shape) -> int:
+    """A tiny random Llama checkpoint with an explicit head_dim; returns its parameter count."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=128, max_position_embeddings=64, head_dim=16, **shape)
+    model = LlamaForCausalLM(config)
+    model.save_pretrained(out)
+    return sum(p.numel() for p in model.parameters())
+
+
+@pytest.fixture(scope="module")
+def artifacts(tmp_path_factory, server_process):
+    """teacher -> importance -> pruned student -> distilled student, a dataset, and an evaluation, as dirs.
+
+    Depends on `server_process` only so that the server boots while the checkpoints are written.
+    """
+    import datasets
+
+    root = tmp_path_factory.mktemp("artifacts")
+    a = {
+        name: root / name
+        for name in ("teacher", "dataset", "importance", "pruned", "distilled", "evaluation")
+    }
+    counts = {}
+    counts["teacher"] = save_llama(
+        a["teacher"],
+        0,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
+    write_manifest(
+        a["teacher"],
+        "import-model",
+        inputs={"source": "HuggingFaceTB/SmolLM2-135M"},
+        config={"source": "HuggingFaceTB/SmolLM2-135M", "dtype": "float32"},
+        report={"parameters": counts["teacher"]},
+    )
+
+    rows = lambda n, off: {
+        "input_ids": [[(i * SEQ_LEN + j + off) % 128 for j in range(SEQ_LEN)] for i in range(n)]
+    }
+    datasets.DatasetDict(
+        {
+            "train": datasets.Dataset.from_dict(rows(8, 0)),
+            "validation": datasets.Dataset.from_dict(rows(2, 5)),
+        }
+    ).save_to_disk(a["dataset"])
+    write_manifest(
+        a["dataset"],
+        "prepare-data",
+        inputs={"corpus": "python-docs"},
+        config={"seq_len": SEQ_LEN, "tokenizer": "tok-1234"},
+        report={"train_sequences": 8},
+    )
+
+    a["importance"].mkdir()
+    (a["importance"] / "depth.json").write_text(json.dumps({"layer_scores": [0.9, 0.1]}))
+    write_manifest(
+        a["importance"],
+        "importance",
+        inputs={"model": a["teacher"], "dataset": a["dataset"]},
+        config={"batches": 2},
+        report={"layers_scored": 2},
+    )
+
+    counts["pruned"] = save_llama(
+        a["pruned"],
+        1,
+        hidden_size=48,
+        intermediate_size=96,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+    )
+    write_manifest(
+        a["pruned"],
+        "prune",
+        inputs={"model": a["teacher"], "importance": a["importance"]},
+        config={"target": {"hidden_size": 48, "num_hidden_layers": 1}},
+        report={"kept_layers": [0]},
+    )
+
+    counts["distilled"] = save_llama(
+        a["distilled"],
+        2,
+        hidden_size=48,
+        intermediate_size=96,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+    )
+    # 150 flattened keys (two log-batch calls) and one value over MLflow's 6000-character limit.
+    distill_config = {"optimizer": {f"opt_{i}": i for i in range(150)}, "notes": "x" * 7000, "lr": 1e-4}
+    write_manifest(
+        a["distilled"],
+        "distill",
+        inputs={"student": a["pruned"], "teacher": a["teacher"], "dataset": a["dataset"]},
+        config=distill_config,
+        report={"tokens_seen": 4096, "loss": [3.0, 2.5, 2.0], "final_loss": 2.0, "stopped": "max_steps"},
+    )
+
+    a["evaluation"].mkdir()
+    (a["evaluation"] / "metrics.json").write_text(
+        json.dumps({"hellaswag": {"acc,none": 0.31}, "val_loss": 2.1})
+    )
+    write_manifest(
+        a["evaluation"],
+        "evaluate",
+        inputs={"model": a["distilled"]},
+        config={"tasks": ["hellaswag"]},
+        report={"hellaswag": {"acc,none": 0.31}, "val_loss": 2.1},  # lm-eval's key style
+    )
+    return a, counts
+
+
+@pytest.fixture(scope="module")
+def recorded(artifacts, server):
+    """Every step recorded through its own Tracker (as separate pipeline processes), sharing PIPELINE_RUN."""
+    a, _ = artifacts
+    results = {}
+
+    def tracker() -> Tracker:
+        return Tracker(server, experiment=EXPERIMENT, pipeline_run=PIPELINE_RUN)
+
+    results["import-model"] = record_step(tracker(), "import-model", a["teacher"])
+    results["prepare-data"] = record_step(tracker(), "prepare-data", a["dataset"])
+    results["importance"] = record_step(tracker(), "importance", a["importance"])
+    results["prune"] = record_step(tracker(), "prune", a["pruned"], student="width")
+    t = tracker()
+    with t.step("distill", student="width") as run:
+        for step, loss in ((0, 3.0), (10, 2.5), (20, 2.0)):  # what the training loop's callback does
+            run.log_metrics({"train/loss": loss, "train/lr": 1e-4}, step=step)
+        results["distill"] = run.record(a["distilled"])
+    results["distill_failures"] = list(t.failures)
+    results["evaluate"] = record_step(tracker(), "evaluate", a["evaluation"], student="width")
+    last = tracker()
+    last.finish_pipeline()
+    results["parent_run_id"] = last.parent_run_id
+    return results
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return MlflowClient(tracking_uri=server, registry_uri=server)
+
+
+def test_one_parent_run_with_a_nested_run_per_step(recorded, client):
+    experiment = client.get_experiment_by_name(EXPERIMENT)
+    parents = client.search_runs(
+        [experiment.experiment_id],
+        filter_string=f"tags.`{TAG_PIPELINE_RUN}` = '{PIPELINE_RUN}' AND tags.`secateurs.role` = 'pipeline'",
+    )
+    assert [r.info.run_id for r in parents] == [recorded["parent_run_id"]]
+    assert parents[0].info.status == "FINISHED"  # finish_pipeline ended the run secateurs created
+    steps = client.search_runs(
+        [experiment.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{recorded['parent_run_id']}'"
+    )
+    assert sorted(r.data.tags["secateurs.step"] for r in steps) == sorted(
+        ["import-model", "prepare-data", "importance", "prune", "distill", "evaluate"]
+    )
+    assert {r.info.status for r in steps} == {"FINISHED"}
+    assert {
+        r.data.tags.get("secateurs.student")
+        for r in steps
+        if r.data.tags["secateurs.step"] in ("prune", "distill", "evaluate")
+    } == {"width"}
+    assert recorded["distill_failures"] == []
+
+
+def test_params_batched_and_truncated_metrics_and_curves(recorded, client):
+    run = client.get_run(recorded["distill"].run_id)
+    params = run.data.params
+    assert {f"optimizer.opt_{i}" for i in range(150)} <= set(params)
+    assert params["optimizer.opt_149"] == "149"
+    assert params["lr"] == "0.0001"
+    assert len(params["notes"]) == 6000 and params["notes"].endswith("...")
+    assert params["report.stopped"] == "max_steps"
+    assert run.data.metrics["tokens_seen"] == 4096
+    assert run.data.metrics["final_loss"] == 2.0
+    curve = client.get_metric_history(run.info.run_id, "train/loss")
+    assert [(m.step, m.value) for m in curve] == [(0, 3.0), (10, 2.5), (20, 2.0)]
+    series = client.get_metric_history(run.info.run_id, "loss")
+    assert sorted((m.step, m.value) for m in series) == [(0, 3.0), (1, 2.5), (2, 2.0)]
+    assert "secateurs.json" in [f.path for f in client.list_artifacts(run.info.run_id)]
+
+
+def test_datasets_logged_as_inputs(recorded, client, artifacts):
+    a, _ = artifacts
+    sha = content_hash(a["dataset"])
+    run = client.get_run(recorded["distill"].run_id)
+    (ds_input,) = run.inputs.dataset_inputs
+    assert ds_input.dataset.name == "dataset"
+    assert ds_input.dataset.digest == sha[:36]
+    assert json.loads(ds_input.dataset.source) == {"uri": str(a["dataset"])}
+    tags = {t.key: t.value for t in ds_input.tags}
+    assert tags == {"mlflow.data.context": "dataset", TAG_SHA256: sha}
+    profile = json.loads(ds_input.dataset.profile)
+    assert profile == {
+        "num_rows": {"train": 8, "validation": 2},
+        "seq_len": SEQ_LEN,
+        "tokens": {"train": 8 * SEQ_LEN, "validation": 2 * SEQ_LEN},
+    }
+    prune = client.get_run(recorded["prune"].run_id)
+    assert [d.dataset.name for d in prune.inputs.dataset_inputs] == ["importance"]
+    assert [d.dataset.digest for d in prune.inputs.dataset_inputs] == [content_hash(a["importance"])[:36]]
+
+
+def test_logged_models_and_edges(recorded, client, artifacts):
+    a, counts = artifacts
+    teacher_id = recorded["import-model"].model_id
+    pruned_id = recorded["prune"].model_id
+    distilled_id = recorded["distill"].model_id
+    assert None not in (teacher_id, pruned_id, distilled_id)
+    assert recorded["importance"].model_id is None and recorded["evaluate"].model_id is None
+
+    teacher = client.get_logged_model(teacher_id)
+    assert teacher.name == "teacher" and TAG_PARENT_MODEL_ID not in teacher.tags
+    assert teacher.tags[TAG_URI] == str(a["teacher"]) and teacher.tags[TAG_SHA256] == content_hash(
+        a["teacher"]
+    )
+    assert teacher.params["parameters"] == str(counts["teacher"])
+    assert teacher.params["shape"] == "layers=2 hidden=64 heads=4/2 head_dim=16 mlp=128"
+    assert teacher.tags["mlflow.model.isExternal"] == "true"
+
+    pruned = client.get_logged_model(pruned_id)
+    assert pruned.name == "width-pruned"
+    assert pruned.tags[TAG_PARENT_MODEL_ID] == teacher_id and pruned.tags[TAG_PARENT_URI] == str(a["teacher"])
+    assert pruned.params["parameters"] == str(counts["pruned"])
+
+    distilled = client.get_logged_model(distilled_id)
+    assert distilled.name == "width"
+    assert distilled.tags[TAG_PARENT_MODEL_ID] == pruned_id and distilled.tags[TAG_PARENT_URI] == str(
+        a["pruned"]
+    )
+    assert distilled.tags[TAG_TEACHER_MODEL_ID] == teacher_id
+    assert distilled.source_run_id == recorded["distill"].run_id
+
+    # The edges in the step runs: each run names the models it read and the model it made.
+    distill_run = client.get_run(recorded["distill"].run_id)
+    assert sorted(m.model_id for m in distill_run.inputs.model_inputs) == sorted([pruned_id, teacher_id])
+    assert [m.model_id for m in distill_run.outputs.model_outputs] == [distilled_id]
+    prune_run = client.get_run(recorded["prune"].run_id)
+    assert [m.model_id for m in prune_run.inputs.model_inputs] == [teacher_id]
+    importance_run = client.get_run(recorded["importance"].run_id)
+    assert [m.model_id for m in importance_run.inputs.model_inputs] == [teacher_id]
+    assert [d.dataset.name for d in importance_run.inputs.dataset_inputs] == ["dataset"]
+
+
+def test_distilled_student_registered_with_tags_and_scores(recorded, client, artifacts):
+    _, counts = artifacts
+    assert recorded["distill"].registered == f"{EXPERIMENT}-width/1"
+    version = client.get_model_version(f"{EXPERIMENT}-width", "1")
+    assert version.source == f"models:/{recorded['distill'].model_id}"
+    assert version.tags["teacher_model_id"] == recorded["import-model"].model_id
+    assert version.tags["student"] == "width"
+    assert version.tags["parameters"] == str(counts["distilled"])
+    assert version.tags["shape"] == "layers=1 hidden=48 heads=2/1 head_dim=16 mlp=96"
+    assert version.tags["tokens_seen"] == "4096"
+    # Added by the evaluate step, which read the distilled model.
+    assert version.tags["score.hellaswag.acc_none"] == "0.31"
+    assert version.tags["score.val_loss"] == "2.1"
+    evaluated = client.get_logged_model(recorded["distill"].model_id)
+    assert {m.key: m.value for m in evaluated.metrics if m.run_id == recorded["evaluate"].run_id} == {
+        "hellaswag.acc_none": 0.31,
+        "val_loss": 2.1,
+    }
+
+
+def test_lineage_back_to_the_teacher(recorded, server, artifacts):
+    a, counts = artifacts
+    expected = [
+        (recorded["distill"].model_id, "width", "distill"),
+        (recorded["prune"].model_id, "width-pruned", "prune"),
+        (recorded["import-model"].model_id, "teacher", "import-model"),
+    ]
+    refs = [
+        recorded["distill"].model_id,
+        f"models:/{recorded['distill'].model_id}",
+        f"{EXPERIMENT}-width",  # registered name: newest version
+        f"{EXPERIMENT}-width/1",
+        recorded["distill"].run_id,
+        recorded["evaluate"].run_id,  # the model it evaluated
+        recorded["parent_run_id"],  # the pipeline run: the end of its only chain
+        str(a["distilled"]),  # an artifact directory, found by content hash
+    ]
+    for ref in refs:
+        chain = lineage(ref, uri=server)
+        assert [(m["model_id"], m["name"], m["step"]) for m in chain] == expected, ref
+    chain = lineage(recorded["distill"].model_id, uri=server)
+    assert chain[0]["registered"] == f"{EXPERIMENT}-width/1"
+    assert chain[0]["params"]["parameters"] == str(counts["distilled"])
+    assert chain[2]["uri"] == str(a["teacher"])
+    text = format_lineage(chain).splitlines()
+    assert text[0].split() == ["model", "step", "id", "parameters", "shape", "registered", "uri"]
+    assert text[1].split()[:3] == ["width", "distill", recorded["distill"].model_id]
+    assert text[2].split()[:4] == ["<-", "width-pruned", "prune", recorded["prune"].model_id]
+    assert text[3].split()[:4] == ["<-", "teacher", "import-model", recorded["import-model"].model_id]
+    with pytest.raises(ValueError, match="no-such-model"):
+        lineage("no-such-model", uri=server)
+
+
+def test_student_derived_from_a_student_of_an_earlier_run(recorded, server, artifacts, tmp_path):
+    """A later pipeline run prunes the distilled student of the first one further (15B -> 8B -> 4B chains):
+    the lineage crosses pipeline runs back to the first teacher."""
+    a, counts = artifacts
+    derived = tmp_path / "half"
+    n = save_llama(
+        derived,
+        3,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+    )
+    write_manifest(derived, "prune", inputs={"model": a["distilled"]}, config={"target": {"hidden_size": 32}})
+    tracker = Tracker(server, experiment=EXPERIMENT, pipeline_run="kfp-run-0002")
+    record = record_step(tracker, "prune", derived, student="half")
+    assert tracker.parent_run_id != recorded["parent_run_id"]
+    assert record.parent_model_id == recorded["distill"].model_id
+    chain = lineage(record.model_id, uri=server)
+    assert [m["name"] for m in chain] == ["half-pruned", "width", "width-pruned", "teacher"]
+    assert [m["params"]["parameters"] for m in chain] == [
+        str(n),
+        str(counts["distilled"]),
+        str(counts["pruned"]),
+        str(counts["teacher"]),
+    ]
+
+
+def test_outage_during_training_does_not_stop_the_step(server, caplog, client):
+    proxy = Outage(int(server.rsplit(":", 1)[1]))
+    proxy.up()
+    tracker = Tracker(proxy.uri, experiment=EXPERIMENT, pipeline_run="kfp-run-outage", cooldown_s=60)
+    with tracker.step("distill", student="depth") as run:
+        run.log_metrics({"train/loss": 4.0}, step=0)
+        proxy.down()
+        with caplog.at_level(logging.WARNING, logger="secateurs.tracking"):
+            run.log_metrics({"train/loss": 3.5}, step=120)  # pays the (short) retries
+            run.log_metrics({"train/loss": 3.0}, step=130)  # skipped: the server is known to be down
+        assert tracker.failures[0].startswith("mlflow: could not log metrics step 120 (ConnectionError: ")
+        assert tracker.failures[1] == "mlflow: could not log metrics step 130 (server unreachable, skipped)"
+        assert len(tracker.failures) == 2
+        assert any(
+            r.getMessage().startswith("mlflow: could not log metrics step 120 (ConnectionError")
+            for r in caplog.records
+        )
+        proxy.up()
+    # Back up before the step ended: the two failed values were logged then, and the run ended.
+    assert tracker.failures == []
+    history = client.get_metric_history(run.run_id, "train/loss")
+    assert sorted((m.step, m.value) for m in history) == [(0, 4.0), (120, 3.5), (130, 3.0)]
+    assert client.get_run(run.run_id).info.status == "FINISHED"
+
+    # Down for good: the step still ends normally; what was lost is listed.
+    with tracker.step("evaluate", student="depth") as run2:
+        proxy.down()
+        run2.log_metrics({"score": 1.0}, step=1)
+    assert tracker.failures[0].startswith("mlflow: could not log metrics step 1 (ConnectionError")
+    assert any(f.startswith("mlflow: could not end the run of step evaluate") for f in tracker.failures)
+    assert "could not log metrics step 1" in tracker.failure_report()
+
+
+def test_nothing_listening(monkeypatch):
+    uri = f"http://127.0.0.1:{free_port()}"
+    with pytest.raises(
+        TrackingUnreachable, match=rf"MLflow tracking server at {uri} is unreachable: ConnectionError"
+    ):
+        check_reachable(uri, timeout=2)
+    tracker = Tracker(uri, pipeline_run="kfp-run-nowhere")
+    assert not tracker.active
+    assert tracker.failures[0].startswith("mlflow: could not open the pipeline run (ConnectionError")
+    with tracker.step("prune", student="width") as run:
+        run.log_metrics({"loss": 1.0}, step=0)
+        run.log_params({"a": 1})
+    assert run.run_id is None
+
+
+def test_reuses_the_kfp_plugin_task_run(server, client, monkeypatch):
+    """With MLFLOW_RUN_ID naming a nested run (the KFP plugin's task run), the step logs into it and leaves it
+    open for the plugin to close."""
+    experiment_id = client.get_experiment_by_name(EXPERIMENT).experiment_id
+    plugin_parent = client.create_run(experiment_id, run_name="kfp-pipeline")
+    task = client.create_run(
+        experiment_id, run_name="prune-task", tags={"mlflow.parentRunId": plugin_parent.info.run_id}
+    )
+    monkeypatch.setenv("MLFLOW_RUN_ID", task.info.run_id)
+    tracker = Tracker(server)
+    assert tracker.parent_run_id == plugin_parent.info.run_id
+    with tracker.step("prune", student="depth") as run:
+        run.log_metrics({"kept": 3.0})
+    assert run.run_id == task.info.run_id
+    after = client.get_run(task.info.run_id)
+    assert after.info.status == "RUNNING"
+    assert after.data.tags["secateurs.step"] == "prune" and after.data.metrics["kept"] == 3.0
+    tracker.finish_pipeline()  # not ours: left running
+    assert client.get_run(plugin_parent.info.run_id).info.status == "RUNNING"
+
+
+def test_local_sqlite_store(tmp_path, artifacts):
+    a, _ = artifacts
+    run_dir = tmp_path / "run"
+    with Tracker(run_dir=run_dir, experiment="local") as tracker:
+        assert tracker.uri == f"sqlite:///{run_dir}/mlflow.db"
+        teacher = record_step(tracker, "import-model", a["teacher"])
+        pruned = record_step(tracker, "prune", a["pruned"], student="width")
+        with pytest.raises(ValueError, match="has no secateurs.json: not an artifact"):
+            record_step(tracker, "prune", tmp_path)  # refused before a run is opened
+        parent_run_id = tracker.parent_run_id
+    assert tracker.failures == []
+    assert (run_dir / "mlflow.db").is_file()
+    chain = lineage(pruned.model_id, run_dir=run_dir)
+    assert [m["model_id"] for m in chain] == [pruned.model_id, teacher.model_id]
+    local = MlflowClient(tracking_uri=tracker.uri)
+    steps = local.search_runs([tracker.experiment_id], filter_string="tags.`secateurs.role` = 'step'")
+    assert sorted(r.data.tags["secateurs.step"] for r in steps) == ["import-model", "prune"]
+    # A tracker without a pipeline run made its own parent run, and ended it.
+    assert local.get_run(parent_run_id).info.status == "FINISHED"
+    # Artifacts stay next to the database, not in ./mlruns of the working directory.
+    assert list(run_dir.glob("mlartifacts/**/secateurs.json"))
+    assert "mlartifacts" in local.get_run(pruned.run_id).info.artifact_uri
+
+
+def test_only_rank_zero_logs(tmp_path, monkeypatch, artifacts):
+    a, _ = artifacts
+    monkeypatch.setenv("RANK", "1")
+    tracker = Tracker(run_dir=tmp_path)
+    assert not tracker.active
+    assert record_step(tracker, "import-model", a["teacher"]).model_id is None
+    assert not (tmp_path / "mlflow.db").exists()
+
+
+def test_tracking_uri_and_bad_input(tmp_path, monkeypatch):
+    assert resolve_tracking_uri(run_dir=tmp_path) == f"sqlite:///{tmp_path}/mlflow.db"
+    assert resolve_tracking_uri("runs/x.db") == f"sqlite:///{Path('runs/x.db').absolute()}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow:5000")
+    assert resolve_tracking_uri(run_dir=tmp_path) == "http://mlflow:5000"
+    assert resolve_tracking_uri("sqlite:///a.db") == "sqlite:///a.db"
+    with pytest.raises(ValueError, match="file store"):
+        resolve_tracking_uri("file:///tmp/mlruns")
+    with pytest.raises(ValueError, match="file store"):
+        resolve_tracking_uri(str(tmp_path))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    with pytest.raises(ValueError, match="no MLflow tracking URI"):
+        resolve_tracking_uri()
+
+
+def test_core_imports_without_mlflow():
+    """mlflow is an optional dependency: importing the module must not import it."""
+    import secateurs
+
+    code = "import sys, secateurs.tracking; assert 'mlflow' not in sys.modules, 'mlflow imported'"
+    root = str(Path(secateurs.__file__).parent.parent)  # the copy of the package under test
+    subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ, "PYTHONPATH": root})
+
+
+def test_mlflow_keys():
+    assert mlflow_key("acc,none") == "acc_none"
+    assert mlflow_key("train/loss") == "train/loss"
+    assert mlflow_key("a//b") == "a__b"  # not a normalised path: MLflow would refuse it
+    assert mlflow_key("/abs") == "_abs"
+    assert mlflow_key("k" * 300) == "k" * 247 + "..."
