@@ -11,6 +11,8 @@ export SECATEURS_CACHE ?= $(CURDIR)/.cache/secateurs
 
 .PHONY: setup test demo bench gpu-check clean help
 
+include docker/images.mk
+
 help:
 	@echo "make setup      create $(VENV) with secateurs and everything its tests need"
 	@echo "make demo       run the recipe on SmolLM2-135M and the python-docs corpus (CPU, minutes)"

@@ -136,7 +136,7 @@ def import_model(source: str, out: str | Path, dtype: str = "auto") -> dict:
     if kind == "s3":
         from secateurs import storage
 
-        location = str(storage.localize(source, cache_dir() / "s3"))
+        location = str(storage.localize(source, cache_dir()))
         kind = "dir"
     model, tokenizer = _load_source(kind, location, dtype)
     with atomic_output(out) as tmp:

@@ -34,6 +34,52 @@ def _guarded(fn):
     return wrapper
 
 
+def _model_options(model_cls, exclude: tuple[str, ...] = ()):
+    """Expose every field of a pydantic config model as a `--field-name` option and pass the validated model
+    as `settings`; one definition serves the YAML config and the command line."""
+    import inspect
+    import typing
+
+    from pydantic import ValidationError
+
+    from secateurs.config import format_error
+
+    fields = {n: f for n, f in model_cls.model_fields.items() if n not in exclude}
+
+    def decorate(fn):
+        sig = inspect.signature(fn)
+        params = [p for p in sig.parameters.values() if p.name != "settings"]
+        for name, f in fields.items():
+            annotation = f.annotation
+            origin = typing.get_origin(annotation)
+            if origin is typing.Literal:
+                annotation = str
+            elif origin in (list, typing.Union) or "list" in str(annotation) or "|" in str(annotation):
+                args = [a for a in typing.get_args(annotation) if a is not type(None)]
+                annotation = Optional[args[0]] if len(args) == 1 and args[0] in (int, float, str) else Optional[str]
+            params.append(inspect.Parameter(
+                name, inspect.Parameter.KEYWORD_ONLY, annotation=annotation,
+                default=typer.Option(f.default, "--" + name.replace("_", "-"), help=f.description),
+            ))  # fmt: skip
+
+        def wrapper(**kwargs):
+            values = {n: kwargs.pop(n) for n in fields}
+            for n, v in values.items():
+                if isinstance(v, str) and fields[n].annotation not in (str,) and "Literal" not in str(fields[n].annotation):
+                    values[n] = json.loads(v)  # list-valued options are given as JSON, e.g. '[[3, 7], [5, 11]]'
+            try:
+                settings = model_cls(**values)
+            except ValidationError as e:
+                _fail(ValueError("; ".join(format_error(err) for err in e.errors())))
+            return fn(settings=settings, **kwargs)
+
+        wrapper.__signature__ = sig.replace(parameters=params)
+        wrapper.__name__, wrapper.__doc__ = fn.__name__, fn.__doc__
+        return wrapper
+
+    return decorate
+
+
 def _print_report(report: dict) -> None:
     typer.echo(json.dumps(report, indent=2, default=str))
 
@@ -130,6 +176,47 @@ def prune_cmd(
         f"({report['parameter_ratio']:.1%}); layers kept: {len(report['kept_layers'])}"
     )
     _print_report(report)
+
+
+from secateurs.config import DistillConfig, TeacherCorrectionConfig  # noqa: E402  (light: pydantic only)
+
+
+def _summarise_training(report: dict) -> None:
+    curve = ", ".join(f"{h['step']}:{h['loss']:.3f}" for h in report.get("log_history", []))
+    report = {k: v for k, v in report.items() if k != "log_history"}
+    typer.echo(f"loss curve (step:loss): {curve}")
+    _print_report(report)
+
+
+@app.command("correct-teacher")
+@_guarded
+@_model_options(TeacherCorrectionConfig, exclude=("enabled",))
+def correct_teacher_cmd(
+    model: Path = typer.Option(..., "--model"),
+    data: Path = typer.Option(..., "--data"),
+    out: Path = typer.Option(..., "--out"),
+    settings: TeacherCorrectionConfig = None,
+):
+    """Teacher correction: a short LM fine-tune of the teacher on the distillation data."""
+    from secateurs import train
+
+    _summarise_training(train.correct_teacher(model, data, out, settings))
+
+
+@app.command("distill")
+@_guarded
+@_model_options(DistillConfig)
+def distill_cmd(
+    teacher: Path = typer.Option(..., "--teacher"),
+    student: Path = typer.Option(..., "--student"),
+    data: Path = typer.Option(..., "--data"),
+    out: Path = typer.Option(..., "--out"),
+    settings: DistillConfig = None,
+):
+    """Retrain a pruned student by knowledge distillation from the teacher."""
+    from secateurs import train
+
+    _summarise_training(train.distill(teacher, student, data, out, settings))
 
 
 @app.command("validate")

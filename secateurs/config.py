@@ -93,17 +93,68 @@ class PruneConfig(Section):
         )
 
 
+class TrainingConfig(Section):
+    """Optimisation knobs shared by teacher correction and distillation."""
+
+    max_steps: int = Field(100, ge=1, description="Optimizer steps.")
+    micro_batch_size: int = Field(4, ge=1, description="Sequences per GPU per forward pass.")
+    # 1152 for Llama-3.1-Minitron-4B (NVIDIA's later guideline: 768); CPU demos use far less.
+    global_batch_size: int = Field(16, ge=1, description="Sequences per optimizer step (gradient accumulation fills it).")
+    learning_rate: float = Field(1e-4, gt=0, description="Peak LR (Llama-3.1-Minitron-4B: 1e-4).")
+    min_learning_rate: float = Field(1e-5, ge=0, description="Cosine decay floor (Llama-3.1-Minitron-4B: 1e-5).")
+    warmup_steps: int = Field(40, ge=0, description="Linear warm-up steps (Llama-3.1-Minitron-4B: 40).")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
+    save_steps: int = Field(50, ge=1, description="Checkpoint every N steps (weights, optimizer, scheduler, data position, RNG).")
+    logging_steps: int = Field(10, ge=1, description="Log the loss every N steps.")
+    gradient_checkpointing: bool = Field(False, description="Recompute activations in backward to save memory.")
+    seed: int = Field(0, description="Seed for initialisation order and data shuffling.")
+
+    @model_validator(mode="after")
+    def _batches(self):
+        if self.global_batch_size % self.micro_batch_size:
+            raise ValueError(
+                f"global_batch_size={self.global_batch_size} is not a multiple of micro_batch_size={self.micro_batch_size}"
+            )
+        if self.min_learning_rate > self.learning_rate:
+            raise ValueError(f"min_learning_rate={self.min_learning_rate} is above learning_rate={self.learning_rate}")
+        return self
+
+
+class TeacherCorrectionConfig(TrainingConfig):
+    """NeMo's Llama-3.1 tutorial: 30 steps, LR 1e-4 -> 1e-5, warm-up 2."""
+
+    enabled: bool = Field(True, description="Run teacher correction (on by default in the recipe).")
+    max_steps: int = Field(30, ge=1, description="Optimizer steps (NeMo tutorial: 30).")
+    warmup_steps: int = Field(2, ge=0, description="Linear warm-up steps (NeMo tutorial: 2).")
+
+
+class DistillConfig(TrainingConfig):
+    """Knowledge distillation: forward KL on logits by default, as the recipe recommends."""
+
+    temperature: float = Field(1.0, gt=0, description="Softmax temperature; the KL term is multiplied by T^2 (recipe: 1).")
+    top_k: int | None = Field(None, ge=1, description="Keep only the K largest teacher logits per token (recipe: ~1024), both sides renormalised.")
+    ce_alpha: float = Field(0.0, ge=0, le=1, description="Weight of a cross-entropy term: (1-a) KD + a CE (recipe: 0).")
+    intermediate_loss: bool = Field(False, description="Add cosine losses between hidden states (for students with many layers cut).")
+    layer_pairs: list[tuple[int, int]] | None = Field(None, description="(student layer, teacher layer) pairs; default: losses.default_layer_mapping.")
+    kd_chunk_size: int = Field(1024, ge=1, description="Tokens per chunk of the fused LM-head + KL loss.")
+    kd_backend: Literal["auto", "liger", "chunked"] = Field("auto", description="Fused loss implementation: Liger on CUDA when installed, else chunked.")
+
+
 class StudentConfig(Section):
     name: str = Field(pattern=r"^[a-z0-9][a-z0-9-]*$", description="Short name (lower case, digits, dashes).")
     parent: str = Field("teacher", description="'teacher' or the name of another student to prune from (15B -> 8B -> 4B chains).")
     prune: PruneConfig = Field(description="The pruning target.")
+    distill: DistillConfig | None = Field(None, description="Per-student distillation settings (default: the pipeline's).")
 
 
 class PipelineConfig(Section):
     name: str = Field("secateurs", description="Pipeline/run name.")
     teacher: TeacherConfig
     data: DataConfig = DataConfig()
+    teacher_correction: TeacherCorrectionConfig = TeacherCorrectionConfig()
     importance: ImportanceConfig = ImportanceConfig()
+    distill: DistillConfig = DistillConfig()
     students: list[StudentConfig] = Field(min_length=1)
 
     @model_validator(mode="after")

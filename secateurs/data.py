@@ -67,7 +67,7 @@ def load_texts(source: str, text_field: str = "text", hub_config: str | None = N
         from secateurs import storage
         from secateurs.checkpoint import cache_dir
 
-        source = str(storage.localize(source, cache_dir() / "s3"))
+        source = str(storage.localize(source, cache_dir()))
     path = Path(source).expanduser()
     if path.exists() or path.suffix in LOCAL_FORMATS:
         files = sorted(p for p in path.rglob("*") if p.suffix in LOCAL_FORMATS) if path.is_dir() else [path]

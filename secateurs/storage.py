@@ -394,8 +394,8 @@ def upload(
 
 
 def default_cache_dir() -> Path:
-    """Where `localize` keeps S3 inputs: `SECATEURS_CACHE_DIR`, else `~/.cache/secateurs`."""
-    return Path(os.environ.get("SECATEURS_CACHE_DIR") or "~/.cache/secateurs").expanduser()
+    """Where `localize` keeps S3 inputs: `SECATEURS_CACHE`, else `~/.cache/secateurs`."""
+    return Path(os.environ.get("SECATEURS_CACHE") or "~/.cache/secateurs").expanduser()
 
 
 def localize(

@@ -1,0 +1,125 @@
+"""Teacher correction and distillation on tiny models: resumable after SIGKILL, bad inputs refused up front."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from secateurs import prune, train
+from secateurs.config import DistillConfig, TeacherCorrectionConfig
+from secateurs.data import DataError
+from secateurs.prune import PruneTarget
+
+FAST = dict(max_steps=6, micro_batch_size=2, global_batch_size=4, warmup_steps=2, save_steps=2, logging_steps=1,
+            learning_rate=1e-3, min_learning_rate=1e-4)
+
+
+@pytest.fixture(scope="module")
+def student(tiny_models, tiny_importance, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("student") / "width-depth"
+    prune.run(tiny_models["llama-tied"], tiny_importance["llama-tied"], out,
+              PruneTarget(hidden_size=48, ffn_hidden_size=64, num_attention_heads=4, drop_layers=[1]))
+    return out
+
+
+def _distill_cmd(teacher, student, data, out, **settings):
+    cmd = [sys.executable, "-m", "secateurs.cli", "distill", "--teacher", str(teacher), "--student", str(student),
+           "--data", str(data), "--out", str(out)]
+    for k, v in settings.items():
+        cmd += [f"--{k.replace('_', '-')}", str(v)]
+    return cmd
+
+
+def test_distill_resumes_after_sigkill_with_the_same_final_loss(tiny_models, student, tiny_data, tmp_path):
+    teacher = tiny_models["llama-tied"]
+    settings = dict(FAST, max_steps=8, save_steps=3)
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+
+    straight = train.distill(teacher, student, tiny_data, tmp_path / "straight", DistillConfig(**settings))
+
+    out = tmp_path / "killed"
+    proc = subprocess.Popen(_distill_cmd(teacher, student, tiny_data, out, **settings), env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ckpt = Path(f"{out}.checkpoints") / "checkpoint-3"
+    deadline = time.time() + 600
+    while not (ckpt / "trainer_state.json").exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.2)
+    time.sleep(0.5)
+    assert proc.poll() is None, "the run ended before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not out.exists()
+
+    rerun = subprocess.run(_distill_cmd(teacher, student, tiny_data, out, **settings), env=env,
+                           capture_output=True, text=True)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    resumed = json.loads((out / "secateurs.json").read_text())["report"]
+    assert resumed["resumed_from"] is not None and resumed["steps"] == straight["steps"] == 8
+    assert resumed["final_loss"] == pytest.approx(straight["final_loss"], rel=1e-3)
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(out)  # a stock checkpoint
+
+
+def test_distillation_lowers_the_kd_loss_and_writes_a_stock_checkpoint(tiny_models, student, tiny_data, tmp_path):
+    report = train.distill(tiny_models["llama-tied"], student, tiny_data, tmp_path / "s",
+                           DistillConfig(**dict(FAST, max_steps=10), intermediate_loss=True))
+    losses_ = [h["loss"] for h in report["log_history"]]
+    assert losses_[-1] < losses_[0]
+    assert report["layer_pairs"] == [(1, 2), (2, 3)]  # after the cut layer 1, plus the last layer
+    manifest = json.loads((tmp_path / "s" / "secateurs.json").read_text())
+    assert manifest["step"] == "distill" and manifest["inputs"]["teacher"]["sha256"]
+
+
+def test_teacher_correction(tiny_models, tiny_data, tmp_path):
+    report = train.correct_teacher(tiny_models["qwen3"], tiny_data, tmp_path / "t", TeacherCorrectionConfig(**FAST))
+    assert report["steps"] == 6 and report["tokens_seen"] == 6 * 4 * 32
+
+
+def test_bad_inputs_are_refused_before_training(tiny_models, student, tiny_data, tmp_path):
+    teacher = tiny_models["llama-tied"]
+    with pytest.raises(train.TrainingError, match="is not smaller than teacher"):
+        train.distill(student, teacher, tiny_data, tmp_path / "x", DistillConfig(**FAST))
+
+    other_tok = tmp_path / "other"
+    shutil.copytree(student, other_tok)
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(other_tok)
+    tok.add_tokens(["<extra_token_for_test>"])
+    tok.save_pretrained(other_tok)
+    with pytest.raises(train.TrainingError, match="use different tokenizers"):
+        train.distill(teacher, other_tok, tiny_data, tmp_path / "x", DistillConfig(**FAST))
+
+    other_data = tmp_path / "data"
+    shutil.copytree(tiny_data, other_data)
+    manifest = json.loads((other_data / "secateurs.json").read_text())
+    manifest["config"]["tokenizer"] = "feedfacefeedface"
+    (other_data / "secateurs.json").write_text(json.dumps(manifest))
+    with pytest.raises(DataError, match="tokenized with tokenizer feedfacefeedface"):
+        train.distill(teacher, student, other_data, tmp_path / "x", DistillConfig(**FAST))
+
+    # A checkpoint dir left by another run (other settings) is not resumed from.
+    out = tmp_path / "run"
+    train.distill(teacher, student, tiny_data, out, DistillConfig(**dict(FAST, max_steps=2)))
+    shutil.rmtree(out)
+    with pytest.raises(train.TrainingError, match="belongs to another run"):
+        train.distill(teacher, student, tiny_data, out, DistillConfig(**dict(FAST, max_steps=2, learning_rate=5e-4)))
+    assert not (tmp_path / "x").exists()
+
+
+def test_divergence_stops_with_the_step_and_keeps_the_last_checkpoint(tiny_models, student, tiny_data, tmp_path):
+    settings = DistillConfig(**dict(FAST, max_steps=12, save_steps=1, learning_rate=1e12, min_learning_rate=1e11,
+                                    warmup_steps=0, max_grad_norm=1e30))
+    with pytest.raises(train.TrainingError, match=r"training diverged: loss is nan at step \d+"):
+        train.distill(tiny_models["llama-tied"], student, tiny_data, tmp_path / "d", settings)
+    assert not (tmp_path / "d").exists()
+    assert list(Path(f"{tmp_path / 'd'}.checkpoints").glob("checkpoint-*"))
