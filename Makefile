@@ -39,6 +39,12 @@ demo: setup
 
 bench: setup
 	$(BIN)/python bench/importance.py
+	$(BIN)/python bench/distill.py --preset tiny --out runs/bench/distill-tiny.json
+
+# On a CUDA machine (python3 there holds torch): loss tests on CUDA + the Llama-3.1-8B -> 4B-width distillation
+# step benchmark. Needs no internet; liger-kernel travels as a wheel fetched by bench/fetch_gpu_wheels.sh.
+gpu-check:
+	bash bench/gpu_check.sh
 
 clean:
 	rm -rf runs .pytest_cache
