@@ -1,0 +1,72 @@
+"""The real SmolLM2-135M: import from its GGUF, prune to about half in width and in depth, and check that the
+pruned models are real language models (finite validation loss on python-docs, far below a random-initialised
+model of the same shape)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from secateurs import importance, prune
+from secateurs.checkpoint import load_model
+from secateurs.data import load_packed, prepare_data
+from secateurs.prune import PruneTarget
+
+WIDTH = PruneTarget(hidden_size=384, ffn_hidden_size=1024, num_attention_heads=6)
+DEPTH = PruneTarget(num_layers=12, depth_criterion="lm-loss-contiguous")
+
+
+@pytest.fixture(scope="session")
+def smollm2_data(smollm2_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("smol-data") / "python-docs"
+    prepare_data("python-docs", smollm2_dir, seq_len=128, out=out, max_tokens=128 * 200, val_fraction=0.1)
+    return out
+
+
+@pytest.fixture(scope="session")
+def smollm2_importance(smollm2_dir, smollm2_data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("smol-imp") / "importance"
+    importance.run(smollm2_dir, smollm2_data, out, samples=16, batch_size=8, block_sizes=[18], depth_samples=4)
+    return out
+
+
+@pytest.fixture(scope="session")
+def smollm2_students(smollm2_dir, smollm2_importance, tmp_path_factory):
+    root = tmp_path_factory.mktemp("smol-students")
+    return {
+        name: (prune.run(smollm2_dir, smollm2_importance, root / name, target), root / name)
+        for name, target in (("width", WIDTH), ("depth", DEPTH))
+    }
+
+
+def test_import_is_a_stock_checkpoint_that_answers(smollm2_dir):
+    config = json.loads((smollm2_dir / "config.json").read_text())
+    assert "quantization_config" not in config and config["head_dim"] == 64
+    model = AutoModelForCausalLM.from_pretrained(smollm2_dir)
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_dir)
+    ids = tokenizer("The capital of France is", return_tensors="pt")
+    out = model.generate(**ids, max_new_tokens=3, do_sample=False)
+    assert "Paris" in tokenizer.decode(out[0, ids["input_ids"].shape[1] :])
+
+
+@pytest.mark.parametrize("name", ["width", "depth"])
+def test_half_size_students_are_language_models(name, smollm2_students, smollm2_data):
+    report, path = smollm2_students[name]
+    assert 0.45 < report["parameter_ratio"] < 0.56, report["parameter_ratio"]
+    dd, _ = load_packed(smollm2_data)
+    val = dd["validation"][:8]["input_ids"]
+    pruned = load_model(path)
+    loss = importance.validation_loss(pruned, val)
+    torch.manual_seed(0)
+    random_init = AutoModelForCausalLM.from_config(pruned.config).eval()
+    random_loss = importance.validation_loss(random_init, val)
+    print(f"{name}: {report['parameters_after']:,} parameters, validation loss {loss:.3f} (random init {random_loss:.3f})")
+    assert math.isfinite(loss) and loss < random_loss - 1.0
+    if name == "depth":
+        assert report["kept_layers"] == sorted(report["kept_layers"]) and len(report["kept_layers"]) == 12
+        dropped = report["dropped_layers"]
+        assert dropped == list(range(dropped[0], dropped[0] + 18))  # one contiguous block
