@@ -1,0 +1,75 @@
+"""prepare-data: local formats and the built-in corpus, packing, splitting, refusals."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from secateurs.data import DataError, load_packed, prepare_data, tokenizer_identity
+from secateurs.checkpoint import load_tokenizer
+
+
+def _write_sources(tmp_path, docs):
+    (tmp_path / "a.txt").write_text("\n\n".join(docs))
+    (tmp_path / "b.jsonl").write_text("\n".join(json.dumps({"body": d}) for d in docs))
+    import datasets
+
+    datasets.Dataset.from_dict({"text": docs}).to_parquet(str(tmp_path / "c.parquet"))
+
+
+def test_local_formats_pack_exact_sequences(tokenizer_dir, docs_txt, tmp_path):
+    docs = docs_txt.read_text().split("\n\n")[:30]
+    _write_sources(tmp_path, docs)
+    tok = load_tokenizer(tokenizer_dir)
+    for name, field in (("a.txt", "text"), ("b.jsonl", "body"), ("c.parquet", "text")):
+        out = tmp_path / f"out-{name}"
+        report = prepare_data(str(tmp_path / name), tokenizer_dir, seq_len=16, out=out, val_fraction=0.25, text_field=field)
+        dd, config = load_packed(out)
+        assert config["seq_len"] == 16 and config["tokenizer"] == tokenizer_identity(tok)
+        assert all(len(x) == 16 for x in dd["train"]["input_ids"])
+        assert report["validation_sequences"] == round((report["train_sequences"] + report["validation_sequences"]) * 0.25)
+    # jsonl and parquet hold the same documents one per record: identical token streams.
+    a = load_packed(tmp_path / "out-b.jsonl")[0]["train"][:]["input_ids"]
+    b = load_packed(tmp_path / "out-c.parquet")[0]["train"][:]["input_ids"]
+    assert a.tolist() == b.tolist()
+
+
+def test_packed_tokens_are_the_documents_joined_by_eos(tokenizer_dir, tmp_path):
+    tok = load_tokenizer(tokenizer_dir)
+    docs = ["alpha beta gamma delta", "one two three four five six", "x y z"]
+    (tmp_path / "d.jsonl").write_text("\n".join(json.dumps({"text": d}) for d in docs))
+    prepare_data(str(tmp_path / "d.jsonl"), tokenizer_dir, seq_len=4, out=tmp_path / "o", val_fraction=0.3, seed=0)
+    dd, _ = load_packed(tmp_path / "o")
+    stream = dd["train"][:]["input_ids"].flatten().tolist() + dd["validation"][:]["input_ids"].flatten().tolist()
+    import random
+
+    order = list(range(3))
+    random.Random(0).shuffle(order)
+    expected = [t for i in order for t in tok(docs[i], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]]
+    assert stream == expected[: len(stream)] and len(expected) - len(stream) < 4
+
+
+def test_python_docs_builtin_and_max_tokens(tokenizer_dir, tmp_path):
+    report = prepare_data("python-docs", tokenizer_dir, seq_len=64, out=tmp_path / "p", max_tokens=64 * 50)
+    assert report["train_sequences"] + report["validation_sequences"] == 50
+
+
+def test_bad_data_inputs(tokenizer_dir, tmp_path):
+    (tmp_path / "empty.txt").write_text("   \n\n  ")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep").write_text("x")
+    with pytest.raises(DataError, match="holds no text"):
+        prepare_data(str(tmp_path / "empty.txt"), tokenizer_dir, seq_len=8, out=out)
+    (tmp_path / "short.txt").write_text("just a few words")
+    with pytest.raises(DataError, match="fewer than 2 sequences of seq_len=64"):
+        prepare_data(str(tmp_path / "short.txt"), tokenizer_dir, seq_len=64, out=out)
+    with pytest.raises(DataError, match="does not exist"):
+        prepare_data(str(tmp_path / "missing.jsonl"), tokenizer_dir, seq_len=8, out=out)
+    (tmp_path / "x.jsonl").write_text(json.dumps({"content": "hello there"}))
+    with pytest.raises(DataError, match="no text field 'text'"):
+        prepare_data(str(tmp_path / "x.jsonl"), tokenizer_dir, seq_len=8, out=out)
+    assert (out / "keep").read_text() == "x"
+    with pytest.raises(DataError, match="not a dataset made by"):
+        load_packed(tmp_path)
