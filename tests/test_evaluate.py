@@ -1,0 +1,233 @@
+"""Evaluation: validation loss against a plain loop, the built-in last-word task, local and lm-eval task files,
+and the errors that must come before any model is loaded."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from secateurs import evaluate
+from secateurs.checkpoint import CheckpointError, check_checkpoint_dir, load_model, load_tokenizer
+from secateurs.data import DataError, load_packed, prepare_data
+
+# Three multiple-choice items with their own field names, to exercise the field mapping.
+MC_ITEMS = [
+    {"question": "The capital of France is", "options": ["Paris", "Berlin", "a small red bicycle"], "label": 0},
+    {"question": "Two plus two equals", "options": ["five", "four"], "label": 1},
+    {"question": "Water freezes at zero degrees", "options": ["Celsius", "Fahrenheit", "Kelvin", "Rankine"], "label": 0},
+]
+
+
+@pytest.fixture(scope="module")
+def eval_data(tmp_path_factory, tokenizer_dir, docs_txt):
+    """A dataset whose validation split holds prose: the first ~100 sequences of python-docs (abc, argparse, ...)
+    are mostly docstrings; keep 90 of them for validation."""
+    out = tmp_path_factory.mktemp("eval-data") / "packed"
+    prepare_data(str(docs_txt), tokenizer_dir, seq_len=128, out=out, max_tokens=128 * 100, val_fraction=0.9)
+    return out
+
+
+@pytest.fixture(scope="module")
+def unloadable_model(tmp_path_factory, tiny_models):
+    """A checkpoint that passes the cheap file checks but fails to load: one weight's shape is transposed in the
+    safetensors header. An error raised with it proves that the model was never loaded."""
+    path = tmp_path_factory.mktemp("unloadable") / "model"
+    shutil.copytree(tiny_models["llama-tied"], path)
+    weights = path / "model.safetensors"
+    raw = weights.read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8 : 8 + n])
+    entry = header["model.layers.0.mlp.down_proj.weight"]
+    entry["shape"] = entry["shape"][::-1]
+    new = json.dumps(header, separators=(",", ":")).encode().ljust(n, b" ")
+    assert len(new) == n
+    weights.write_bytes(raw[:8] + new + raw[8 + n :])
+    check_checkpoint_dir(path)
+    with pytest.raises(CheckpointError):
+        load_model(path)
+    return path
+
+
+def mc_task_files(tmp_path):
+    """The same items as a secateurs task file and as an lm-eval task file."""
+    jsonl = tmp_path / "items.jsonl"
+    jsonl.write_text("".join(json.dumps(item) + "\n" for item in MC_ITEMS))
+    ours = tmp_path / "facts.yaml"
+    ours.write_text(
+        "name: facts\ntype: multiple_choice\njsonl: items.jsonl\n"
+        "context_field: question\nchoices_field: options\nanswer_field: label\n"
+    )
+    lm_eval_dir = tmp_path / "lm_eval_tasks"
+    lm_eval_dir.mkdir()
+    theirs = lm_eval_dir / "facts_lm_eval.yaml"
+    theirs.write_text(
+        "task: facts_lm_eval\ndataset_path: json\n"
+        f"dataset_kwargs:\n  data_files:\n    test: {jsonl}\n"
+        "test_split: test\noutput_type: multiple_choice\n"
+        "doc_to_text: '{{question}}'\ndoc_to_choice: options\ndoc_to_target: label\n"
+        "metric_list:\n  - metric: acc\n  - metric: acc_norm\n"
+    )
+    return ours, theirs
+
+
+def direct_loglikelihood(model, tokenizer, context: str, continuation: str) -> float:
+    """sum log p(continuation tokens | everything before), from one plain forward pass."""
+    context_ids = tokenizer(context)["input_ids"]
+    whole = tokenizer(context + continuation)["input_ids"]
+    logprobs = torch.log_softmax(model(input_ids=torch.tensor([whole])).logits[0].float(), dim=-1)
+    return sum(logprobs[i - 1, whole[i]].item() for i in range(len(context_ids), len(whole)))
+
+
+def test_validation_loss_and_perplexity_match_a_plain_loop(tiny_models, eval_data, tmp_path):
+    out = tmp_path / "metrics"
+    metrics = evaluate.run(tiny_models["qwen3"], eval_data, out, batch_size=1, max_sequences=5, limit=4)
+
+    model = load_model(tiny_models["qwen3"])
+    validation = load_packed(eval_data)[0]["validation"][:5]["input_ids"]
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for seq in validation:
+            logits = model(input_ids=seq[None]).logits[0]
+            total += F.cross_entropy(logits[:-1], seq[1:], reduction="sum").item()
+            count += len(seq) - 1
+    assert metrics["validation_loss"] == total / count
+    assert metrics["perplexity"] == math.exp(metrics["validation_loss"])
+    assert metrics["validation_tokens"] == count == 5 * 127
+    assert metrics["validation_sequences"] == 5
+    assert metrics["parameters"] == sum(p.numel() for p in model.parameters())
+    assert metrics["tasks"]["lambada-docs"]["n"] == 4
+    assert json.loads((out / "metrics.json").read_text()) == metrics == evaluate.read_metrics(out)
+    manifest = json.loads((out / "secateurs.json").read_text())
+    assert manifest["step"] == "evaluate"
+    assert set(manifest["inputs"]) == {"model", "data"}
+    assert manifest["report"] == metrics
+
+
+def test_lambada_docs_items_are_deterministic_and_shared_by_models_of_one_tokenizer(tiny_models, eval_data):
+    validation = load_packed(eval_data)[0]["validation"][:]["input_ids"]
+    a = evaluate.lambada_docs_items(validation, load_tokenizer(tiny_models["llama-tied"]))
+    b = evaluate.lambada_docs_items(validation, load_tokenizer(tiny_models["qwen2"]))
+    assert a == b
+    assert len(a) >= 20
+    text = load_tokenizer(tiny_models["llama-tied"]).decode(validation.flatten().tolist())
+    for item in a:
+        passage = f"{item.context} {item.target}."
+        assert 100 <= len(passage) <= 200
+        assert item.target.isalpha() and len(item.target) >= 3
+        # The passage is real validation text once line breaks and indentation are folded.
+        assert passage in " ".join(text.replace("|", " ").split())
+    # A smaller n is an evenly spaced subset, in order.
+    few = evaluate.lambada_docs_items(validation, load_tokenizer(tiny_models["qwen2"]), n=5)
+    assert few == [a[k * len(a) // 5] for k in range(5)]
+
+
+def test_real_model_beats_random_weights_on_lambada_docs(smollm2_dir, tiny_models, eval_data, tmp_path):
+    real = evaluate.run(smollm2_dir, eval_data, tmp_path / "real", max_sequences=2, limit=20)
+    rand = evaluate.run(tiny_models["llama-untied"], eval_data, tmp_path / "rand", max_sequences=2, limit=20)
+    r, t = real["tasks"]["lambada-docs"], rand["tasks"]["lambada-docs"]
+    assert r["n"] == t["n"] == 20
+    # SmolLM2-135M gets ~25% of python-docs last words exactly right and ~-4.3 nats per word; random weights
+    # get none and pay about log(vocab) = 10.8 nats per token.
+    assert r["acc"] >= 0.15 and t["acc"] == 0.0
+    assert r["log_likelihood"] > t["log_likelihood"] + 3
+    assert real["validation_loss"] < rand["validation_loss"] - 3
+    assert r["perplexity"] == math.exp(-r["log_likelihood"])
+
+    # acc is exact greedy decoding: generate() reproduces the target's tokens for exactly that many items.
+    model, tokenizer = load_model(smollm2_dir), load_tokenizer(smollm2_dir)
+    validation = load_packed(eval_data)[0]["validation"][:]["input_ids"]
+    hits = 0
+    for item in evaluate.lambada_docs_items(validation, tokenizer, n=20):
+        context, target = item.request.context, item.request.continuation
+        generated = model.generate(
+            torch.tensor([context]), max_new_tokens=len(target), do_sample=False, pad_token_id=tokenizer.eos_token_id
+        )[0, len(context) :]
+        hits += generated.tolist() == target
+    assert r["acc"] == hits / 20
+
+
+def test_local_multiple_choice_task_matches_a_direct_computation(tiny_models, eval_data, tmp_path):
+    ours, _ = mc_task_files(tmp_path)
+    model_dir = tiny_models["mistral"]
+    metrics = evaluate.run(model_dir, eval_data, tmp_path / "out", tasks=[str(ours)], batch_size=1, max_sequences=1)
+
+    model, tokenizer = load_model(model_dir), load_tokenizer(model_dir)
+    tasks = evaluate.resolve_tasks([str(ours)])
+    evaluate.build_items(tasks[0], tokenizer, None, None)
+    requests = [r for item in tasks[0].items for r in item.requests]
+    scored = [ll for ll, _ in evaluate.score_requests(model, requests, batch_size=1)]
+    acc = acc_norm = 0
+    k = 0
+    with torch.no_grad():
+        for item in MC_ITEMS:
+            ll = [direct_loglikelihood(model, tokenizer, item["question"], " " + c) for c in item["options"]]
+            assert scored[k : k + len(ll)] == ll
+            k += len(ll)
+            norm = [x / len(c) for x, c in zip(ll, item["options"])]
+            acc += ll.index(max(ll)) == item["label"]
+            acc_norm += norm.index(max(norm)) == item["label"]
+    assert metrics["tasks"]["facts"] == {"acc": acc / 3, "acc_norm": acc_norm / 3, "n": 3}
+
+    # Padding does not change the scores beyond float noise.
+    batched = [ll for ll, _ in evaluate.score_requests(model, requests, batch_size=4)]
+    torch.testing.assert_close(torch.tensor(batched), torch.tensor(scored), rtol=1e-5, atol=1e-4)
+
+
+def test_lm_eval_task_file_agrees_with_our_scoring(tiny_models, eval_data, tmp_path):
+    pytest.importorskip("lm_eval", reason="lm-eval (the eval extra) is not installed")
+    ours, theirs = mc_task_files(tmp_path)
+    metrics = evaluate.run(tiny_models["qwen2"], eval_data, tmp_path / "out", tasks=[str(ours), str(theirs)], max_sequences=1)
+    ref, lm = metrics["tasks"]["facts"], metrics["tasks"]["facts_lm_eval"]
+    assert lm["n"] == 3
+    assert (lm["acc"], lm["acc_norm"]) == (ref["acc"], ref["acc_norm"])
+
+
+def test_task_errors_come_before_any_model_load(unloadable_model, eval_data, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    with monkeypatch.context() as m:
+        m.setitem(sys.modules, "lm_eval", None)  # as on a machine without the eval extra
+        with pytest.raises(evaluate.EvaluationError) as e:
+            evaluate.run(unloadable_model, eval_data, out, tasks=["lambada-docs", "foo"])
+        assert str(e.value).startswith(
+            "unknown task 'foo': built-in tasks: lambada-docs; or a path to a task YAML; or an lm-eval task name "
+            "(lm-eval not installed"
+        )
+    with pytest.raises(evaluate.EvaluationError, match="task file .*missing.yaml does not exist"):
+        evaluate.run(unloadable_model, eval_data, out, tasks=[str(tmp_path / "missing.yaml")])
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("type: multiple_choice\njsonl: items.jsonl\n")
+    (tmp_path / "items.jsonl").write_text('{"context": "a", "choices": ["b", "c"], "answer": 2}\n')
+    with pytest.raises(evaluate.EvaluationError, match=r"items.jsonl:1: field 'answer'=2 must be a choice index 0..1"):
+        evaluate.run(unloadable_model, eval_data, out, tasks=[str(bad)])
+    bad.write_text("type: multiple_choise\njsonl: items.jsonl\n")
+    with pytest.raises(evaluate.EvaluationError, match=r"bad.yaml: type='multiple_choise': Input should be"):
+        evaluate.run(unloadable_model, eval_data, out, tasks=[str(bad)])
+    with pytest.raises(evaluate.EvaluationError, match="few-shot count applies only to lm-eval tasks"):
+        evaluate.run(unloadable_model, eval_data, out, tasks=["lambada-docs:5"])
+    assert not out.exists()
+
+
+def test_lm_eval_registry_names_are_checked_before_any_model_load(unloadable_model, eval_data, tmp_path):
+    pytest.importorskip("lm_eval", reason="lm-eval (the eval extra) is not installed")
+    with pytest.raises(evaluate.EvaluationError, match=r"unknown task 'foo'.*lm-eval [\d.]+ has none called 'foo'"):
+        evaluate.run(unloadable_model, eval_data, tmp_path / "out", tasks=["foo"])
+    # The tests run with the hub off (conftest): a registry task whose dataset is not cached fails naming itself.
+    with pytest.raises(evaluate.EvaluationError, match=r"lm-eval task 'hellaswag': cannot load its dataset \(the hub is off"):
+        evaluate.run(unloadable_model, eval_data, tmp_path / "out", tasks=["hellaswag:10"])
+
+
+def test_dataset_of_another_tokenizer_is_refused_before_any_model_load(unloadable_model, tokenizer_dir, docs_txt, tmp_path):
+    other = tmp_path / "other-tokenizer"
+    tokenizer = load_tokenizer(tokenizer_dir)
+    tokenizer.add_tokens(["<secateurs-test-token>"])
+    tokenizer.save_pretrained(other)
+    data = tmp_path / "data"
+    prepare_data(str(docs_txt), other, seq_len=32, out=data, max_tokens=32 * 4, val_fraction=0.5)
+    with pytest.raises(DataError, match="was tokenized with tokenizer .* but the model's tokenizer is"):
+        evaluate.run(unloadable_model, data, tmp_path / "out")
