@@ -71,6 +71,12 @@ def main() -> int:
     parser.add_argument(
         "--chunk-size", type=int, default=None, help="tokens per chunk (default: the preset's)"
     )
+    parser.add_argument(
+        "--gradient-checkpointing",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="recompute the student's layer activations in backward (default: the preset's)",
+    )
     parser.add_argument("--peak-tflops", type=float, default=DEFAULT_PEAK_TFLOPS, help="GPU dense bf16 peak")
     parser.add_argument(
         "--seq-len", type=int, default=None, help="tokens per sequence (default: the preset's)"
@@ -88,6 +94,8 @@ def main() -> int:
     preset = dict(PRESETS[args.preset])
     if args.seq_len:
         preset["seq_len"] = args.seq_len
+    if args.gradient_checkpointing is not None:
+        preset["gradient_checkpointing"] = args.gradient_checkpointing
     device = torch.device(args.device)
     dtype = getattr(torch, preset["dtype"])
     chunk_size = args.chunk_size or preset["chunk_size"]

@@ -219,6 +219,67 @@ def distill_cmd(
     _summarise_training(train.distill(teacher, student, data, out, settings))
 
 
+@app.command("evaluate")
+@_guarded
+def evaluate_cmd(
+    model: Path = typer.Option(..., "--model"),
+    data: Path = typer.Option(..., "--data"),
+    out: Path = typer.Option(..., "--out", help="Metrics directory (metrics.json + secateurs.json)."),
+    tasks: str = typer.Option("lambada-docs", "--tasks", help="Comma-separated: lambada-docs, a task YAML path, or lm-eval task names."),
+    batch_size: int = typer.Option(8, "--batch-size"),
+    max_sequences: Optional[int] = typer.Option(None, "--max-sequences", help="Validation sequences for loss/perplexity (default all)."),
+    limit: Optional[int] = typer.Option(None, "--limit", help="Items per task (default all)."),
+):
+    """Validation loss, perplexity and downstream tasks."""
+    from secateurs import evaluate
+
+    _print_report(evaluate.run(model, data, out, [t for t in tasks.split(",") if t], batch_size, max_sequences, limit))
+
+
+@app.command("build-engine")
+@_guarded
+def build_engine_cmd(
+    model: Path = typer.Option(..., "--model"),
+    backend: str = typer.Option("onnxruntime-genai", "--backend", help="onnxruntime-genai or tensorrt-llm."),
+    precision: str = typer.Option("int4", "--precision", help="onnxruntime-genai: int4, fp32 (CPU), fp16 (CUDA); tensorrt-llm: bf16, fp8."),
+    out: Path = typer.Option(..., "--out"),
+    lengths: Optional[str] = typer.Option(None, "--lengths", help="Input:output lengths the engine must serve, e.g. 128:128,2048:128."),
+    calib_dataset: Optional[Path] = typer.Option(None, "--calib-dataset", help="Prepared dataset for FP8 calibration."),
+):
+    """Build an inference engine from a checkpoint."""
+    from secateurs import engine
+
+    parsed = engine.parse_lengths(lengths) if lengths else None
+    _print_report(engine.build_engine(model, backend, precision, out, parsed, calib_dataset))
+
+
+@app.command("bench")
+@_guarded
+def bench_cmd(
+    engine_dir: Path = typer.Option(..., "--engine"),
+    batch: int = typer.Option(8, "--batch"),
+    lengths: str = typer.Option("128:128,2048:128", "--lengths"),
+    repeats: int = typer.Option(3, "--repeats"),
+    out: Optional[Path] = typer.Option(None, "--out", help="Results JSON (default ENGINE/bench.json)."),
+):
+    """Requests/s and output tokens/s of an engine per input:output length pair."""
+    from secateurs import engine
+
+    _print_report(engine.bench_engine(engine_dir, lengths, batch, repeats, out=out))
+
+
+@app.command("demo")
+@_guarded
+def demo_cmd(
+    out: Path = typer.Option(Path("runs/demo"), "--out"),
+    engines: bool = typer.Option(True, "--engines/--no-engines", help="Build and benchmark onnxruntime-genai engines."),
+):
+    """The whole recipe on SmolLM2-135M and python-docs, on CPU, in minutes."""
+    from secateurs import demo
+
+    demo.run(out, with_engines=engines, log=typer.echo)
+
+
 @app.command("validate")
 @_guarded
 def validate_cmd(config: Path = typer.Argument(..., help="Pipeline config YAML.")):

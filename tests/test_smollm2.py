@@ -70,3 +70,30 @@ def test_half_size_students_are_language_models(name, smollm2_students, smollm2_
         assert report["kept_layers"] == sorted(report["kept_layers"]) and len(report["kept_layers"]) == 12
         dropped = report["dropped_layers"]
         assert dropped == list(range(dropped[0], dropped[0] + 18))  # one contiguous block
+
+
+def test_kd_beats_cross_entropy_beats_random_init(smollm2_dir, smollm2_students, smollm2_data, tmp_path):
+    """SmolLM2-135M width-pruned to half, trained the same number of steps three ways (recipe.md step 4)."""
+    from secateurs import train
+    from secateurs.checkpoint import load_tokenizer, save_checkpoint
+    from secateurs.config import DistillConfig
+    from secateurs.manifest import write_manifest
+
+    _, width = smollm2_students["width"]
+    torch.manual_seed(0)
+    random_dir = tmp_path / "random-init"
+    save_checkpoint(AutoModelForCausalLM.from_config(load_model(width).config), load_tokenizer(width), random_dir)
+    write_manifest(random_dir, "import-model", config={"source": "random init of the width student's shape"})
+
+    common = dict(max_steps=12, micro_batch_size=4, global_batch_size=8, learning_rate=5e-4, min_learning_rate=5e-5,
+                  warmup_steps=2, save_steps=100, logging_steps=4)
+    runs = {"kd": (width, DistillConfig(**common)), "ce": (width, DistillConfig(**common, ce_alpha=1.0)),
+            "random-init kd": (random_dir, DistillConfig(**common))}
+    dd, _ = load_packed(smollm2_data)
+    val = dd["validation"][:16]["input_ids"]
+    result = {}
+    for name, (student, settings) in runs.items():
+        train.distill(smollm2_dir, student, smollm2_data, tmp_path / name, settings)
+        result[name] = importance.validation_loss(load_model(tmp_path / name), val)
+    print("validation loss after 12 steps: " + ", ".join(f"{k} {v:.3f}" for k, v in result.items()))
+    assert result["kd"] < result["ce"] < result["random-init kd"]
