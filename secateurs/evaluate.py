@@ -112,15 +112,16 @@ class ChoiceItem:
 
 @dataclass
 class Task:
-    """A resolved task: `kind` is builtin, local or lm-eval; `items` are filled before the model loads."""
+    """A resolved task: `kind` is builtin, local or lm-eval; `items` (or `lm_eval_task`) are filled by
+    `build_items`, before the model loads."""
 
     name: str
     kind: Literal["builtin", "local", "lm-eval"]
     type: str = "last_word"
     items: list = field(default_factory=list)
     num_fewshot: int | None = None
-    lm_eval_task: object = None  # the loaded lm_eval Task/Group
-    lm_eval_manager: object = None
+    lm_eval_task: object = None  # the loaded lm_eval Task or Group
+    lm_eval_manager: object = None  # the lm_eval TaskManager that knows the name
 
 
 def run(
@@ -171,7 +172,7 @@ def run(
         loss = validation_loss(model, validation, batch_size)
     metrics = {
         "validation_loss": loss,
-        "perplexity": math.exp(loss),
+        "perplexity": _exp(loss),
         "validation_sequences": len(validation),
         "validation_tokens": int(validation[:, 1:].numel()),
         "parameters": parameter_count(model),
@@ -183,7 +184,12 @@ def run(
             tmp,
             "evaluate",
             inputs={"model": model_dir, "data": data_dir},
-            config={"tasks": list(tasks), "batch_size": batch_size, "max_sequences": max_sequences, "limit": limit},
+            config={
+                "tasks": list(tasks),
+                "batch_size": batch_size,
+                "max_sequences": max_sequences,
+                "limit": limit,
+            },
             report=metrics,
         )
     return metrics
@@ -193,7 +199,9 @@ def read_metrics(path: str | Path) -> dict:
     """The metrics of an artifact written by `run`."""
     f = Path(path) / METRICS_FILE
     if not f.is_file():
-        raise EvaluationError(f"{path} is not a metrics artifact made by `secateurs evaluate` ({METRICS_FILE} is missing)")
+        raise EvaluationError(
+            f"{path} is not a metrics artifact made by `secateurs evaluate` ({METRICS_FILE} is missing)"
+        )
     return json.loads(f.read_text())
 
 
@@ -261,7 +269,9 @@ def _resolve_task_file(path: Path) -> Task:
     except ValidationError as e:
         from secateurs.config import format_error
 
-        raise EvaluationError(f"task file {path}: " + "; ".join(format_error(err) for err in e.errors())) from None
+        raise EvaluationError(
+            f"task file {path}: " + "; ".join(format_error(err) for err in e.errors())
+        ) from None
     task = Task(local.name or path.stem, "local", type=local.type)
     task.items = _read_local_items(path, local)
     return task
@@ -285,14 +295,24 @@ def _read_local_items(path: Path, spec: LocalTaskSpec) -> list:
             raise EvaluationError(f"{where}: field {spec.context_field!r} must be a string")
         if spec.type == "last_word":
             if not isinstance(answer, str) or not answer.strip():
-                raise EvaluationError(f"{where}: field {spec.answer_field!r} must be the non-empty target text")
+                raise EvaluationError(
+                    f"{where}: field {spec.answer_field!r} must be the non-empty target text"
+                )
             items.append(LastWordItem(context, answer, spec.target_delimiter))
             continue
         choices = doc.get(spec.choices_field)
-        if not isinstance(choices, list) or len(choices) < 2 or not all(isinstance(c, str) and c for c in choices):
-            raise EvaluationError(f"{where}: field {spec.choices_field!r} must be a list of at least 2 non-empty strings")
+        if (
+            not isinstance(choices, list)
+            or len(choices) < 2
+            or not all(isinstance(c, str) and c for c in choices)
+        ):
+            raise EvaluationError(
+                f"{where}: field {spec.choices_field!r} must be a list of at least 2 non-empty strings"
+            )
         if not isinstance(answer, int) or isinstance(answer, bool) or not 0 <= answer < len(choices):
-            raise EvaluationError(f"{where}: field {spec.answer_field!r}={answer!r} must be a choice index 0..{len(choices) - 1}")
+            raise EvaluationError(
+                f"{where}: field {spec.answer_field!r}={answer!r} must be a choice index 0..{len(choices) - 1}"
+            )
         items.append(ChoiceItem(context, choices, answer, spec.target_delimiter))
     if not items:
         raise EvaluationError(f"task file {path}: {data} holds no items")
@@ -314,6 +334,9 @@ def _resolve_lm_eval_name(name: str) -> Task:
     manager = _lm_eval_registry()
     if name not in manager.all_tasks:
         raise _unknown(name, f"lm-eval {_lm_eval_version()} has none called {name!r}")
+    if name in manager.all_tags:
+        # A tag is a loose list of tasks with no aggregate score; one metrics entry per name needs a task or group.
+        raise EvaluationError(f"lm-eval name {name!r} is a tag, not a task or group: name its tasks instead")
     _require_hub_for(name)
     return Task(name, "lm-eval", lm_eval_manager=manager)
 
@@ -322,7 +345,9 @@ def _resolve_lm_eval_file(path: Path, spec: dict) -> Task:
     try:
         from lm_eval.tasks import TaskManager
     except ImportError:
-        raise EvaluationError(f"task file {path} is an lm-eval task, but lm-eval is not installed: pip install 'secateurs[eval]'") from None
+        raise EvaluationError(
+            f"task file {path} is an lm-eval task, but lm-eval is not installed: pip install 'secateurs[eval]'"
+        ) from None
     name = str(spec["task"])
     # Only the file's own directory: indexing lm-eval's ~15k bundled task files costs ~20 s of CPU.
     manager = TaskManager(include_defaults=False, include_path=str(path.parent.resolve()))
@@ -351,7 +376,10 @@ def _lm_eval_version() -> str:
 
 
 def _hub_offline() -> bool:
-    return any(os.environ.get(v, "0") not in ("0", "", "false", "False") for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
+    return any(
+        os.environ.get(v, "0") not in ("0", "", "false", "False")
+        for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
+    )
 
 
 def _require_hub_for(name: str) -> None:
@@ -370,12 +398,18 @@ def _load_lm_eval_task(manager, name: str, where: str):
     """Load the task and its dataset (download or cache) now: lm-eval itself would do it after the model."""
     try:
         loaded = manager.load(name)
-    except Exception as e:  # datasets and lm-eval raise many types; one line naming the task is what helps
+    except Exception as e:  # noqa: BLE001 - datasets and lm-eval raise many types; one line naming the task helps
         text = str(e).strip().splitlines()
-        hint = " (the hub is off: HF_HUB_OFFLINE / HF_DATASETS_OFFLINE, and no cached copy)" if _hub_offline() else ""
-        raise EvaluationError(f"{where}: cannot load its dataset{hint}: {type(e).__name__}: {text[0] if text else ''}") from None
-    # A group (mmlu) comes back as itself plus its subtasks; a tag expands to its tasks.
-    return loaded["groups"].get(name) or loaded["tasks"].get(name) or list(loaded["tasks"].values())
+        hint = (
+            " (the hub is off: HF_HUB_OFFLINE / HF_DATASETS_OFFLINE, and no cached copy)"
+            if _hub_offline()
+            else ""
+        )
+        raise EvaluationError(
+            f"{where}: cannot load its dataset{hint}: {type(e).__name__}: {text[0] if text else ''}"
+        ) from None
+    # A group (mmlu) comes back as itself plus everything under it; evaluate the group.
+    return loaded["groups"].get(name) or loaded["tasks"][name]
 
 
 # ------------------------------------------------------------------------------------------ item construction
@@ -406,7 +440,9 @@ def build_items(task: Task, tokenizer, validation, limit: int | None) -> None:
         if isinstance(item, LastWordItem):
             item.request = continuation_request(tokenizer, item.context, item.delimiter + item.target)
         else:
-            item.requests = [continuation_request(tokenizer, item.context, item.delimiter + c) for c in item.choices]
+            item.requests = [
+                continuation_request(tokenizer, item.context, item.delimiter + c) for c in item.choices
+            ]
 
 
 def _encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
@@ -435,11 +471,15 @@ def continuation_request(tokenizer, context: str, continuation: str) -> Request:
     """
     context_ids, whole = _encode_pair(tokenizer, context, continuation)
     if len(whole) <= len(context_ids):
-        raise EvaluationError(f"continuation {continuation!r} of context {context[-40:]!r} has no tokens of its own")
+        raise EvaluationError(
+            f"continuation {continuation!r} of context {context[-40:]!r} has no tokens of its own"
+        )
     return Request(context_ids, whole[len(context_ids) :])
 
 
-def lambada_docs_items(validation: torch.Tensor, tokenizer, n: int = LAMBADA_DOCS_ITEMS) -> list[LastWordItem]:
+def lambada_docs_items(
+    validation: torch.Tensor, tokenizer, n: int = LAMBADA_DOCS_ITEMS
+) -> list[LastWordItem]:
     """The built-in last-word task, rebuilt from a dataset's validation split.
 
     The packed sequences are concatenated, split into documents at EOS and decoded. Lines are stripped of
@@ -447,8 +487,8 @@ def lambada_docs_items(validation: torch.Tensor, tokenizer, n: int = LAMBADA_DOC
     consecutive prose lines (letters, digits, spaces and common punctuation only: code and signatures break a run)
     are joined into blocks. A passage is a run of whole sentences of one block, 100-200 characters long, ending
     in a word of at least 3 letters and a full stop; its context is everything before that word, its target the
-    word. Duplicates are
-    dropped, and n passages are taken evenly spaced over the candidates so a small n still samples all of the text.
+    word. Duplicates are dropped, and n passages are taken evenly spaced over the candidates so a small n still
+    samples all of the text.
     Passages whose context tokens are not a prefix of the passage's tokens are skipped (rare: a BPE merge across
     the boundary). Only the first LAMBADA_SOURCE_TOKENS validation tokens are read.
 
@@ -469,7 +509,9 @@ def lambada_docs_items(validation: torch.Tensor, tokenizer, n: int = LAMBADA_DOC
     docs.append(ids[start:])
     candidates, seen = [], set()
     for doc in docs:
-        for passage in _passages(tokenizer.decode(doc, skip_special_tokens=True, clean_up_tokenization_spaces=False)):
+        for passage in _passages(
+            tokenizer.decode(doc, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+        ):
             if passage in seen:
                 continue
             seen.add(passage)
@@ -569,7 +611,9 @@ def score_requests(model, requests: list[Request], batch_size: int = 8) -> list[
             attention_mask[b, : len(x)] = 1
         padded = any(len(x) < width for x in inputs)
         logits = model(
-            input_ids=input_ids.to(device), attention_mask=attention_mask.to(device) if padded else None, use_cache=False
+            input_ids=input_ids.to(device),
+            attention_mask=attention_mask.to(device) if padded else None,
+            use_cache=False,
         ).logits
         for b, r in enumerate(batch):
             # logits [batch, width, vocab]; positions c-1 .. c+t-2 predict the t continuation tokens.
@@ -587,7 +631,7 @@ def last_word_metrics(scores: list[tuple[float, bool]]) -> dict:
     return {
         "acc": sum(greedy for _, greedy in scores) / len(scores),
         "log_likelihood": mean_ll,
-        "perplexity": math.exp(-mean_ll),
+        "perplexity": _exp(-mean_ll),
         "n": len(scores),
     }
 
@@ -611,10 +655,9 @@ def _score_lm_eval(task: Task, model, tokenizer, batch_size: int, limit: int | N
     from lm_eval.models.huggingface import HFLM
 
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
-    objs = task.lm_eval_task if isinstance(task.lm_eval_task, list) else [task.lm_eval_task]
     results = lm_eval.simple_evaluate(
         model=lm,
-        tasks=objs,
+        tasks=[task.lm_eval_task],
         num_fewshot=task.num_fewshot,
         limit=limit,
         task_manager=task.lm_eval_manager,
@@ -622,8 +665,6 @@ def _score_lm_eval(task: Task, model, tokenizer, batch_size: int, limit: int | N
         bootstrap_iters=0,
     )
     entry = results.get("groups", {}).get(task.name) or results["results"].get(task.name)
-    if entry is None and len(results["results"]) == 1:
-        entry = next(iter(results["results"].values()))
     if entry is None:
         raise EvaluationError(f"lm-eval returned no result for task {task.name!r}")
     metrics = {}
@@ -631,10 +672,24 @@ def _score_lm_eval(task: Task, model, tokenizer, batch_size: int, limit: int | N
         metric, _, filt = key.partition(",")
         if isinstance(value, (int, float)) and not isinstance(value, bool) and "_stderr" not in metric:
             metrics[metric if filt in ("", "none") else f"{metric}_{filt}"] = value
-    counts = results.get("n-samples", {})
-    subtasks = results.get("group_subtasks", {}).get(task.name) or [task.name]
-    metrics["n"] = sum(counts.get(s, {}).get("effective", 0) for s in subtasks)
+    # n: the items of every leaf task under the name (a group such as mmlu nests groups of tasks).
+    counts, children = results.get("n-samples", {}), results.get("group_subtasks", {})
+
+    def items(name: str) -> int:
+        if name in counts:
+            return counts[name].get("effective", 0)
+        return sum(items(child) for child in children.get(name, []))
+
+    metrics["n"] = items(task.name)
     return metrics
+
+
+def _exp(x: float) -> float:
+    """exp that saturates to inf (a broken model's perplexity) instead of raising OverflowError."""
+    try:
+        return math.exp(x)
+    except OverflowError:
+        return math.inf
 
 
 @contextmanager
@@ -653,4 +708,12 @@ def _progress(model, total: int, desc: str):
         bar.close()
 
 
-__all__ = ["run", "read_metrics", "resolve_tasks", "lambada_docs_items", "score_requests", "EvaluationError", "BUILTIN_TASKS"]
+__all__ = [
+    "BUILTIN_TASKS",
+    "EvaluationError",
+    "lambada_docs_items",
+    "read_metrics",
+    "resolve_tasks",
+    "run",
+    "score_requests",
+]

@@ -18,9 +18,17 @@ from secateurs.data import DataError, load_packed, prepare_data
 
 # Three multiple-choice items with their own field names, to exercise the field mapping.
 MC_ITEMS = [
-    {"question": "The capital of France is", "options": ["Paris", "Berlin", "a small red bicycle"], "label": 0},
+    {
+        "question": "The capital of France is",
+        "options": ["Paris", "Berlin", "a small red bicycle"],
+        "label": 0,
+    },
     {"question": "Two plus two equals", "options": ["five", "four"], "label": 1},
-    {"question": "Water freezes at zero degrees", "options": ["Celsius", "Fahrenheit", "Kelvin", "Rankine"], "label": 0},
+    {
+        "question": "Water freezes at zero degrees",
+        "options": ["Celsius", "Fahrenheit", "Kelvin", "Rankine"],
+        "label": 0,
+    },
 ]
 
 
@@ -127,35 +135,40 @@ def test_lambada_docs_items_are_deterministic_and_shared_by_models_of_one_tokeni
     assert few == [a[k * len(a) // 5] for k in range(5)]
 
 
+@pytest.mark.slow
 def test_real_model_beats_random_weights_on_lambada_docs(smollm2_dir, tiny_models, eval_data, tmp_path):
-    real = evaluate.run(smollm2_dir, eval_data, tmp_path / "real", max_sequences=2, limit=20)
-    rand = evaluate.run(tiny_models["llama-untied"], eval_data, tmp_path / "rand", max_sequences=2, limit=20)
+    real = evaluate.run(smollm2_dir, eval_data, tmp_path / "real", max_sequences=1, limit=20)
+    rand = evaluate.run(tiny_models["llama-untied"], eval_data, tmp_path / "rand", max_sequences=1, limit=20)
     r, t = real["tasks"]["lambada-docs"], rand["tasks"]["lambada-docs"]
     assert r["n"] == t["n"] == 20
-    # SmolLM2-135M gets ~25% of python-docs last words exactly right and ~-4.3 nats per word; random weights
-    # get none and pay about log(vocab) = 10.8 nats per token.
-    assert r["acc"] >= 0.15 and t["acc"] == 0.0
+    # SmolLM2-135M gets 25-40% of python-docs last words exactly right at ~-4 to -6 nats per word; random
+    # weights get none and pay more than log(vocab) = 10.8 nats per token.
+    print(f"lambada-docs, 20 items: SmolLM2 {r}, random {t}")
+    assert r["acc"] >= 0.1 and t["acc"] == 0.0
     assert r["log_likelihood"] > t["log_likelihood"] + 3
     assert real["validation_loss"] < rand["validation_loss"] - 3
     assert r["perplexity"] == math.exp(-r["log_likelihood"])
 
-    # acc is exact greedy decoding: generate() reproduces the target's tokens for exactly that many items.
+    # A hit is exact greedy decoding: generate() reproduces the target's tokens exactly when an item is scored a hit.
     model, tokenizer = load_model(smollm2_dir), load_tokenizer(smollm2_dir)
     validation = load_packed(eval_data)[0]["validation"][:]["input_ids"]
-    hits = 0
-    for item in evaluate.lambada_docs_items(validation, tokenizer, n=20):
-        context, target = item.request.context, item.request.continuation
+    requests = [item.request for item in evaluate.lambada_docs_items(validation, tokenizer, n=20)][:4]
+    for request, (_, hit) in zip(requests, evaluate.score_requests(model, requests, batch_size=1)):
         generated = model.generate(
-            torch.tensor([context]), max_new_tokens=len(target), do_sample=False, pad_token_id=tokenizer.eos_token_id
-        )[0, len(context) :]
-        hits += generated.tolist() == target
-    assert r["acc"] == hits / 20
+            torch.tensor([request.context]),
+            max_new_tokens=len(request.continuation),
+            do_sample=False,
+            pad_token_id=tokenizer.eos_token_id,
+        )[0, len(request.context) :]
+        assert (generated.tolist() == request.continuation) == hit
 
 
 def test_local_multiple_choice_task_matches_a_direct_computation(tiny_models, eval_data, tmp_path):
     ours, _ = mc_task_files(tmp_path)
     model_dir = tiny_models["mistral"]
-    metrics = evaluate.run(model_dir, eval_data, tmp_path / "out", tasks=[str(ours)], batch_size=1, max_sequences=1)
+    metrics = evaluate.run(
+        model_dir, eval_data, tmp_path / "out", tasks=[str(ours)], batch_size=1, max_sequences=1
+    )
 
     model, tokenizer = load_model(model_dir), load_tokenizer(model_dir)
     tasks = evaluate.resolve_tasks([str(ours)])
@@ -182,7 +195,9 @@ def test_local_multiple_choice_task_matches_a_direct_computation(tiny_models, ev
 def test_lm_eval_task_file_agrees_with_our_scoring(tiny_models, eval_data, tmp_path):
     pytest.importorskip("lm_eval", reason="lm-eval (the eval extra) is not installed")
     ours, theirs = mc_task_files(tmp_path)
-    metrics = evaluate.run(tiny_models["qwen2"], eval_data, tmp_path / "out", tasks=[str(ours), str(theirs)], max_sequences=1)
+    metrics = evaluate.run(
+        tiny_models["qwen2"], eval_data, tmp_path / "out", tasks=[str(ours), str(theirs)], max_sequences=1
+    )
     ref, lm = metrics["tasks"]["facts"], metrics["tasks"]["facts_lm_eval"]
     assert lm["n"] == 3
     assert (lm["acc"], lm["acc_norm"]) == (ref["acc"], ref["acc_norm"])
@@ -203,7 +218,9 @@ def test_task_errors_come_before_any_model_load(unloadable_model, eval_data, tmp
     bad = tmp_path / "bad.yaml"
     bad.write_text("type: multiple_choice\njsonl: items.jsonl\n")
     (tmp_path / "items.jsonl").write_text('{"context": "a", "choices": ["b", "c"], "answer": 2}\n')
-    with pytest.raises(evaluate.EvaluationError, match=r"items.jsonl:1: field 'answer'=2 must be a choice index 0..1"):
+    with pytest.raises(
+        evaluate.EvaluationError, match=r"items.jsonl:1: field 'answer'=2 must be a choice index 0..1"
+    ):
         evaluate.run(unloadable_model, eval_data, out, tasks=[str(bad)])
     bad.write_text("type: multiple_choise\njsonl: items.jsonl\n")
     with pytest.raises(evaluate.EvaluationError, match=r"bad.yaml: type='multiple_choise': Input should be"):
@@ -215,14 +232,20 @@ def test_task_errors_come_before_any_model_load(unloadable_model, eval_data, tmp
 
 def test_lm_eval_registry_names_are_checked_before_any_model_load(unloadable_model, eval_data, tmp_path):
     pytest.importorskip("lm_eval", reason="lm-eval (the eval extra) is not installed")
-    with pytest.raises(evaluate.EvaluationError, match=r"unknown task 'foo'.*lm-eval [\d.]+ has none called 'foo'"):
+    with pytest.raises(
+        evaluate.EvaluationError, match=r"unknown task 'foo'.*lm-eval [\d.]+ has none called 'foo'"
+    ):
         evaluate.run(unloadable_model, eval_data, tmp_path / "out", tasks=["foo"])
     # The tests run with the hub off (conftest): a registry task whose dataset is not cached fails naming itself.
-    with pytest.raises(evaluate.EvaluationError, match=r"lm-eval task 'hellaswag': cannot load its dataset \(the hub is off"):
+    with pytest.raises(
+        evaluate.EvaluationError, match=r"lm-eval task 'hellaswag': cannot load its dataset \(the hub is off"
+    ):
         evaluate.run(unloadable_model, eval_data, tmp_path / "out", tasks=["hellaswag:10"])
 
 
-def test_dataset_of_another_tokenizer_is_refused_before_any_model_load(unloadable_model, tokenizer_dir, docs_txt, tmp_path):
+def test_dataset_of_another_tokenizer_is_refused_before_any_model_load(
+    unloadable_model, tokenizer_dir, docs_txt, tmp_path
+):
     other = tmp_path / "other-tokenizer"
     tokenizer = load_tokenizer(tokenizer_dir)
     tokenizer.add_tokens(["<secateurs-test-token>"])
