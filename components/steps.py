@@ -33,7 +33,9 @@ def import_model(source: str, dtype: str, tracking_uri: str, pipeline_run: str, 
     model.metadata.update({k: v for k, v in report.items() if isinstance(v, (int, float, str))})
 
 
-def prepare_data(model: Input[Model], settings: str, tracking_uri: str, pipeline_run: str, dataset: Output[Dataset]):
+def prepare_data(
+    model: Input[Model], settings: str, tracking_uri: str, pipeline_run: str, dataset: Output[Dataset]
+):
     """2. Tokenize, pack and split the distillation corpus with the teacher's tokenizer."""
     from secateurs.components.runtime import tracked_step
     from secateurs.config import DataConfig
@@ -41,14 +43,29 @@ def prepare_data(model: Input[Model], settings: str, tracking_uri: str, pipeline
 
     c = DataConfig.model_validate_json(settings)
     with tracked_step("prepare-data", tracking_uri, pipeline_run, outputs={"dataset": dataset}) as run:
-        report = run_prepare(c.source, model.path, c.seq_len, dataset.path, max_tokens=c.max_tokens,
-                             val_fraction=c.val_fraction, text_field=c.text_field, hub_config=c.hub_config, seed=c.seed)
+        report = run_prepare(
+            c.source,
+            model.path,
+            c.seq_len,
+            dataset.path,
+            max_tokens=c.max_tokens,
+            val_fraction=c.val_fraction,
+            text_field=c.text_field,
+            hub_config=c.hub_config,
+            seed=c.seed,
+        )
         run.record(dataset.path, uri=dataset.uri)
     dataset.metadata.update({k: v for k, v in report.items() if isinstance(v, (int, float, str))})
 
 
-def correct_teacher(model: Input[Model], dataset: Input[Dataset], settings: str, tracking_uri: str,
-                    pipeline_run: str, corrected: Output[Model]):
+def correct_teacher(
+    model: Input[Model],
+    dataset: Input[Dataset],
+    settings: str,
+    tracking_uri: str,
+    pipeline_run: str,
+    corrected: Output[Model],
+):
     """3. Teacher correction: a short LM fine-tune of the teacher on the distillation data."""
     from secateurs import train
     from secateurs.components.runtime import LossForwarder, tracked_step
@@ -60,8 +77,15 @@ def correct_teacher(model: Input[Model], dataset: Input[Dataset], settings: str,
         run.record(corrected.path, uri=corrected.uri)
 
 
-def importance(model: Input[Model], dataset: Input[Dataset], settings: str, student: str, tracking_uri: str,
-               pipeline_run: str, scores: Output[Artifact]):
+def importance(
+    model: Input[Model],
+    dataset: Input[Dataset],
+    settings: str,
+    student: str,
+    tracking_uri: str,
+    pipeline_run: str,
+    scores: Output[Artifact],
+):
     """4. Importance of every head, KV group, neuron, channel and layer of `model` (for its children)."""
     from secateurs import importance as lib
     from secateurs.components.runtime import tracked_step
@@ -69,13 +93,27 @@ def importance(model: Input[Model], dataset: Input[Dataset], settings: str, stud
 
     c = ImportanceConfig.model_validate_json(settings)
     with tracked_step("importance", tracking_uri, pipeline_run, student, outputs={"scores": scores}) as run:
-        lib.run(model.path, dataset.path, scores.path, samples=c.samples, batch_size=c.batch_size,
-                block_sizes=c.block_sizes, depth_samples=c.depth_samples)
+        lib.run(
+            model.path,
+            dataset.path,
+            scores.path,
+            samples=c.samples,
+            batch_size=c.batch_size,
+            block_sizes=c.block_sizes,
+            depth_samples=c.depth_samples,
+        )
         run.record(scores.path, uri=scores.uri)
 
 
-def prune(model: Input[Model], scores: Input[Artifact], settings: str, student: str, tracking_uri: str,
-          pipeline_run: str, pruned: Output[Model]):
+def prune(
+    model: Input[Model],
+    scores: Input[Artifact],
+    settings: str,
+    student: str,
+    tracking_uri: str,
+    pipeline_run: str,
+    pruned: Output[Model],
+):
     """5. Structured pruning of `model` to the student's shape, keeping its most important units."""
     from secateurs import prune as lib
     from secateurs.components.runtime import tracked_step
@@ -88,24 +126,45 @@ def prune(model: Input[Model], scores: Input[Artifact], settings: str, student: 
     pruned.metadata["parameters"] = report.get("parameters", 0)
 
 
-def distill(teacher: Input[Model], model: Input[Model], dataset: Input[Dataset], settings: str, student: str,
-            tracking_uri: str, pipeline_run: str, distilled: Output[Model]):
+def distill(
+    teacher: Input[Model],
+    model: Input[Model],
+    dataset: Input[Dataset],
+    settings: str,
+    student: str,
+    tracking_uri: str,
+    pipeline_run: str,
+    distilled: Output[Model],
+):
     """6. Knowledge distillation of the pruned student from the (corrected) teacher."""
     from secateurs import train
     from secateurs.components.runtime import LossForwarder, tracked_step
     from secateurs.config import DistillConfig
 
     c = DistillConfig.model_validate_json(settings)
-    with tracked_step("distill", tracking_uri, pipeline_run, student, outputs={"distilled": distilled}) as run:
-        report = train.distill(teacher.path, model.path, dataset.path, distilled.path, c,
-                               callbacks=[LossForwarder(run)])
+    with tracked_step(
+        "distill", tracking_uri, pipeline_run, student, outputs={"distilled": distilled}
+    ) as run:
+        report = train.distill(
+            teacher.path, model.path, dataset.path, distilled.path, c, callbacks=[LossForwarder(run)]
+        )
         run.record(distilled.path, uri=distilled.uri)
     distilled.metadata.update({k: report[k] for k in ("steps", "final_loss", "tokens_seen")})
 
 
-def evaluate(model: Input[Model], dataset: Input[Dataset], settings: str, name: str, role: str, parent: str,
-             student: str, tracking_uri: str, pipeline_run: str, evaluation: Output[Artifact],
-             metrics: Output[Metrics]):
+def evaluate(
+    model: Input[Model],
+    dataset: Input[Dataset],
+    settings: str,
+    name: str,
+    role: str,
+    parent: str,
+    student: str,
+    tracking_uri: str,
+    pipeline_run: str,
+    evaluation: Output[Artifact],
+    metrics: Output[Metrics],
+):
     """7. Validation loss and task scores of one model; `metrics` holds its row of the report."""
     import json
 
@@ -114,10 +173,23 @@ def evaluate(model: Input[Model], dataset: Input[Dataset], settings: str, name: 
     from secateurs.config import EvaluateConfig
 
     c = EvaluateConfig.model_validate_json(settings)
-    with tracked_step("evaluate", tracking_uri, pipeline_run, student, task=f"evaluate:{name}",
-                      outputs={"evaluation": evaluation, "metrics": metrics}) as run:
-        scores = lib.run(model.path, dataset.path, evaluation.path, tasks=tuple(c.tasks), batch_size=c.batch_size,
-                         max_sequences=c.max_sequences, limit=c.limit)
+    with tracked_step(
+        "evaluate",
+        tracking_uri,
+        pipeline_run,
+        student,
+        task=f"evaluate:{name}",
+        outputs={"evaluation": evaluation, "metrics": metrics},
+    ) as run:
+        scores = lib.run(
+            model.path,
+            dataset.path,
+            evaluation.path,
+            tasks=tuple(c.tasks),
+            batch_size=c.batch_size,
+            max_sequences=c.max_sequences,
+            limit=c.limit,
+        )
         run.record(evaluation.path, uri=evaluation.uri)
         entry = report_entry(name, role, parent, scores)
         with open(metrics.path, "w") as f:  # a file, so kfp.local's cache can reuse this step
@@ -126,8 +198,16 @@ def evaluate(model: Input[Model], dataset: Input[Dataset], settings: str, name: 
         metrics.log_metric(key, entry[key])
 
 
-def engine(model: Input[Model], dataset: Input[Dataset], settings: str, student: str, tracking_uri: str,
-           pipeline_run: str, built: Output[Artifact], bench: Output[Metrics]):
+def engine(
+    model: Input[Model],
+    dataset: Input[Dataset],
+    settings: str,
+    student: str,
+    tracking_uri: str,
+    pipeline_run: str,
+    built: Output[Artifact],
+    bench: Output[Metrics],
+):
     """8. Build an inference engine of `model` and measure its throughput."""
     import json
 
@@ -136,30 +216,43 @@ def engine(model: Input[Model], dataset: Input[Dataset], settings: str, student:
     from secateurs.config import EngineConfig
 
     c = EngineConfig.model_validate_json(settings)
-    with tracked_step("engine", tracking_uri, pipeline_run, student, task=f"engine:{student or 'teacher'}",
-                      outputs={"built": built, "bench": bench}) as run:
+    with tracked_step(
+        "engine",
+        tracking_uri,
+        pipeline_run,
+        student,
+        task=f"engine:{student or 'teacher'}",
+        outputs={"built": built, "bench": bench},
+    ) as run:
         lengths = lib.parse_lengths(c.lengths)
-        lib.build_engine(model.path, c.backend, c.precision, built.path, lengths=lengths, calib_dataset=dataset.path)
+        lib.build_engine(
+            model.path, c.backend, c.precision, built.path, lengths=lengths, calib_dataset=dataset.path
+        )
         results = lib.bench_engine(built.path, lengths, batch=c.batch, repeats=c.repeats)
         run.record(built.path, uri=built.uri)
         with open(bench.path, "w") as f:
             json.dump(results, f)
 
 
-def collect(metrics: Input[Metrics], table: Output[Artifact], previous: Input[Artifact] = None,
-            bench: Input[Metrics] = None):
+def collect(
+    metrics: Input[Metrics],
+    table: Output[Artifact],
+    previous: Input[Artifact] = None,
+    bench: Input[Metrics] = None,
+):
     """9a. Add one model's row (and its throughput) to the report table built so far.
 
     KFP components take a fixed set of inputs, so the rows are gathered by a chain of these small steps.
     """
     import json
+    from pathlib import Path
 
     from secateurs.report import throughput_from_bench
 
-    rows = json.load(open(previous.path)) if previous is not None else []
-    entry = json.load(open(metrics.path))
+    rows = json.loads(Path(previous.path).read_text()) if previous is not None else []
+    entry = json.loads(Path(metrics.path).read_text())
     if bench is not None:
-        entry["throughput"] = throughput_from_bench(json.load(open(bench.path)))
+        entry["throughput"] = throughput_from_bench(json.loads(Path(bench.path).read_text()))
     with open(table.path, "w") as f:
         json.dump(rows + [entry], f, indent=1)
 
@@ -168,11 +261,12 @@ def report(table: Input[Artifact], tracking_uri: str, pipeline_run: str, compari
     """9. The family report: tables and plots comparing the teacher, the pruned and the distilled students."""
     import json
     import os
+    from pathlib import Path
 
     from secateurs.components.runtime import tracked_step
     from secateurs.report import format_table, write_report
 
-    entries = json.load(open(table.path))
+    entries = json.loads(Path(table.path).read_text())
     with tracked_step("report", tracking_uri, pipeline_run, outputs={"comparison": comparison}) as run:
         paths = write_report(entries, comparison.path)
         with open(os.path.join(comparison.path, "entries.json"), "w") as f:
@@ -181,7 +275,18 @@ def report(table: Input[Artifact], tracking_uri: str, pipeline_run: str, compari
     print(format_table(entries))
 
 
-STEPS = (import_model, prepare_data, correct_teacher, importance, prune, distill, evaluate, engine, collect, report)
+STEPS = (
+    import_model,
+    prepare_data,
+    correct_teacher,
+    importance,
+    prune,
+    distill,
+    evaluate,
+    engine,
+    collect,
+    report,
+)
 
 
 @functools.cache

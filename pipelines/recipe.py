@@ -215,5 +215,7 @@ def place(task, kind: str, placement: PlacementConfig) -> None:
         task.set_env_variable("SECATEURS_CACHE", f"{path}/secateurs")
         task.set_env_variable("HF_HOME", f"{path}/huggingface")
     if placement.retries:
-        task.set_retry(num_retries=placement.retries, backoff_duration=placement.retry_backoff, backoff_factor=2)
+        task.set_retry(
+            num_retries=placement.retries, backoff_duration=placement.retry_backoff, backoff_factor=2
+        )
     task.set_caching_options(placement.caching)

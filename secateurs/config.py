@@ -145,7 +145,9 @@ class DistillConfig(TrainingConfig):
 class EvaluateConfig(Section):
     """Evaluation of the teacher and of every student before and after distillation (secateurs.evaluate)."""
 
-    tasks: list[str] = Field(["lambada-docs"], description="Task names, task YAML paths or lm-eval task names.")
+    tasks: list[str] = Field(
+        ["lambada-docs"], min_length=1, description="Task names, task YAML paths or lm-eval task names."
+    )
     batch_size: int = Field(8, ge=1, description="Sequences per forward pass.")
     max_sequences: int | None = Field(None, ge=1, description="Cap on the validation sequences for the loss.")
     limit: int | None = Field(None, ge=1, description="Cap on the items of every task.")

@@ -7,7 +7,7 @@ A local run lives in one directory, `runs/<name>` by default:
   runs again, under the same MLflow pipeline run;
 - `artifacts/`: the pipeline root (every step's outputs), `mlflow.db`: the MLflow store (SQLite).
 
-`rerun RUN STEP[:STUDENT]` runs one step again in a new pipeline whose inputs are the artifacts RUN recorded in
+`rerun RUN --step STEP[:STUDENT]` runs one step again in a new pipeline whose inputs are the artifacts RUN recorded in
 MLflow (brought in with `dsl.importer`); its outputs land in a new directory, so nothing RUN produced changes, and
 its MLflow pipeline run is tagged `secateurs.rerun_of=<RUN's pipeline run>`.
 
@@ -25,7 +25,6 @@ from pathlib import Path
 import typer
 
 from secateurs.config import PipelineConfig, load_config
-from secateurs.placement import GPU_STEPS
 
 RUN_FILE = "run.json"
 CONFIG_FILE = "config.yaml"
@@ -45,7 +44,9 @@ def _one_line(fn):
         try:
             return fn(*args, **kwargs)
         except (ValueError, ConnectionError, FileNotFoundError, PermissionError, RuntimeError) as e:
-            typer.secho(f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", fg="red", err=True)
+            typer.secho(
+                f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", fg="red", err=True
+            )
             raise typer.Exit(1) from None
 
     return wrapper
@@ -58,11 +59,11 @@ def run_cmd(
     run_dir: Path = typer.Option(None, "--run-dir", help="Run directory (default: runs/<config name>)."),
 ):
     """Run the whole pipeline on this machine (kfp.local); run it again to redo only what failed."""
-    cfg = load_config(config)
+    cfg = for_local_run(load_config(config))
     run_dir = (run_dir or Path("runs") / cfg.name).absolute()
     check_local(cfg)
-    state = _open_run(cfg, run_dir)
     pipeline_root = _local_pipeline_root(cfg, run_dir)
+    state = _open_run(cfg, run_dir)
     from secateurs.pipelines.recipe import build_pipeline
 
     _run_locally(build_pipeline(cfg, tracking_uri=state["tracking_uri"]), state, pipeline_root)
@@ -71,6 +72,14 @@ def run_cmd(
         typer.echo(table)
     typer.echo(f"artifacts: {pipeline_root}")
     typer.echo(f"MLflow UI: mlflow ui --backend-store-uri {state['tracking_uri']}")
+
+
+def for_local_run(cfg: PipelineConfig) -> PipelineConfig:
+    """The config as a local run uses it: no retries (a failure on one machine is not transient; run the
+    command again instead, which reuses every finished step)."""
+    cfg = cfg.model_copy(deep=True)
+    cfg.placement.retries = 0
+    return cfg
 
 
 def check_local(cfg: PipelineConfig) -> None:
@@ -82,7 +91,9 @@ def check_local(cfg: PipelineConfig) -> None:
     gpus = cfg.placement.gpus.requested()
     if gpus and not torch.cuda.is_available():
         kind, n = next(iter(gpus.items()))
-        raise PipelineError(f"placement.gpus.{kind}={n} but this machine has no CUDA GPU: set it to 0 for a local run")
+        raise PipelineError(
+            f"placement.gpus.{kind}={n} but this machine has no CUDA GPU: set it to 0 for a local run"
+        )
     if cfg.tracking.uri:
         tracking.check_reachable(tracking.resolve_tracking_uri(cfg.tracking.uri))
     for where, uri in (("teacher.source", cfg.teacher.source), ("data.source", cfg.data.source)):
@@ -222,7 +233,9 @@ def read_run(run: Path) -> tuple[PipelineConfig, dict]:
     """The config and state of a local run directory."""
     state_file, config_file = Path(run) / RUN_FILE, Path(run) / CONFIG_FILE
     if not state_file.is_file() or not config_file.is_file():
-        raise PipelineError(f"{run} is not a run directory of `secateurs run` ({RUN_FILE} or {CONFIG_FILE} is missing)")
+        raise PipelineError(
+            f"{run} is not a run directory of `secateurs run` ({RUN_FILE} or {CONFIG_FILE} is missing)"
+        )
     state = json.loads(state_file.read_text())
     state["run_dir"] = str(Path(run).absolute())
     return load_config(config_file), state
@@ -232,11 +245,14 @@ def read_run(run: Path) -> tuple[PipelineConfig, dict]:
 @_one_line
 def rerun_cmd(
     run: Path = typer.Argument(..., help="Run directory of an earlier `secateurs run`."),
-    step: str = typer.Argument(..., help="Task to rerun: STEP[:STUDENT], e.g. distill:width or evaluate:width-pruned."),
+    step: str = typer.Option(
+        ..., "--step", help="Task to rerun: STEP[:STUDENT], e.g. distill:width or evaluate:width-pruned."
+    ),
     downstream: bool = typer.Option(False, "--downstream", help="Also rerun every step that depends on it."),
 ):
     """Rerun exactly one step of RUN from the artifacts RUN recorded (and, with --downstream, what follows)."""
     cfg, state = read_run(run)
+    cfg = for_local_run(cfg)
     check_local(cfg)
     from secateurs.pipelines.recipe import build_pipeline
 
@@ -244,13 +260,20 @@ def rerun_cmd(
     rerun_state = {**state, "pipeline_run": f"{state['pipeline_run']}-rerun-{time.strftime('%Y%m%d-%H%M%S')}"}
     pipeline = build_pipeline(cfg, steps=steps, imports=imports, fresh={s.key for s in steps},
                               tracking_uri=state["tracking_uri"])  # fmt: skip
-    _run_locally(pipeline, rerun_state, _local_pipeline_root(cfg, Path(state["run_dir"])), rerun_of=state["pipeline_run"])
+    _run_locally(
+        pipeline,
+        rerun_state,
+        _local_pipeline_root(cfg, Path(state["run_dir"])),
+        rerun_of=state["pipeline_run"],
+    )
     produced = recorded_outputs(state)
     for s in steps:
         for (key, output), uri in produced.items():
             if key == s.key:
                 typer.echo(f"{key}.{output}: {uri}")
-    typer.echo(f"rerun recorded in MLflow as pipeline run {rerun_state['pipeline_run']} ({TAG_RERUN_OF}={state['pipeline_run']})")
+    typer.echo(
+        f"rerun recorded in MLflow as pipeline run {rerun_state['pipeline_run']} ({TAG_RERUN_OF}={state['pipeline_run']})"
+    )
 
 
 def rerun_plan(cfg: PipelineConfig, key: str, downstream: bool, recorded: dict[tuple[str, str], str]):
@@ -297,7 +320,9 @@ def rerun_plan(cfg: PipelineConfig, key: str, downstream: bool, recorded: dict[t
 @_one_line
 def compile_cmd(
     config: Path = typer.Argument(..., help="Pipeline config YAML."),
-    output: Path = typer.Option(Path("pipeline.yaml"), "--output", "-o", help="Where to write the pipeline spec."),
+    output: Path = typer.Option(
+        Path("pipeline.yaml"), "--output", "-o", help="Where to write the pipeline spec."
+    ),
 ):
     """Compile the pipeline to a KFP spec (YAML) to upload to a Kubeflow Pipelines endpoint."""
     cfg = load_config(config)
@@ -347,7 +372,7 @@ def submit_spec(spec: Path, host: str, arguments: dict, run_name: str, experimen
             str(spec), arguments=arguments, run_name=run_name, experiment_name=experiment,
             namespace=namespace, enable_caching=caching,
         )  # fmt: skip
-    except Exception as e:  # kfp raises urllib3, requests and ApiException types alike
+    except Exception as e:  # noqa: BLE001 -- kfp raises urllib3, requests and ApiException errors alike
         status = getattr(e, "status", None)
         if status in (401, 403):
             raise PipelineError(
@@ -355,7 +380,9 @@ def submit_spec(spec: Path, host: str, arguments: dict, run_name: str, experimen
             ) from None
         text = str(e).splitlines()[0] if str(e) else type(e).__name__
         if status is None:
-            raise PipelineError(f"Kubeflow Pipelines at {host} is unreachable: {type(e).__name__}: {text}") from None
+            raise PipelineError(
+                f"Kubeflow Pipelines at {host} is unreachable: {type(e).__name__}: {text}"
+            ) from None
         raise PipelineError(f"Kubeflow Pipelines at {host} answered HTTP {status}: {text}") from None
     return f"{host.rstrip('/')}/#/runs/details/{result.run_id}"
 
@@ -363,8 +390,12 @@ def submit_spec(spec: Path, host: str, arguments: dict, run_name: str, experimen
 # -------------------------------------------------------------------------------------------- lineage
 @_one_line
 def lineage_cmd(
-    ref: str = typer.Argument(..., help="Model id, registered model[/version], run id, or artifact directory."),
-    tracking_uri: str = typer.Option(None, "--tracking-uri", help="MLflow URI (default: $MLFLOW_TRACKING_URI)."),
+    ref: str = typer.Argument(
+        ..., help="Model id, registered model[/version], run id, or artifact directory."
+    ),
+    tracking_uri: str = typer.Option(
+        None, "--tracking-uri", help="MLflow URI (default: $MLFLOW_TRACKING_URI)."
+    ),
     run_dir: Path = typer.Option(None, "--run-dir", help="A local run directory (its mlflow.db)."),
 ):
     """Print the chain of models from REF back to the teacher, as MLflow recorded it."""
@@ -373,4 +404,4 @@ def lineage_cmd(
     typer.echo(tracking.format_lineage(tracking.lineage(ref, uri=tracking_uri, run_dir=run_dir)))
 
 
-__all__ = ["run_cmd", "compile_cmd", "submit_cmd", "rerun_cmd", "lineage_cmd", "check_local", "GPU_STEPS"]
+__all__ = ["check_local", "compile_cmd", "lineage_cmd", "rerun_cmd", "run_cmd", "submit_cmd"]

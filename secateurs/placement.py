@@ -54,34 +54,48 @@ class Toleration(_Section):
     key: str = Field(description="Taint key, e.g. nvidia.com/gpu.")
     operator: Literal["Equal", "Exists"] = Field("Exists", description="Taint match operator.")
     value: str | None = Field(None, description="Taint value (operator Equal).")
-    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = Field(None, description="Taint effect.")
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = Field(
+        None, description="Taint effect."
+    )
 
 
 class SecretEnv(_Section):
     """A Kubernetes Secret whose keys become environment variables of every step."""
 
     name: str = Field(description="Secret name in the pipeline's namespace.")
-    env: dict[str, str] = Field(description="Secret key -> environment variable, e.g. {access-key: AWS_ACCESS_KEY_ID}.")
+    env: dict[str, str] = Field(
+        description="Secret key -> environment variable, e.g. {access-key: AWS_ACCESS_KEY_ID}."
+    )
 
 
 class CacheVolume(_Section):
     """An existing PersistentVolumeClaim mounted into every step (hub, dataset and S3 download caches)."""
 
     pvc: str = Field(description="PVC name (created by the chart).")
-    mount_path: str = Field("/cache", description="Where it is mounted; SECATEURS_CACHE and HF_HOME point into it.")
+    mount_path: str = Field(
+        "/cache", description="Where it is mounted; SECATEURS_CACHE and HF_HOME point into it."
+    )
 
 
 class PlacementConfig(_Section):
-    image: str | None = Field(None, description=f"Image of every step (default: $SECATEURS_IMAGE, else {DEFAULT_IMAGE}).")
+    image: str | None = Field(
+        None, description=f"Image of every step (default: $SECATEURS_IMAGE, else {DEFAULT_IMAGE})."
+    )
     gpus: GpuConfig = GpuConfig()
-    resources: dict[str, ResourceConfig] = Field(default_factory=dict, description="Step kind -> requests/limits.")
+    resources: dict[str, ResourceConfig] = Field(
+        default_factory=dict, description="Step kind -> requests/limits."
+    )
     node_selector: dict[str, str] = Field(default_factory=dict, description="Node labels for GPU steps.")
     tolerations: list[Toleration] = Field(default_factory=list, description="Tolerations for GPU steps.")
     secrets: list[SecretEnv] = Field(default_factory=list, description="Secrets exposed as env (S3, MLflow).")
     cache_volume: CacheVolume | None = Field(None, description="PVC for download caches.")
     # PyTorch data loaders and NCCL use /dev/shm; a container's default is 64 MiB.
-    shm_size: str | None = Field("16Gi", description="Memory-backed /dev/shm size for GPU steps (None: leave it).")
-    retries: int = Field(2, ge=0, description="Retries of a step after a transient failure (node loss, OOM kill).")
+    shm_size: str | None = Field(
+        "16Gi", description="Memory-backed /dev/shm size for GPU steps (None: leave it)."
+    )
+    retries: int = Field(
+        2, ge=0, description="Retries of a step after a transient failure (node loss, OOM kill)."
+    )
     retry_backoff: str = Field("60s", description="First retry delay; doubles each retry.")
     caching: bool = Field(True, description="Reuse the outputs of a step already run with the same inputs.")
 
@@ -107,5 +121,6 @@ class TrackingConfig(_Section):
         description="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///<run dir>/mlflow.db).",
     )
     pipeline_root: str | None = Field(
-        None, description="Where KFP keeps artifacts: a local dir or s3://bucket/prefix (default: <run dir>/artifacts)."
+        None,
+        description="Where KFP keeps artifacts: a local dir or s3://bucket/prefix (default: <run dir>/artifacts).",
     )

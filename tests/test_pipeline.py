@@ -4,6 +4,7 @@ injection, resuming a failed run, rerunning one step, and the compiled spec's pl
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import yaml
@@ -11,8 +12,6 @@ from safetensors.torch import load_file
 
 pytest.importorskip("kfp")
 pytest.importorskip("mlflow")
-
-from secateurs.config import PipelineConfig  # noqa: E402
 
 
 def tiny_config(teacher, corpus, **extra) -> dict:
@@ -22,7 +21,7 @@ def tiny_config(teacher, corpus, **extra) -> dict:
     return {
         "name": "tiny",
         "teacher": {"source": str(teacher), "dtype": "float32"},
-        "data": {"source": str(corpus), "seq_len": 32, "max_tokens": 32 * 60, "val_fraction": 0.2},
+        "data": {"source": str(corpus), "seq_len": 32, "max_tokens": 32 * 400, "val_fraction": 0.25},
         "teacher_correction": {"enabled": True, **train},
         "importance": {"samples": 8, "batch_size": 4, "block_sizes": [1], "depth_samples": 4},
         "distill": train,
@@ -30,7 +29,7 @@ def tiny_config(teacher, corpus, **extra) -> dict:
             {"name": "a", "prune": {"hidden_size": 48, "ffn_hidden_size": 64}},
             {"name": "b", "parent": "a", "prune": {"num_layers": 3, "depth_criterion": "lm-loss-contiguous"}},
         ],
-        "evaluate": {"tasks": [], "batch_size": 8, "max_sequences": 8},
+        "evaluate": {"tasks": ["lambada-docs"], "batch_size": 8, "max_sequences": 8, "limit": 8},
         **extra,
     }
 
@@ -111,14 +110,14 @@ def test_report_compares_every_model(failed_then_resumed):
     run_dir, _ = failed_then_resumed
     _, state = read_run(run_dir)
     report = recorded_outputs(state)[("report", "comparison")]
-    entries = json.loads(open(f"{report}/entries.json").read())
+    entries = json.loads(Path(report, "entries.json").read_text())
     assert [(e["name"], e["role"], e["parent"]) for e in entries] == [
         ("teacher", "teacher", None), ("a-pruned", "pruned", "teacher"), ("a", "distilled", "a-pruned"),
         ("b-pruned", "pruned", "a"), ("b", "distilled", "b-pruned"),
     ]  # fmt: skip
     assert entries[0]["parameters"] > entries[2]["parameters"] > entries[4]["parameters"]
     for png in ("quality_vs_parameters.png", "speedup.png"):
-        assert open(f"{report}/{png}", "rb").read(4) == b"\x89PNG"
+        assert Path(report, png).read_bytes()[:4] == b"\x89PNG"
 
 
 def test_rerun_one_step_reproduces_it_and_leaves_the_run_untouched(failed_then_resumed):
@@ -161,8 +160,6 @@ GPU_TASKS = ("correct-teacher", "importance", "distill", "evaluate")
 @pytest.fixture(scope="module")
 def compiled(tmp_path_factory, monkeypatch_module):
     """The Llama-3.1-8B recipe compiled with credentials in the environment that must not leak into it."""
-    from pathlib import Path
-
     from secateurs.config import load_config
     from secateurs.pipeline_cli import compile_pipeline
 
@@ -225,9 +222,16 @@ def test_compiled_spec_caching_retries_and_kubernetes_settings(compiled):
             assert task["retryPolicy"]["maxRetryCount"] == 2, name
     k8s = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
     distill = next(v for k, v in k8s.items() if "distill" in k)
-    assert {s["secretName"] for s in distill["secretAsEnv"]} == {"secateurs-s3", "secateurs-mlflow", "secateurs-hf"}
+    assert {s["secretName"] for s in distill["secretAsEnv"]} == {
+        "secateurs-s3",
+        "secateurs-mlflow",
+        "secateurs-hf",
+    }
     assert distill["pvcMount"][0]["constant"] == "secateurs-cache"
-    assert distill["emptyDirMounts"][0]["mountPath"] == "/dev/shm" and distill["emptyDirMounts"][0]["medium"] == "Memory"
+    assert (
+        distill["emptyDirMounts"][0]["mountPath"] == "/dev/shm"
+        and distill["emptyDirMounts"][0]["medium"] == "Memory"
+    )
     assert distill["tolerations"][0]["key"] == "nvidia.com/gpu"
     prune = next(v for k, v in k8s.items() if "prune" in k)
     assert "tolerations" not in prune and "emptyDirMounts" not in prune
@@ -249,11 +253,15 @@ def test_local_run_refuses_gpus_it_does_not_have(tmp_path, tiny_models, docs_txt
     if torch.cuda.is_available():
         pytest.skip("this machine has a CUDA GPU")
     path = tmp_path / "gpu.yaml"
-    path.write_text(yaml.safe_dump(tiny_config(tiny_models["llama-tied"], docs_txt, placement={"gpus": {"distill": 1}})))
+    path.write_text(
+        yaml.safe_dump(tiny_config(tiny_models["llama-tied"], docs_txt, placement={"gpus": {"distill": 1}}))
+    )
     with pytest.raises(typer.Exit):
         run_cmd(path, tmp_path / "run")
     err = capsys.readouterr().err.strip()
-    assert err == "error: placement.gpus.distill=1 but this machine has no CUDA GPU: set it to 0 for a local run"
+    assert (
+        err == "error: placement.gpus.distill=1 but this machine has no CUDA GPU: set it to 0 for a local run"
+    )
     assert not (tmp_path / "run").exists()
 
 
@@ -277,7 +285,7 @@ def test_local_run_refuses_an_unreachable_mlflow_server(tmp_path, tiny_models, d
     assert "\n" not in err
 
 
-def test_submit_to_an_unreachable_host_is_one_line(tmp_path, capsys):
+def test_submit_to_an_unreachable_host_is_one_line(capsys):
     import socket
 
     import typer
@@ -287,13 +295,9 @@ def test_submit_to_an_unreachable_host_is_one_line(tmp_path, capsys):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    config = tmp_path.parent / "x.yaml"
-    from pathlib import Path
-
     demo = Path(__file__).resolve().parents[1] / "configs" / "demo-cpu.yaml"
     with pytest.raises(typer.Exit):
         submit_cmd(demo, f"http://127.0.0.1:{port}", "secateurs", None)
     err = capsys.readouterr().err.strip()
     assert err.startswith(f"error: Kubeflow Pipelines at http://127.0.0.1:{port} is unreachable"), err
     assert "\n" not in err
-    del config
