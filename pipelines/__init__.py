@@ -1,0 +1,1 @@
+"""The pipeline graph (installed as `secateurs.pipelines`): `recipe.build_pipeline(config)` and `recipe.place`."""

@@ -14,6 +14,7 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from secateurs.placement import PlacementConfig, TrackingConfig
 from secateurs.prune import DEPTH_CRITERIA, PruneTarget, parse_layer_list
 
 
@@ -141,6 +142,28 @@ class DistillConfig(TrainingConfig):
     kd_backend: Literal["auto", "liger", "chunked"] = Field("auto", description="Fused loss implementation: auto = chunked (faster than Liger on an H200, bench/results/gpu); liger on CUDA with liger-kernel.")
 
 
+class EvaluateConfig(Section):
+    """Evaluation of the teacher and of every student before and after distillation (secateurs.evaluate)."""
+
+    tasks: list[str] = Field(
+        ["lambada-docs"], min_length=1, description="Task names, task YAML paths or lm-eval task names."
+    )
+    batch_size: int = Field(8, ge=1, description="Sequences per forward pass.")
+    max_sequences: int | None = Field(None, ge=1, description="Cap on the validation sequences for the loss.")
+    limit: int | None = Field(None, ge=1, description="Cap on the items of every task.")
+
+
+class EngineConfig(Section):
+    """Optional inference-engine build and throughput benchmark of the teacher and the distilled students."""
+
+    enabled: bool = Field(False, description="Build and benchmark an engine per model.")
+    backend: Literal["onnxruntime-genai", "tensorrt-llm"] = Field("onnxruntime-genai", description="Engine backend.")
+    precision: str = Field("int4", description="int4|fp32|fp16 (onnxruntime-genai), bf16|fp8 (tensorrt-llm).")
+    lengths: str = Field("128:128", description="INPUT:OUTPUT token pairs to benchmark, comma separated.")
+    batch: int = Field(8, ge=1, description="Concurrent requests.")
+    repeats: int = Field(3, ge=1, description="Timed repeats per length pair (the median is reported).")
+
+
 class StudentConfig(Section):
     name: str = Field(pattern=r"^[a-z0-9][a-z0-9-]*$", description="Short name (lower case, digits, dashes).")
     parent: str = Field("teacher", description="'teacher' or the name of another student to prune from (15B -> 8B -> 4B chains).")
@@ -156,6 +179,10 @@ class PipelineConfig(Section):
     importance: ImportanceConfig = ImportanceConfig()
     distill: DistillConfig = DistillConfig()
     students: list[StudentConfig] = Field(min_length=1)
+    evaluate: EvaluateConfig = EvaluateConfig()
+    engine: EngineConfig = EngineConfig()
+    placement: PlacementConfig = PlacementConfig()
+    tracking: TrackingConfig = TrackingConfig()
 
     @model_validator(mode="after")
     def _student_graph(self):

@@ -1,0 +1,80 @@
+"""What every component body shares at run time: the MLflow step run, the failure injection, the loss forwarder.
+
+Imported inside component bodies (they run in the image, or in the local venv under kfp.local), so it may use
+kfp-free parts of secateurs only.
+
+Failure injection (for tests and drills): `SECATEURS_FAIL_STEP=distill:width` makes the `distill` step of
+student `width` raise before doing any work (`SECATEURS_FAIL_STEP=prepare-data` for a step without a student;
+several entries are separated by commas). The step's MLflow run ends FAILED, as a real failure's would.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+
+from transformers import TrainerCallback
+
+FAIL_STEP_ENV = "SECATEURS_FAIL_STEP"
+# Tags on a step's MLflow run that let `secateurs rerun` find what the step produced: its task key in the
+# recipe (`distill:width`, `evaluate:width-pruned`) and the URI of each of its outputs.
+TAG_TASK = "secateurs.task"
+TAG_OUTPUT_PREFIX = "secateurs.kfp_output."
+
+
+class InjectedFailure(RuntimeError):
+    """Raised by a step named in SECATEURS_FAIL_STEP."""
+
+
+def check_injected_failure(step: str, student: str = "") -> None:
+    """Raise InjectedFailure when SECATEURS_FAIL_STEP names this step (and student)."""
+    wanted = {w.strip() for w in os.environ.get(FAIL_STEP_ENV, "").split(",") if w.strip()}
+    me = f"{step}:{student}" if student else step
+    if me in wanted:
+        raise InjectedFailure(f"{FAIL_STEP_ENV}={os.environ[FAIL_STEP_ENV]} stops step {me} before it starts")
+
+
+@contextlib.contextmanager
+def tracked_step(
+    step: str, tracking_uri: str, pipeline_run: str, student: str = "", *, outputs: dict, task: str = ""
+) -> Iterator:
+    """The MLflow run of one step, nested under the pipeline run `pipeline_run` (see secateurs.tracking).
+
+    An empty `tracking_uri` falls back to MLFLOW_TRACKING_URI (set by the KFP MLflow plugin on a cluster).
+    On success the run is tagged with the task key (default `step[:student]`) and the URI of every output
+    ({output name: KFP artifact}), which is what `secateurs rerun` imports later.
+    """
+    from secateurs.tracking import Tracker
+
+    tracker = Tracker(tracking_uri or None, pipeline_run=pipeline_run or None)
+    with tracker.step(step, student=student or None) as run:
+        check_injected_failure(step, student)
+        yield run
+        tags = {TAG_OUTPUT_PREFIX + name: artifact.uri for name, artifact in outputs.items()}
+        run.set_tags({TAG_TASK: task or (f"{step}:{student}" if student else step), **tags})
+
+
+class LossForwarder(TrainerCallback):
+    """Forwards the Trainer's logged numbers (loss, learning rate, grad norm) to the step's MLflow run."""
+
+    def __init__(self, run) -> None:
+        self.run = run
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs:
+            self.run.log_metrics(logs, step=state.global_step)
+
+
+def report_entry(name: str, role: str, parent: str, metrics: dict) -> dict:
+    """The report's view of one evaluation (`secateurs.report.ReportEntry` fields)."""
+    tasks = {t: v["acc"] for t, v in (metrics.get("tasks") or {}).items() if "acc" in v}
+    return {
+        "name": name,
+        "role": role,
+        "parent": parent or None,
+        "parameters": metrics["parameters"],
+        "val_loss": metrics.get("validation_loss"),
+        "perplexity": metrics.get("perplexity"),
+        "tasks": tasks,
+    }

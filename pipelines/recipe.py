@@ -1,0 +1,221 @@
+"""The Minitron recipe as a KFP pipeline, built from a config (the students are known when it is compiled).
+
+`recipe(config)` lists the steps in order, each with the outputs of earlier steps it reads; `build_pipeline`
+turns that list (or the part of it a rerun needs, with the rest brought in by `dsl.importer`) into a pipeline
+function; `place` is the one place where a task gets its cluster settings.
+
+Task keys name the steps for people and for `secateurs rerun`: `import-model`, `prepare-data`,
+`correct-teacher`, `importance` (of the teacher) and `importance:<student>` (of a distilled student that other
+students are pruned from), `prune:<student>`, `distill:<student>`, `evaluate:teacher`,
+`evaluate:<student>-pruned`, `evaluate:<student>`, `engine:teacher`, `engine:<student>`, `collect:<model>`,
+`report`.
+"""
+
+# No `from __future__ import annotations`: KFP reads the pipeline function's parameter types at run time.
+from dataclasses import dataclass, field
+
+from secateurs.config import PipelineConfig
+from secateurs.placement import GPU_STEPS, PlacementConfig
+
+# What each component's outputs are, for importing them into a rerun.
+OUTPUT_TYPES = {
+    "model": "Model", "corrected": "Model", "pruned": "Model", "distilled": "Model", "dataset": "Dataset",
+    "scores": "Artifact", "evaluation": "Artifact", "built": "Artifact", "table": "Artifact",
+    "comparison": "Artifact", "metrics": "Metrics", "bench": "Metrics",
+}  # fmt: skip
+
+
+@dataclass
+class Step:
+    """One task of the pipeline: the component `kind`, its artifact inputs and its plain parameters.
+
+    `inputs` maps the component's input name to (task key, output name) of the step that produces it.
+    """
+
+    key: str
+    kind: str
+    inputs: dict[str, tuple[str, str]] = field(default_factory=dict)
+    params: dict[str, str] = field(default_factory=dict)
+    student: str = ""
+
+
+def recipe(config: PipelineConfig) -> list[Step]:
+    """The steps of the recipe in the order they run.
+
+    1. import the teacher;
+    2. prepare the data with its tokenizer;
+    3. correct the teacher on that data (if `teacher_correction.enabled`);
+    4. score the teacher's units (importance);
+    5. for each student, parents before children: prune it from the teacher, or from its parent student's
+       distilled model (scored by its own importance step), and evaluate the pruned model;
+    6. distill it from the (corrected) teacher and evaluate it; evaluate the teacher too;
+    7. build and benchmark an engine of the teacher and of each distilled student (if `engine.enabled`);
+    8. gather one report row per model and write the report.
+    """
+    steps = [
+        Step("import-model", "import_model", params={"source": config.teacher.source, "dtype": config.teacher.dtype}),
+        Step("prepare-data", "prepare_data", {"model": ("import-model", "model")},
+             {"settings": config.data.model_dump_json()}),
+    ]  # fmt: skip
+    teacher = ("import-model", "model")
+    if config.teacher_correction.enabled:
+        steps.append(
+            Step("correct-teacher", "correct_teacher", {"model": teacher, "dataset": ("prepare-data", "dataset")},
+                 {"settings": config.teacher_correction.model_dump_json()})
+        )  # fmt: skip
+        teacher = ("correct-teacher", "corrected")
+    data = ("prepare-data", "dataset")
+    importance_settings = config.importance.model_dump_json()
+    steps.append(Step("importance", "importance", {"model": teacher, "dataset": data},
+                      {"settings": importance_settings, "student": ""}))  # fmt: skip
+    evaluated = [_evaluate(config, "teacher", "teacher", "", "", teacher, data)]
+    distilled = {"teacher": (teacher, "importance")}  # model name -> (its model output, its importance task)
+    parents_of_others = {s.parent for s in config.students}
+    for s in config.lineage_order():
+        parent_model, parent_scores = distilled[s.parent]
+        steps.append(
+            Step(f"prune:{s.name}", "prune", {"model": parent_model, "scores": (parent_scores, "scores")},
+                 {"settings": s.prune.model_dump_json()}, s.name)
+        )  # fmt: skip
+        pruned = (f"prune:{s.name}", "pruned")
+        evaluated.append(_evaluate(config, f"{s.name}-pruned", "pruned", s.parent, s.name, pruned, data))
+        settings = s.distill or config.distill
+        steps.append(
+            Step(f"distill:{s.name}", "distill", {"teacher": teacher, "model": pruned, "dataset": data},
+                 {"settings": settings.model_dump_json()}, s.name)
+        )  # fmt: skip
+        model = (f"distill:{s.name}", "distilled")
+        evaluated.append(_evaluate(config, s.name, "distilled", f"{s.name}-pruned", s.name, model, data))
+        scores = ""
+        if s.name in parents_of_others:  # its children are pruned by importance measured on it
+            scores = f"importance:{s.name}"
+            steps.append(Step(scores, "importance", {"model": model, "dataset": data},
+                              {"settings": importance_settings}, s.name))  # fmt: skip
+        distilled[s.name] = (model, scores)
+    steps += [step for _, step, _ in evaluated]
+    if config.engine.enabled:
+        for name, (model, _) in distilled.items():
+            student = "" if name == "teacher" else name
+            steps.append(Step(f"engine:{name}", "engine", {"model": model, "dataset": data},
+                              {"settings": config.engine.model_dump_json()}, student))  # fmt: skip
+    previous = None
+    for name, step, _ in evaluated:
+        inputs = {"metrics": (step.key, "metrics")}
+        if previous:
+            inputs["previous"] = (previous, "table")
+        if config.engine.enabled and name in distilled:
+            inputs["bench"] = (f"engine:{name}", "bench")
+        steps.append(Step(f"collect:{name}", "collect", inputs))
+        previous = f"collect:{name}"
+    steps.append(Step("report", "report", {"table": (previous, "table")}))
+    return steps
+
+
+def _evaluate(config, name, role, parent, student, model, data) -> tuple[str, Step, str]:
+    step = Step(
+        f"evaluate:{name}", "evaluate", {"model": model, "dataset": data},
+        {"settings": config.evaluate.model_dump_json(), "name": name, "role": role, "parent": parent}, student,
+    )  # fmt: skip
+    return name, step, role
+
+
+TRACKED = {"import_model", "prepare_data", "correct_teacher", "importance", "prune", "distill", "evaluate",
+           "engine", "report"}  # fmt: skip
+
+
+def build_pipeline(
+    config: PipelineConfig,
+    steps: list[Step] | None = None,
+    imports: dict[tuple[str, str], str] | None = None,
+    fresh: set[str] = frozenset(),
+    tracking_uri: str = "",
+):
+    """The pipeline function for `config`.
+
+    Args:
+        config: the validated pipeline config.
+        steps: the steps to run (default: the whole `recipe(config)`); inputs from steps not listed must be in
+            `imports`.
+        imports: (task key, output name) -> URI of an artifact an earlier run produced, brought in with
+            `dsl.importer`.
+        fresh: task keys that must run even if the cache holds their outputs (a rerun's target).
+        tracking_uri: the default of the pipeline's `tracking_uri` parameter ("" leaves it to the step's
+            MLFLOW_TRACKING_URI).
+
+    Returns:
+        A `@dsl.pipeline` function with parameters `tracking_uri` and `pipeline_run`.
+    """
+    from kfp import dsl
+
+    from secateurs.components.steps import for_image
+
+    steps = recipe(config) if steps is None else steps
+    imports = imports or {}
+    components = for_image(config.placement.resolved_image())
+    placement = config.placement
+
+    @dsl.pipeline(name=config.name, description=f"secateurs: {config.teacher.source} -> "
+                  f"{', '.join(s.name for s in config.students)}")  # fmt: skip
+    def pipeline(tracking_uri: str = tracking_uri, pipeline_run: str = ""):
+        tasks = {}
+
+        def artifact(ref):
+            if ref[0] in tasks:
+                return tasks[ref[0]].outputs[ref[1]]
+            if ref not in imports:
+                raise ValueError(f"step input {ref[0]}.{ref[1]} is neither run nor imported")
+            kind = getattr(dsl, OUTPUT_TYPES[ref[1]])
+            imported = dsl.importer(artifact_uri=imports[ref], artifact_class=kind, reimport=False)
+            imported.set_display_name(f"import {ref[0]}.{ref[1]}")
+            tasks[ref] = imported
+            return imported.output
+
+        for step in steps:
+            kwargs = {name: artifact(ref) for name, ref in step.inputs.items()} | step.params
+            if step.kind in TRACKED:
+                kwargs |= {"tracking_uri": tracking_uri, "pipeline_run": pipeline_run}
+            if step.kind in ("importance", "prune", "distill", "evaluate", "engine"):
+                kwargs.setdefault("student", step.student)
+            task = getattr(components, step.kind)(**kwargs)
+            task.set_display_name(step.key)
+            place(task, step.kind, placement)
+            if step.key in fresh:
+                task.set_caching_options(False)
+            tasks[step.key] = task
+
+    return pipeline
+
+
+def place(task, kind: str, placement: PlacementConfig) -> None:
+    """Every cluster setting of one task: GPUs, resources, node selection, secrets, volumes, retries, caching.
+
+    kfp.local ignores the Kubernetes ones (with a warning); GPUs are requested only by the GPU step kinds.
+    """
+    from kfp import kubernetes
+
+    gpus = getattr(placement.gpus, kind, 0) if kind in GPU_STEPS else 0
+    if gpus:
+        task.set_accelerator_type("nvidia.com/gpu").set_accelerator_limit(gpus)
+        for label, value in placement.node_selector.items():
+            kubernetes.add_node_selector(task, label_key=label, label_value=value)
+        for t in placement.tolerations:
+            kubernetes.add_toleration(task, key=t.key, operator=t.operator, value=t.value, effect=t.effect)
+        if placement.shm_size:
+            kubernetes.empty_dir_mount(task, volume_name="shm", mount_path="/dev/shm", medium="Memory",
+                                       size_limit=placement.shm_size)  # fmt: skip
+    resources = placement.resources.get(kind)
+    if resources is not None:
+        for setting, value in resources.model_dump(exclude_none=True).items():
+            getattr(task, f"set_{setting}")(value)
+    for secret in placement.secrets:
+        kubernetes.use_secret_as_env(task, secret_name=secret.name, secret_key_to_env=secret.env)
+    if placement.cache_volume is not None:
+        path = placement.cache_volume.mount_path
+        kubernetes.mount_pvc(task, pvc_name=placement.cache_volume.pvc, mount_path=path)
+        task.set_env_variable("SECATEURS_CACHE", f"{path}/secateurs")
+        task.set_env_variable("HF_HOME", f"{path}/huggingface")
+    if placement.retries:
+        task.set_retry(
+            num_retries=placement.retries, backoff_duration=placement.retry_backoff, backoff_factor=2
+        )
+    task.set_caching_options(placement.caching)

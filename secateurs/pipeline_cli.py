@@ -1,0 +1,407 @@
+"""The pipeline commands of `secateurs`: run (locally, through kfp.local), compile, submit, rerun, lineage.
+
+A local run lives in one directory, `runs/<name>` by default:
+- `config.yaml`: the resolved config it ran;
+- `run.json`: its pipeline run id and tracking URI. Running the same command again reuses them, so kfp.local's
+  cache (under `artifacts/.kfp_cache`) serves every step that already succeeded and only what failed or changed
+  runs again, under the same MLflow pipeline run;
+- `artifacts/`: the pipeline root (every step's outputs), `mlflow.db`: the MLflow store (SQLite).
+
+`rerun RUN --step STEP[:STUDENT]` runs one step again in a new pipeline whose inputs are the artifacts RUN recorded in
+MLflow (brought in with `dsl.importer`); its outputs land in a new directory, so nothing RUN produced changes, and
+its MLflow pipeline run is tagged `secateurs.rerun_of=<RUN's pipeline run>`.
+
+Everything that can be checked before compute is: the config, GPUs asked of a machine without one, the MLflow
+and S3 endpoints. kfp is imported inside the functions (the library core runs without it).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import typer
+
+from secateurs.config import PipelineConfig, load_config
+
+RUN_FILE = "run.json"
+CONFIG_FILE = "config.yaml"
+TAG_RERUN_OF = "secateurs.rerun_of"
+
+
+class PipelineError(ValueError):
+    """A pipeline that cannot be run, compiled, submitted or rerun as asked; the message says why."""
+
+
+def _one_line(fn):
+    """Print expected failures as one line on stderr and exit 1 (the commands' contract)."""
+    import functools
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except (ValueError, ConnectionError, FileNotFoundError, PermissionError, RuntimeError) as e:
+            typer.secho(
+                f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", fg="red", err=True
+            )
+            raise typer.Exit(1) from None
+
+    return wrapper
+
+
+# ------------------------------------------------------------------------------------------------ run
+@_one_line
+def run_cmd(
+    config: Path = typer.Argument(..., help="Pipeline config YAML."),
+    run_dir: Path = typer.Option(None, "--run-dir", help="Run directory (default: runs/<config name>)."),
+):
+    """Run the whole pipeline on this machine (kfp.local); run it again to redo only what failed."""
+    cfg = for_local_run(load_config(config))
+    run_dir = (run_dir or Path("runs") / cfg.name).absolute()
+    check_local(cfg)
+    pipeline_root = _local_pipeline_root(cfg, run_dir)
+    state = _open_run(cfg, run_dir)
+    from secateurs.pipelines.recipe import build_pipeline
+
+    _run_locally(build_pipeline(cfg, tracking_uri=state["tracking_uri"]), state, pipeline_root)
+    table = report_table(state)
+    if table:
+        typer.echo(table)
+    typer.echo(f"artifacts: {pipeline_root}")
+    typer.echo(f"MLflow UI: mlflow ui --backend-store-uri {state['tracking_uri']}")
+
+
+def for_local_run(cfg: PipelineConfig) -> PipelineConfig:
+    """The config as a local run uses it: no retries (a failure on one machine is not transient; run the
+    command again instead, which reuses every finished step)."""
+    cfg = cfg.model_copy(deep=True)
+    cfg.placement.retries = 0
+    return cfg
+
+
+def check_local(cfg: PipelineConfig) -> None:
+    """Refuse, before any compute, what a local run cannot do: GPUs it lacks, unreachable MLflow or S3."""
+    import torch
+
+    from secateurs import storage, tracking
+
+    gpus = cfg.placement.gpus.requested()
+    if gpus and not torch.cuda.is_available():
+        kind, n = next(iter(gpus.items()))
+        raise PipelineError(
+            f"placement.gpus.{kind}={n} but this machine has no CUDA GPU: set it to 0 for a local run"
+        )
+    if cfg.tracking.uri:
+        tracking.check_reachable(tracking.resolve_tracking_uri(cfg.tracking.uri))
+    for where, uri in (("teacher.source", cfg.teacher.source), ("data.source", cfg.data.source)):
+        if storage.is_s3_uri(uri):
+            try:
+                storage.check_access(uri)
+            except storage.StorageError as e:
+                raise PipelineError(f"{where}: {e}") from None
+
+
+def _local_pipeline_root(cfg: PipelineConfig, run_dir: Path) -> Path:
+    from secateurs import storage
+
+    root = cfg.tracking.pipeline_root
+    if root and storage.is_s3_uri(root):
+        raise PipelineError(
+            f"tracking.pipeline_root={root} is on S3, but a local run keeps artifacts on local disk: "
+            "leave it unset for `secateurs run` (it is for `submit`)"
+        )
+    return Path(root).absolute() if root else run_dir / "artifacts"
+
+
+def _open_run(cfg: PipelineConfig, run_dir: Path) -> dict:
+    """The run directory's state: a new pipeline run id the first time, the same one on every later run."""
+    import yaml
+
+    from secateurs import tracking
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    state_file = run_dir / RUN_FILE
+    uri = tracking.resolve_tracking_uri(cfg.tracking.uri, run_dir)
+    tracking.check_reachable(uri)
+    if state_file.is_file():
+        state = json.loads(state_file.read_text())
+    else:
+        state = {"pipeline_run": f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}", "tracking_uri": uri}
+        state_file.write_text(json.dumps(state, indent=1))
+    state["run_dir"] = str(run_dir)
+    (run_dir / CONFIG_FILE).write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+    return state
+
+
+def _run_locally(pipeline, state: dict, pipeline_root: Path, rerun_of: str | None = None) -> None:
+    """Run `pipeline` through kfp.local with caching, closing its MLflow pipeline run with the outcome."""
+    from kfp import local
+
+    from secateurs.tracking import Tracker
+
+    # Opening the tracker here creates the pipeline run (or finds it again when resuming) before the steps do.
+    tracker = Tracker(state["tracking_uri"], pipeline_run=state["pipeline_run"])
+    if rerun_of and tracker.active:
+        tracker.client.set_tag(tracker.parent_run_id, TAG_RERUN_OF, rerun_of)
+    local.init(local.SubprocessRunner(use_venv=False), pipeline_root=str(pipeline_root), enable_caching=True)
+    try:
+        pipeline(tracking_uri=state["tracking_uri"], pipeline_run=state["pipeline_run"])
+    except RuntimeError as e:
+        tracker.finish_pipeline("FAILED")
+        failed = failed_steps(state)
+        where = f"step {', '.join(failed)} failed" if failed else str(e).splitlines()[0]
+        raise PipelineError(
+            f"{where} (its log is above); run the same command again to redo only what did not finish"
+        ) from None
+    tracker.finish_pipeline("FINISHED")
+
+
+# --------------------------------------------------------------------------------- what MLflow recorded
+def _client(uri: str):
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=uri)
+
+
+def _step_runs(state: dict, pipeline_runs: list[str] | None = None, status: str | None = None) -> list:
+    """The step runs of the run's pipeline run(s), newest first."""
+    from secateurs.components.runtime import TAG_TASK
+    from secateurs.tracking import EXPERIMENT, TAG_PIPELINE_RUN, TAG_ROLE
+
+    client = _client(state["tracking_uri"])
+    experiment = client.get_experiment_by_name(EXPERIMENT)
+    if experiment is None:
+        return []
+    runs = []
+    for pipeline_run in pipeline_runs or [state["pipeline_run"]]:
+        found = client.search_runs(
+            [experiment.experiment_id],
+            filter_string=f"tags.`{TAG_PIPELINE_RUN}` = '{pipeline_run}' AND tags.`{TAG_ROLE}` = 'step'",
+            order_by=["attributes.start_time DESC"],
+        )
+        runs += [r for r in found if status is None or r.info.status == status]
+    runs.sort(key=lambda r: r.info.start_time, reverse=True)
+    return [r for r in runs if status != "FINISHED" or TAG_TASK in r.data.tags]
+
+
+def failed_steps(state: dict) -> list[str]:
+    from secateurs.tracking import TAG_STEP, TAG_STUDENT
+
+    runs = _step_runs(state, status="FAILED")
+    if not runs:
+        return []
+    latest = runs[0].data.tags
+    return [latest.get(TAG_STEP, "?") + (f":{latest[TAG_STUDENT]}" if latest.get(TAG_STUDENT) else "")]
+
+
+def recorded_outputs(state: dict) -> dict[tuple[str, str], str]:
+    """(task key, output name) -> URI of every output the run's finished steps (and its reruns) recorded.
+
+    The newest record of a task wins, so a step rerun after a failure supplies its outputs to later reruns.
+    """
+    from secateurs.components.runtime import TAG_OUTPUT_PREFIX, TAG_TASK
+    from secateurs.tracking import EXPERIMENT, TAG_PIPELINE_RUN
+
+    client = _client(state["tracking_uri"])
+    experiment = client.get_experiment_by_name(EXPERIMENT)
+    reruns = client.search_runs(
+        [experiment.experiment_id], filter_string=f"tags.`{TAG_RERUN_OF}` = '{state['pipeline_run']}'"
+    ) if experiment else []  # fmt: skip
+    ids = [state["pipeline_run"]] + [r.data.tags[TAG_PIPELINE_RUN] for r in reruns]
+    outputs: dict[tuple[str, str], str] = {}
+    for run in reversed(_step_runs(state, ids, status="FINISHED")):  # oldest first, newest overwrites
+        for tag, uri in run.data.tags.items():
+            if tag.startswith(TAG_OUTPUT_PREFIX):
+                outputs[(run.data.tags[TAG_TASK], tag.removeprefix(TAG_OUTPUT_PREFIX))] = uri
+    return outputs
+
+
+def report_table(state: dict) -> str | None:
+    """The final comparison table of a finished local run, from the report step's recorded output."""
+    from secateurs.report import format_table
+
+    uri = recorded_outputs(state).get(("report", "comparison"))
+    if uri is None or not (Path(uri) / "entries.json").is_file():
+        return None
+    return format_table(json.loads((Path(uri) / "entries.json").read_text()))
+
+
+def read_run(run: Path) -> tuple[PipelineConfig, dict]:
+    """The config and state of a local run directory."""
+    state_file, config_file = Path(run) / RUN_FILE, Path(run) / CONFIG_FILE
+    if not state_file.is_file() or not config_file.is_file():
+        raise PipelineError(
+            f"{run} is not a run directory of `secateurs run` ({RUN_FILE} or {CONFIG_FILE} is missing)"
+        )
+    state = json.loads(state_file.read_text())
+    state["run_dir"] = str(Path(run).absolute())
+    return load_config(config_file), state
+
+
+# ---------------------------------------------------------------------------------------------- rerun
+@_one_line
+def rerun_cmd(
+    run: Path = typer.Argument(..., help="Run directory of an earlier `secateurs run`."),
+    step: str = typer.Option(
+        ..., "--step", help="Task to rerun: STEP[:STUDENT], e.g. distill:width or evaluate:width-pruned."
+    ),
+    downstream: bool = typer.Option(False, "--downstream", help="Also rerun every step that depends on it."),
+):
+    """Rerun exactly one step of RUN from the artifacts RUN recorded (and, with --downstream, what follows)."""
+    cfg, state = read_run(run)
+    cfg = for_local_run(cfg)
+    check_local(cfg)
+    from secateurs.pipelines.recipe import build_pipeline
+
+    steps, imports = rerun_plan(cfg, step, downstream, recorded_outputs(state))
+    rerun_state = {**state, "pipeline_run": f"{state['pipeline_run']}-rerun-{time.strftime('%Y%m%d-%H%M%S')}"}
+    pipeline = build_pipeline(cfg, steps=steps, imports=imports, fresh={s.key for s in steps},
+                              tracking_uri=state["tracking_uri"])  # fmt: skip
+    _run_locally(
+        pipeline,
+        rerun_state,
+        _local_pipeline_root(cfg, Path(state["run_dir"])),
+        rerun_of=state["pipeline_run"],
+    )
+    produced = recorded_outputs(state)
+    for s in steps:
+        for (key, output), uri in produced.items():
+            if key == s.key:
+                typer.echo(f"{key}.{output}: {uri}")
+    typer.echo(
+        f"rerun recorded in MLflow as pipeline run {rerun_state['pipeline_run']} ({TAG_RERUN_OF}={state['pipeline_run']})"
+    )
+
+
+def rerun_plan(cfg: PipelineConfig, key: str, downstream: bool, recorded: dict[tuple[str, str], str]):
+    """The steps a rerun of task `key` runs and the recorded artifacts it imports.
+
+    The report's row-gathering steps are never imported: they are cheap, so any that a rerun step needs is
+    run again too.
+
+    Raises:
+        PipelineError: `key` is not a task of the config's pipeline, or an input was never recorded.
+    """
+    from secateurs.pipelines.recipe import recipe
+
+    steps = recipe(cfg)
+    keys = [s.key for s in steps]
+    if key not in keys:
+        raise PipelineError(f"{key!r} is not a step of this pipeline; its steps are: {', '.join(keys)}")
+    chosen = {key}
+    if downstream:
+        for s in steps:  # recipe order is topological: one pass reaches every descendant
+            if any(ref[0] in chosen for ref in s.inputs.values()):
+                chosen.add(s.key)
+    by_key = {s.key: s for s in steps}
+    pending = list(chosen)
+    while pending:  # pull in the collect steps the chosen ones read
+        for ref in by_key[pending.pop()].inputs.values():
+            if by_key[ref[0]].kind == "collect" and ref[0] not in chosen:
+                chosen.add(ref[0])
+                pending.append(ref[0])
+    selected = [s for s in steps if s.key in chosen]
+    imports = {}
+    for s in selected:
+        for ref in s.inputs.values():
+            if ref[0] not in chosen:
+                if ref not in recorded:
+                    raise PipelineError(
+                        f"{s.key} needs {ref[0]}.{ref[1]}, which the run never finished: rerun {ref[0]} first"
+                    )
+                imports[ref] = recorded[ref]
+    return selected, imports
+
+
+# -------------------------------------------------------------------------------------- compile, submit
+@_one_line
+def compile_cmd(
+    config: Path = typer.Argument(..., help="Pipeline config YAML."),
+    output: Path = typer.Option(
+        Path("pipeline.yaml"), "--output", "-o", help="Where to write the pipeline spec."
+    ),
+):
+    """Compile the pipeline to a KFP spec (YAML) to upload to a Kubeflow Pipelines endpoint."""
+    cfg = load_config(config)
+    compile_pipeline(cfg, output)
+    typer.echo(f"wrote {output}")
+
+
+def compile_pipeline(cfg: PipelineConfig, output: Path) -> Path:
+    """Compile `cfg`'s pipeline to `output`. Credentials never enter the spec: secrets are referenced by name."""
+    from kfp import compiler
+
+    from secateurs.pipelines.recipe import build_pipeline
+
+    output.parent.mkdir(parents=True, exist_ok=True)
+    compiler.Compiler().compile(build_pipeline(cfg, tracking_uri=cfg.tracking.uri or ""), str(output))
+    return output
+
+
+@_one_line
+def submit_cmd(
+    config: Path = typer.Argument(..., help="Pipeline config YAML."),
+    host: str = typer.Option(..., "--host", envvar="KFP_HOST", help="Kubeflow Pipelines endpoint URL."),
+    experiment: str = typer.Option("secateurs", "--experiment", help="KFP experiment."),
+    namespace: str = typer.Option(None, "--namespace", help="Kubernetes namespace (multi-user KFP)."),
+):
+    """Submit the pipeline to a Kubeflow Pipelines endpoint (token from KFP_TOKEN) and print the run's URL."""
+    import tempfile
+
+    cfg = load_config(config)
+    pipeline_run = f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    with tempfile.TemporaryDirectory() as tmp:
+        spec = compile_pipeline(cfg, Path(tmp) / "pipeline.yaml")
+        url = submit_spec(spec, host, {"pipeline_run": pipeline_run}, f"{pipeline_run}", experiment, namespace,
+                          cfg.placement.caching)  # fmt: skip
+    typer.echo(url)
+
+
+def submit_spec(spec: Path, host: str, arguments: dict, run_name: str, experiment: str, namespace: str | None,
+                caching: bool) -> str:  # fmt: skip
+    """Create a run of a compiled spec on `host`; returns its URL. One-line errors for refused or unreachable."""
+    import kfp
+
+    token = os.environ.get("KFP_TOKEN")
+    try:
+        client = kfp.Client(host=host, existing_token=token, namespace=namespace)
+        result = client.create_run_from_pipeline_package(
+            str(spec), arguments=arguments, run_name=run_name, experiment_name=experiment,
+            namespace=namespace, enable_caching=caching,
+        )  # fmt: skip
+    except Exception as e:  # noqa: BLE001 -- kfp raises urllib3, requests and ApiException errors alike
+        status = getattr(e, "status", None)
+        if status in (401, 403):
+            raise PipelineError(
+                f"Kubeflow Pipelines at {host} refused the token (HTTP {status}): set KFP_TOKEN to a valid one"
+            ) from None
+        text = str(e).splitlines()[0] if str(e) else type(e).__name__
+        if status is None:
+            raise PipelineError(
+                f"Kubeflow Pipelines at {host} is unreachable: {type(e).__name__}: {text}"
+            ) from None
+        raise PipelineError(f"Kubeflow Pipelines at {host} answered HTTP {status}: {text}") from None
+    return f"{host.rstrip('/')}/#/runs/details/{result.run_id}"
+
+
+# -------------------------------------------------------------------------------------------- lineage
+@_one_line
+def lineage_cmd(
+    ref: str = typer.Argument(
+        ..., help="Model id, registered model[/version], run id, or artifact directory."
+    ),
+    tracking_uri: str = typer.Option(
+        None, "--tracking-uri", help="MLflow URI (default: $MLFLOW_TRACKING_URI)."
+    ),
+    run_dir: Path = typer.Option(None, "--run-dir", help="A local run directory (its mlflow.db)."),
+):
+    """Print the chain of models from REF back to the teacher, as MLflow recorded it."""
+    from secateurs import tracking
+
+    typer.echo(tracking.format_lineage(tracking.lineage(ref, uri=tracking_uri, run_dir=run_dir)))
+
+
+__all__ = ["check_local", "compile_cmd", "lineage_cmd", "rerun_cmd", "run_cmd", "submit_cmd"]
