@@ -35,7 +35,7 @@ test: setup
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
 
 demo: setup
-	$(BIN)/secateurs demo --out runs/demo
+	$(BIN)/secateurs run configs/demo-cpu.yaml --run-dir runs/demo
 
 bench: setup
 	$(BIN)/python bench/importance.py

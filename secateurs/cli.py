@@ -268,18 +268,6 @@ def bench_cmd(
     _print_report(engine.bench_engine(engine_dir, lengths, batch, repeats, out=out))
 
 
-@app.command("demo")
-@_guarded
-def demo_cmd(
-    out: Path = typer.Option(Path("runs/demo"), "--out"),
-    engines: bool = typer.Option(True, "--engines/--no-engines", help="Build and benchmark onnxruntime-genai engines."),
-):
-    """The whole recipe on SmolLM2-135M and python-docs, on CPU, in minutes."""
-    from secateurs import demo
-
-    demo.run(out, with_engines=engines, log=typer.echo)
-
-
 @app.command("validate")
 @_guarded
 def validate_cmd(config: Path = typer.Argument(..., help="Pipeline config YAML.")):
@@ -288,6 +276,16 @@ def validate_cmd(config: Path = typer.Argument(..., help="Pipeline config YAML."
 
     cfg = load_config(config)
     typer.echo(f"{config}: ok ({len(cfg.students)} students: {', '.join(s.name for s in cfg.students)})")
+
+
+# The pipeline commands: whole runs locally through kfp.local, compile, submit to KFP, rerun one step, lineage.
+from secateurs import pipeline_cli  # noqa: E402
+
+app.command("run")(pipeline_cli.run_cmd)
+app.command("compile")(pipeline_cli.compile_cmd)
+app.command("submit")(pipeline_cli.submit_cmd)
+app.command("rerun")(pipeline_cli.rerun_cmd)
+app.command("lineage")(pipeline_cli.lineage_cmd)
 
 
 def main() -> None:  # pragma: no cover
