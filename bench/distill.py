@@ -89,6 +89,21 @@ def main() -> int:
         help="transformers' own Llama layers, or Liger's RMSNorm/SwiGLU/RoPE kernels patched into both models "
         "(the same for every method; for the MFU)",
     )
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile every decoder layer of both models (the same for every method; for the MFU)",
+    )
+    parser.add_argument(
+        "--activation-memory-budget",
+        type=float,
+        default=None,
+        help="with --compile: fraction of the student's activations the compiled backward may keep; the "
+        "partitioner recomputes the cheapest ops for the rest (torch._functorch.config.activation_memory_budget)",
+    )
+    parser.add_argument(
+        "--methods", default=None, help="comma-separated subset of naive,chunked,liger (default: all that run here)"
+    )
     parser.add_argument("--out", type=Path, default=None, help="JSON results file")
     args = parser.parse_args()
 
@@ -115,6 +130,14 @@ def main() -> int:
 
         for model in (teacher, student):
             apply_liger_kernel_to_llama(fused_linear_cross_entropy=False, cross_entropy=False, model=model)
+    if args.activation_memory_budget is not None:
+        import torch._functorch.config as functorch_config
+
+        functorch_config.activation_memory_budget = args.activation_memory_budget
+    if args.compile:
+        for model in (teacher, student):
+            for layer in model.model.layers:
+                layer.compile()
     if preset["gradient_checkpointing"]:
         student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     optimizer = make_optimizer(student, device)
@@ -128,6 +151,9 @@ def main() -> int:
         methods.append(losses.kd_backend(device, backend="liger"))
     except ValueError:
         pass  # no CUDA or no liger_kernel here
+    if args.methods:
+        wanted = args.methods.split(",")
+        methods = [m for m in methods if m in wanted]
     ours = losses.kd_backend(device)
     steps = {name: make_step(name, teacher, student, input_ids, chunk_size) for name in methods}
 
@@ -143,9 +169,14 @@ def main() -> int:
 
     n_student, n_teacher = matmul_parameters(student), matmul_parameters(teacher)
     flops_per_token = 6 * n_student + 2 * n_teacher
+    # The same count with every parameter, input embeddings included (how "6N" is often quoted); reported beside.
+    flops_all_params = 6 * sum(p.numel() for p in student.parameters()) + 2 * sum(
+        p.numel() for p in teacher.parameters()
+    )
     for r in results.values():
         if device.type == "cuda" and "tokens_per_s" in r:
             r["mfu"] = r["tokens_per_s"] * flops_per_token / (args.peak_tflops * 1e12)
+            r["mfu_all_parameters"] = r["tokens_per_s"] * flops_all_params / (args.peak_tflops * 1e12)
 
     report = {
         "preset": args.preset,
@@ -159,6 +190,8 @@ def main() -> int:
         "chunk_size": chunk_size,
         "gradient_checkpointing": preset["gradient_checkpointing"],
         "model_kernels": args.model_kernels,
+        "compiled_layers": args.compile,
+        "activation_memory_budget": args.activation_memory_budget,
         "warmup_steps": warmup,
         "timed_steps": timed,
         "parameters": {
@@ -168,6 +201,7 @@ def main() -> int:
             "teacher_matmul": n_teacher,
         },
         "flops_per_token": flops_per_token,
+        "flops_per_token_all_parameters": flops_all_params,
         "peak_tflops": args.peak_tflops if device.type == "cuda" else None,
         "memory_measure": MEMORY_MEASURE[device.type],
         "ours": ours,
@@ -474,7 +508,12 @@ def print_report(report: dict) -> None:
         f"\ndistillation step, preset {report['preset']} on {report['device']} ({report['dtype']}), "
         f"micro-batch {report['micro_batch'][0]}x{report['micro_batch'][1]} = {report['tokens_per_step']} tokens, "
         f"chunk {report['chunk_size']}, gradient checkpointing {report['gradient_checkpointing']}, "
-        f"model kernels {report['model_kernels']}"
+        f"model kernels {report['model_kernels']}, compiled layers {report['compiled_layers']}"
+        + (
+            f" (activation memory budget {report['activation_memory_budget']})"
+            if report["activation_memory_budget"] is not None
+            else ""
+        )
     )
     print(
         f"parameters: student {report['parameters']['student'] / 1e9:.3f} B, "
