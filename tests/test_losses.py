@@ -130,6 +130,27 @@ def test_chunked_kd_loss_does_not_depend_on_chunk_size(chunk_size):
     chunked_versus_reference(losses.chunked_kd_loss, "everything", chunk_size=chunk_size)
 
 
+@pytest.mark.parametrize("temperature", [1.0, 2.5])
+def test_plain_chunk_math_used_on_cuda_equals_the_general_one(temperature):
+    """The out-of-place chunk function that CUDA runs compiled equals the general in-place one (loss, gradient)."""
+    g = torch.Generator().manual_seed(3)
+    student, teacher = torch.randn(6, 50, generator=g), torch.randn(6, 50, generator=g) * 2
+    weight = torch.rand(6, generator=g) / 6
+    want = losses._kd_chunk(student.clone(), teacher.clone(), weight, None, None, temperature, None, 0.0)
+    got = losses._plain_kd_chunk(student, teacher, weight, temperature)
+    torch.testing.assert_close(got[0], want[0], rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(got[1], want[1], rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.skipif(DEVICE.type != "cuda", reason="the compiled chunk path runs on CUDA only")
+def test_chunked_kd_loss_on_cuda_runs_the_compiled_chunk_path(monkeypatch):
+    calls = []
+    compiled = losses._compiled_plain_kd()
+    monkeypatch.setattr(losses, "_compiled_plain_kd", lambda: lambda *a: calls.append(1) or compiled(*a))
+    chunked_versus_reference(losses.chunked_kd_loss, "mask", chunk_size=3)
+    assert calls
+
+
 def test_chunked_kd_loss_equals_forward_kl_on_full_logits():
     c = make_case(student_vocab=41)
     args = {"mask": c["mask"], "temperature": 1.5, "top_k": 7}
