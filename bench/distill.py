@@ -49,7 +49,7 @@ PRESETS = {
                         "num_key_value_heads": 8, "head_dim": 128, "vocab_size": 128256, "rope_theta": 500000.0,
                         "max_position_embeddings": 8192, "rms_norm_eps": 1e-5},
         "student": {"hidden_size": 3072, "intermediate_size": 9216},
-        "batch": 2, "seq_len": 2048, "dtype": "bfloat16", "gradient_checkpointing": True, "chunk_size": 1024,
+        "batch": 2, "seq_len": 2048, "dtype": "bfloat16", "gradient_checkpointing": True, "chunk_size": 2048,
     },
 }  # fmt: skip
 

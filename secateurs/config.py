@@ -109,6 +109,7 @@ class TrainingConfig(Section):
     save_steps: int = Field(50, ge=1, description="Checkpoint every N steps (weights, optimizer, scheduler, data position, RNG).")
     logging_steps: int = Field(10, ge=1, description="Log the loss every N steps.")
     gradient_checkpointing: bool = Field(False, description="Recompute activations in backward to save memory.")
+    compile_layers: bool = Field(False, description="torch.compile every decoder layer (the teacher's too when distilling); on an H200 the 8B -> 4B distillation step ran 1.21x faster (bench/results/gpu/compile).")
     seed: int = Field(0, description="Seed for initialisation order and data shuffling.")
 
     @model_validator(mode="after")
@@ -138,7 +139,7 @@ class DistillConfig(TrainingConfig):
     ce_alpha: float = Field(0.0, ge=0, le=1, description="Weight of a cross-entropy term: (1-a) KD + a CE (recipe: 0).")
     intermediate_loss: bool = Field(False, description="Add cosine losses between hidden states (for students with many layers cut).")
     layer_pairs: list[tuple[int, int]] | None = Field(None, description="(student layer, teacher layer) pairs; default: losses.default_layer_mapping.")
-    kd_chunk_size: int = Field(1024, ge=1, description="Tokens per chunk of the fused LM-head + KL loss.")
+    kd_chunk_size: int = Field(2048, ge=1, description="Tokens per chunk of the fused LM-head + KL loss (2048: as fast as full logits on an H200 at 41% of their extra memory, bench/results/gpu/compile).")
     kd_backend: Literal["auto", "liger", "chunked"] = Field("auto", description="Fused loss implementation: auto = chunked (faster than Liger on an H200, bench/results/gpu); liger on CUDA with liger-kernel.")
 
 

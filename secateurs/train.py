@@ -35,6 +35,10 @@ from secateurs.manifest import atomic_output, read_manifest, write_manifest
 
 RUN_ID_FILE = "secateurs-run.json"
 
+# torch.compile backend of `compile_layers` (inductor generates the fused kernels; tests use aot_eager, which
+# traces the same graphs forward and backward without generating code).
+COMPILE_BACKEND = "inductor"
+
 
 class TrainingError(ValueError):
     """Inputs that cannot be trained together, or a run that diverged."""
@@ -109,6 +113,11 @@ def _train(model, ctx: _Context | None, dd, out, settings: TrainingConfig, ident
         )
     work = Path(f"{Path(out).absolute()}.checkpoints")
     last = _claim_checkpoint_dir(work, identity)
+    if settings.compile_layers:
+        for m in (model, None if ctx is None else ctx.teacher):
+            for layer in [] if m is None else m.model.layers:
+                # In place: state-dict keys and checkpoints stay those of the plain model.
+                layer.compile(backend=COMPILE_BACKEND)
     cuda = torch.cuda.is_available()
     args = TrainingArguments(
         output_dir=str(work),

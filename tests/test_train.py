@@ -123,3 +123,24 @@ def test_divergence_stops_with_the_step_and_keeps_the_last_checkpoint(tiny_model
         train.distill(tiny_models["llama-tied"], student, tiny_data, tmp_path / "d", settings)
     assert not (tmp_path / "d").exists()
     assert list(Path(f"{tmp_path / 'd'}.checkpoints").glob("checkpoint-*"))
+
+
+def test_compiled_layers_train_to_the_same_losses_and_save_a_plain_checkpoint(
+    tiny_models, student, tiny_data, tmp_path, monkeypatch
+):
+    """`compile_layers` (torch.compile of every decoder layer of both models) changes speed, not the arithmetic:
+    the per-step losses match the eager run and the saved checkpoint has the plain model's keys. Graphs are traced
+    forward and backward with the aot_eager backend (inductor's code generation takes minutes on 2 CPU cores; it
+    runs in `make gpu-check`'s benchmark)."""
+    from safetensors import safe_open
+
+    monkeypatch.setattr(train, "COMPILE_BACKEND", "aot_eager")
+    settings = dict(FAST, max_steps=3, save_steps=100)
+    eager = train.distill(tiny_models["llama-tied"], student, tiny_data, tmp_path / "eager", DistillConfig(**settings))
+    compiled = train.distill(tiny_models["llama-tied"], student, tiny_data, tmp_path / "compiled",
+                             DistillConfig(**settings, compile_layers=True))
+    want = [h["loss"] for h in eager["log_history"]]
+    got = [h["loss"] for h in compiled["log_history"]]
+    assert len(got) == len(want) == 3 and got == pytest.approx(want, rel=1e-3)
+    keys = {name: set(safe_open(tmp_path / name / "model.safetensors", "pt").keys()) for name in ("eager", "compiled")}
+    assert keys["compiled"] == keys["eager"] and not any("_orig_mod" in k for k in keys["compiled"])
