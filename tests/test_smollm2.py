@@ -86,7 +86,7 @@ def test_kd_and_cross_entropy_from_pruned_weights_beat_random_init(smollm2_dir, 
     save_checkpoint(AutoModelForCausalLM.from_config(load_model(width).config), load_tokenizer(width), random_dir)
     write_manifest(random_dir, "import-model", config={"source": "random init of the width student's shape"})
 
-    common = dict(max_steps=16, micro_batch_size=4, global_batch_size=4, learning_rate=1e-3, min_learning_rate=1e-4,
+    common = dict(max_steps=10, micro_batch_size=4, global_batch_size=4, learning_rate=5e-4, min_learning_rate=5e-5,
                   warmup_steps=2, save_steps=100, logging_steps=5)
     runs = {"kd": (width, DistillConfig(**common)), "ce": (width, DistillConfig(**common, ce_alpha=1.0)),
             "random-init kd": (random_dir, DistillConfig(**common))}
@@ -96,10 +96,9 @@ def test_kd_and_cross_entropy_from_pruned_weights_beat_random_init(smollm2_dir, 
     for name, (student, settings) in runs.items():
         train.distill(smollm2_dir, student, smollm2_data, tmp_path / name, settings)
         result[name] = importance.validation_loss(load_model(tmp_path / name), val)
-    print("validation loss after 16 steps: " + ", ".join(f"{k} {v:.3f}" for k, v in result.items()))
+    print("validation loss after 10 steps: " + ", ".join(f"{k} {v:.3f}" for k, v in result.items()))
     # Pruned weights are worth far more than random ones under either loss. At this 10-step CPU budget the
     # cross-entropy run still measures slightly lower on validation cross-entropy than the KD run (4.77 vs 4.93
     # when first measured); the recipe's claim (KD lowest) is for real budgets and is not asserted here.
     assert result["kd"] < result["random-init kd"] - 2.0
     assert result["ce"] < result["random-init kd"] - 2.0
-    print("ORDER", sorted(result, key=result.get))
