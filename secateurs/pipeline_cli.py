@@ -366,6 +366,7 @@ def submit_spec(spec: Path, host: str, arguments: dict, run_name: str, experimen
     import kfp
 
     token = os.environ.get("KFP_TOKEN")
+    _check_kfp_host(host, token)
     try:
         client = kfp.Client(host=host, existing_token=token, namespace=namespace)
         result = client.create_run_from_pipeline_package(
@@ -385,6 +386,29 @@ def submit_spec(spec: Path, host: str, arguments: dict, run_name: str, experimen
             ) from None
         raise PipelineError(f"Kubeflow Pipelines at {host} answered HTTP {status}: {text}") from None
     return f"{host.rstrip('/')}/#/runs/details/{result.run_id}"
+
+
+def _check_kfp_host(host: str, token: str | None) -> None:
+    """One authenticated request to the API's health endpoint, so that a refused token or an unreachable host is
+    one line at once (kfp.Client retries its own health check five times with pauses and then reports any
+    refusal as a timeout)."""
+    import urllib.error
+    import urllib.request
+
+    request = urllib.request.Request(f"{host.rstrip('/')}/apis/v2beta1/healthz")
+    if token:
+        request.add_header("Authorization", f"Bearer {token}")
+    try:
+        urllib.request.urlopen(request, timeout=30).close()
+    except urllib.error.HTTPError as e:
+        if e.code in (401, 403):
+            raise PipelineError(
+                f"Kubeflow Pipelines at {host} refused the token (HTTP {e.code}): set KFP_TOKEN to a valid one"
+            ) from None
+        raise PipelineError(f"Kubeflow Pipelines at {host} answered HTTP {e.code} on /apis/v2beta1/healthz") from None
+    except (urllib.error.URLError, OSError) as e:
+        reason = getattr(e, "reason", e)
+        raise PipelineError(f"Kubeflow Pipelines at {host} is unreachable: {type(reason).__name__}: {reason}") from None
 
 
 # -------------------------------------------------------------------------------------------- lineage

@@ -301,3 +301,94 @@ def test_submit_to_an_unreachable_host_is_one_line(capsys):
     err = capsys.readouterr().err.strip()
     assert err.startswith(f"error: Kubeflow Pipelines at http://127.0.0.1:{port} is unreachable"), err
     assert "\n" not in err
+
+
+class _KfpApi:
+    """An HTTP server on 127.0.0.1 answering the Kubeflow Pipelines v2beta1 REST calls that `kfp.Client` makes to
+    submit a run (experiments, runs, healthz), recording each request; with `refuse`, it answers 401 to all."""
+
+    def __init__(self, refuse: bool = False):
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        self.requests: list[dict] = []
+        api = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def _answer(self):
+                length = int(self.headers.get("Content-Length") or 0)
+                body = json.loads(self.rfile.read(length) or b"null")
+                api.requests.append({"method": self.command, "path": self.path, "body": body,
+                                     "authorization": self.headers.get("Authorization")})  # fmt: skip
+                path = self.path.split("?")[0]
+                if refuse:
+                    status, reply = 401, {"error": "invalid bearer token", "code": 16}
+                elif path.endswith("/healthz"):
+                    status, reply = 200, {"multi_user": False, "tag_name": "2.5.0"}
+                elif path == "/apis/v2beta1/experiments" and self.command == "GET":
+                    status, reply = 200, {}  # no experiment of that name yet
+                elif path == "/apis/v2beta1/experiments":
+                    status, reply = 200, {"experiment_id": "exp-1", "display_name": body["display_name"]}
+                elif path == "/apis/v2beta1/runs" and self.command == "POST":
+                    status, reply = 200, {**body, "run_id": "run-42", "state": "PENDING"}
+                else:
+                    status, reply = 404, {"error": f"no route {path}", "code": 5}
+                data = json.dumps(reply).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            do_GET = do_POST = _answer
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_submit_sends_the_compiled_spec_with_the_token_and_prints_the_run_url(monkeypatch, capsys):
+    from secateurs.pipeline_cli import submit_cmd
+
+    api = _KfpApi()
+    monkeypatch.setenv("KFP_TOKEN", "t0ken")
+    demo = Path(__file__).resolve().parents[1] / "configs" / "demo-cpu.yaml"
+    try:
+        submit_cmd(demo, api.url, "secateurs", None)
+    finally:
+        api.close()
+    # kfp.Client prints its own "Run details: ..." lines first; the last line is ours.
+    assert capsys.readouterr().out.strip().splitlines()[-1] == f"{api.url}/#/runs/details/run-42"
+    runs = [r for r in api.requests if r["method"] == "POST" and r["path"] == "/apis/v2beta1/runs"]
+    assert len(runs) == 1 and all(r["authorization"] == "Bearer t0ken" for r in api.requests)
+    run = runs[0]["body"]
+    assert run["experiment_id"] == "exp-1"
+    spec = run["pipeline_spec"]
+    assert spec["pipelineInfo"]["name"] == "demo-cpu"
+    assert {"comp-distill", "comp-prune", "comp-evaluate"} <= set(spec["components"])
+    assert run["runtime_config"]["parameters"]["pipeline_run"].startswith("demo-cpu-")
+    assert "t0ken" not in json.dumps(spec)
+
+
+def test_submit_with_a_refused_token_is_one_line(monkeypatch, capsys):
+    import typer
+
+    from secateurs.pipeline_cli import submit_cmd
+
+    api = _KfpApi(refuse=True)
+    monkeypatch.setenv("KFP_TOKEN", "expired")
+    demo = Path(__file__).resolve().parents[1] / "configs" / "demo-cpu.yaml"
+    try:
+        with pytest.raises(typer.Exit):
+            submit_cmd(demo, api.url, "secateurs", None)
+    finally:
+        api.close()
+    err = capsys.readouterr().err.strip()
+    assert err == f"error: Kubeflow Pipelines at {api.url} refused the token (HTTP 401): set KFP_TOKEN to a valid one"
