@@ -33,6 +33,7 @@ import transformers
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from secateurs import losses
+from secateurs.families import compile_decoder_layers
 
 # Teacher shapes; the student is the teacher with the `student` overrides (a width-pruned student keeps heads,
 # KV groups, head_dim and depth; hidden and MLP widths shrink).
@@ -135,9 +136,7 @@ def main() -> int:
 
         functorch_config.activation_memory_budget = args.activation_memory_budget
     if args.compile:
-        for model in (teacher, student):
-            for layer in model.model.layers:
-                layer.compile()
+        compile_decoder_layers(teacher, student)  # what `compile_layers: true` does in training
     if preset["gradient_checkpointing"]:
         student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     optimizer = make_optimizer(student, device)

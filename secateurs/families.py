@@ -104,6 +104,14 @@ def decoder_layers(model) -> torch.nn.ModuleList:
     return model.model.layers
 
 
+def compile_decoder_layers(*models, backend: str = "inductor") -> None:
+    """torch.compile every decoder layer of `models`, in place: state-dict keys and checkpoints stay those of the
+    plain model, and layers of one shape share one compiled graph."""
+    for model in models:
+        for layer in decoder_layers(model):
+            layer.compile(backend=backend)
+
+
 def set_explicit_shape(config) -> None:
     """Write every pruned dimension explicitly: hidden pruning makes head_dim != hidden/heads, and loaders that
     derive head_dim from hidden_size would silently build the wrong attention."""

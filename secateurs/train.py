@@ -30,7 +30,7 @@ from secateurs import losses
 from secateurs.config import DistillConfig, TeacherCorrectionConfig, TrainingConfig
 from secateurs.checkpoint import load_model, load_tokenizer
 from secateurs.data import check_matches, load_packed, tokenizer_identity
-from secateurs.families import Shape, parameter_count
+from secateurs.families import Shape, compile_decoder_layers, parameter_count
 from secateurs.manifest import atomic_output, read_manifest, write_manifest
 
 RUN_ID_FILE = "secateurs-run.json"
@@ -114,10 +114,7 @@ def _train(model, ctx: _Context | None, dd, out, settings: TrainingConfig, ident
     work = Path(f"{Path(out).absolute()}.checkpoints")
     last = _claim_checkpoint_dir(work, identity)
     if settings.compile_layers:
-        for m in (model, None if ctx is None else ctx.teacher):
-            for layer in [] if m is None else m.model.layers:
-                # In place: state-dict keys and checkpoints stay those of the plain model.
-                layer.compile(backend=COMPILE_BACKEND)
+        compile_decoder_layers(model, *([] if ctx is None else [ctx.teacher]), backend=COMPILE_BACKEND)
     cuda = torch.cuda.is_available()
     args = TrainingArguments(
         output_dir=str(work),
