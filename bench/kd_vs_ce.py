@@ -1,7 +1,7 @@
 """KD on logits against cross-entropy against random init, at equal steps, over several seeds.
 
 The setting of the KD/CE/random-init test in tests/test_smollm2.py (SmolLM2-135M width-pruned to half,
-python-docs, 128-token sequences, 16 held-out sequences), run for more seeds and with the validation loss read
+python-docs, 128-token sequences, 16 held-out sequences by default), run for more seeds and with the validation loss read
 every `--eval-every` steps from the run's own checkpoints, so the ordering can be judged against run-to-run noise.
 
     python bench/kd_vs_ce.py [--steps 30] [--micro-batch 2] [--lr 5e-4] [--seeds 0,1,2] [--eval-every 10]
@@ -34,11 +34,18 @@ def main() -> None:
     parser.add_argument(
         "--sequences", type=int, default=200, help="python-docs sequences prepared (10%% validation)"
     )
+    parser.add_argument("--val-sequences", type=int, default=16, help="held-out sequences the loss is read on")
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--micro-batch", type=int, default=2)
     parser.add_argument("--lr", type=float, default=5e-4)
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--eval-every", type=int, default=10)
+    parser.add_argument(
+        "--correct-steps", type=int, default=0,
+        help="teacher correction first (recipe step 1; 4 x 128 tokens per step); the corrected teacher is then "
+        "scored, pruned and distilled from",
+    )  # fmt: skip
+    parser.add_argument("--correct-lr", type=float, default=5e-4)
     parser.add_argument("--methods", default="kd,ce,random-init", help="comma list of kd, ce, random-init")
     parser.add_argument(
         "--work", default=None, help="keep the prepared teacher/data/student here (default: temp)"
@@ -50,7 +57,7 @@ def main() -> None:
 
     from secateurs import importance, prune, train
     from secateurs.checkpoint import import_model, load_model, load_tokenizer, save_checkpoint
-    from secateurs.config import DistillConfig
+    from secateurs.config import DistillConfig, TeacherCorrectionConfig
     from secateurs.data import load_packed, prepare_data
     from secateurs.manifest import write_manifest
 
@@ -63,13 +70,30 @@ def main() -> None:
         prepare_data(
             "python-docs", teacher, seq_len=128, out=data, max_tokens=128 * args.sequences, val_fraction=0.1
         )
-    scores = work / "importance"
+    val = load_packed(data)[0]["validation"][: args.val_sequences]["input_ids"]
+    teacher_loss = {"original": importance.validation_loss(load_model(teacher), val)}
+    tag = ""
+    if args.correct_steps:
+        tag = f"-corrected{args.correct_steps}"
+        corrected = work / f"teacher{tag}"
+        if not corrected.exists():
+            settings = TeacherCorrectionConfig(
+                max_steps=args.correct_steps, micro_batch_size=4, global_batch_size=4,
+                learning_rate=args.correct_lr, min_learning_rate=args.correct_lr / 10, warmup_steps=2,
+                save_steps=args.correct_steps, logging_steps=10,
+            )  # fmt: skip
+            train.correct_teacher(teacher, data, corrected, settings)
+            shutil.rmtree(f"{corrected}.checkpoints", ignore_errors=True)
+        teacher = corrected
+        teacher_loss["corrected"] = importance.validation_loss(load_model(teacher), val)
+    print(f"teacher validation loss: {teacher_loss}", flush=True)
+    scores = work / f"importance{tag}"
     if not scores.exists():
         importance.run(teacher, data, scores, samples=16, batch_size=8, block_sizes=[18], depth_samples=4)
-    width = work / "width"
+    width = work / f"width{tag}"
     if not width.exists():
         prune.run(teacher, scores, width, prune.PruneTarget(**WIDTH))
-    random_dir = work / "random-init"
+    random_dir = work / f"random-init{tag}"
     if not random_dir.exists():
         torch.manual_seed(0)
         save_checkpoint(
@@ -78,7 +102,6 @@ def main() -> None:
         write_manifest(
             random_dir, "import-model", config={"source": "random init of the width student's shape"}
         )
-    val = load_packed(data)[0]["validation"][:16]["input_ids"]
 
     methods = {"kd": (width, 0.0), "ce": (width, 1.0), "random-init": (random_dir, 0.0)}
     rows = []
@@ -90,7 +113,7 @@ def main() -> None:
                 learning_rate=args.lr, min_learning_rate=args.lr / 10, warmup_steps=2, save_steps=args.eval_every,
                 logging_steps=args.eval_every, ce_alpha=ce_alpha, seed=seed,
             )  # fmt: skip
-            out = work / "runs" / f"{method}-seed{seed}"
+            out = work / "runs" / f"{method}{tag}-seed{seed}-{args.steps}x{args.micro_batch}-lr{args.lr:g}"
             train.distill(teacher, student, data, out, settings)
             checkpoints = Path(f"{out}.checkpoints")
             for step in range(args.eval_every, args.steps, args.eval_every):
@@ -102,7 +125,7 @@ def main() -> None:
             print(json.dumps(rows[-1]), flush=True)
 
     print(
-        f"\nvalidation loss (16 held-out sequences), {args.steps} steps of {args.micro_batch} x 128 tokens, lr {args.lr}"
+        f"\nvalidation loss ({len(val)} held-out sequences), {args.steps} steps of {args.micro_batch} x 128 tokens, lr {args.lr}"
     )
     print("seed  step  " + "  ".join(f"{m:>12}" for m in args.methods.split(",")))
     for seed in sorted({r["seed"] for r in rows}):
@@ -118,8 +141,9 @@ def main() -> None:
         for m in args.methods.split(",")
     }
     print("mean at the last step: " + ", ".join(f"{m} {v:.3f}" for m, v in last.items()))
+    print("teacher: " + ", ".join(f"{k} {v:.3f}" for k, v in teacher_loss.items()))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"args": vars(args), "rows": rows, "mean_last": last}, indent=1))
+    Path(args.out).write_text(json.dumps({"args": vars(args), "teacher": teacher_loss, "rows": rows, "mean_last": last}, indent=1))
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ attribute of the trainer: it never reaches the optimizer, gradient clipping or c
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -105,6 +106,11 @@ def _train(model, ctx: _Context | None, dd, out, settings: TrainingConfig, ident
     """Run the Trainer (resuming from `<out>.checkpoints` when it holds this run's checkpoints)."""
     from transformers import TrainingArguments, default_data_collator
 
+    # Newer transformers 5.x renamed gradient_checkpointing to activation_checkpointing (the old name warns);
+    # older 5.x releases (the GPU image's 5.17) know only the old one.
+    fields = {f.name for f in dataclasses.fields(TrainingArguments)}
+    checkpointing = "activation_checkpointing" if "activation_checkpointing" in fields else "gradient_checkpointing"
+
     world = int(os.environ.get("WORLD_SIZE", "1"))
     per_step = settings.micro_batch_size * world
     if settings.global_batch_size % per_step:
@@ -128,7 +134,7 @@ def _train(model, ctx: _Context | None, dd, out, settings: TrainingConfig, ident
         weight_decay=settings.weight_decay,
         max_grad_norm=settings.max_grad_norm,
         bf16=cuda,
-        gradient_checkpointing=settings.gradient_checkpointing,
+        **{checkpointing: settings.gradient_checkpointing},
         save_strategy="steps",
         save_steps=settings.save_steps,
         logging_steps=settings.logging_steps,

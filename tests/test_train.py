@@ -144,3 +144,31 @@ def test_compiled_layers_train_to_the_same_losses_and_save_a_plain_checkpoint(
     assert len(got) == len(want) == 3 and got == pytest.approx(want, rel=1e-3)
     keys = {name: set(safe_open(tmp_path / name / "model.safetensors", "pt").keys()) for name in ("eager", "compiled")}
     assert keys["compiled"] == keys["eager"] and not any("_orig_mod" in k for k in keys["compiled"])
+
+
+def test_gradient_checkpointing_is_switched_on_and_keeps_the_losses(tiny_models, student, tiny_data, tmp_path):
+    """`gradient_checkpointing: true` reaches the student (recomputation in backward) without a deprecation
+    warning from transformers, and trains to the same per-step losses as the plain run."""
+    import warnings
+
+    from transformers import TrainerCallback
+
+    class Seen(TrainerCallback):
+        checkpointing = None
+
+        def on_step_begin(self, args, state, control, model=None, **kwargs):
+            Seen.checkpointing = getattr(model, "is_activation_checkpointing", None)
+            if Seen.checkpointing is None:  # transformers releases before the rename
+                Seen.checkpointing = model.is_gradient_checkpointing
+
+    settings = dict(FAST, max_steps=3, save_steps=100)
+    plain = train.distill(tiny_models["llama-tied"], student, tiny_data, tmp_path / "plain", DistillConfig(**settings),
+                          callbacks=[Seen()])
+    assert Seen.checkpointing is False
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*gradient_checkpointing.*deprecated", category=FutureWarning)
+        recomputed = train.distill(tiny_models["llama-tied"], student, tiny_data, tmp_path / "ckpt",
+                                   DistillConfig(**settings, gradient_checkpointing=True), callbacks=[Seen()])
+    assert Seen.checkpointing is True
+    want = [h["loss"] for h in plain["log_history"]]
+    assert [h["loss"] for h in recomputed["log_history"]] == pytest.approx(want, rel=1e-5)
