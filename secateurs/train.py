@@ -31,7 +31,7 @@ from secateurs import losses
 from secateurs.config import DistillConfig, TeacherCorrectionConfig, TrainingConfig
 from secateurs.checkpoint import load_model, load_tokenizer
 from secateurs.data import check_matches, load_packed, tokenizer_identity
-from secateurs.families import Shape, compile_decoder_layers, parameter_count
+from secateurs.families import compile_decoder_layers, parameter_count
 from secateurs.manifest import atomic_output, read_manifest, write_manifest
 
 RUN_ID_FILE = "secateurs-run.json"
