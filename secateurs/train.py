@@ -134,6 +134,7 @@ def _train(model, ctx: _Context | None, dd, out, settings: TrainingConfig, ident
         weight_decay=settings.weight_decay,
         max_grad_norm=settings.max_grad_norm,
         bf16=cuda,
+        dataloader_pin_memory=cuda,  # pinning is a no-op without an accelerator (and warns)
         **{checkpointing: settings.gradient_checkpointing},
         save_strategy="steps",
         save_steps=settings.save_steps,
@@ -184,6 +185,9 @@ class DistillationTrainer(LMTrainer):
         ctx, s = self.ctx, self.settings
         ids = inputs["input_ids"]
         want_states = bool(ctx.pairs)
+        if s.ce_alpha == 1 and not want_states:
+            # Cross-entropy only (the KD baseline): the teacher's outputs would be weighted by zero, so skip them.
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         with torch.no_grad():
             t_out = ctx.teacher.model(input_ids=ids, output_hidden_states=want_states, use_cache=False)
         # The student's final hidden state is caught at its final norm so the call still goes through the

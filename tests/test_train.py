@@ -172,3 +172,26 @@ def test_gradient_checkpointing_is_switched_on_and_keeps_the_losses(tiny_models,
     assert Seen.checkpointing is True
     want = [h["loss"] for h in plain["log_history"]]
     assert [h["loss"] for h in recomputed["log_history"]] == pytest.approx(want, rel=1e-5)
+
+
+def test_cross_entropy_only_is_the_lm_fine_tune_without_the_teacher(tiny_models, student, tiny_data, tmp_path,
+                                                                    monkeypatch):
+    """`ce_alpha: 1` (the KD-vs-CE baseline) trains on the data alone: the KD loss (and the teacher forward it
+    needs) is never run, and the per-step losses are exactly those of a plain LM fine-tune of the student with
+    the same schedule."""
+    from secateurs import losses
+
+    calls = []
+    real = losses.fused_kd_loss
+    monkeypatch.setattr(losses, "fused_kd_loss", lambda *a, **k: calls.append(1) or real(*a, **k))
+    settings = dict(FAST, max_steps=3, save_steps=100)
+    kd = train.distill(tiny_models["llama-tied"], student, tiny_data, tmp_path / "kd", DistillConfig(**settings))
+    assert len(calls) == 3 * 2  # steps x micro-batches per step
+    calls.clear()
+    ce = train.distill(tiny_models["llama-tied"], student, tiny_data, tmp_path / "ce",
+                       DistillConfig(**settings, ce_alpha=1.0))
+    assert calls == []
+    lm = train.correct_teacher(student, tiny_data, tmp_path / "lm", TeacherCorrectionConfig(**settings))
+    want = [h["loss"] for h in lm["log_history"]]
+    assert len(want) == 3 and [h["loss"] for h in ce["log_history"]] == want
+    assert [h["loss"] for h in kd["log_history"]] != want
