@@ -42,10 +42,15 @@ def main() -> None:
     parser.add_argument("--eval-every", type=int, default=10)
     parser.add_argument(
         "--correct-steps", type=int, default=0,
-        help="teacher correction first (recipe step 1; 4 x 128 tokens per step); the corrected teacher is then "
-        "scored, pruned and distilled from",
+        help="teacher correction first (recipe step 1; 4 x 128 tokens per step); the students distil from the "
+        "corrected teacher (see --prune-from)",
     )  # fmt: skip
     parser.add_argument("--correct-lr", type=float, default=5e-4)
+    parser.add_argument(
+        "--prune-from", choices=["corrected", "original"], default="corrected",
+        help="with --correct-steps: score and prune the corrected teacher (the recipe's order) or the original one "
+        "(correction run alongside distillation)",
+    )  # fmt: skip
     parser.add_argument("--methods", default="kd,ce,random-init", help="comma list of kd, ce, random-init")
     parser.add_argument(
         "--work", default=None, help="keep the prepared teacher/data/student here (default: temp)"
@@ -72,7 +77,7 @@ def main() -> None:
         )
     val = load_packed(data)[0]["validation"][: args.val_sequences]["input_ids"]
     teacher_loss = {"original": importance.validation_loss(load_model(teacher), val)}
-    tag = ""
+    original, tag = teacher, ""
     if args.correct_steps:
         tag = f"-corrected{args.correct_steps}"
         corrected = work / f"teacher{tag}"
@@ -87,13 +92,14 @@ def main() -> None:
         teacher = corrected
         teacher_loss["corrected"] = importance.validation_loss(load_model(teacher), val)
     print(f"teacher validation loss: {teacher_loss}", flush=True)
-    scores = work / f"importance{tag}"
+    source, source_tag = (original, "") if args.prune_from == "original" else (teacher, tag)
+    scores = work / f"importance{source_tag}"
     if not scores.exists():
-        importance.run(teacher, data, scores, samples=16, batch_size=8, block_sizes=[18], depth_samples=4)
-    width = work / f"width{tag}"
+        importance.run(source, data, scores, samples=16, batch_size=8, block_sizes=[18], depth_samples=4)
+    width = work / f"width{source_tag}"
     if not width.exists():
-        prune.run(teacher, scores, width, prune.PruneTarget(**WIDTH))
-    random_dir = work / f"random-init{tag}"
+        prune.run(source, scores, width, prune.PruneTarget(**WIDTH))
+    random_dir = work / f"random-init{source_tag}"
     if not random_dir.exists():
         torch.manual_seed(0)
         save_checkpoint(
@@ -113,7 +119,7 @@ def main() -> None:
                 learning_rate=args.lr, min_learning_rate=args.lr / 10, warmup_steps=2, save_steps=args.eval_every,
                 logging_steps=args.eval_every, ce_alpha=ce_alpha, seed=seed,
             )  # fmt: skip
-            out = work / "runs" / f"{method}{tag}-seed{seed}-{args.steps}x{args.micro_batch}-lr{args.lr:g}"
+            out = work / "runs" / f"{method}{tag}-from{args.prune_from}-seed{seed}-{args.steps}x{args.micro_batch}-lr{args.lr:g}"
             train.distill(teacher, student, data, out, settings)
             checkpoints = Path(f"{out}.checkpoints")
             for step in range(args.eval_every, args.steps, args.eval_every):
