@@ -21,6 +21,8 @@ import hashlib
 import json
 import math
 import os
+import shutil
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -222,10 +224,12 @@ class DistillationTrainer(LMTrainer):
         return optimizer
 
     def _save_checkpoint(self, model, trial):
-        super()._save_checkpoint(model, trial)
         if self.ctx.projections is not None:
+            # Written first: trainer_state.json (the Trainer's last write) then marks a whole checkpoint.
             path = Path(self.args.output_dir) / f"checkpoint-{self.state.global_step}" / "projections.pt"
+            path.parent.mkdir(parents=True, exist_ok=True)
             torch.save(self.ctx.projections.state_dict(), path)
+        super()._save_checkpoint(model, trial)
 
     def load_projections(self, checkpoint):
         self.ctx.projections.load_state_dict(torch.load(Path(checkpoint) / "projections.pt"))
@@ -254,8 +258,6 @@ def _run_identity(step: str, inputs: list, settings: TrainingConfig) -> dict:
 
 def _claim_checkpoint_dir(work: Path, identity: dict) -> str | None:
     """The last checkpoint of this same run, or None for a fresh start; refuses another run's directory."""
-    from transformers.trainer_utils import get_last_checkpoint
-
     marker = work / RUN_ID_FILE
     digest = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:16]
     if work.exists() and any(work.iterdir()):
@@ -265,9 +267,29 @@ def _claim_checkpoint_dir(work: Path, identity: dict) -> str | None:
                 f"checkpoint dir {work} belongs to another run (different inputs or settings); "
                 "move it away or choose another --out"
             )
-        return get_last_checkpoint(str(work))
+        return _last_complete_checkpoint(work)
     work.mkdir(parents=True, exist_ok=True)
     marker.write_text(json.dumps({"digest": digest, **identity}, indent=1, default=str))
+    return None
+
+
+def _last_complete_checkpoint(work: Path) -> str | None:
+    """The newest checkpoint whose trainer_state.json (the Trainer's last write) is whole.
+
+    A run killed while writing a checkpoint leaves a partial one behind; transformers' `get_last_checkpoint`
+    would pick it and the resume would fail, so partial ones are removed (their steps are recomputed) instead.
+    """
+    from transformers.trainer import TRAINER_STATE_NAME
+    from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+    steps = [p for p in work.glob(f"{PREFIX_CHECKPOINT_DIR}-*") if p.name.rsplit("-", 1)[1].isdigit()]
+    for path in sorted(steps, key=lambda p: int(p.name.rsplit("-", 1)[1]), reverse=True):
+        try:
+            json.loads((path / TRAINER_STATE_NAME).read_text())
+            return str(path)
+        except (OSError, ValueError):
+            warnings.warn(f"removing {path}: incomplete (the run was stopped while writing it)", stacklevel=2)
+            shutil.rmtree(path)
     return None
 
 

@@ -69,6 +69,25 @@ def test_distill_resumes_after_sigkill_with_the_same_final_loss(tiny_models, stu
     AutoModelForCausalLM.from_pretrained(out)  # a stock checkpoint
 
 
+def test_resume_skips_a_checkpoint_killed_while_being_written(tiny_models, student, tiny_data, tmp_path):
+    """A SIGKILL during a checkpoint write leaves a newer, partial checkpoint: the rerun resumes from the last
+    whole one (and removes the partial one) instead of failing on it."""
+    teacher = tiny_models["llama-tied"]
+    settings = DistillConfig(**dict(FAST, max_steps=6, save_steps=3))
+    out = tmp_path / "run"
+    straight = train.distill(teacher, student, tiny_data, tmp_path / "straight", settings)
+    train.distill(teacher, student, tiny_data, out, settings)
+    checkpoints = Path(f"{out}.checkpoints")
+    shutil.rmtree(out)
+    # As if killed mid-write: the newest checkpoint lacks the trainer state the Trainer writes last.
+    (checkpoints / "checkpoint-6" / "trainer_state.json").unlink()
+    with pytest.warns(UserWarning, match="checkpoint-6: incomplete"):
+        resumed = train.distill(teacher, student, tiny_data, out, settings)
+    assert resumed["resumed_from"] == "checkpoint-3" and resumed["steps"] == 6
+    assert resumed["final_loss"] == pytest.approx(straight["final_loss"], rel=1e-3)
+    assert (checkpoints / "checkpoint-6" / "trainer_state.json").is_file()
+
+
 def test_distillation_lowers_the_kd_loss_and_writes_a_stock_checkpoint(tiny_models, student, tiny_data, tmp_path):
     report = train.distill(tiny_models["llama-tied"], student, tiny_data, tmp_path / "s",
                            DistillConfig(**dict(FAST, max_steps=10), intermediate_loss=True))
