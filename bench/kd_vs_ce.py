@@ -119,7 +119,8 @@ def main() -> None:
                 learning_rate=args.lr, min_learning_rate=args.lr / 10, warmup_steps=2, save_steps=args.eval_every,
                 logging_steps=args.eval_every, ce_alpha=ce_alpha, seed=seed,
             )  # fmt: skip
-            out = work / "runs" / f"{method}{tag}-from{args.prune_from}-seed{seed}-{args.steps}x{args.micro_batch}-lr{args.lr:g}"
+            name = f"{method}{tag}-from{args.prune_from}-seed{seed}-{args.steps}x{args.micro_batch}-lr{args.lr:g}"
+            out = work / "runs" / name
             train.distill(teacher, student, data, out, settings)
             checkpoints = Path(f"{out}.checkpoints")
             for step in range(args.eval_every, args.steps, args.eval_every):

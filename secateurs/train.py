@@ -282,8 +282,10 @@ def _last_complete_checkpoint(work: Path) -> str | None:
     from transformers.trainer import TRAINER_STATE_NAME
     from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-    steps = [p for p in work.glob(f"{PREFIX_CHECKPOINT_DIR}-*") if p.name.rsplit("-", 1)[1].isdigit()]
-    for path in sorted(steps, key=lambda p: int(p.name.rsplit("-", 1)[1]), reverse=True):
+    by_step = {
+        int(n): p for p in work.glob(f"{PREFIX_CHECKPOINT_DIR}-*") if (n := p.name.rsplit("-", 1)[1]).isdigit()
+    }
+    for path in (by_step[step] for step in sorted(by_step, reverse=True)):
         try:
             json.loads((path / TRAINER_STATE_NAME).read_text())
             return str(path)

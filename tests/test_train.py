@@ -75,8 +75,7 @@ def test_resume_skips_a_checkpoint_killed_while_being_written(tiny_models, stude
     teacher = tiny_models["llama-tied"]
     settings = DistillConfig(**dict(FAST, max_steps=6, save_steps=3))
     out = tmp_path / "run"
-    straight = train.distill(teacher, student, tiny_data, tmp_path / "straight", settings)
-    train.distill(teacher, student, tiny_data, out, settings)
+    straight = train.distill(teacher, student, tiny_data, out, settings)  # uninterrupted; keeps its checkpoints
     checkpoints = Path(f"{out}.checkpoints")
     shutil.rmtree(out)
     # As if killed mid-write: the newest checkpoint lacks the trainer state the Trainer writes last.
