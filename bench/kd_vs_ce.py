@@ -37,7 +37,9 @@ def main() -> None:
     parser.add_argument("--val-sequences", type=int, default=16, help="held-out sequences the loss is read on")
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--micro-batch", type=int, default=2)
+    parser.add_argument("--global-batch", type=int, default=None, help="sequences per step (default: --micro-batch)")
     parser.add_argument("--lr", type=float, default=5e-4)
+    parser.add_argument("--warmup", type=int, default=2, help="linear warm-up steps")
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--eval-every", type=int, default=10)
     parser.add_argument(
@@ -115,11 +117,13 @@ def main() -> None:
         for method in args.methods.split(","):
             student, ce_alpha = methods[method]
             settings = DistillConfig(
-                max_steps=args.steps, micro_batch_size=args.micro_batch, global_batch_size=args.micro_batch,
-                learning_rate=args.lr, min_learning_rate=args.lr / 10, warmup_steps=2, save_steps=args.eval_every,
+                max_steps=args.steps, micro_batch_size=args.micro_batch,
+                global_batch_size=args.global_batch or args.micro_batch, learning_rate=args.lr,
+                min_learning_rate=args.lr / 10, warmup_steps=args.warmup, save_steps=args.eval_every,
                 logging_steps=args.eval_every, ce_alpha=ce_alpha, seed=seed,
             )  # fmt: skip
-            name = f"{method}{tag}-from{args.prune_from}-seed{seed}-{args.steps}x{args.micro_batch}-lr{args.lr:g}"
+            batch = args.global_batch or args.micro_batch
+            name = f"{method}{tag}-from{args.prune_from}-seed{seed}-{args.steps}x{batch}-lr{args.lr:g}-wu{args.warmup}"
             out = work / "runs" / name
             train.distill(teacher, student, data, out, settings)
             checkpoints = Path(f"{out}.checkpoints")
@@ -132,7 +136,7 @@ def main() -> None:
             print(json.dumps(rows[-1]), flush=True)
 
     print(
-        f"\nvalidation loss ({len(val)} held-out sequences), {args.steps} steps of {args.micro_batch} x 128 tokens, lr {args.lr}"
+        f"\nvalidation loss ({len(val)} held-out sequences), {args.steps} steps of {args.global_batch or args.micro_batch} x 128 tokens, lr {args.lr}"
     )
     print("seed  step  " + "  ".join(f"{m:>12}" for m in args.methods.split(",")))
     for seed in sorted({r["seed"] for r in rows}):
