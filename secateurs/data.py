@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import random
+import re
 from pathlib import Path
 
 from secateurs.manifest import atomic_output, read_manifest, write_manifest
@@ -22,6 +23,9 @@ LOCAL_FORMATS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": 
 
 class DataError(ValueError):
     """A data source or dataset artifact that cannot be used."""
+
+
+_ADDRESS = re.compile(r"( at 0x|, handle )[0-9a-fA-F]{8,}")
 
 
 def python_docs_texts() -> list[str]:
@@ -44,9 +48,13 @@ def python_docs_texts() -> list[str]:
         for name in names:
             try:
                 module = __import__(name)
-                texts.append(pydoc.render_doc(module, renderer=pydoc.plaintext))
+                text = pydoc.render_doc(module, renderer=pydoc.plaintext)
             except Exception:  # some modules need a display, a platform or optional C libraries
                 continue
+            # Reprs such as `<object object at 0x7f93ed9a4160>` or `<PyDLL 'None', handle 7faa335e42e0>` carry
+            # this process's memory addresses; without them the corpus (and every dataset cut from it) is the
+            # same in every run.
+            texts.append(_ADDRESS.sub("", text))
     return texts
 
 

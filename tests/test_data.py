@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import pytest
 
@@ -73,3 +75,12 @@ def test_bad_data_inputs(tokenizer_dir, tmp_path):
     assert (out / "keep").read_text() == "x"
     with pytest.raises(DataError, match="not a dataset made by"):
         load_packed(tmp_path)
+
+
+def test_python_docs_corpus_is_the_same_in_every_process():
+    """pydoc renders some default values with their memory address; the corpus must not depend on them."""
+    script = "import hashlib; from secateurs.data import python_docs_texts; " \
+             "print(hashlib.sha256('\\0'.join(python_docs_texts()).encode()).hexdigest())"
+    digests = {subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout
+               for _ in range(2)}
+    assert len(digests) == 1
