@@ -213,3 +213,37 @@ def test_cross_entropy_only_is_the_lm_fine_tune_without_the_teacher(tiny_models,
     want = [h["loss"] for h in lm["log_history"]]
     assert len(want) == 3 and [h["loss"] for h in ce["log_history"]] == want
     assert [h["loss"] for h in kd["log_history"]] != want
+
+
+@pytest.mark.parametrize("temperature, ce_alpha", [(1.0, 0.0), (2.0, 0.3)])
+def test_trainer_kd_loss_and_gradients_equal_stock_forwards(tiny_models, student, tiny_data, tmp_path, temperature,
+                                                            ce_alpha):
+    """The Trainer's loss (student hidden state caught at the final norm, fused LM head + KL, tied weights) equals
+    the plain computation on the stock models' full logits, in float64, with the same parameter gradients."""
+    import torch
+    from transformers import TrainingArguments
+
+    from secateurs.checkpoint import load_model
+    from secateurs.data import load_packed
+
+    teacher = load_model(tiny_models["llama-tied"], dtype=torch.float32).eval().requires_grad_(False)
+    model = load_model(student, dtype=torch.float32)
+    settings = DistillConfig(temperature=temperature, ce_alpha=ce_alpha, kd_chunk_size=7)
+    trainer = train.DistillationTrainer(model=model, args=TrainingArguments(output_dir=str(tmp_path), report_to=[]))
+    trainer.ctx, trainer.settings = train._Context(teacher=teacher), settings
+    ids = load_packed(tiny_data)[0]["train"].with_format("torch")[:3]["input_ids"]
+    params = [p for p in model.parameters() if p.requires_grad]
+    got = trainer.compute_loss(model, {"input_ids": ids})
+    grads_got = torch.autograd.grad(got, params)
+
+    s = model(input_ids=ids).logits.double() / temperature
+    t = teacher(input_ids=ids).logits.double() / temperature
+    kl = (t.softmax(-1) * (t.log_softmax(-1) - s.log_softmax(-1))).sum(-1).mean()  # every position has a target
+    ce = torch.nn.functional.cross_entropy(
+        (s * temperature)[:, :-1].reshape(-1, s.shape[-1]), ids[:, 1:].reshape(-1)
+    )  # the last position has no next token
+    want = (1 - ce_alpha) * temperature**2 * kl + ce_alpha * ce
+    grads_want = torch.autograd.grad(want, params)
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6)
+    for g_got, g_want in zip(grads_got, grads_want):
+        torch.testing.assert_close(g_got, g_want, rtol=1e-4, atol=1e-6)
