@@ -59,6 +59,7 @@ def main() -> None:
     )
     parser.add_argument("--out", default="runs/bench/kd-vs-ce.json")
     args = parser.parse_args()
+    batch = args.global_batch or args.micro_batch
 
     from transformers import AutoModelForCausalLM
 
@@ -118,11 +119,10 @@ def main() -> None:
             student, ce_alpha = methods[method]
             settings = DistillConfig(
                 max_steps=args.steps, micro_batch_size=args.micro_batch,
-                global_batch_size=args.global_batch or args.micro_batch, learning_rate=args.lr,
+                global_batch_size=batch, learning_rate=args.lr,
                 min_learning_rate=args.lr / 10, warmup_steps=args.warmup, save_steps=args.eval_every,
                 logging_steps=args.eval_every, ce_alpha=ce_alpha, seed=seed,
             )  # fmt: skip
-            batch = args.global_batch or args.micro_batch
             name = f"{method}{tag}-from{args.prune_from}-seed{seed}-{args.steps}x{batch}-lr{args.lr:g}-wu{args.warmup}"
             out = work / "runs" / name
             train.distill(teacher, student, data, out, settings)
@@ -136,7 +136,7 @@ def main() -> None:
             print(json.dumps(rows[-1]), flush=True)
 
     print(
-        f"\nvalidation loss ({len(val)} held-out sequences), {args.steps} steps of {args.global_batch or args.micro_batch} x 128 tokens, lr {args.lr}"
+        f"\nvalidation loss ({len(val)} held-out sequences), {args.steps} steps of {batch} x 128 tokens, lr {args.lr}"
     )
     print("seed  step  " + "  ".join(f"{m:>12}" for m in args.methods.split(",")))
     for seed in sorted({r["seed"] for r in rows}):
