@@ -30,6 +30,14 @@ def student(tiny_models, tiny_importance, tmp_path_factory) -> Path:
     return out
 
 
+def _parses(path: Path) -> bool:
+    try:
+        json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    return True
+
+
 def _distill_cmd(teacher, student, data, out, **settings):
     cmd = [sys.executable, "-m", "secateurs.cli", "distill", "--teacher", str(teacher), "--student", str(student),
            "--data", str(data), "--out", str(out)]
@@ -40,7 +48,9 @@ def _distill_cmd(teacher, student, data, out, **settings):
 
 def test_distill_resumes_after_sigkill_with_the_same_final_loss(tiny_models, student, tiny_data, tmp_path):
     teacher = tiny_models["llama-tied"]
-    settings = dict(FAST, max_steps=8, save_steps=3)
+    # Steps of the tiny model take milliseconds: the kill lands as soon as checkpoint-3 is whole, with 27 steps
+    # still to go, so that it cannot miss the run (a fixed wait after checkpoint-3 once let 8 steps finish).
+    settings = dict(FAST, max_steps=30, save_steps=3)
     env = dict(os.environ, PYTHONUNBUFFERED="1")
 
     straight = train.distill(teacher, student, tiny_data, tmp_path / "straight", DistillConfig(**settings))
@@ -48,11 +58,10 @@ def test_distill_resumes_after_sigkill_with_the_same_final_loss(tiny_models, stu
     out = tmp_path / "killed"
     proc = subprocess.Popen(_distill_cmd(teacher, student, tiny_data, out, **settings), env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    ckpt = Path(f"{out}.checkpoints") / "checkpoint-3"
+    state = Path(f"{out}.checkpoints") / "checkpoint-3" / "trainer_state.json"
     deadline = time.time() + 600
-    while not (ckpt / "trainer_state.json").exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.2)
-    time.sleep(0.5)
+    while not _parses(state) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
     assert proc.poll() is None, "the run ended before it could be killed"
     proc.send_signal(signal.SIGKILL)
     proc.wait()
@@ -62,7 +71,7 @@ def test_distill_resumes_after_sigkill_with_the_same_final_loss(tiny_models, stu
                            capture_output=True, text=True)
     assert rerun.returncode == 0, rerun.stderr[-2000:]
     resumed = json.loads((out / "secateurs.json").read_text())["report"]
-    assert resumed["resumed_from"] is not None and resumed["steps"] == straight["steps"] == 8
+    assert resumed["resumed_from"] is not None and resumed["steps"] == straight["steps"] == 30
     assert resumed["final_loss"] == pytest.approx(straight["final_loss"], rel=1e-3)
     from transformers import AutoModelForCausalLM
 
