@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import json
 import random
-import re
 from pathlib import Path
 
 from secateurs.manifest import atomic_output, read_manifest, write_manifest
@@ -25,37 +24,52 @@ class DataError(ValueError):
     """A data source or dataset artifact that cannot be used."""
 
 
-_ADDRESS = re.compile(r"( at 0x|, handle )[0-9a-fA-F]{8,}")
+# Rendered in a fresh interpreter (see python_docs_texts). `pkgutil`/`pydoc` are the standard library's own
+# module lister and documentation renderer; the script only picks the modules and strips memory addresses.
+_RENDER_PYTHON_DOCS = r"""
+import json, pkgutil, pydoc, re, sys, warnings
+
+skip = {"antigravity", "this", "idlelib", "tkinter", "turtle", "turtledemo", "lib2to3", "test", "pydoc_data"}
+names = sorted(
+    m.name
+    for m in pkgutil.iter_modules()
+    if m.name in sys.stdlib_module_names and not m.name.startswith("_") and m.name not in skip
+)
+address = re.compile(r"( at 0x|, handle )[0-9a-fA-F]{8,}")
+texts = []
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore")
+    for name in names:
+        try:
+            text = pydoc.render_doc(__import__(name), renderer=pydoc.plaintext)
+        except Exception:  # some modules need a display, a platform or optional C libraries
+            continue
+        # Reprs such as `<object object at 0x7f93ed9a4160>` or `<PyDLL 'None', handle 7faa335e42e0>` carry this
+        # process's memory addresses.
+        texts.append(address.sub("", text))
+json.dump(texts, sys.stdout)
+"""
 
 
 def python_docs_texts() -> list[str]:
     """The standard library's own documentation rendered as plain text: ~4 MB of English prose and signatures
-    available on any machine with Python, which is what makes the demo and the tests work offline."""
-    import pkgutil
-    import pydoc
-    import sys
-    import warnings
+    available on any machine with Python, which is what makes the demo and the tests work offline.
 
-    skip = {"antigravity", "this", "idlelib", "tkinter", "turtle", "turtledemo", "lib2to3", "test", "pydoc_data"}
-    names = sorted(
-        m.name
-        for m in pkgutil.iter_modules()
-        if m.name in sys.stdlib_module_names and not m.name.startswith("_") and m.name not in skip
+    pydoc renders the state of the process it runs in: `os.environ` (the default of `os` and `cgi` arguments, so every
+    environment variable, credentials included), functions that imported libraries patch (torch replaces
+    `inspect.getfile`, transformers adds `Logger.info_once`), the warnings registry. The pages are therefore rendered
+    in a fresh isolated interpreter (`-I -S`: no site-packages, no PYTHON* variables) with an empty environment: the
+    corpus leaks nothing and is the same from every process on a machine.
+    """
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "-I", "-S", "-c", _RENDER_PYTHON_DOCS], env={}, capture_output=True, text=True, check=False
     )
-    texts = []
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        for name in names:
-            try:
-                module = __import__(name)
-                text = pydoc.render_doc(module, renderer=pydoc.plaintext)
-            except Exception:  # some modules need a display, a platform or optional C libraries
-                continue
-            # Reprs such as `<object object at 0x7f93ed9a4160>` or `<PyDLL 'None', handle 7faa335e42e0>` carry
-            # this process's memory addresses; without them the corpus (and every dataset cut from it) is the
-            # same in every run.
-            texts.append(_ADDRESS.sub("", text))
-    return texts
+    if done.returncode != 0:
+        raise DataError(f"rendering the python-docs corpus failed: {done.stderr.strip().splitlines()[-1:]}")
+    return json.loads(done.stdout)
 
 
 def tokenizer_identity(tokenizer) -> str:

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
 import pytest
 
-from secateurs.data import DataError, load_packed, prepare_data, tokenizer_identity
 from secateurs.checkpoint import load_tokenizer
+from secateurs.data import DataError, load_packed, prepare_data, tokenizer_identity
 
 
 def _write_sources(tmp_path, docs):
@@ -77,10 +78,14 @@ def test_bad_data_inputs(tokenizer_dir, tmp_path):
         load_packed(tmp_path)
 
 
-def test_python_docs_corpus_is_the_same_in_every_process():
-    """pydoc renders some default values with their memory address; the corpus must not depend on them."""
-    script = "import hashlib; from secateurs.data import python_docs_texts; " \
-             "print(hashlib.sha256('\\0'.join(python_docs_texts()).encode()).hexdigest())"
-    digests = {subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout
-               for _ in range(2)}
-    assert len(digests) == 1
+def test_python_docs_corpus_is_the_same_in_every_process_and_holds_no_environment(tmp_path):
+    """pydoc renders its process's state (memory addresses, os.environ as a default argument value, functions that
+    torch and transformers patch, the warnings registry): none of it may reach the corpus."""
+    script = "import hashlib; from secateurs.data import python_docs_texts; t = '\\0'.join(python_docs_texts()); " \
+             "print(hashlib.sha256(t.encode()).hexdigest(), 'hunter2' in t, len(t) > 1_000_000)"
+    plain = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout
+    loaded = "import warnings; warnings.filterwarnings('ignore', 'x'); import torch, transformers; " + script
+    other = subprocess.run([sys.executable, "-c", loaded], capture_output=True, text=True, check=True, cwd=tmp_path,
+                           env={**os.environ, "SECATEURS_TEST_TOKEN": "hunter2"}).stdout
+    assert plain == other
+    assert plain.split()[1:] == ["False", "True"]
