@@ -32,9 +32,18 @@ def main() -> None:
         "--model", default="smollm2-135m", help="teacher checkpoint dir or built-in model name"
     )
     parser.add_argument(
-        "--sequences", type=int, default=200, help="python-docs sequences prepared (10%% validation)"
+        "--sequences", type=int, default=200, help="python-docs sequences prepared (see --val-fraction)"
+    )
+    parser.add_argument(
+        "--val-fraction", type=float, default=0.1, help="share of the prepared sequences held out for validation"
     )
     parser.add_argument("--val-sequences", type=int, default=16, help="held-out sequences the loss is read on")
+    parser.add_argument(
+        "--val-spread", action="store_true",
+        help="read the loss on --val-sequences spread evenly over the whole validation split instead of its first "
+        "ones (a python-docs document is one module's documentation, ~4,300 tokens on average: the first 16 "
+        "sequences are one module)",
+    )  # fmt: skip
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--micro-batch", type=int, default=2)
     parser.add_argument("--global-batch", type=int, default=None, help="sequences per step (default: --micro-batch)")
@@ -76,9 +85,13 @@ def main() -> None:
     data = work / "data"
     if not data.exists():
         prepare_data(
-            "python-docs", teacher, seq_len=128, out=data, max_tokens=128 * args.sequences, val_fraction=0.1
+            "python-docs", teacher, seq_len=128, out=data, max_tokens=128 * args.sequences,
+            val_fraction=args.val_fraction,
         )
-    val = load_packed(data)[0]["validation"][: args.val_sequences]["input_ids"]
+    held_out = load_packed(data)[0]["validation"]
+    n_val = min(args.val_sequences, len(held_out))
+    picks = [i * len(held_out) // n_val for i in range(n_val)] if args.val_spread else range(n_val)
+    val = held_out.select(picks)["input_ids"]
     teacher_loss = {"original": importance.validation_loss(load_model(teacher), val)}
     original, tag = teacher, ""
     if args.correct_steps:

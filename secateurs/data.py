@@ -57,8 +57,9 @@ def python_docs_texts() -> list[str]:
 
     pydoc renders the state of the process it runs in: `os.environ` (the default of `os` and `cgi` arguments, so every
     environment variable, credentials included), functions that imported libraries patch (torch replaces
-    `inspect.getfile`, transformers adds `Logger.info_once`), the warnings registry. The pages are therefore rendered
-    in a fresh isolated interpreter (`-I -S`: no site-packages, no PYTHON* variables) with an empty environment: the
+    `inspect.getfile`, transformers adds `Logger.info_once`), the warnings registry, and `.pth` hooks of installed
+    packages (setuptools' shim swaps the `distutils` page for its own copy). The pages are therefore rendered in a
+    fresh isolated interpreter (`-I -S`: no site-packages, no PYTHON* variables) with an empty environment: the
     corpus leaks nothing and is the same from every process on a machine.
     """
     import subprocess

@@ -72,33 +72,50 @@ def test_half_size_students_are_language_models(name, smollm2_students, smollm2_
         assert dropped == list(range(dropped[0], dropped[0] + 18))  # one contiguous block
 
 
-def test_kd_and_cross_entropy_from_pruned_weights_beat_random_init(smollm2_dir, smollm2_students, smollm2_data, tmp_path):
-    """SmolLM2-135M width-pruned to half, trained the same number of steps three ways (recipe.md step 4):
-    KD from the pruned weights, cross-entropy from the pruned weights, KD from a random init of the same shape."""
+@pytest.fixture(scope="session")
+def smollm2_wide_data(smollm2_dir, tmp_path_factory):
+    """2,000 python-docs sequences, half held out. One python-docs document is one module's documentation (~4,300
+    tokens on average), so the 200-sequence set holds out a single module; this one holds out about 30."""
+    out = tmp_path_factory.mktemp("smol-wide-data") / "python-docs"
+    prepare_data("python-docs", smollm2_dir, seq_len=128, out=out, max_tokens=128 * 2000, val_fraction=0.5)
+    return out
+
+
+def test_kd_from_the_corrected_teacher_beats_cross_entropy_beats_random_init(smollm2_dir, smollm2_wide_data, tmp_path):
+    """The recipe in its order on SmolLM2-135M: teacher correction, importance on the corrected teacher, width
+    pruning to half, then the same 20 steps three ways: KD from the pruned weights, cross-entropy from the pruned
+    weights, KD from a random init of the same shape. Validation cross-entropy on 64 held-out sequences spread over
+    the ~30 held-out modules. `bench/kd_vs_ce.py` runs this setting for seeds 0-2 and other LRs (README)."""
     from secateurs import train
     from secateurs.checkpoint import load_tokenizer, save_checkpoint
-    from secateurs.config import DistillConfig
+    from secateurs.config import DistillConfig, TeacherCorrectionConfig
     from secateurs.manifest import write_manifest
 
-    _, width = smollm2_students["width"]
+    data = smollm2_wide_data
+    teacher = tmp_path / "teacher-corrected"
+    train.correct_teacher(smollm2_dir, data, teacher, TeacherCorrectionConfig(
+        max_steps=40, micro_batch_size=4, global_batch_size=4, learning_rate=5e-4, min_learning_rate=5e-5,
+        warmup_steps=2, save_steps=40, logging_steps=10))  # fmt: skip
+    importance.run(teacher, data, tmp_path / "importance", samples=16, batch_size=8, block_sizes=[18], depth_samples=1)
+    width = tmp_path / "width"
+    prune.run(teacher, tmp_path / "importance", width, WIDTH)
     torch.manual_seed(0)
     random_dir = tmp_path / "random-init"
     save_checkpoint(AutoModelForCausalLM.from_config(load_model(width).config), load_tokenizer(width), random_dir)
     write_manifest(random_dir, "import-model", config={"source": "random init of the width student's shape"})
 
-    common = dict(max_steps=10, micro_batch_size=4, global_batch_size=4, learning_rate=5e-4, min_learning_rate=5e-5,
-                  warmup_steps=2, save_steps=100, logging_steps=5)
+    held_out = load_packed(data)[0]["validation"]
+    val = held_out.select([i * len(held_out) // 64 for i in range(64)])["input_ids"]
+    common = {"max_steps": 20, "micro_batch_size": 4, "global_batch_size": 4, "learning_rate": 5e-4,
+              "min_learning_rate": 5e-5, "warmup_steps": 2, "save_steps": 100, "logging_steps": 10}
     runs = {"kd": (width, DistillConfig(**common)), "ce": (width, DistillConfig(**common, ce_alpha=1.0)),
             "random-init kd": (random_dir, DistillConfig(**common))}
-    dd, _ = load_packed(smollm2_data)
-    val = dd["validation"][:16]["input_ids"]
-    result = {}
+    result = {"teacher": importance.validation_loss(load_model(smollm2_dir), val),
+              "corrected teacher": importance.validation_loss(load_model(teacher), val)}
     for name, (student, settings) in runs.items():
-        train.distill(smollm2_dir, student, smollm2_data, tmp_path / name, settings)
+        train.distill(teacher, student, data, tmp_path / name, settings)
         result[name] = importance.validation_loss(load_model(tmp_path / name), val)
-    print("validation loss after 10 steps: " + ", ".join(f"{k} {v:.3f}" for k, v in result.items()))
-    # Pruned weights are worth far more than random ones under either loss. Which of KD and cross-entropy ends
-    # lower is within seed-to-seed noise at CPU budgets (bench/kd_vs_ce.py, thirteen settings, 1-4 seeds each:
-    # README), so the recipe's claim (KD lowest, measured at billions of tokens) is printed here, not asserted.
-    assert result["kd"] < result["random-init kd"] - 2.0
-    assert result["ce"] < result["random-init kd"] - 2.0
+    print("validation loss after 20 steps: " + ", ".join(f"{k} {v:.3f}" for k, v in result.items()))
+    assert result["corrected teacher"] < result["teacher"]
+    # Seeds 0, 1, 2 (bench): KD lower by 0.09, 0.16, 0.26. The seed is the data order; this is seed 0.
+    assert result["kd"] < result["ce"] < result["random-init kd"]
