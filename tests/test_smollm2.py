@@ -81,7 +81,7 @@ def smollm2_wide_data(smollm2_dir, tmp_path_factory):
     return out
 
 
-def test_kd_from_the_corrected_teacher_beats_cross_entropy_beats_random_init(smollm2_dir, smollm2_wide_data, tmp_path):
+def test_kd_and_cross_entropy_after_teacher_correction_beat_random_init(smollm2_dir, smollm2_wide_data, tmp_path):
     """The recipe in its order on SmolLM2-135M: teacher correction, importance on the corrected teacher, width
     pruning to half, then the same 20 steps three ways: KD from the pruned weights, cross-entropy from the pruned
     weights, KD from a random init of the same shape. Validation cross-entropy on 64 held-out sequences spread over
@@ -116,6 +116,9 @@ def test_kd_from_the_corrected_teacher_beats_cross_entropy_beats_random_init(smo
         train.distill(teacher, student, data, tmp_path / name, settings)
         result[name] = importance.validation_loss(load_model(tmp_path / name), val)
     print("validation loss after 20 steps: " + ", ".join(f"{k} {v:.3f}" for k, v in result.items()))
-    assert result["corrected teacher"] < result["teacher"]
-    # Seeds 0, 1, 2 (bench): KD lower by 0.09, 0.16, 0.26. The seed is the data order; this is seed 0.
-    assert result["kd"] < result["ce"] < result["random-init kd"]
+    assert result["corrected teacher"] < result["teacher"] - 0.5
+    # Pruned weights are worth far more than random ones under either loss. KD is lower than cross-entropy on
+    # average over seeds (bench/kd_vs_ce.py: 3.823 against 4.002 for seeds 0-2) but not for every seed (seed 1:
+    # 3.855 against 3.750), so the recipe's "KD lowest" is printed here, not asserted.
+    assert result["kd"] < result["random-init kd"] - 2.0
+    assert result["ce"] < result["random-init kd"] - 2.0
