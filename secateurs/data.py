@@ -27,7 +27,9 @@ class DataError(ValueError):
 # Rendered in a fresh interpreter (see python_docs_texts). `pkgutil`/`pydoc` are the standard library's own
 # module lister and documentation renderer; the script only picks the modules and strips memory addresses.
 _RENDER_PYTHON_DOCS = r"""
-import json, pkgutil, pydoc, re, sys, warnings
+import json, os, pkgutil, pydoc, re, sys, warnings
+
+os.environ.clear()  # before any module is imported: pydoc would render it (see python_docs_texts)
 
 skip = {"antigravity", "this", "idlelib", "tkinter", "turtle", "turtledemo", "lib2to3", "test", "pydoc_data"}
 names = sorted(
@@ -59,15 +61,19 @@ def python_docs_texts() -> list[str]:
     environment variable, credentials included), functions that imported libraries patch (torch replaces
     `inspect.getfile`, transformers adds `Logger.info_once`), the warnings registry, and `.pth` hooks of installed
     packages (setuptools' shim swaps the `distutils` page for its own copy). The pages are therefore rendered in a
-    fresh isolated interpreter (`-I -S`: no site-packages, no PYTHON* variables) with an empty environment: the
-    corpus leaks nothing and is the same from every process on a machine.
+    fresh isolated interpreter (`-I -S`: no site-packages, no PYTHON* variables) whose environment is emptied before
+    any page is rendered: the corpus leaks nothing and is the same from every process on a machine.
     """
+    import os
     import subprocess
     import sys
 
+    # Only what the interpreter itself may need to start (a libpython outside the loader's default paths).
+    loader = {k: v for k, v in os.environ.items() if k in ("LD_LIBRARY_PATH", "DYLD_LIBRARY_PATH", "SYSTEMROOT")}
     done = subprocess.run(
-        [sys.executable, "-I", "-S", "-c", _RENDER_PYTHON_DOCS], env={}, capture_output=True, text=True, check=False
-    )
+        [sys.executable, "-I", "-S", "-c", _RENDER_PYTHON_DOCS], env=loader, capture_output=True, text=True,
+        check=False,
+    )  # fmt: skip
     if done.returncode != 0:
         raise DataError(f"rendering the python-docs corpus failed: {done.stderr.strip().splitlines()[-1:]}")
     return json.loads(done.stdout)
