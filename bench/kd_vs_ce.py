@@ -75,7 +75,7 @@ def main() -> None:
     from secateurs import importance, prune, train
     from secateurs.checkpoint import import_model, load_model, load_tokenizer, save_checkpoint
     from secateurs.config import DistillConfig, TeacherCorrectionConfig
-    from secateurs.data import load_packed, prepare_data
+    from secateurs.data import load_packed, prepare_data, spread
     from secateurs.manifest import write_manifest
 
     work = Path(args.work or tempfile.mkdtemp(prefix="kd-vs-ce-"))
@@ -89,9 +89,7 @@ def main() -> None:
             val_fraction=args.val_fraction,
         )
     held_out = load_packed(data)[0]["validation"]
-    n_val = min(args.val_sequences, len(held_out))
-    picks = [i * len(held_out) // n_val for i in range(n_val)] if args.val_spread else range(n_val)
-    val = held_out.select(picks)["input_ids"]
+    val = (spread(held_out, args.val_sequences)[:] if args.val_spread else held_out[: args.val_sequences])["input_ids"]
     teacher_loss = {"original": importance.validation_loss(load_model(teacher), val)}
     original, tag = teacher, ""
     if args.correct_steps:

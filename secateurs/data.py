@@ -216,6 +216,17 @@ def load_packed(path: str | Path):
     return dd.with_format("torch"), manifest["config"]
 
 
+def spread(split, n: int | None):
+    """N sequences of SPLIT spread evenly over it (all of them for None or N >= its length).
+
+    Documents are packed in order, so the first N sequences of a split are its first one or two documents (a
+    python-docs document, one module's documentation, is ~4,300 tokens on average); an even spread reads all of them.
+    """
+    if n is None or n >= len(split):
+        return split
+    return split.select([i * len(split) // n for i in range(n)])
+
+
 def check_matches(data_config: dict, tokenizer, seq_len: int | None = None, where: str = "dataset") -> None:
     """Refuse a dataset made with another tokenizer (or another sequence length when one is required)."""
     ident = tokenizer_identity(tokenizer)

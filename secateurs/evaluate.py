@@ -55,7 +55,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from tqdm.auto import tqdm
 
 from secateurs.checkpoint import check_checkpoint_dir, load_model, load_tokenizer
-from secateurs.data import check_matches, load_packed
+from secateurs.data import check_matches, load_packed, spread
 from secateurs.families import parameter_count
 from secateurs.importance import validation_loss
 from secateurs.manifest import atomic_output, write_manifest
@@ -142,7 +142,7 @@ def run(
         out: output directory; receives `metrics.json` and `secateurs.json` (replaced atomically).
         tasks: task names, task YAML paths, or lm-eval task names (`name:N` sets N few-shot examples).
         batch_size: sequences per forward pass.
-        max_sequences: cap on the validation sequences used for the loss (None: all).
+        max_sequences: cap on the validation sequences used for the loss, spread evenly over the split (None: all).
         limit: cap on the items of every task (None: all; lambada-docs has 200).
         device: torch device; default cuda when available.
     Returns:
@@ -162,8 +162,7 @@ def run(
     # Task items come from the whole split whatever max_sequences is, so runs with different caps stay comparable.
     for task in resolved:
         build_items(task, tokenizer, dd["validation"], limit)
-    n_val = len(dd["validation"]) if max_sequences is None else min(max_sequences, len(dd["validation"]))
-    validation = dd["validation"][:n_val]["input_ids"]
+    validation = spread(dd["validation"], max_sequences)[:]["input_ids"]
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32

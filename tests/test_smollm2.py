@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from secateurs import importance, prune
 from secateurs.checkpoint import load_model
-from secateurs.data import load_packed, prepare_data
+from secateurs.data import load_packed, prepare_data, spread
 from secateurs.prune import PruneTarget
 
 WIDTH = PruneTarget(hidden_size=384, ffn_hidden_size=1024, num_attention_heads=6)
@@ -104,8 +104,7 @@ def test_kd_and_cross_entropy_after_teacher_correction_beat_random_init(smollm2_
     save_checkpoint(AutoModelForCausalLM.from_config(load_model(width).config), load_tokenizer(width), random_dir)
     write_manifest(random_dir, "import-model", config={"source": "random init of the width student's shape"})
 
-    held_out = load_packed(data)[0]["validation"]
-    val = held_out.select([i * len(held_out) // 64 for i in range(64)])["input_ids"]
+    val = spread(load_packed(data)[0]["validation"], 64)[:]["input_ids"]
     common = {"max_steps": 20, "micro_batch_size": 4, "global_batch_size": 4, "learning_rate": 5e-4,
               "min_learning_rate": 5e-5, "warmup_steps": 2, "save_steps": 100, "logging_steps": 10}
     runs = {"kd": (width, DistillConfig(**common)), "ce": (width, DistillConfig(**common, ce_alpha=1.0)),
