@@ -227,7 +227,7 @@ def evaluate_cmd(
     out: Path = typer.Option(..., "--out", help="Metrics directory (metrics.json + secateurs.json)."),
     tasks: str = typer.Option("lambada-docs", "--tasks", help="Comma-separated: lambada-docs, a task YAML path, or lm-eval task names."),
     batch_size: int = typer.Option(8, "--batch-size"),
-    max_sequences: Optional[int] = typer.Option(None, "--max-sequences", help="Validation sequences for loss/perplexity (default all)."),
+    max_sequences: Optional[int] = typer.Option(None, "--max-sequences", help="Validation sequences for loss/perplexity, spread evenly over the split (default all)."),
     limit: Optional[int] = typer.Option(None, "--limit", help="Items per task (default all)."),
 ):
     """Validation loss, perplexity and downstream tasks."""

@@ -150,7 +150,7 @@ class EvaluateConfig(Section):
         ["lambada-docs"], min_length=1, description="Task names, task YAML paths or lm-eval task names."
     )
     batch_size: int = Field(8, ge=1, description="Sequences per forward pass.")
-    max_sequences: int | None = Field(None, ge=1, description="Cap on the validation sequences for the loss.")
+    max_sequences: int | None = Field(None, ge=1, description="Cap on the validation sequences for the loss, spread evenly over the split.")
     limit: int | None = Field(None, ge=1, description="Cap on the items of every task.")
 
 
