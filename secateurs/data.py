@@ -9,6 +9,7 @@ read it without re-tokenizing and refuse it for a model with another tokenizer.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import random
@@ -64,6 +65,11 @@ def python_docs_texts() -> list[str]:
     fresh isolated interpreter (`-I -S`: no site-packages, no PYTHON* variables) whose environment is emptied before
     any page is rendered: the corpus leaks nothing and is the same from every process on a machine.
     """
+    return list(_render_python_docs())
+
+
+@functools.cache  # the render no longer depends on the calling process: once per process is enough
+def _render_python_docs() -> tuple[str, ...]:
     import os
     import subprocess
     import sys
@@ -75,8 +81,9 @@ def python_docs_texts() -> list[str]:
         check=False,
     )  # fmt: skip
     if done.returncode != 0:
-        raise DataError(f"rendering the python-docs corpus failed: {done.stderr.strip().splitlines()[-1:]}")
-    return json.loads(done.stdout)
+        last = (done.stderr.strip().splitlines() or [f"exit status {done.returncode}"])[-1]
+        raise DataError(f"rendering the python-docs corpus failed: {last}")
+    return tuple(json.loads(done.stdout))
 
 
 def tokenizer_identity(tokenizer) -> str:
