@@ -132,7 +132,7 @@ def main() -> None:
                 max_steps=args.steps, micro_batch_size=args.micro_batch,
                 global_batch_size=batch, learning_rate=args.lr,
                 min_learning_rate=args.lr / 10, warmup_steps=args.warmup, save_steps=args.eval_every,
-                logging_steps=args.eval_every, ce_alpha=ce_alpha, seed=seed,
+                logging_steps=args.eval_every, save_total_limit=0, ce_alpha=ce_alpha, seed=seed,
             )  # fmt: skip
             name = f"{method}{tag}-from{args.prune_from}-seed{seed}-{args.steps}x{batch}-lr{args.lr:g}-wu{args.warmup}"
             out = work / "runs" / name

@@ -140,6 +140,7 @@ def _train(model, ctx: _Context | None, dd, out, settings: TrainingConfig, ident
         **{checkpointing: settings.gradient_checkpointing},
         save_strategy="steps",
         save_steps=settings.save_steps,
+        save_total_limit=settings.save_total_limit or None,
         logging_steps=settings.logging_steps,
         logging_nan_inf_filter=False,  # a NaN must reach the divergence check, not be hidden
         seed=settings.seed,
@@ -246,13 +247,17 @@ class DivergenceCallback(TrainerCallback):
             )
 
 
+# Settings that change what is written along the way, not the run: a resume may change them.
+_NOT_IDENTITY = ("save_steps", "save_total_limit", "logging_steps")
+
+
 def _run_identity(step: str, inputs: list, settings: TrainingConfig) -> dict:
     from secateurs.manifest import content_hash
 
     return {
         "step": step,
         "inputs": [content_hash(p) for p in inputs],
-        "settings": {k: v for k, v in settings.model_dump().items() if k not in ("save_steps", "logging_steps")},
+        "settings": {k: v for k, v in settings.model_dump().items() if k not in _NOT_IDENTITY},
     }
 
 

@@ -73,6 +73,10 @@ def test_distill_resumes_after_sigkill_with_the_same_final_loss(tiny_models, stu
     resumed = json.loads((out / "secateurs.json").read_text())["report"]
     assert resumed["resumed_from"] is not None and resumed["steps"] == straight["steps"] == 30
     assert resumed["final_loss"] == pytest.approx(straight["final_loss"], rel=1e-3)
+    # A checkpoint every 3 steps; both runs keep only the newest two (save_total_limit's default).
+    for run in ("straight", "killed"):
+        kept = sorted(p.name for p in Path(f"{tmp_path / run}.checkpoints").glob("checkpoint-*"))
+        assert kept == ["checkpoint-27", "checkpoint-30"], run
     from transformers import AutoModelForCausalLM
 
     AutoModelForCausalLM.from_pretrained(out)  # a stock checkpoint
