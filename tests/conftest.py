@@ -18,6 +18,16 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 FAMILY_CASES = ["llama-tied", "llama-untied", "mistral", "qwen2", "qwen3"]
 
 
+def pytest_report_header(config):
+    # A full disk shows up as dozens of unrelated safetensors errors; the header says up front how much room there is.
+    import shutil
+    import tempfile
+
+    base = config.option.basetemp or tempfile.gettempdir()
+    free = shutil.disk_usage(Path(base).parent if not Path(base).exists() else base).free / 2**30
+    return f"free disk under {base}: {free:.1f} GiB (a full run writes up to about 4 GiB there at once)"
+
+
 @pytest.fixture(scope="session")
 def smollm2_dir(tmp_path_factory) -> Path:
     """The real SmolLM2-135M as a stock checkpoint (import-model smollm2-135m)."""

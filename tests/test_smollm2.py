@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 
 import pytest
 import torch
@@ -81,10 +82,10 @@ def smollm2_wide_data(smollm2_dir, tmp_path_factory):
     return out
 
 
-def test_kd_and_cross_entropy_after_teacher_correction_beat_random_init(smollm2_dir, smollm2_wide_data, tmp_path):
+def test_kd_gives_the_lowest_validation_loss_and_random_init_the_highest(smollm2_dir, smollm2_wide_data, tmp_path):
     """The recipe in its order on SmolLM2-135M: teacher correction, importance on the corrected teacher, width
     pruning to half, then the same 20 steps three ways: KD from the pruned weights, cross-entropy from the pruned
-    weights, KD from a random init of the same shape. Validation cross-entropy on 64 held-out sequences spread over
+    weights (at its own best LR), KD from a random init of the same shape. Validation cross-entropy on 64 held-out sequences spread over
     the ~30 held-out modules. `bench/kd_vs_ce.py` runs this setting for seeds 0-2 and other LRs (README)."""
     from secateurs import train
     from secateurs.checkpoint import load_tokenizer, save_checkpoint
@@ -96,6 +97,7 @@ def test_kd_and_cross_entropy_after_teacher_correction_beat_random_init(smollm2_
     train.correct_teacher(smollm2_dir, data, teacher, TeacherCorrectionConfig(
         max_steps=40, micro_batch_size=4, global_batch_size=4, learning_rate=5e-4, min_learning_rate=5e-5,
         warmup_steps=2, save_steps=40, logging_steps=10))  # fmt: skip
+    shutil.rmtree(f"{teacher}.checkpoints")  # its optimizer state: 1.5 GB that nothing below reads
     importance.run(teacher, data, tmp_path / "importance", samples=16, batch_size=8, block_sizes=[18], depth_samples=1)
     width = tmp_path / "width"
     prune.run(teacher, tmp_path / "importance", width, WIDTH)
@@ -107,17 +109,19 @@ def test_kd_and_cross_entropy_after_teacher_correction_beat_random_init(smollm2_
     val = spread(load_packed(data)[0]["validation"], 64)[:]["input_ids"]
     common = {"max_steps": 20, "micro_batch_size": 4, "global_batch_size": 4, "learning_rate": 5e-4,
               "min_learning_rate": 5e-5, "warmup_steps": 2, "save_steps": 100, "logging_steps": 10}
-    runs = {"kd": (width, DistillConfig(**common)), "ce": (width, DistillConfig(**common, ce_alpha=1.0)),
+    # Each loss at its own LR: cross-entropy at 2.5e-4, its best of 1.25e-4 / 2.5e-4 / 5e-4 / 1e-3 over seeds 0-2
+    # (bench/kd_vs_ce.py, README), so that KD is compared with the strongest cross-entropy baseline.
+    ce = dict(common, learning_rate=2.5e-4, min_learning_rate=2.5e-5, ce_alpha=1.0)
+    runs = {"kd": (width, DistillConfig(**common)), "ce": (width, DistillConfig(**ce)),
             "random-init kd": (random_dir, DistillConfig(**common))}
     result = {"teacher": importance.validation_loss(load_model(smollm2_dir), val),
               "corrected teacher": importance.validation_loss(load_model(teacher), val)}
     for name, (student, settings) in runs.items():
         train.distill(teacher, student, data, tmp_path / name, settings)
         result[name] = importance.validation_loss(load_model(tmp_path / name), val)
+        shutil.rmtree(f"{tmp_path / name}.checkpoints")
     print("validation loss after 20 steps: " + ", ".join(f"{k} {v:.3f}" for k, v in result.items()))
     assert result["corrected teacher"] < result["teacher"] - 0.5
-    # Pruned weights are worth far more than random ones under either loss. KD is lower than cross-entropy on
-    # average over seeds (bench/kd_vs_ce.py: 3.823 against 4.002 for seeds 0-2) but not for every seed (seed 1:
-    # 3.855 against 3.750), so the recipe's "KD lowest" is printed here, not asserted.
-    assert result["kd"] < result["random-init kd"] - 2.0
-    assert result["ce"] < result["random-init kd"] - 2.0
+    # KD lowest, random init highest. KD at 5e-4 is below cross-entropy at its best LR for each of seeds 0-2
+    # (bench/kd_vs_ce.py: by 0.08, 0.06 and 0.23); pruned weights beat random ones by over 4 nats either way.
+    assert result["kd"] < result["ce"] < result["random-init kd"] - 2.0
