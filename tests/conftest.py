@@ -18,14 +18,17 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 FAMILY_CASES = ["llama-tied", "llama-untied", "mistral", "qwen2", "qwen3"]
 
 
-def pytest_report_header(config):
-    # A full disk shows up as dozens of unrelated safetensors errors; the header says up front how much room there is.
+def pytest_sessionstart(session):
+    # A full disk shows up as dozens of unrelated safetensors errors; this line says up front how much room there is.
     import shutil
     import tempfile
 
-    base = config.option.basetemp or tempfile.gettempdir()
-    free = shutil.disk_usage(Path(base).parent if not Path(base).exists() else base).free / 2**30
-    return f"free disk under {base}: {free:.1f} GiB (a full run writes up to about 4 GiB there at once)"
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    base = Path(session.config.option.basetemp or tempfile.gettempdir()).absolute()
+    existing = next(p for p in (base, *base.parents) if p.exists())
+    free = shutil.disk_usage(existing).free / 2**30
+    if reporter is not None:
+        reporter.write_line(f"free disk under {base}: {free:.1f} GiB (the suite needs about 4 GiB there at its peak)")
 
 
 @pytest.fixture(scope="session")

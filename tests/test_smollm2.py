@@ -85,8 +85,9 @@ def smollm2_wide_data(smollm2_dir, tmp_path_factory):
 def test_kd_gives_the_lowest_validation_loss_and_random_init_the_highest(smollm2_dir, smollm2_wide_data, tmp_path):
     """The recipe in its order on SmolLM2-135M: teacher correction, importance on the corrected teacher, width
     pruning to half, then the same 20 steps three ways: KD from the pruned weights, cross-entropy from the pruned
-    weights (at its own best LR), KD from a random init of the same shape. Validation cross-entropy on 64 held-out sequences spread over
-    the ~30 held-out modules. `bench/kd_vs_ce.py` runs this setting for seeds 0-2 and other LRs (README)."""
+    weights (at its own best LR), KD from a random init of the same shape. Validation cross-entropy on 64 held-out
+    sequences spread over the ~30 held-out modules. `bench/kd_vs_ce.py` runs this setting for seeds 0-2 and other
+    LRs (README)."""
     from secateurs import train
     from secateurs.checkpoint import load_tokenizer, save_checkpoint
     from secateurs.config import DistillConfig, TeacherCorrectionConfig
