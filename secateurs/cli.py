@@ -125,7 +125,7 @@ def importance_cmd(
     samples: int = typer.Option(1024, "--samples", help="Calibration sequences (the paper used 1024)."),
     batch_size: int = typer.Option(8, "--batch-size"),
     block_sizes: Optional[str] = typer.Option(None, "--block-sizes", help="Comma-separated k for the contiguous-block LM-loss scan."),
-    depth_samples: int = typer.Option(64, "--depth-samples", help="Validation sequences per depth-scan evaluation."),
+    depth_samples: int = typer.Option(64, "--depth-samples", help="Validation sequences per depth-scan evaluation, spread evenly over the split."),
 ):
     """Estimate the importance of neurons, heads, KV groups, channels and layers."""
     from secateurs import importance

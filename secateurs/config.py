@@ -43,7 +43,7 @@ class ImportanceConfig(Section):
     samples: int = Field(1024, ge=1, description="Calibration sequences for activation statistics.")
     batch_size: int = Field(8, ge=1, description="Sequences per forward pass.")
     block_sizes: list[int] | None = Field(None, description="Contiguous block lengths k for the LM-loss depth scan (default: half the layers).")
-    depth_samples: int = Field(64, ge=1, description="Validation sequences per LM-loss evaluation in the depth scan.")
+    depth_samples: int = Field(64, ge=1, description="Validation sequences per LM-loss evaluation in the depth scan, spread evenly over the split.")
 
     @field_validator("block_sizes")
     @classmethod

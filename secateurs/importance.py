@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from secateurs.checkpoint import load_model, load_tokenizer
-from secateurs.data import check_matches, load_packed
+from secateurs.data import check_matches, load_packed, spread
 from secateurs.families import Shape, decoder_layers, family_of
 from secateurs.manifest import atomic_output, read_manifest, write_manifest
 
@@ -53,7 +53,7 @@ def run(
         samples: calibration sequences from the train split (the paper used 1024).
         block_sizes: contiguous block lengths k for the LM-loss depth scan; default half the layers (the
             published depth student drops 16 of 32).
-        depth_samples: validation sequences for each LM-loss evaluation.
+        depth_samples: validation sequences for each LM-loss evaluation, spread evenly over the split.
     """
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
@@ -67,7 +67,7 @@ def run(
             raise ImportanceError(f"block size k={k} must be between 1 and {n_layers - 1} (the model has {n_layers} layers)")
 
     calibration = dd["train"][: min(samples, len(dd["train"]))]["input_ids"]
-    validation = dd["validation"][: min(depth_samples, len(dd["validation"]))]["input_ids"]
+    validation = spread(dd["validation"], depth_samples)[:]["input_ids"]
     scores, block_influence = collect_activation_scores(model, calibration, batch_size)
     depth = lm_loss_depth_scan(model, validation, batch_size, block_sizes)
     depth["block_influence"] = block_influence
