@@ -214,6 +214,8 @@ def place(task, kind: str, placement: PlacementConfig) -> None:
         kubernetes.mount_pvc(task, pvc_name=placement.cache_volume.pvc, mount_path=path)
         task.set_env_variable("SECATEURS_CACHE", f"{path}/secateurs")
         task.set_env_variable("HF_HOME", f"{path}/huggingface")
+        # Training checkpoints outlive a preempted pod there: its retry resumes (secateurs.train.checkpoint_dir).
+        task.set_env_variable("SECATEURS_CHECKPOINTS", f"{path}/checkpoints")
     if placement.retries:
         task.set_retry(
             num_retries=placement.retries, backoff_duration=placement.retry_backoff, backoff_factor=2

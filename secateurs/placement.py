@@ -69,11 +69,12 @@ class SecretEnv(_Section):
 
 
 class CacheVolume(_Section):
-    """An existing PersistentVolumeClaim mounted into every step (hub, dataset and S3 download caches)."""
+    """An existing PersistentVolumeClaim mounted into every step (hub, dataset and S3 download caches, and the
+    training checkpoints a retried step resumes from)."""
 
     pvc: str = Field(description="PVC name (created by the chart).")
     mount_path: str = Field(
-        "/cache", description="Where it is mounted; SECATEURS_CACHE and HF_HOME point into it."
+        "/cache", description="Where it is mounted; SECATEURS_CACHE, HF_HOME and SECATEURS_CHECKPOINTS point into it."
     )
 
 
@@ -88,7 +89,7 @@ class PlacementConfig(_Section):
     node_selector: dict[str, str] = Field(default_factory=dict, description="Node labels for GPU steps.")
     tolerations: list[Toleration] = Field(default_factory=list, description="Tolerations for GPU steps.")
     secrets: list[SecretEnv] = Field(default_factory=list, description="Secrets exposed as env (S3, MLflow).")
-    cache_volume: CacheVolume | None = Field(None, description="PVC for download caches.")
+    cache_volume: CacheVolume | None = Field(None, description="PVC for download caches and training checkpoints.")
     # PyTorch data loaders and NCCL use /dev/shm; a container's default is 64 MiB.
     shm_size: str | None = Field(
         "16Gi", description="Memory-backed /dev/shm size for GPU steps (None: leave it)."

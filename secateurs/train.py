@@ -5,8 +5,8 @@ Consumes checkpoints and a prepared dataset; produces a stock Hugging Face check
 decay to a minimum LR, gradient accumulation to the global batch, bf16 on GPU / fp32 on CPU, gradient
 checkpointing, one GPU or many through `torchrun` / `accelerate launch` (DDP, FSDP), and checkpoints holding
 weights, optimizer, scheduler, data position and RNG every `save_steps`. A run killed at any point and started
-again with the same command resumes from its last checkpoint (kept in `<out>.checkpoints/`) and ends where the
-uninterrupted run would have.
+again with the same command resumes from its last checkpoint (kept in `<out>.checkpoints/`, or under
+$SECATEURS_CHECKPOINTS by the run's identity) and ends where the uninterrupted run would have.
 
 Distillation loss (recipe.md step 4): forward KL(teacher || student) on logits, temperature T with the T^2 factor,
 optional top-K teacher logits, optional cross-entropy mix, optional intermediate-state cosine losses on layer pairs
@@ -37,6 +37,8 @@ from secateurs.families import compile_decoder_layers, parameter_count
 from secateurs.manifest import atomic_output, read_manifest, write_manifest
 
 RUN_ID_FILE = "secateurs-run.json"
+# A root for checkpoints on storage that outlives the process's output path (see checkpoint_dir).
+CHECKPOINTS_ENV = "SECATEURS_CHECKPOINTS"
 
 # torch.compile backend of `compile_layers` (inductor generates the fused kernels; tests use aot_eager, which
 # traces the same graphs forward and backward without generating code).
@@ -119,7 +121,7 @@ def _train(model, ctx: _Context | None, dd, out, settings: TrainingConfig, ident
         raise TrainingError(
             f"global_batch_size={settings.global_batch_size} is not a multiple of micro_batch_size x GPUs = {per_step}"
         )
-    work = Path(f"{Path(out).absolute()}.checkpoints")
+    work = checkpoint_dir(out, identity)
     last = _claim_checkpoint_dir(work, identity)
     if settings.compile_layers:
         compile_decoder_layers(model, *([] if ctx is None else [ctx.teacher]), backend=COMPILE_BACKEND)
@@ -166,6 +168,7 @@ def _train(model, ctx: _Context | None, dd, out, settings: TrainingConfig, ident
         "mean_loss": result.training_loss,
         "tokens_seen": trainer.state.global_step * settings.global_batch_size * train[0]["input_ids"].numel(),
         "resumed_from": Path(last).name if last else None,
+        "checkpoint_dir": str(work),
         "log_history": history,
     }
 
@@ -261,10 +264,28 @@ def _run_identity(step: str, inputs: list, settings: TrainingConfig) -> dict:
     }
 
 
+def _digest(identity: dict) -> str:
+    return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def checkpoint_dir(out, identity: dict) -> Path:
+    """Where a run's checkpoints go: `<out>.checkpoints`, or `$SECATEURS_CHECKPOINTS/<step>-<run digest>`.
+
+    On a cluster a step's output path is local to its pod, and a retried pod starts with a new, empty one: its
+    checkpoints would be gone. With SECATEURS_CHECKPOINTS on a volume that outlives pods (the pipeline points it
+    at the cache PVC), the retry finds them by the run's identity (its inputs' content hashes and its settings),
+    wherever its output now goes.
+    """
+    root = os.environ.get(CHECKPOINTS_ENV)
+    if root:
+        return Path(root).absolute() / f"{identity['step']}-{_digest(identity)}"
+    return Path(f"{Path(out).absolute()}.checkpoints")
+
+
 def _claim_checkpoint_dir(work: Path, identity: dict) -> str | None:
     """The last checkpoint of this same run, or None for a fresh start; refuses another run's directory."""
     marker = work / RUN_ID_FILE
-    digest = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    digest = _digest(identity)
     if work.exists() and any(work.iterdir()):
         recorded = json.loads(marker.read_text()).get("digest") if marker.is_file() else None
         if recorded != digest:

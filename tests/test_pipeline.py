@@ -228,6 +228,9 @@ def test_compiled_spec_caching_retries_and_kubernetes_settings(compiled):
         "secateurs-hf",
     }
     assert distill["pvcMount"][0]["constant"] == "secateurs-cache"
+    # Checkpoints live on that volume, so a retried pod resumes from them.
+    env = {e["name"]: e["value"] for e in tasks[next(n for n in tasks if "distill" in n)][1]["container"]["env"]}
+    assert env["SECATEURS_CHECKPOINTS"] == "/cache/checkpoints"
     assert (
         distill["emptyDirMounts"][0]["mountPath"] == "/dev/shm"
         and distill["emptyDirMounts"][0]["medium"] == "Memory"

@@ -100,6 +100,29 @@ def test_resume_skips_a_checkpoint_killed_while_being_written(tiny_models, stude
     assert (checkpoints / "checkpoint-6" / "trainer_state.json").is_file()
 
 
+def test_a_retry_with_another_output_path_resumes_from_secateurs_checkpoints(
+    tiny_models, student, tiny_data, tmp_path, monkeypatch
+):
+    """On a cluster a retried pod writes its output to a new path. With SECATEURS_CHECKPOINTS on a volume that
+    outlives the pod, the retry finds the checkpoints by the run's identity and resumes."""
+    volume = tmp_path / "volume"
+    monkeypatch.setenv("SECATEURS_CHECKPOINTS", str(volume))
+    teacher = tiny_models["llama-tied"]
+    settings = DistillConfig(**dict(FAST, max_steps=6, save_steps=3))
+    first = train.distill(teacher, student, tiny_data, tmp_path / "pod-1" / "distilled", settings)
+    (work,) = volume.iterdir()
+    assert work.name.startswith("distill-") and first["checkpoint_dir"] == str(work)
+    assert not (tmp_path / "pod-1" / "distilled.checkpoints").exists()
+    assert sorted(p.name for p in work.glob("checkpoint-*")) == ["checkpoint-3", "checkpoint-6"]
+    shutil.rmtree(work / "checkpoint-6")  # as if the first pod was preempted after checkpoint-3
+    retry = train.distill(teacher, student, tiny_data, tmp_path / "pod-2" / "distilled", settings)
+    assert retry["resumed_from"] == "checkpoint-3" and retry["steps"] == 6
+    assert retry["final_loss"] == pytest.approx(first["final_loss"], rel=1e-3)
+    # Other settings are another run: a directory of its own beside the first, not a refusal.
+    train.distill(teacher, student, tiny_data, tmp_path / "other", DistillConfig(**dict(FAST, max_steps=1)))
+    assert len(list(volume.iterdir())) == 2
+
+
 def test_distillation_lowers_the_kd_loss_and_writes_a_stock_checkpoint(tiny_models, student, tiny_data, tmp_path):
     report = train.distill(tiny_models["llama-tied"], student, tiny_data, tmp_path / "s",
                            DistillConfig(**dict(FAST, max_steps=10), intermediate_loss=True))
