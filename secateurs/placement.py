@@ -72,7 +72,7 @@ class CacheVolume(_Section):
     """An existing PersistentVolumeClaim mounted into every step (hub, dataset and S3 download caches, and the
     training checkpoints a retried step resumes from)."""
 
-    pvc: str = Field(description="PVC name (created by the chart).")
+    pvc: str = Field(description="Name of an existing ReadWriteMany PVC in the pipeline's namespace (the chart does not create it).")
     mount_path: str = Field(
         "/cache", description="Where it is mounted; SECATEURS_CACHE, HF_HOME and SECATEURS_CHECKPOINTS point into it."
     )
