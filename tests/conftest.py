@@ -28,7 +28,7 @@ def pytest_sessionstart(session):
     existing = next(p for p in (base, *base.parents) if p.exists())
     free = shutil.disk_usage(existing).free / 2**30
     if reporter is not None:
-        reporter.write_line(f"free disk under {base}: {free:.1f} GiB (the suite needs about 4 GiB there at its peak)")
+        reporter.write_line(f"free disk under {base}: {free:.1f} GiB (the suite needs about 4.5 GiB there at its peak)")
 
 
 @pytest.fixture(scope="session")
