@@ -214,7 +214,7 @@ def place(task, kind: str, placement: PlacementConfig) -> None:
         kubernetes.mount_pvc(task, pvc_name=placement.cache_volume.pvc, mount_path=path)
         task.set_env_variable("SECATEURS_CACHE", f"{path}/secateurs")
         task.set_env_variable("HF_HOME", f"{path}/huggingface")
-        # Training checkpoints outlive a preempted pod there: its retry resumes (secateurs.train.checkpoint_dir).
+        # Training checkpoints outlive a preempted pod there: its retry resumes (secateurs.train._checkpoints_dir).
         task.set_env_variable("SECATEURS_CHECKPOINTS", f"{path}/checkpoints")
     if placement.retries:
         task.set_retry(

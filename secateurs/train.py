@@ -37,7 +37,7 @@ from secateurs.families import compile_decoder_layers, parameter_count
 from secateurs.manifest import atomic_output, read_manifest, write_manifest
 
 RUN_ID_FILE = "secateurs-run.json"
-# A root for checkpoints on storage that outlives the process's output path (see checkpoint_dir).
+# A root for checkpoints on storage that outlives the process's output path (see _checkpoints_dir).
 CHECKPOINTS_ENV = "SECATEURS_CHECKPOINTS"
 
 # torch.compile backend of `compile_layers` (inductor generates the fused kernels; tests use aot_eager, which
@@ -121,8 +121,9 @@ def _train(model, ctx: _Context | None, dd, out, settings: TrainingConfig, ident
         raise TrainingError(
             f"global_batch_size={settings.global_batch_size} is not a multiple of micro_batch_size x GPUs = {per_step}"
         )
-    work = checkpoint_dir(out, identity)
-    last = _claim_checkpoint_dir(work, identity)
+    digest = _digest(identity)
+    work = _checkpoints_dir(out, identity["step"], digest)
+    last = _claim_checkpoint_dir(work, identity, digest)
     if settings.compile_layers:
         compile_decoder_layers(model, *([] if ctx is None else [ctx.teacher]), backend=COMPILE_BACKEND)
     cuda = torch.cuda.is_available()
@@ -268,7 +269,7 @@ def _digest(identity: dict) -> str:
     return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def checkpoint_dir(out, identity: dict) -> Path:
+def _checkpoints_dir(out, step: str, digest: str) -> Path:
     """Where a run's checkpoints go: `<out>.checkpoints`, or `$SECATEURS_CHECKPOINTS/<step>-<run digest>`.
 
     On a cluster a step's output path is local to its pod, and a retried pod starts with a new, empty one: its
@@ -278,14 +279,13 @@ def checkpoint_dir(out, identity: dict) -> Path:
     """
     root = os.environ.get(CHECKPOINTS_ENV)
     if root:
-        return Path(root).absolute() / f"{identity['step']}-{_digest(identity)}"
+        return Path(root).absolute() / f"{step}-{digest}"
     return Path(f"{Path(out).absolute()}.checkpoints")
 
 
-def _claim_checkpoint_dir(work: Path, identity: dict) -> str | None:
+def _claim_checkpoint_dir(work: Path, identity: dict, digest: str) -> str | None:
     """The last checkpoint of this same run, or None for a fresh start; refuses another run's directory."""
     marker = work / RUN_ID_FILE
-    digest = _digest(identity)
     if work.exists() and any(work.iterdir()):
         recorded = json.loads(marker.read_text()).get("digest") if marker.is_file() else None
         if recorded != digest:
