@@ -70,13 +70,11 @@ def main() -> None:
     args = parser.parse_args()
     batch = args.global_batch or args.micro_batch
 
-    from transformers import AutoModelForCausalLM
-
     from secateurs import importance, prune, train
-    from secateurs.checkpoint import import_model, load_model, load_tokenizer, save_checkpoint
-    from secateurs.config import DistillConfig, TeacherCorrectionConfig
+    from secateurs.checkpoint import import_model, load_model
+    from secateurs.config import DataConfig, DistillConfig, ImportanceConfig, TeacherCorrectionConfig
     from secateurs.data import load_packed, prepare_data, spread
-    from secateurs.manifest import write_manifest
+    from secateurs.recipe import prune_student, random_init
 
     work = Path(args.work or tempfile.mkdtemp(prefix="kd-vs-ce-"))
     teacher = Path(args.model) if Path(args.model).is_dir() else work / "teacher"
@@ -84,44 +82,29 @@ def main() -> None:
         import_model(args.model, teacher)
     data = work / "data"
     if not data.exists():
-        prepare_data(
-            "python-docs", teacher, seq_len=128, out=data, max_tokens=128 * args.sequences,
-            val_fraction=args.val_fraction,
-        )
+        settings = DataConfig(source="python-docs", seq_len=128, max_tokens=128 * args.sequences,
+                              val_fraction=args.val_fraction)  # fmt: skip
+        prepare_data(teacher, data, settings)
     held_out = load_packed(data)[0]["validation"]
     val = (spread(held_out, args.val_sequences)[:] if args.val_spread else held_out[: args.val_sequences])["input_ids"]
     teacher_loss = {"original": importance.validation_loss(load_model(teacher), val)}
-    original, tag = teacher, ""
+    tag, correction = "", None
     if args.correct_steps:
         tag = f"-corrected{args.correct_steps}"
-        corrected = work / f"teacher{tag}"
-        if not corrected.exists():
-            settings = TeacherCorrectionConfig(
-                max_steps=args.correct_steps, micro_batch_size=4, global_batch_size=4,
-                learning_rate=args.correct_lr, min_learning_rate=args.correct_lr / 10, warmup_steps=2,
-                save_steps=args.correct_steps, logging_steps=10,
-            )  # fmt: skip
-            train.correct_teacher(teacher, data, corrected, settings)
-            shutil.rmtree(f"{corrected}.checkpoints", ignore_errors=True)
-        teacher = corrected
-        teacher_loss["corrected"] = importance.validation_loss(load_model(teacher), val)
+        correction = TeacherCorrectionConfig(
+            max_steps=args.correct_steps, micro_batch_size=4, global_batch_size=4,
+            learning_rate=args.correct_lr, min_learning_rate=args.correct_lr / 10, warmup_steps=2,
+            save_steps=args.correct_steps, logging_steps=10,
+        )  # fmt: skip
+    # The recipe's steps 1-3 (correction, importance, width pruning), kept in work/chain<tag> for later runs.
+    scoring = ImportanceConfig(samples=16, batch_size=8, block_sizes=[18], depth_samples=4)
+    chain = prune_student(teacher, data, work / f"chain{tag}", prune.PruneTarget(**WIDTH), scoring, correction,
+                          prune_from=args.prune_from, name="width")  # fmt: skip
+    if args.correct_steps:
+        teacher_loss["corrected"] = importance.validation_loss(load_model(chain.teacher), val)
     print(f"teacher validation loss: {teacher_loss}", flush=True)
-    source, source_tag = (original, "") if args.prune_from == "original" else (teacher, tag)
-    scores = work / f"importance{source_tag}"
-    if not scores.exists():
-        importance.run(source, data, scores, samples=16, batch_size=8, block_sizes=[18], depth_samples=4)
-    width = work / f"width{source_tag}"
-    if not width.exists():
-        prune.run(source, scores, width, prune.PruneTarget(**WIDTH))
-    random_dir = work / f"random-init{source_tag}"
-    if not random_dir.exists():
-        torch.manual_seed(0)
-        save_checkpoint(
-            AutoModelForCausalLM.from_config(load_model(width).config), load_tokenizer(width), random_dir
-        )
-        write_manifest(
-            random_dir, "import-model", config={"source": "random init of the width student's shape"}
-        )
+    teacher, width = chain.teacher, chain.student
+    random_dir = random_init(width, work / f"chain{tag}" / f"random-init-from{args.prune_from}", seed=0)
 
     methods = {"kd": (width, 0.0), "ce": (width, 1.0), "random-init": (random_dir, 0.0)}
     rows = []

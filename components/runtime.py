@@ -1,4 +1,5 @@
-"""What every component body shares at run time: the MLflow step run, the failure injection, the loss forwarder.
+"""What every component body shares at run time: the step prologue (`step`: settings, MLflow step run, recorded
+outputs), the failure injection, the loss forwarder.
 
 Imported inside component bodies (they run in the image, or in the local venv under kfp.local), so it may use
 kfp-free parts of secateurs only.
@@ -53,6 +54,50 @@ def tracked_step(
         yield run
         tags = {TAG_OUTPUT_PREFIX + name: artifact.uri for name, artifact in outputs.items()}
         run.set_tags({TAG_TASK: task or (f"{step}:{student}" if student else step), **tags})
+
+
+class StepContext:
+    """What `step` hands a component body: its validated settings, the step's MLflow run, callbacks for
+    training steps, and `report`, which the body sets to the library's report."""
+
+    def __init__(self, settings, run) -> None:
+        self.settings = settings
+        self.run = run
+        self.callbacks = [LossForwarder(run)]
+        self.report: dict = {}
+
+
+@contextlib.contextmanager
+def step(kind: str, args: dict) -> Iterator[StepContext]:
+    """The prologue and epilogue every tracked component shares, driven by the step registry.
+
+    Validates `args["settings"]` with the step's settings model (`secateurs.steps.STEPS[kind]`), opens its MLflow
+    step run under the pipeline run (task key from the registry), and, once the body is done, records every output
+    that carries a manifest and copies the report's scalars into the metadata of its non-metrics outputs.
+
+    Args:
+        kind: the step kind, e.g. "distill".
+        args: the component's arguments (`locals()` at the top of its body).
+    """
+    from secateurs.manifest import MANIFEST
+    from secateurs.steps import STEPS
+
+    spec = STEPS[kind]
+    model = spec.settings_model()
+    settings = model.model_validate_json(args["settings"]) if model is not None else None
+    outputs = {name: args[name] for name in spec.outputs}
+    student = args.get("student", "")
+    task = spec.task_key(student=student, model=args.get("name", ""))
+    with tracked_step(spec.name, args["tracking_uri"], args["pipeline_run"], student, outputs=outputs, task=task) as run:
+        context = StepContext(settings, run)
+        yield context
+        for artifact in outputs.values():
+            if os.path.isfile(os.path.join(artifact.path, MANIFEST)):
+                run.record(artifact.path, uri=artifact.uri)
+    scalars = {k: v for k, v in context.report.items() if isinstance(v, (int, float, str))}
+    for name, artifact in outputs.items():
+        if spec.outputs[name] != "Metrics":
+            artifact.metadata.update(scalars)
 
 
 class LossForwarder(TrainerCallback):

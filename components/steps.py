@@ -1,61 +1,42 @@
-"""One KFP lightweight component per recipe step; each body checks its config and calls one library function.
+"""One KFP lightweight component per recipe step; each body calls one library function.
 
-Every component:
-- takes its config section as a JSON string (`model_dump_json()` of the pipeline config's section) and validates
-  it with the same pydantic model, so a pipeline compiled from a valid config cannot drift from the library;
-- takes the MLflow tracking URI and the pipeline run id as plain strings and records its step there
-  (`components.runtime.tracked_step`), with the artifact's URI (an S3 URI on a cluster);
-- writes a file or directory to every output path, so kfp.local's cache can reuse it.
+The step registry (`secateurs.steps`) says what each step reads, writes and records; the signatures below are
+its inputs and outputs written as KFP annotations, because KFP ships a lightweight component's body as source and
+reads its interface from the function (`tests/test_pipeline.py` checks the two agree). The prologue every
+tracked body shares lives once, in `secateurs.components.runtime.step`: it validates the step's settings (the
+JSON of its config section) with the registry's settings model, opens the step's MLflow run, records every
+output and copies the report into the artifacts' metadata.
 
-The functions below are plain Python; `for_image(image)` turns them into components that run in `image` (the
-same image for every step; nothing is installed at run time). Under kfp.local they run in the current
-environment instead. Imports live inside the bodies because KFP ships only the function's source.
+`component(kind, image)` turns a function into a component that runs in `image`; nothing is installed when a
+step starts. Under kfp.local they run in the current environment instead. Imports live inside the bodies
+because KFP ships only the function's source.
 """
 
 # No `from __future__ import annotations`: KFP reads the artifact types from the live annotations.
 import functools
-import os
 
 from kfp import dsl
 from kfp.dsl import Artifact, Dataset, Input, Metrics, Model, Output
 
-from secateurs.placement import DEFAULT_IMAGE
 
-
-def import_model(source: str, dtype: str, tracking_uri: str, pipeline_run: str, model: Output[Model]):
+def import_model(settings: str, tracking_uri: str, pipeline_run: str, model: Output[Model]):
     """1. Import the teacher as a stock Hugging Face checkpoint."""
     from secateurs.checkpoint import import_model as run_import
-    from secateurs.components.runtime import tracked_step
+    from secateurs.components.runtime import step
 
-    with tracked_step("import-model", tracking_uri, pipeline_run, outputs={"model": model}) as run:
-        report = run_import(source, model.path, dtype=dtype)
-        run.record(model.path, uri=model.uri)
-    model.metadata.update({k: v for k, v in report.items() if isinstance(v, (int, float, str))})
+    with step("import_model", locals()) as s:
+        s.report = run_import(s.settings.source, model.path, dtype=s.settings.dtype)
 
 
 def prepare_data(
     model: Input[Model], settings: str, tracking_uri: str, pipeline_run: str, dataset: Output[Dataset]
 ):
     """2. Tokenize, pack and split the distillation corpus with the teacher's tokenizer."""
-    from secateurs.components.runtime import tracked_step
-    from secateurs.config import DataConfig
+    from secateurs.components.runtime import step
     from secateurs.data import prepare_data as run_prepare
 
-    c = DataConfig.model_validate_json(settings)
-    with tracked_step("prepare-data", tracking_uri, pipeline_run, outputs={"dataset": dataset}) as run:
-        report = run_prepare(
-            c.source,
-            model.path,
-            c.seq_len,
-            dataset.path,
-            max_tokens=c.max_tokens,
-            val_fraction=c.val_fraction,
-            text_field=c.text_field,
-            hub_config=c.hub_config,
-            seed=c.seed,
-        )
-        run.record(dataset.path, uri=dataset.uri)
-    dataset.metadata.update({k: v for k, v in report.items() if isinstance(v, (int, float, str))})
+    with step("prepare_data", locals()) as s:
+        s.report = run_prepare(model.path, dataset.path, s.settings)
 
 
 def correct_teacher(
@@ -68,13 +49,10 @@ def correct_teacher(
 ):
     """3. Teacher correction: a short LM fine-tune of the teacher on the distillation data."""
     from secateurs import train
-    from secateurs.components.runtime import LossForwarder, tracked_step
-    from secateurs.config import TeacherCorrectionConfig
+    from secateurs.components.runtime import step
 
-    c = TeacherCorrectionConfig.model_validate_json(settings)
-    with tracked_step("correct-teacher", tracking_uri, pipeline_run, outputs={"corrected": corrected}) as run:
-        train.correct_teacher(model.path, dataset.path, corrected.path, c, callbacks=[LossForwarder(run)])
-        run.record(corrected.path, uri=corrected.uri)
+    with step("correct_teacher", locals()) as s:
+        train.correct_teacher(model.path, dataset.path, corrected.path, s.settings, callbacks=s.callbacks)
 
 
 def importance(
@@ -88,21 +66,10 @@ def importance(
 ):
     """4. Importance of every head, KV group, neuron, channel and layer of `model` (for its children)."""
     from secateurs import importance as lib
-    from secateurs.components.runtime import tracked_step
-    from secateurs.config import ImportanceConfig
+    from secateurs.components.runtime import step
 
-    c = ImportanceConfig.model_validate_json(settings)
-    with tracked_step("importance", tracking_uri, pipeline_run, student, outputs={"scores": scores}) as run:
-        lib.run(
-            model.path,
-            dataset.path,
-            scores.path,
-            samples=c.samples,
-            batch_size=c.batch_size,
-            block_sizes=c.block_sizes,
-            depth_samples=c.depth_samples,
-        )
-        run.record(scores.path, uri=scores.uri)
+    with step("importance", locals()) as s:
+        lib.run(model.path, dataset.path, scores.path, s.settings)
 
 
 def prune(
@@ -116,14 +83,11 @@ def prune(
 ):
     """5. Structured pruning of `model` to the student's shape, keeping its most important units."""
     from secateurs import prune as lib
-    from secateurs.components.runtime import tracked_step
-    from secateurs.config import PruneConfig
+    from secateurs.components.runtime import step
 
-    target = PruneConfig.model_validate_json(settings).target()
-    with tracked_step("prune", tracking_uri, pipeline_run, student, outputs={"pruned": pruned}) as run:
-        report = lib.run(model.path, scores.path, pruned.path, target)
-        run.record(pruned.path, uri=pruned.uri)
-    pruned.metadata["parameters"] = report.get("parameters", 0)
+    with step("prune", locals()) as s:
+        report = lib.run(model.path, scores.path, pruned.path, s.settings.target())
+        s.report = {"parameters": report["parameters_after"]}
 
 
 def distill(
@@ -138,18 +102,11 @@ def distill(
 ):
     """6. Knowledge distillation of the pruned student from the (corrected) teacher."""
     from secateurs import train
-    from secateurs.components.runtime import LossForwarder, tracked_step
-    from secateurs.config import DistillConfig
+    from secateurs.components.runtime import step
 
-    c = DistillConfig.model_validate_json(settings)
-    with tracked_step(
-        "distill", tracking_uri, pipeline_run, student, outputs={"distilled": distilled}
-    ) as run:
-        report = train.distill(
-            teacher.path, model.path, dataset.path, distilled.path, c, callbacks=[LossForwarder(run)]
-        )
-        run.record(distilled.path, uri=distilled.uri)
-    distilled.metadata.update({k: report[k] for k in ("steps", "final_loss", "tokens_seen")})
+    with step("distill", locals()) as s:
+        report = train.distill(teacher.path, model.path, dataset.path, distilled.path, s.settings, callbacks=s.callbacks)
+        s.report = {k: report[k] for k in ("steps", "final_loss", "tokens_seen")}
 
 
 def evaluate(
@@ -169,29 +126,10 @@ def evaluate(
     import json
 
     from secateurs import evaluate as lib
-    from secateurs.components.runtime import report_entry, tracked_step
-    from secateurs.config import EvaluateConfig
+    from secateurs.components.runtime import report_entry, step
 
-    c = EvaluateConfig.model_validate_json(settings)
-    with tracked_step(
-        "evaluate",
-        tracking_uri,
-        pipeline_run,
-        student,
-        task=f"evaluate:{name}",
-        outputs={"evaluation": evaluation, "metrics": metrics},
-    ) as run:
-        scores = lib.run(
-            model.path,
-            dataset.path,
-            evaluation.path,
-            tasks=tuple(c.tasks),
-            batch_size=c.batch_size,
-            max_sequences=c.max_sequences,
-            limit=c.limit,
-        )
-        run.record(evaluation.path, uri=evaluation.uri)
-        entry = report_entry(name, role, parent, scores)
+    with step("evaluate", locals()) as s:
+        entry = report_entry(name, role, parent, lib.run(model.path, dataset.path, evaluation.path, s.settings))
         with open(metrics.path, "w") as f:  # a file, so kfp.local's cache can reuse this step
             json.dump(entry, f)
     for key in ("val_loss", "perplexity"):
@@ -212,24 +150,10 @@ def engine(
     import json
 
     from secateurs import engine as lib
-    from secateurs.components.runtime import tracked_step
-    from secateurs.config import EngineConfig
+    from secateurs.components.runtime import step
 
-    c = EngineConfig.model_validate_json(settings)
-    with tracked_step(
-        "engine",
-        tracking_uri,
-        pipeline_run,
-        student,
-        task=f"engine:{student or 'teacher'}",
-        outputs={"built": built, "bench": bench},
-    ) as run:
-        lengths = lib.parse_lengths(c.lengths)
-        lib.build_engine(
-            model.path, c.backend, c.precision, built.path, lengths=lengths, calib_dataset=dataset.path
-        )
-        results = lib.bench_engine(built.path, lengths, batch=c.batch, repeats=c.repeats)
-        run.record(built.path, uri=built.uri)
+    with step("engine", locals()) as s:
+        results = lib.run(model.path, dataset.path, built.path, s.settings)
         with open(bench.path, "w") as f:
             json.dump(results, f)
 
@@ -263,44 +187,27 @@ def report(table: Input[Artifact], tracking_uri: str, pipeline_run: str, compari
     import os
     from pathlib import Path
 
-    from secateurs.components.runtime import tracked_step
+    from secateurs.components.runtime import step
     from secateurs.report import format_table, write_report
 
     entries = json.loads(Path(table.path).read_text())
-    with tracked_step("report", tracking_uri, pipeline_run, outputs={"comparison": comparison}) as run:
+    with step("report", locals()) as s:
         paths = write_report(entries, comparison.path)
         with open(os.path.join(comparison.path, "entries.json"), "w") as f:
             json.dump(entries, f, indent=1)
-        run.log_files([str(p) for p in paths.values()], artifact_path="report")
+        s.run.log_files([str(p) for p in paths.values()], artifact_path="report")
     print(format_table(entries))
 
 
-STEPS = (
-    import_model,
-    prepare_data,
-    correct_teacher,
-    importance,
-    prune,
-    distill,
-    evaluate,
-    engine,
-    collect,
-    report,
-)
+FUNCTIONS = {f.__name__: f for f in (import_model, prepare_data, correct_teacher, importance, prune, distill,
+                                     evaluate, engine, collect, report)}  # fmt: skip
 
 
 @functools.cache
-def for_image(image: str | None = None):
-    """The components, each running in `image` (default: $SECATEURS_IMAGE, else the release image).
+def component(kind: str, image: str):
+    """The component of step `kind`, running in `image`.
 
-    Returns a namespace with one attribute per step. Nothing is installed when a step starts: the image (or,
-    under kfp.local, the current environment) already holds secateurs and its dependencies.
+    Nothing is installed when a step starts: the image (or, under kfp.local, the current environment) already
+    holds secateurs and its dependencies.
     """
-    import types
-
-    image = image or os.environ.get("SECATEURS_IMAGE") or DEFAULT_IMAGE
-    made = {
-        f.__name__: dsl.component(f, base_image=image, packages_to_install=[], install_kfp_package=False)
-        for f in STEPS
-    }
-    return types.SimpleNamespace(**made)
+    return dsl.component(FUNCTIONS[kind], base_image=image, packages_to_install=[], install_kfp_package=False)

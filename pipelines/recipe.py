@@ -2,7 +2,8 @@
 
 `recipe(config)` lists the steps in order, each with the outputs of earlier steps it reads; `build_pipeline`
 turns that list (or the part of it a rerun needs, with the rest brought in by `dsl.importer`) into a pipeline
-function; `place` is the one place where a task gets its cluster settings.
+function; `place` is the one place where a task gets its cluster settings. What each step kind is (its task key,
+inputs and outputs, GPU or not, image) comes from the step registry, `secateurs.steps`.
 
 Task keys name the steps for people and for `secateurs rerun`: `import-model`, `prepare-data`,
 `correct-teacher`, `importance` (of the teacher) and `importance:<student>` (of a distilled student that other
@@ -15,14 +16,8 @@ students are pruned from), `prune:<student>`, `distill:<student>`, `evaluate:tea
 from dataclasses import dataclass, field
 
 from secateurs.config import PipelineConfig
-from secateurs.placement import GPU_STEPS, PlacementConfig
-
-# What each component's outputs are, for importing them into a rerun.
-OUTPUT_TYPES = {
-    "model": "Model", "corrected": "Model", "pruned": "Model", "distilled": "Model", "dataset": "Dataset",
-    "scores": "Artifact", "evaluation": "Artifact", "built": "Artifact", "table": "Artifact",
-    "comparison": "Artifact", "metrics": "Metrics", "bench": "Metrics",
-}  # fmt: skip
+from secateurs.placement import DEFAULTS_KEYS, PlacementConfig
+from secateurs.steps import STEPS
 
 
 @dataclass
@@ -39,6 +34,12 @@ class Step:
     student: str = ""
 
 
+def _step(kind: str, inputs=None, params=None, student: str = "", model: str = "") -> Step:
+    """A task of step `kind`, keyed by the registry's pattern (`model`: the model it reads, for evaluation)."""
+    key = STEPS[kind].task_key(student=student, model=model)
+    return Step(key, kind, inputs or {}, params or {}, student)
+
+
 def recipe(config: PipelineConfig) -> list[Step]:
     """The steps of the recipe in the order they run.
 
@@ -52,75 +53,59 @@ def recipe(config: PipelineConfig) -> list[Step]:
     7. build and benchmark an engine of the teacher and of each distilled student (if `engine.enabled`);
     8. gather one report row per model and write the report.
     """
-    steps = [
-        Step("import-model", "import_model", params={"source": config.teacher.source, "dtype": config.teacher.dtype}),
-        Step("prepare-data", "prepare_data", {"model": ("import-model", "model")},
-             {"settings": config.data.model_dump_json()}),
-    ]  # fmt: skip
-    teacher = ("import-model", "model")
+    steps = [_step("import_model", params={"settings": config.teacher.model_dump_json()})]
+    teacher = (steps[-1].key, "model")
+    steps.append(_step("prepare_data", {"model": teacher}, {"settings": config.data.model_dump_json()}))
+    data = (steps[-1].key, "dataset")
     if config.teacher_correction.enabled:
-        steps.append(
-            Step("correct-teacher", "correct_teacher", {"model": teacher, "dataset": ("prepare-data", "dataset")},
-                 {"settings": config.teacher_correction.model_dump_json()})
-        )  # fmt: skip
-        teacher = ("correct-teacher", "corrected")
-    data = ("prepare-data", "dataset")
-    importance_settings = config.importance.model_dump_json()
-    steps.append(Step("importance", "importance", {"model": teacher, "dataset": data},
-                      {"settings": importance_settings, "student": ""}))  # fmt: skip
+        steps.append(_step("correct_teacher", {"model": teacher, "dataset": data},
+                           {"settings": config.teacher_correction.model_dump_json()}))  # fmt: skip
+        teacher = (steps[-1].key, "corrected")
+    importance_settings = {"settings": config.importance.model_dump_json()}
+    steps.append(_step("importance", {"model": teacher, "dataset": data}, importance_settings))
     evaluated = [_evaluate(config, "teacher", "teacher", "", "", teacher, data)]
-    distilled = {"teacher": (teacher, "importance")}  # model name -> (its model output, its importance task)
+    distilled = {"teacher": (teacher, steps[-1].key)}  # model name -> (its model output, its importance task)
     parents_of_others = {s.parent for s in config.students}
     for s in config.lineage_order():
         parent_model, parent_scores = distilled[s.parent]
-        steps.append(
-            Step(f"prune:{s.name}", "prune", {"model": parent_model, "scores": (parent_scores, "scores")},
-                 {"settings": s.prune.model_dump_json()}, s.name)
-        )  # fmt: skip
-        pruned = (f"prune:{s.name}", "pruned")
+        steps.append(_step("prune", {"model": parent_model, "scores": (parent_scores, "scores")},
+                           {"settings": s.prune.model_dump_json()}, s.name))  # fmt: skip
+        pruned = (steps[-1].key, "pruned")
         evaluated.append(_evaluate(config, f"{s.name}-pruned", "pruned", s.parent, s.name, pruned, data))
         settings = s.distill or config.distill
-        steps.append(
-            Step(f"distill:{s.name}", "distill", {"teacher": teacher, "model": pruned, "dataset": data},
-                 {"settings": settings.model_dump_json()}, s.name)
-        )  # fmt: skip
-        model = (f"distill:{s.name}", "distilled")
+        steps.append(_step("distill", {"teacher": teacher, "model": pruned, "dataset": data},
+                           {"settings": settings.model_dump_json()}, s.name))  # fmt: skip
+        model = (steps[-1].key, "distilled")
         evaluated.append(_evaluate(config, s.name, "distilled", f"{s.name}-pruned", s.name, model, data))
         scores = ""
         if s.name in parents_of_others:  # its children are pruned by importance measured on it
-            scores = f"importance:{s.name}"
-            steps.append(Step(scores, "importance", {"model": model, "dataset": data},
-                              {"settings": importance_settings}, s.name))  # fmt: skip
+            steps.append(_step("importance", {"model": model, "dataset": data}, importance_settings, s.name))
+            scores = steps[-1].key
         distilled[s.name] = (model, scores)
-    steps += [step for _, step, _ in evaluated]
+    steps += [step for _, step in evaluated]
+    engines = {}
     if config.engine.enabled:
         for name, (model, _) in distilled.items():
             student = "" if name == "teacher" else name
-            steps.append(Step(f"engine:{name}", "engine", {"model": model, "dataset": data},
-                              {"settings": config.engine.model_dump_json()}, student))  # fmt: skip
+            steps.append(_step("engine", {"model": model, "dataset": data},
+                               {"settings": config.engine.model_dump_json()}, student))  # fmt: skip
+            engines[name] = steps[-1].key
     previous = None
-    for name, step, _ in evaluated:
+    for name, step in evaluated:
         inputs = {"metrics": (step.key, "metrics")}
         if previous:
             inputs["previous"] = (previous, "table")
-        if config.engine.enabled and name in distilled:
-            inputs["bench"] = (f"engine:{name}", "bench")
-        steps.append(Step(f"collect:{name}", "collect", inputs))
-        previous = f"collect:{name}"
-    steps.append(Step("report", "report", {"table": (previous, "table")}))
+        if name in engines:
+            inputs["bench"] = (engines[name], "bench")
+        steps.append(_step("collect", inputs, model=name))
+        previous = steps[-1].key
+    steps.append(_step("report", {"table": (previous, "table")}))
     return steps
 
 
-def _evaluate(config, name, role, parent, student, model, data) -> tuple[str, Step, str]:
-    step = Step(
-        f"evaluate:{name}", "evaluate", {"model": model, "dataset": data},
-        {"settings": config.evaluate.model_dump_json(), "name": name, "role": role, "parent": parent}, student,
-    )  # fmt: skip
-    return name, step, role
-
-
-TRACKED = {"import_model", "prepare_data", "correct_teacher", "importance", "prune", "distill", "evaluate",
-           "engine", "report"}  # fmt: skip
+def _evaluate(config, name, role, parent, student, model, data) -> tuple[str, Step]:
+    params = {"settings": config.evaluate.model_dump_json(), "name": name, "role": role, "parent": parent}
+    return name, _step("evaluate", {"model": model, "dataset": data}, params, student, model=name)
 
 
 def build_pipeline(
@@ -129,6 +114,7 @@ def build_pipeline(
     imports: dict[tuple[str, str], str] | None = None,
     fresh: set[str] = frozenset(),
     tracking_uri: str = "",
+    pipeline_root: str | None = None,
 ):
     """The pipeline function for `config`.
 
@@ -140,22 +126,24 @@ def build_pipeline(
             `dsl.importer`.
         fresh: task keys that must run even if the cache holds their outputs (a rerun's target).
         tracking_uri: the default of the pipeline's `tracking_uri` parameter ("" leaves it to the step's
-            MLFLOW_TRACKING_URI).
+            MLFLOW_TRACKING_URI, which the chart's defaults ConfigMap sets on a cluster).
+        pipeline_root: the spec's default pipeline root (where KFP keeps artifacts); None leaves KFP's.
 
     Returns:
         A `@dsl.pipeline` function with parameters `tracking_uri` and `pipeline_run`.
     """
     from kfp import dsl
 
-    from secateurs.components.steps import for_image
+    from secateurs.components.steps import component
 
     steps = recipe(config) if steps is None else steps
     imports = imports or {}
-    components = for_image(config.placement.resolved_image())
+    kinds = {s.key: s.kind for s in recipe(config)}
+    images = config.placement.resolved_images()
     placement = config.placement
 
     @dsl.pipeline(name=config.name, description=f"secateurs: {config.teacher.source} -> "
-                  f"{', '.join(s.name for s in config.students)}")  # fmt: skip
+                  f"{', '.join(s.name for s in config.students)}", pipeline_root=pipeline_root)  # fmt: skip
     def pipeline(tracking_uri: str = tracking_uri, pipeline_run: str = ""):
         tasks = {}
 
@@ -164,19 +152,20 @@ def build_pipeline(
                 return tasks[ref[0]].outputs[ref[1]]
             if ref not in imports:
                 raise ValueError(f"step input {ref[0]}.{ref[1]} is neither run nor imported")
-            kind = getattr(dsl, OUTPUT_TYPES[ref[1]])
+            kind = getattr(dsl, STEPS[kinds[ref[0]]].outputs[ref[1]])
             imported = dsl.importer(artifact_uri=imports[ref], artifact_class=kind, reimport=False)
             imported.set_display_name(f"import {ref[0]}.{ref[1]}")
             tasks[ref] = imported
             return imported.output
 
         for step in steps:
+            spec = STEPS[step.kind]
             kwargs = {name: artifact(ref) for name, ref in step.inputs.items()} | step.params
-            if step.kind in TRACKED:
+            if spec.tracked:
                 kwargs |= {"tracking_uri": tracking_uri, "pipeline_run": pipeline_run}
-            if step.kind in ("importance", "prune", "distill", "evaluate", "engine"):
+            if spec.per_student:
                 kwargs.setdefault("student", step.student)
-            task = getattr(components, step.kind)(**kwargs)
+            task = component(step.kind, images[spec.image(config.engine.backend)])(**kwargs)
             task.set_display_name(step.key)
             place(task, step.kind, placement)
             if step.key in fresh:
@@ -187,13 +176,14 @@ def build_pipeline(
 
 
 def place(task, kind: str, placement: PlacementConfig) -> None:
-    """Every cluster setting of one task: GPUs, resources, node selection, secrets, volumes, retries, caching.
+    """Every cluster setting of one task: GPUs, resources, node selection, the defaults ConfigMap, secrets,
+    volumes, retries, caching.
 
-    kfp.local ignores the Kubernetes ones (with a warning); GPUs are requested only by the GPU step kinds.
+    kfp.local ignores the Kubernetes ones (with a warning); GPUs are requested only by the registry's GPU steps.
     """
     from kfp import kubernetes
 
-    gpus = getattr(placement.gpus, kind, 0) if kind in GPU_STEPS else 0
+    gpus = getattr(placement.gpus, kind, 0) if STEPS[kind].gpu else 0
     if gpus:
         task.set_accelerator_type("nvidia.com/gpu").set_accelerator_limit(gpus)
         for label, value in placement.node_selector.items():
@@ -207,6 +197,12 @@ def place(task, kind: str, placement: PlacementConfig) -> None:
     if resources is not None:
         for setting, value in resources.model_dump(exclude_none=True).items():
             getattr(task, f"set_{setting}")(value)
+    from_secrets = {env for secret in placement.secrets for env in secret.env.values()}
+    if placement.defaults_config_map:
+        # Every key optional: the chart writes some only when they are set. A variable a Secret fills is left to
+        # the Secret (Kubernetes keeps the last of two same-named variables, in an order this code does not set).
+        keys = {key: key for key in DEFAULTS_KEYS if key not in from_secrets}
+        kubernetes.use_config_map_as_env(task, placement.defaults_config_map, keys, optional=True)
     for secret in placement.secrets:
         kubernetes.use_secret_as_env(task, secret_name=secret.name, secret_key_to_env=secret.env)
     if placement.cache_volume is not None:

@@ -15,7 +15,28 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from secateurs.placement import PlacementConfig, TrackingConfig
-from secateurs.prune import DEPTH_CRITERIA, PruneTarget, parse_layer_list
+
+# How layers are ranked for depth pruning (docs/recipe.md, step 2: Block Influence, LM-loss increase of one
+# layer or of a contiguous block). Kept here, not in `prune`, so that validating a config imports no torch.
+DEPTH_CRITERIA = ("block-influence", "lm-loss", "lm-loss-contiguous")
+DepthCriterion = Literal["block-influence", "lm-loss", "lm-loss-contiguous"]
+
+
+def parse_layer_list(spec: str) -> list[int]:
+    """'15-30,7' -> [7, 15, 16, ..., 30] (0-based, inclusive ranges)."""
+    layers: set[int] = set()
+    for part in filter(None, (p.strip() for p in spec.split(","))):
+        try:
+            lo, _, hi = part.partition("-")
+            lo_i, hi_i = int(lo), int(hi) if hi else int(lo)
+        except ValueError:
+            raise ValueError(f"drop_layers: {part!r} is not a layer index or an inclusive range like 15-30") from None
+        if lo_i > hi_i:
+            raise ValueError(f"drop_layers: range {part!r} is empty")
+        layers.update(range(lo_i, hi_i + 1))
+    if not layers:
+        raise ValueError(f"drop_layers: {spec!r} names no layer")
+    return sorted(layers)
 
 
 class Section(BaseModel):
@@ -59,7 +80,7 @@ class PruneConfig(Section):
     num_attention_heads: int | None = Field(None, ge=1, description="Query heads to keep, equally per KV group.")
     num_key_value_heads: int | None = Field(None, ge=1, description="Whole KV groups to keep.")
     num_layers: int | None = Field(None, ge=1, description="Decoder layers to keep, chosen by depth_criterion.")
-    depth_criterion: Literal["block-influence", "lm-loss", "lm-loss-contiguous"] = Field(
+    depth_criterion: DepthCriterion = Field(
         "block-influence", description="How layers are ranked when num_layers is given."
     )
     drop_layers: str | None = Field(None, description="Explicit 0-based layers to drop, e.g. '15-30,7'.")
@@ -82,7 +103,10 @@ class PruneConfig(Section):
             )
         return self
 
-    def target(self) -> PruneTarget:
+    def target(self):
+        """The `secateurs.prune.PruneTarget` this config describes (imported here: prune loads torch)."""
+        from secateurs.prune import PruneTarget
+
         return PruneTarget(
             hidden_size=self.hidden_size,
             ffn_hidden_size=self.ffn_hidden_size,

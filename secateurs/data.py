@@ -15,6 +15,7 @@ import json
 import random
 from pathlib import Path
 
+from secateurs.config import DataConfig
 from secateurs.manifest import atomic_output, read_manifest, write_manifest
 
 BUILTIN_CORPORA = ("python-docs",)
@@ -125,26 +126,22 @@ def load_texts(source: str, text_field: str = "text", hub_config: str | None = N
     return ds.select_columns([text_field]).rename_column(text_field, "text") if text_field != "text" else ds.select_columns(["text"])
 
 
-def prepare_data(
-    source: str,
-    tokenizer_dir: str | Path,
-    seq_len: int,
-    out: str | Path,
-    max_tokens: int | None = None,
-    val_fraction: float = 0.05,
-    text_field: str = "text",
-    hub_config: str | None = None,
-    seed: int = 0,
-) -> dict:
-    """Tokenize, pack and split SOURCE into OUT; returns a report (sequences and tokens per split)."""
+def prepare_data(tokenizer_dir: str | Path, out: str | Path, settings: DataConfig) -> dict:
+    """Tokenize, pack and split `settings.source` with the tokenizer in TOKENIZER_DIR into OUT.
+
+    Args:
+        settings: source, text column, sequence length, token cap, validation fraction and shuffle seed;
+            `DataConfig` says each.
+
+    Returns:
+        A report: sequences and tokens per split, documents read.
+    """
     import datasets
 
     from secateurs.checkpoint import load_tokenizer
 
-    if seq_len < 2:
-        raise DataError(f"seq_len={seq_len} must be at least 2")
-    if not 0 < val_fraction < 1:
-        raise DataError(f"val_fraction={val_fraction} must be between 0 and 1 (exclusive)")
+    source, seq_len, max_tokens, seed = settings.source, settings.seq_len, settings.max_tokens, settings.seed
+    val_fraction, text_field, hub_config = settings.val_fraction, settings.text_field, settings.hub_config
     tokenizer = load_tokenizer(tokenizer_dir)
     texts = load_texts(source, text_field, hub_config)
     # Shuffle documents, not sequences, so validation is a set of documents the training split never saw

@@ -55,6 +55,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from tqdm.auto import tqdm
 
 from secateurs.checkpoint import check_checkpoint_dir, load_model, load_tokenizer
+from secateurs.config import EvaluateConfig
 from secateurs.data import check_matches, load_packed, spread
 from secateurs.families import parameter_count
 from secateurs.importance import validation_loss
@@ -128,10 +129,7 @@ def run(
     model_dir: str | Path,
     data_dir: str | Path,
     out: str | Path,
-    tasks: tuple[str, ...] | list[str] = ("lambada-docs",),
-    batch_size: int = 8,
-    max_sequences: int | None = None,
-    limit: int | None = None,
+    settings: EvaluateConfig | None = None,
     device: str | None = None,
 ) -> dict:
     """Evaluate MODEL on DATA's validation split and on TASKS; write the metrics artifact directory OUT.
@@ -140,18 +138,15 @@ def run(
         model_dir: checkpoint directory.
         data_dir: dataset made by `prepare-data` with the model's tokenizer.
         out: output directory; receives `metrics.json` and `secateurs.json` (replaced atomically).
-        tasks: task names, task YAML paths, or lm-eval task names (`name:N` sets N few-shot examples).
-        batch_size: sequences per forward pass.
-        max_sequences: cap on the validation sequences used for the loss, spread evenly over the split (None: all).
-        limit: cap on the items of every task (None: all; lambada-docs has 200).
+        settings: tasks (names, task YAML paths, or lm-eval task names; `name:N` sets N few-shot examples),
+            batch size, the cap on validation sequences for the loss (spread evenly over the split) and on the
+            items of every task; `EvaluateConfig` says each.
         device: torch device; default cuda when available.
     Returns:
         The metrics (the content of metrics.json).
     """
-    if batch_size < 1:
-        raise EvaluationError(f"batch_size={batch_size} must be at least 1")
-    if limit is not None and limit < 1:
-        raise EvaluationError(f"limit={limit} must be at least 1")
+    settings = settings or EvaluateConfig()
+    tasks, batch_size, max_sequences, limit = settings.tasks, settings.batch_size, settings.max_sequences, settings.limit
     # Cheap checks first (task names and files, tokenizer, dataset, checkpoint files), then the task items
     # (lm-eval datasets may download), and only then the model.
     resolved = resolve_tasks(tasks)
@@ -183,12 +178,7 @@ def run(
             tmp,
             "evaluate",
             inputs={"model": model_dir, "data": data_dir},
-            config={
-                "tasks": list(tasks),
-                "batch_size": batch_size,
-                "max_sequences": max_sequences,
-                "limit": limit,
-            },
+            config=settings.model_dump(),
             report=metrics,
         )
     return metrics

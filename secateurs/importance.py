@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from secateurs.checkpoint import load_model, load_tokenizer
+from secateurs.config import ImportanceConfig
 from secateurs.data import check_matches, load_packed, spread
 from secateurs.families import Shape, decoder_layers, family_of
 from secateurs.manifest import atomic_output, read_manifest, write_manifest
@@ -41,27 +42,25 @@ def run(
     model_dir: str | Path,
     data_dir: str | Path,
     out: str | Path,
-    samples: int = 1024,
-    batch_size: int = 8,
-    block_sizes: list[int] | None = None,
-    depth_samples: int = 64,
+    settings: ImportanceConfig | None = None,
     device: str | None = None,
 ) -> dict:
     """Score every prunable unit of MODEL on DATA and write the importance artifact to OUT.
 
     Args:
-        samples: calibration sequences from the train split (the paper used 1024).
-        block_sizes: contiguous block lengths k for the LM-loss depth scan; default half the layers (the
-            published depth student drops 16 of 32).
-        depth_samples: validation sequences for each LM-loss evaluation, spread evenly over the split.
+        settings: calibration samples, batch size, depth-scan block sizes (default: half the layers, as the
+            published depth student drops 16 of 32) and depth-scan samples; `ImportanceConfig` says each.
+        device: torch device; default cuda when available.
     """
+    settings = settings or ImportanceConfig()
+    samples, batch_size, depth_samples = settings.samples, settings.batch_size, settings.depth_samples
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
     model = load_model(model_dir, dtype=dtype, device=device)
     dd, data_config = load_packed(data_dir)
     check_matches(data_config, load_tokenizer(model_dir), where=f"dataset {data_dir}")
     n_layers = model.config.num_hidden_layers
-    block_sizes = sorted(set(block_sizes or [max(1, n_layers // 2)]))
+    block_sizes = sorted(set(settings.block_sizes or [max(1, n_layers // 2)]))
     for k in block_sizes:
         if not 1 <= k < n_layers:
             raise ImportanceError(f"block size k={k} must be between 1 and {n_layers - 1} (the model has {n_layers} layers)")
@@ -89,7 +88,7 @@ def run(
             tmp,
             "importance",
             inputs={"model": model_dir, "data": data_dir},
-            config={"samples": samples, "batch_size": batch_size, "block_sizes": block_sizes, "depth_samples": depth_samples},
+            config={**settings.model_dump(), "block_sizes": block_sizes},
             report=report,
             shape=shape.as_dict(),
             family=family_of(model.config).model_type,

@@ -279,13 +279,14 @@ def rerun_cmd(
 def rerun_plan(cfg: PipelineConfig, key: str, downstream: bool, recorded: dict[tuple[str, str], str]):
     """The steps a rerun of task `key` runs and the recorded artifacts it imports.
 
-    The report's row-gathering steps are never imported: they are cheap, so any that a rerun step needs is
-    run again too.
+    Untracked steps (the registry's `tracked=False`: the report's row gathering) record nothing to import: they
+    are cheap, so any that a rerun step needs is run again too.
 
     Raises:
         PipelineError: `key` is not a task of the config's pipeline, or an input was never recorded.
     """
     from secateurs.pipelines.recipe import recipe
+    from secateurs.steps import STEPS
 
     steps = recipe(cfg)
     keys = [s.key for s in steps]
@@ -298,9 +299,9 @@ def rerun_plan(cfg: PipelineConfig, key: str, downstream: bool, recorded: dict[t
                 chosen.add(s.key)
     by_key = {s.key: s for s in steps}
     pending = list(chosen)
-    while pending:  # pull in the collect steps the chosen ones read
+    while pending:  # pull in the untracked steps the chosen ones read
         for ref in by_key[pending.pop()].inputs.values():
-            if by_key[ref[0]].kind == "collect" and ref[0] not in chosen:
+            if not STEPS[by_key[ref[0]].kind].tracked and ref[0] not in chosen:
                 chosen.add(ref[0])
                 pending.append(ref[0])
     selected = [s for s in steps if s.key in chosen]
@@ -317,27 +318,50 @@ def rerun_plan(cfg: PipelineConfig, key: str, downstream: bool, recorded: dict[t
 
 
 # -------------------------------------------------------------------------------------- compile, submit
+def resolve_run_settings(cfg: PipelineConfig, pipeline_root: str | None = None,
+                         service_account: str | None = None) -> dict[str, str | None]:  # fmt: skip
+    """Where a cluster run keeps its artifacts and which ServiceAccount its pods use.
+
+    Each is the command line's value, else the config's (`tracking.pipeline_root`, `placement.service_account`),
+    else the chart's defaults ConfigMap variable when it is in the environment (`SECATEURS_PIPELINE_ROOT`,
+    `SECATEURS_SERVICE_ACCOUNT`: a notebook or job in the cluster that loads it), else None (KFP's own default).
+    """
+    return {
+        "pipeline_root": pipeline_root or cfg.tracking.pipeline_root or os.environ.get("SECATEURS_PIPELINE_ROOT"),
+        "service_account": service_account or cfg.placement.service_account
+        or os.environ.get("SECATEURS_SERVICE_ACCOUNT"),
+    }  # fmt: skip
+
+
+_PIPELINE_ROOT_HELP = "Where KFP keeps artifacts, e.g. s3://bucket/prefix (default: tracking.pipeline_root)."
+
+
 @_one_line
 def compile_cmd(
     config: Path = typer.Argument(..., help="Pipeline config YAML."),
     output: Path = typer.Option(
         Path("pipeline.yaml"), "--output", "-o", help="Where to write the pipeline spec."
     ),
+    pipeline_root: str = typer.Option(None, "--pipeline-root", help=_PIPELINE_ROOT_HELP),
 ):
     """Compile the pipeline to a KFP spec (YAML) to upload to a Kubeflow Pipelines endpoint."""
     cfg = load_config(config)
-    compile_pipeline(cfg, output)
+    compile_pipeline(cfg, output, resolve_run_settings(cfg, pipeline_root)["pipeline_root"])
     typer.echo(f"wrote {output}")
 
 
-def compile_pipeline(cfg: PipelineConfig, output: Path) -> Path:
-    """Compile `cfg`'s pipeline to `output`. Credentials never enter the spec: secrets are referenced by name."""
+def compile_pipeline(cfg: PipelineConfig, output: Path, pipeline_root: str | None = None) -> Path:
+    """Compile `cfg`'s pipeline to `output`, with `pipeline_root` as the spec's default root.
+
+    Credentials never enter the spec: secrets are referenced by name.
+    """
     from kfp import compiler
 
     from secateurs.pipelines.recipe import build_pipeline
 
     output.parent.mkdir(parents=True, exist_ok=True)
-    compiler.Compiler().compile(build_pipeline(cfg, tracking_uri=cfg.tracking.uri or ""), str(output))
+    pipeline = build_pipeline(cfg, tracking_uri=cfg.tracking.uri or "", pipeline_root=pipeline_root)
+    compiler.Compiler().compile(pipeline, str(output))
     return output
 
 
@@ -347,22 +371,30 @@ def submit_cmd(
     host: str = typer.Option(..., "--host", envvar="KFP_HOST", help="Kubeflow Pipelines endpoint URL."),
     experiment: str = typer.Option("secateurs", "--experiment", help="KFP experiment."),
     namespace: str = typer.Option(None, "--namespace", help="Kubernetes namespace (multi-user KFP)."),
+    pipeline_root: str = typer.Option(None, "--pipeline-root", help=_PIPELINE_ROOT_HELP),
+    service_account: str = typer.Option(
+        None, "--service-account", help="ServiceAccount of the run's pods (default: placement.service_account)."
+    ),
 ):
     """Submit the pipeline to a Kubeflow Pipelines endpoint (token from KFP_TOKEN) and print the run's URL."""
     import tempfile
 
     cfg = load_config(config)
+    settings = resolve_run_settings(cfg, pipeline_root, service_account)
     pipeline_run = f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     with tempfile.TemporaryDirectory() as tmp:
-        spec = compile_pipeline(cfg, Path(tmp) / "pipeline.yaml")
+        spec = compile_pipeline(cfg, Path(tmp) / "pipeline.yaml", settings["pipeline_root"])
         url = submit_spec(spec, host, {"pipeline_run": pipeline_run}, f"{pipeline_run}", experiment, namespace,
-                          cfg.placement.caching)  # fmt: skip
+                          cfg.placement.caching, **settings)  # fmt: skip
     typer.echo(url)
 
 
 def submit_spec(spec: Path, host: str, arguments: dict, run_name: str, experiment: str, namespace: str | None,
-                caching: bool) -> str:  # fmt: skip
-    """Create a run of a compiled spec on `host`; returns its URL. One-line errors for refused or unreachable."""
+                caching: bool, pipeline_root: str | None = None, service_account: str | None = None) -> str:  # fmt: skip
+    """Create a run of a compiled spec on `host`; returns its URL. One-line errors for refused or unreachable.
+
+    `pipeline_root` and `service_account` go on the run (None: KFP's defaults).
+    """
     import kfp
 
     token = os.environ.get("KFP_TOKEN")
@@ -371,7 +403,8 @@ def submit_spec(spec: Path, host: str, arguments: dict, run_name: str, experimen
         client = kfp.Client(host=host, existing_token=token, namespace=namespace)
         result = client.create_run_from_pipeline_package(
             str(spec), arguments=arguments, run_name=run_name, experiment_name=experiment,
-            namespace=namespace, enable_caching=caching,
+            namespace=namespace, enable_caching=caching, pipeline_root=pipeline_root,
+            service_account=service_account,
         )  # fmt: skip
     except Exception as e:  # noqa: BLE001 -- kfp raises urllib3, requests and ApiException errors alike
         status = getattr(e, "status", None)

@@ -12,33 +12,51 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator
 
-# The step kinds that may ask for GPUs (all others are CPU-only bookkeeping or data work).
-GPU_STEPS = ("correct_teacher", "importance", "distill", "evaluate", "engine")
-# Every step kind of the pipeline, as named in `resources` and `retries`.
-STEP_KINDS = ("import_model", "prepare_data", *GPU_STEPS, "prune", "report")
-DEFAULT_IMAGE = "ghcr.io/secateurs/secateurs:0.1.0"
+from secateurs.steps import GPU_STEPS, STEPS
+
+# Every step kind of the pipeline, as named in `resources`.
+STEP_KINDS = tuple(STEPS)
+# The release images (`make images` pushes both; the chart's defaults ConfigMap names the ones installed).
+DEFAULT_IMAGES = {
+    "secateurs": "ghcr.io/secateurs/secateurs:0.1.0",
+    "tensorrt-llm": "ghcr.io/secateurs/secateurs-tensorrt-llm:0.1.0",
+}
+DEFAULT_IMAGE = DEFAULT_IMAGES["secateurs"]
+# Environment variables that name each image when the config does not (the chart's ConfigMap sets both).
+IMAGE_ENV = {"secateurs": "SECATEURS_IMAGE", "tensorrt-llm": "SECATEURS_TENSORRT_LLM_IMAGE"}
+# The keys of the chart's defaults ConfigMap (charts/secateurs/templates/configmap-defaults.yaml) that every
+# task loads as environment variables; the chart sets some only when their value is given, so each is optional.
+DEFAULTS_KEYS = (
+    "MLFLOW_TRACKING_URI",
+    "SECATEURS_IMAGE",
+    "SECATEURS_TENSORRT_LLM_IMAGE",
+    "SECATEURS_SERVICE_ACCOUNT",
+    "SECATEURS_PIPELINE_ROOT",
+    "AWS_ENDPOINT_URL",
+    "AWS_DEFAULT_REGION",
+)
 
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-class GpuConfig(_Section):
-    """GPUs per task (`nvidia.com/gpu`); 0 runs the step on CPU. CPU-only steps take none."""
-
-    # One GPU per step fits the 8B recipe's importance and evaluation; distillation of an 8B teacher wants a
-    # whole node (the published run used 8 x H100 per job), set here or through a TrainJob step.
-    correct_teacher: int = Field(0, ge=0, description="GPUs for teacher correction.")
-    importance: int = Field(0, ge=0, description="GPUs for importance estimation.")
-    distill: int = Field(0, ge=0, description="GPUs for distillation.")
-    evaluate: int = Field(0, ge=0, description="GPUs for evaluation.")
-    engine: int = Field(0, ge=0, description="GPUs for the engine build and benchmark.")
-
+class _GpuCounts(_Section):
     def requested(self) -> dict[str, int]:
         """Step kind -> GPUs, for the kinds that ask for at least one."""
         return {k: n for k, n in self.model_dump().items() if n}
+
+
+# One field per GPU step of the registry. One GPU per step fits the 8B recipe's importance and evaluation;
+# distillation of an 8B teacher wants a whole node (the published run used 8 x H100 per job).
+GpuConfig = create_model(
+    "GpuConfig",
+    __base__=_GpuCounts,
+    __doc__="GPUs per task (`nvidia.com/gpu`); 0 runs the step on CPU. CPU-only steps take none.",
+    **{kind: (int, Field(0, ge=0, description=f"GPUs for each {STEPS[kind].name} task.")) for kind in GPU_STEPS},
+)
 
 
 class ResourceConfig(_Section):
@@ -80,7 +98,22 @@ class CacheVolume(_Section):
 
 class PlacementConfig(_Section):
     image: str | None = Field(
-        None, description=f"Image of every step (default: $SECATEURS_IMAGE, else {DEFAULT_IMAGE})."
+        None, description=f"Image of the steps (default: $SECATEURS_IMAGE, else {DEFAULT_IMAGE})."
+    )
+    tensorrt_llm_image: str | None = Field(
+        None,
+        description="Image of the engine steps when engine.backend is tensorrt-llm (default: "
+        f"$SECATEURS_TENSORRT_LLM_IMAGE, else {DEFAULT_IMAGES['tensorrt-llm']}).",
+    )
+    defaults_config_map: str | None = Field(
+        "secateurs-defaults",
+        description="ConfigMap (the chart's `pipeline.defaultsConfigMap`) every task loads as environment "
+        "variables (MLflow URI, images, S3 endpoint); None loads none.",
+    )
+    service_account: str | None = Field(
+        None,
+        description="Kubernetes ServiceAccount the submitted run's pods use (the chart creates "
+        "`<release>-pipeline`); None leaves KFP's default.",
     )
     gpus: GpuConfig = GpuConfig()
     resources: dict[str, ResourceConfig] = Field(
@@ -108,12 +141,14 @@ class PlacementConfig(_Section):
             raise ValueError(f"unknown step kind(s) {unknown}; expected some of {list(STEP_KINDS)}")
         return v
 
-    def resolved_image(self, environ: dict[str, str] | None = None) -> str:
-        """The image every step runs in: `image`, else SECATEURS_IMAGE, else the release image."""
+    def resolved_images(self, environ: dict[str, str] | None = None) -> dict[str, str]:
+        """Image role ("secateurs", "tensorrt-llm") -> reference: the config's, else its environment variable
+        (the chart's ConfigMap names them), else the release image."""
         import os
 
         env = os.environ if environ is None else environ
-        return self.image or env.get("SECATEURS_IMAGE") or DEFAULT_IMAGE
+        given = {"secateurs": self.image, "tensorrt-llm": self.tensorrt_llm_image}
+        return {role: given[role] or env.get(IMAGE_ENV[role]) or DEFAULT_IMAGES[role] for role in DEFAULT_IMAGES}
 
 
 class TrackingConfig(_Section):

@@ -14,10 +14,10 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
 
 import torch
 
+from secateurs.config import DEPTH_CRITERIA, DepthCriterion, parse_layer_list  # noqa: F401 (re-exported)
 from secateurs.checkpoint import check_checkpoint_dir, load_model, load_tokenizer
 from secateurs.families import (
     LAYER_PARAMETER_AXES,
@@ -29,9 +29,6 @@ from secateurs.families import (
 )
 from secateurs.importance import load_importance
 from secateurs.manifest import atomic_output, content_hash, write_manifest
-
-DepthCriterion = Literal["block-influence", "lm-loss", "lm-loss-contiguous"]
-DEPTH_CRITERIA = ("block-influence", "lm-loss", "lm-loss-contiguous")
 
 
 class PruneError(ValueError):
@@ -61,23 +58,6 @@ class PrunePlan:
     heads: dict[int, torch.Tensor] = field(default_factory=dict)
     kv_groups: dict[int, torch.Tensor] = field(default_factory=dict)
     shape: Shape | None = None
-
-
-def parse_layer_list(spec: str) -> list[int]:
-    """'15-30,7' -> [7, 15, 16, ..., 30] (0-based, inclusive ranges)."""
-    layers: set[int] = set()
-    for part in filter(None, (p.strip() for p in spec.split(","))):
-        try:
-            lo, _, hi = part.partition("-")
-            lo_i, hi_i = int(lo), int(hi) if hi else int(lo)
-        except ValueError:
-            raise PruneError(f"drop_layers: {part!r} is not a layer index or an inclusive range like 15-30") from None
-        if lo_i > hi_i:
-            raise PruneError(f"drop_layers: range {part!r} is empty")
-        layers.update(range(lo_i, hi_i + 1))
-    if not layers:
-        raise PruneError(f"drop_layers: {spec!r} names no layer")
-    return sorted(layers)
 
 
 def run(model_dir: str | Path, importance_dir: str | Path, out: str | Path, target: PruneTarget) -> dict:

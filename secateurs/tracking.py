@@ -57,6 +57,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
 
 from secateurs.manifest import MANIFEST, content_hash, read_manifest
+from secateurs.steps import BY_NAME
 
 if TYPE_CHECKING:
     from typing_extensions import Self
@@ -95,20 +96,9 @@ HTTP_DEFAULTS = {
     "MLFLOW_HTTP_REQUEST_TIMEOUT": "30",
 }
 
-# Names of the LoggedModel that each step's model artifact becomes ({student} is the student's name).
-MODEL_NAMES = {
-    "import-model": "teacher",
-    "correct-teacher": "teacher-corrected",
-    "prune": "{student}-pruned",
-    "distill": "{student}",
-}
 # Which model input a step's output model was made from, in order of preference. The distillation teacher is
 # an input too (an edge), but the student it distils into descends from the pruned student.
 PARENT_INPUTS = ("student", "model", "base", "teacher")
-# Steps whose model output is registered in the model registry.
-REGISTERED_STEPS = ("distill",)
-# Steps whose report scores the model they read: the numbers also go to that model and its registered version.
-EVALUATION_STEPS = ("evaluate",)
 # Config keys that describe a checkpoint's shape (transformers' vocabulary).
 SHAPE_KEYS = (
     "model_type",
@@ -750,19 +740,20 @@ class StepRun:
         - each input -> tag `secateurs.input.<name>` = "uri sha256"; inputs that are recorded LoggedModels
           (found by content hash) -> model edges; other inputs with a hash that are not checkpoints ->
           datasets (context = the input's name).
-        - out_dir with a config.json -> an external LoggedModel named after the step (`MODEL_NAMES`) whose
-          parent is the input `parent_input` (default: the first of `PARENT_INPUTS` that is a recorded model);
-          for `distill` it is also registered as `register_as` (default: "<experiment>-<student>").
-        - for evaluation steps (`EVALUATION_STEPS`), the report's numbers also go to the model read (the
-          parent input), and onto its registered version as `score.*` tags when it has one.
+        - out_dir with a config.json -> an external LoggedModel named after the step (the registry's
+          `StepSpec.model`) whose parent is the input `parent_input` (default: the first of `PARENT_INPUTS` that
+          is a recorded model); for a step whose spec says `registered` (distill) it is also registered as
+          `register_as` (default: "<experiment>-<student>").
+        - for steps that score their input (`StepSpec.scores_input`: evaluation), the report's numbers also go
+          to the model read (the parent input), and onto its registered version as `score.*` tags when it has one.
         - the manifest (and small JSON reports of non-model artifacts) -> run artifacts.
 
         Args:
             out_dir: the step's output directory (local).
             uri: where the output lives for later readers (an S3 URI on a cluster); default: out_dir.
-            model_name: LoggedModel name, default from `MODEL_NAMES`.
+            model_name: LoggedModel name, default from the step registry.
             parent_input: name of the manifest input the output model was made from.
-            register_as: registered model name for the output model (also for steps not in REGISTERED_STEPS).
+            register_as: registered model name for the output model (also for steps the registry does not register).
 
         Raises:
             ValueError: out_dir has no manifest (checked before anything is logged).
@@ -804,6 +795,7 @@ class StepRun:
                     path=in_uri if Path(in_uri).exists() else None,
                 )
         record.input_model_ids = {k: m.model_id for k, m in models.items()}
+        spec = BY_NAME.get(self.name)
         parent_key = parent_input or next((k for k in PARENT_INPUTS if k in models), None)
         if parent_key is None and len(models) == 1:
             parent_key = next(iter(models))
@@ -813,12 +805,12 @@ class StepRun:
         files = [out_dir / MANIFEST]
         if (out_dir / "config.json").is_file():
             teacher = models.get("teacher") if parent_key != "teacher" else None
-            name = model_name or MODEL_NAMES.get(self.name, "{student}-" + self.name)
+            name = model_name or (spec.model if spec and spec.model else "{student}-" + self.name)
             name = name.format(student=self.student or "model")
             record.model_id = self.log_model(uri, sha256, name, path=out_dir, parent=parent, teacher=teacher)
             # Logged with the model id, the report's metrics show on the run and on the model.
             self._log_report_metrics(numbers, model_id=record.model_id)
-            if record.model_id and (register_as or self.name in REGISTERED_STEPS):
+            if record.model_id and (register_as or (spec is not None and spec.registered)):
                 registry_name = register_as or f"{self.tracker.experiment_name}-{self.student or name}"
                 record.registered = self.register(
                     record.model_id,
@@ -829,7 +821,7 @@ class StepRun:
             files += sorted(
                 p for p in out_dir.glob("*.json") if p.name != MANIFEST and p.stat().st_size < 1 << 20
             )
-            scored = parent if self.name in EVALUATION_STEPS else None
+            scored = parent if spec is not None and spec.scores_input else None
             self._log_report_metrics(numbers, model_id=scored.model_id if scored is not None else None)
             if scored is not None:
                 self._tag_registered_scores(scored.model_id, numbers)

@@ -114,19 +114,21 @@ def docs_txt(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory, tokenizer_dir, docs_txt) -> Path:
+    from secateurs.config import DataConfig
     from secateurs.data import prepare_data
 
     out = tmp_path_factory.mktemp("data") / "packed"
-    prepare_data(str(docs_txt), tokenizer_dir, seq_len=32, out=out, max_tokens=32 * 80, val_fraction=0.2)
+    prepare_data(tokenizer_dir, out, DataConfig(source=str(docs_txt), seq_len=32, max_tokens=32 * 80, val_fraction=0.2))
     return out
 
 
 @pytest.fixture(scope="session")
 def tiny_importance(tmp_path_factory, tiny_models, tiny_data) -> dict[str, Path]:
     from secateurs import importance
+    from secateurs.config import ImportanceConfig
 
     root = tmp_path_factory.mktemp("importance")
     return {
-        case: (importance.run(path, tiny_data, root / case, samples=16, batch_size=8, block_sizes=[1, 2], depth_samples=4), root / case)[1]
+        case: (importance.run(path, tiny_data, root / case, ImportanceConfig(samples=16, batch_size=8, block_sizes=[1, 2], depth_samples=4)), root / case)[1]
         for case, path in tiny_models.items()
     }

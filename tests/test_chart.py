@@ -271,6 +271,10 @@ def test_defaults_configmap(default_manifests, production_manifests):
         "AWS_ENDPOINT_URL": "https://s3.example.com",
         "AWS_DEFAULT_REGION": "eu-west-1",
     }
+    # Every key the chart can write is one the compiled pipeline loads into its tasks, and no other.
+    from secateurs.placement import DEFAULTS_KEYS
+
+    assert sorted(find(production_manifests, "ConfigMap", "secateurs-defaults")["data"]) == sorted(DEFAULTS_KEYS)
 
 
 @pytest.mark.parametrize("manifests_fixture", ["default_manifests", "production_manifests"])

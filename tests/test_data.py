@@ -10,6 +10,7 @@ import sys
 import pytest
 
 from secateurs.checkpoint import load_tokenizer
+from secateurs.config import DataConfig
 from secateurs.data import DataError, load_packed, prepare_data, tokenizer_identity
 
 
@@ -27,7 +28,7 @@ def test_local_formats_pack_exact_sequences(tokenizer_dir, docs_txt, tmp_path):
     tok = load_tokenizer(tokenizer_dir)
     for name, field in (("a.txt", "text"), ("b.jsonl", "body"), ("c.parquet", "text")):
         out = tmp_path / f"out-{name}"
-        report = prepare_data(str(tmp_path / name), tokenizer_dir, seq_len=16, out=out, val_fraction=0.25, text_field=field)
+        report = prepare_data(tokenizer_dir, out, DataConfig(source=str(tmp_path / name), seq_len=16, val_fraction=0.25, text_field=field))
         dd, config = load_packed(out)
         assert config["seq_len"] == 16 and config["tokenizer"] == tokenizer_identity(tok)
         assert all(len(x) == 16 for x in dd["train"]["input_ids"])
@@ -42,7 +43,7 @@ def test_packed_tokens_are_the_documents_joined_by_eos(tokenizer_dir, tmp_path):
     tok = load_tokenizer(tokenizer_dir)
     docs = ["alpha beta gamma delta", "one two three four five six", "x y z"]
     (tmp_path / "d.jsonl").write_text("\n".join(json.dumps({"text": d}) for d in docs))
-    prepare_data(str(tmp_path / "d.jsonl"), tokenizer_dir, seq_len=4, out=tmp_path / "o", val_fraction=0.3, seed=0)
+    prepare_data(tokenizer_dir, tmp_path / "o", DataConfig(source=str(tmp_path / "d.jsonl"), seq_len=4, val_fraction=0.3, seed=0))
     dd, _ = load_packed(tmp_path / "o")
     stream = dd["train"][:]["input_ids"].flatten().tolist() + dd["validation"][:]["input_ids"].flatten().tolist()
     import random
@@ -54,7 +55,7 @@ def test_packed_tokens_are_the_documents_joined_by_eos(tokenizer_dir, tmp_path):
 
 
 def test_python_docs_builtin_and_max_tokens(tokenizer_dir, tmp_path):
-    report = prepare_data("python-docs", tokenizer_dir, seq_len=64, out=tmp_path / "p", max_tokens=64 * 50)
+    report = prepare_data(tokenizer_dir, tmp_path / "p", DataConfig(source="python-docs", seq_len=64, max_tokens=64 * 50))
     assert report["train_sequences"] + report["validation_sequences"] == 50
 
 
@@ -64,15 +65,15 @@ def test_bad_data_inputs(tokenizer_dir, tmp_path):
     out.mkdir()
     (out / "keep").write_text("x")
     with pytest.raises(DataError, match="holds no text"):
-        prepare_data(str(tmp_path / "empty.txt"), tokenizer_dir, seq_len=8, out=out)
+        prepare_data(tokenizer_dir, out, DataConfig(source=str(tmp_path / "empty.txt"), seq_len=8))
     (tmp_path / "short.txt").write_text("just a few words")
     with pytest.raises(DataError, match="fewer than 2 sequences of seq_len=64"):
-        prepare_data(str(tmp_path / "short.txt"), tokenizer_dir, seq_len=64, out=out)
+        prepare_data(tokenizer_dir, out, DataConfig(source=str(tmp_path / "short.txt"), seq_len=64))
     with pytest.raises(DataError, match="does not exist"):
-        prepare_data(str(tmp_path / "missing.jsonl"), tokenizer_dir, seq_len=8, out=out)
+        prepare_data(tokenizer_dir, out, DataConfig(source=str(tmp_path / "missing.jsonl"), seq_len=8))
     (tmp_path / "x.jsonl").write_text(json.dumps({"content": "hello there"}))
     with pytest.raises(DataError, match="no text field 'text'"):
-        prepare_data(str(tmp_path / "x.jsonl"), tokenizer_dir, seq_len=8, out=out)
+        prepare_data(tokenizer_dir, out, DataConfig(source=str(tmp_path / "x.jsonl"), seq_len=8))
     assert (out / "keep").read_text() == "x"
     with pytest.raises(DataError, match="not a dataset made by"):
         load_packed(tmp_path)

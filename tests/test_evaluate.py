@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from secateurs import evaluate
 from secateurs.checkpoint import CheckpointError, check_checkpoint_dir, load_model, load_tokenizer
+from secateurs.config import DataConfig, EvaluateConfig
 from secateurs.data import DataError, load_packed, prepare_data
 
 # Three multiple-choice items with their own field names, to exercise the field mapping.
@@ -37,7 +38,7 @@ def eval_data(tmp_path_factory, tokenizer_dir, docs_txt):
     """A dataset whose validation split holds prose: the first ~100 sequences of python-docs (abc, argparse, ...)
     are mostly docstrings; keep 90 of them for validation."""
     out = tmp_path_factory.mktemp("eval-data") / "packed"
-    prepare_data(str(docs_txt), tokenizer_dir, seq_len=128, out=out, max_tokens=128 * 100, val_fraction=0.9)
+    prepare_data(tokenizer_dir, out, DataConfig(source=str(docs_txt), seq_len=128, max_tokens=128 * 100, val_fraction=0.9))
     return out
 
 
@@ -94,7 +95,7 @@ def direct_loglikelihood(model, tokenizer, context: str, continuation: str) -> f
 
 def test_validation_loss_and_perplexity_match_a_plain_loop(tiny_models, eval_data, tmp_path):
     out = tmp_path / "metrics"
-    metrics = evaluate.run(tiny_models["qwen3"], eval_data, out, batch_size=1, max_sequences=5, limit=4)
+    metrics = evaluate.run(tiny_models["qwen3"], eval_data, out, EvaluateConfig(batch_size=1, max_sequences=5, limit=4))
 
     model = load_model(tiny_models["qwen3"])
     held_out = load_packed(eval_data)[0]["validation"]
@@ -139,8 +140,8 @@ def test_lambada_docs_items_are_deterministic_and_shared_by_models_of_one_tokeni
 
 @pytest.mark.slow
 def test_real_model_beats_random_weights_on_lambada_docs(smollm2_dir, tiny_models, eval_data, tmp_path):
-    real = evaluate.run(smollm2_dir, eval_data, tmp_path / "real", max_sequences=1, limit=20)
-    rand = evaluate.run(tiny_models["llama-untied"], eval_data, tmp_path / "rand", max_sequences=1, limit=20)
+    real = evaluate.run(smollm2_dir, eval_data, tmp_path / "real", EvaluateConfig(max_sequences=1, limit=20))
+    rand = evaluate.run(tiny_models["llama-untied"], eval_data, tmp_path / "rand", EvaluateConfig(max_sequences=1, limit=20))
     r, t = real["tasks"]["lambada-docs"], rand["tasks"]["lambada-docs"]
     assert r["n"] == t["n"] == 20
     # SmolLM2-135M gets 25-40% of python-docs last words exactly right at ~-4 to -6 nats per word; random
@@ -168,9 +169,7 @@ def test_real_model_beats_random_weights_on_lambada_docs(smollm2_dir, tiny_model
 def test_local_multiple_choice_task_matches_a_direct_computation(tiny_models, eval_data, tmp_path):
     ours, _ = mc_task_files(tmp_path)
     model_dir = tiny_models["mistral"]
-    metrics = evaluate.run(
-        model_dir, eval_data, tmp_path / "out", tasks=[str(ours)], batch_size=1, max_sequences=1
-    )
+    metrics = evaluate.run(model_dir, eval_data, tmp_path / "out", EvaluateConfig(tasks=[str(ours)], batch_size=1, max_sequences=1))
 
     model, tokenizer = load_model(model_dir), load_tokenizer(model_dir)
     tasks = evaluate.resolve_tasks([str(ours)])
@@ -197,9 +196,7 @@ def test_local_multiple_choice_task_matches_a_direct_computation(tiny_models, ev
 def test_lm_eval_task_file_agrees_with_our_scoring(tiny_models, eval_data, tmp_path):
     pytest.importorskip("lm_eval", reason="lm-eval (the eval extra) is not installed")
     ours, theirs = mc_task_files(tmp_path)
-    metrics = evaluate.run(
-        tiny_models["qwen2"], eval_data, tmp_path / "out", tasks=[str(ours), str(theirs)], max_sequences=1
-    )
+    metrics = evaluate.run(tiny_models["qwen2"], eval_data, tmp_path / "out", EvaluateConfig(tasks=[str(ours), str(theirs)], max_sequences=1))
     ref, lm = metrics["tasks"]["facts"], metrics["tasks"]["facts_lm_eval"]
     assert lm["n"] == 3
     assert (lm["acc"], lm["acc_norm"]) == (ref["acc"], ref["acc_norm"])
@@ -210,25 +207,25 @@ def test_task_errors_come_before_any_model_load(unloadable_model, eval_data, tmp
     with monkeypatch.context() as m:
         m.setitem(sys.modules, "lm_eval", None)  # as on a machine without the eval extra
         with pytest.raises(evaluate.EvaluationError) as e:
-            evaluate.run(unloadable_model, eval_data, out, tasks=["lambada-docs", "foo"])
+            evaluate.run(unloadable_model, eval_data, out, EvaluateConfig(tasks=["lambada-docs", "foo"]))
         assert str(e.value).startswith(
             "unknown task 'foo': built-in tasks: lambada-docs; or a path to a task YAML; or an lm-eval task name "
             "(lm-eval not installed"
         )
     with pytest.raises(evaluate.EvaluationError, match="task file .*missing.yaml does not exist"):
-        evaluate.run(unloadable_model, eval_data, out, tasks=[str(tmp_path / "missing.yaml")])
+        evaluate.run(unloadable_model, eval_data, out, EvaluateConfig(tasks=[str(tmp_path / "missing.yaml")]))
     bad = tmp_path / "bad.yaml"
     bad.write_text("type: multiple_choice\njsonl: items.jsonl\n")
     (tmp_path / "items.jsonl").write_text('{"context": "a", "choices": ["b", "c"], "answer": 2}\n')
     with pytest.raises(
         evaluate.EvaluationError, match=r"items.jsonl:1: field 'answer'=2 must be a choice index 0..1"
     ):
-        evaluate.run(unloadable_model, eval_data, out, tasks=[str(bad)])
+        evaluate.run(unloadable_model, eval_data, out, EvaluateConfig(tasks=[str(bad)]))
     bad.write_text("type: multiple_choise\njsonl: items.jsonl\n")
     with pytest.raises(evaluate.EvaluationError, match=r"bad.yaml: type='multiple_choise': Input should be"):
-        evaluate.run(unloadable_model, eval_data, out, tasks=[str(bad)])
+        evaluate.run(unloadable_model, eval_data, out, EvaluateConfig(tasks=[str(bad)]))
     with pytest.raises(evaluate.EvaluationError, match="few-shot count applies only to lm-eval tasks"):
-        evaluate.run(unloadable_model, eval_data, out, tasks=["lambada-docs:5"])
+        evaluate.run(unloadable_model, eval_data, out, EvaluateConfig(tasks=["lambada-docs:5"]))
     assert not out.exists()
 
 
@@ -237,12 +234,12 @@ def test_lm_eval_registry_names_are_checked_before_any_model_load(unloadable_mod
     with pytest.raises(
         evaluate.EvaluationError, match=r"unknown task 'foo'.*lm-eval [\d.]+ has none called 'foo'"
     ):
-        evaluate.run(unloadable_model, eval_data, tmp_path / "out", tasks=["foo"])
+        evaluate.run(unloadable_model, eval_data, tmp_path / "out", EvaluateConfig(tasks=["foo"]))
     # The tests run with the hub off (conftest): a registry task whose dataset is not cached fails naming itself.
     with pytest.raises(
         evaluate.EvaluationError, match=r"lm-eval task 'hellaswag': cannot load its dataset \(the hub is off"
     ):
-        evaluate.run(unloadable_model, eval_data, tmp_path / "out", tasks=["hellaswag:10"])
+        evaluate.run(unloadable_model, eval_data, tmp_path / "out", EvaluateConfig(tasks=["hellaswag:10"]))
 
 
 def test_dataset_of_another_tokenizer_is_refused_before_any_model_load(
@@ -253,6 +250,6 @@ def test_dataset_of_another_tokenizer_is_refused_before_any_model_load(
     tokenizer.add_tokens(["<secateurs-test-token>"])
     tokenizer.save_pretrained(other)
     data = tmp_path / "data"
-    prepare_data(str(docs_txt), other, seq_len=32, out=data, max_tokens=32 * 4, val_fraction=0.5)
+    prepare_data(other, data, DataConfig(source=str(docs_txt), seq_len=32, max_tokens=32 * 4, val_fraction=0.5))
     with pytest.raises(DataError, match="was tokenized with tokenizer .* but the model's tokenizer is"):
         evaluate.run(unloadable_model, data, tmp_path / "out")

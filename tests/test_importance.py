@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from secateurs import importance
 from secateurs.checkpoint import load_model
+from secateurs.config import ImportanceConfig
 from secateurs.data import DataError, load_packed
 
 from conftest import FAMILY_CASES
@@ -103,10 +104,10 @@ def test_dataset_of_another_tokenizer_is_refused(tiny_models, tiny_data, tmp_pat
     manifest["config"]["tokenizer"] = "0123456789abcdef"
     (other / "secateurs.json").write_text(json.dumps(manifest))
     with pytest.raises(DataError, match="tokenized with tokenizer 0123456789abcdef"):
-        importance.run(tiny_models["llama-tied"], other, tmp_path / "imp", samples=2)
+        importance.run(tiny_models["llama-tied"], other, tmp_path / "imp", ImportanceConfig(samples=2))
     assert not (tmp_path / "imp").exists()
 
 
 def test_bad_block_size(tiny_models, tiny_data, tmp_path):
     with pytest.raises(importance.ImportanceError, match="block size k=4"):
-        importance.run(tiny_models["llama-tied"], tiny_data, tmp_path / "imp", samples=2, block_sizes=[4])
+        importance.run(tiny_models["llama-tied"], tiny_data, tmp_path / "imp", ImportanceConfig(samples=2, block_sizes=[4]))

@@ -154,24 +154,25 @@ def test_rerun_one_step_reproduces_it_and_leaves_the_run_untouched(failed_then_r
 
 
 # ------------------------------------------------------------------------------------------ compiled spec
-GPU_TASKS = ("correct-teacher", "importance", "distill", "evaluate")
+FLAGSHIP = Path(__file__).resolve().parents[1] / "configs" / "llama31-8b-minitron.yaml"
+IMAGES = {"SECATEURS_IMAGE": "registry.example/secateurs:test",
+          "SECATEURS_TENSORRT_LLM_IMAGE": "registry.example/secateurs-tensorrt-llm:test"}  # fmt: skip
 
 
 @pytest.fixture(scope="module")
 def compiled(tmp_path_factory, monkeypatch_module):
     """The Llama-3.1-8B recipe compiled with credentials in the environment that must not leak into it."""
     from secateurs.config import load_config
-    from secateurs.pipeline_cli import compile_pipeline
+    from secateurs.pipeline_cli import compile_cmd
 
     secrets = {"AWS_ACCESS_KEY_ID": "AKIAFAKEKEY123456", "AWS_SECRET_ACCESS_KEY": "fake-secret-value-9f8e7d",
                "MLFLOW_TRACKING_PASSWORD": "fake-mlflow-password-42", "KFP_TOKEN": "fake-kfp-token-abc"}  # fmt: skip
-    for k, v in secrets.items():
+    for k, v in {**secrets, **IMAGES}.items():
         monkeypatch_module.setenv(k, v)
-    monkeypatch_module.setenv("SECATEURS_IMAGE", "registry.example/secateurs:test")
-    config = load_config(Path(__file__).resolve().parents[1] / "configs" / "llama31-8b-minitron.yaml")
-    out = compile_pipeline(config, tmp_path_factory.mktemp("spec") / "pipeline.yaml")
+    out = tmp_path_factory.mktemp("spec") / "pipeline.yaml"
+    compile_cmd(FLAGSHIP, out, None)  # the command itself, so its pipeline-root resolution is what is checked
     docs = list(yaml.safe_load_all(out.read_text()))
-    return config, out.read_text(), docs[0], (docs[1] if len(docs) > 1 else {}), secrets
+    return load_config(FLAGSHIP), out.read_text(), docs[0], (docs[1] if len(docs) > 1 else {}), secrets
 
 
 @pytest.fixture(scope="module")
@@ -181,63 +182,119 @@ def monkeypatch_module():
     mp.undo()
 
 
-def _task_executors(spec):
-    """display name -> executor spec of every task of the root DAG."""
-    tasks = spec["root"]["dag"]["tasks"]
+def _tasks(spec, platform):
+    """display name -> (task, container, Kubernetes executor config) of every task of the root DAG."""
     executors = spec["deploymentSpec"]["executors"]
-    components = spec["components"]
+    k8s = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
     out = {}
-    for task in tasks.values():
-        component = components[task["componentRef"]["name"]]
-        name = task.get("taskInfo", {}).get("name")
-        out[name] = (task, executors[component["executorLabel"]])
+    for task in spec["root"]["dag"]["tasks"].values():
+        label = spec["components"][task["componentRef"]["name"]]["executorLabel"]
+        out[task["taskInfo"]["name"]] = (task, executors[label].get("container"), k8s.get(label, {}))
     return out
 
 
-def test_compiled_spec_requests_gpus_only_on_gpu_steps(compiled):
-    config, _, spec, _, _ = compiled
-    tasks = _task_executors(spec)
-    assert "distill:width" in tasks and "evaluate:depth-pruned" in tasks and "report" in tasks
-    for name, (_, executor) in tasks.items():
-        container = executor.get("container")
-        if container is None:  # importers
-            continue
-        accelerator = container.get("resources", {}).get("accelerator")
-        kind = name.split(":")[0]
-        if kind in GPU_TASKS or kind == "engine":
-            expected = getattr(config.placement.gpus, kind.replace("-", "_"))
-            assert accelerator["resourceType"] == "nvidia.com/gpu", name
-            assert int(accelerator["resourceCount"]) == expected, name
-        else:
-            assert accelerator is None, name
-        assert container["image"] == "registry.example/secateurs:test"
+def test_compiled_spec_is_valid_for_kfp_protos(compiled):
+    """KFP's own protobufs parse the spec and every task's Kubernetes config, rejecting unknown fields."""
+    from google.protobuf import json_format
+    from kfp.kubernetes import kubernetes_executor_config_pb2
+    from kfp.pipeline_spec import pipeline_spec_pb2
 
-
-def test_compiled_spec_caching_retries_and_kubernetes_settings(compiled):
     _, _, spec, platform, _ = compiled
-    tasks = _task_executors(spec)
-    for name, (task, _) in tasks.items():
-        if not name.startswith("import "):
-            assert task["cachingOptions"].get("enableCache") is True, name
-            assert task["retryPolicy"]["maxRetryCount"] == 2, name
-    k8s = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
-    distill = next(v for k, v in k8s.items() if "distill" in k)
-    assert {s["secretName"] for s in distill["secretAsEnv"]} == {
-        "secateurs-s3",
-        "secateurs-mlflow",
-        "secateurs-hf",
-    }
-    assert distill["pvcMount"][0]["constant"] == "secateurs-cache"
-    # Checkpoints live on that volume, so a retried pod resumes from them.
-    env = {e["name"]: e["value"] for e in tasks[next(n for n in tasks if "distill" in n)][1]["container"]["env"]}
-    assert env["SECATEURS_CHECKPOINTS"] == "/cache/checkpoints"
-    assert (
-        distill["emptyDirMounts"][0]["mountPath"] == "/dev/shm"
-        and distill["emptyDirMounts"][0]["medium"] == "Memory"
-    )
-    assert distill["tolerations"][0]["key"] == "nvidia.com/gpu"
-    prune = next(v for k, v in k8s.items() if "prune" in k)
-    assert "tolerations" not in prune and "emptyDirMounts" not in prune
+    json_format.ParseDict(spec, pipeline_spec_pb2.PipelineSpec(), ignore_unknown_fields=False)
+    json_format.ParseDict(platform, pipeline_spec_pb2.PlatformSpec(), ignore_unknown_fields=False)
+    executors = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    for config in executors.values():
+        json_format.ParseDict(config, kubernetes_executor_config_pb2.KubernetesExecutorConfig(),
+                              ignore_unknown_fields=False)  # fmt: skip
+    assert set(executors) == set(spec["deploymentSpec"]["executors"])  # every task has its Kubernetes settings
+
+
+def test_compiled_flagship_sets_every_cluster_setting_on_every_task(compiled):
+    """Setting by setting, what a KFP 2.x cluster with the chart installed needs to run the flagship config."""
+    from secateurs.placement import DEFAULTS_KEYS
+    from secateurs.steps import STEPS
+
+    config, _, spec, platform, _ = compiled
+    assert spec["defaultPipelineRoot"] == "s3://secateurs/pipeline-root" == config.tracking.pipeline_root
+    tasks = {name: t for name, t in _tasks(spec, platform).items() if not name.startswith("import ")}
+    kinds = {s.key: s.kind for s in __import__("secateurs.pipelines.recipe", fromlist=["recipe"]).recipe(config)}
+    assert sorted(tasks) == sorted(kinds)
+    secret_env = {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL", "MLFLOW_TRACKING_USERNAME",
+                  "MLFLOW_TRACKING_PASSWORD", "HF_TOKEN"}  # fmt: skip
+    for name, (task, container, k8s) in tasks.items():
+        spec_of = STEPS[kinds[name]]
+        # Image: the engine builds TensorRT-LLM engines, so it runs in that image; every other step in ours.
+        expected_image = IMAGES["SECATEURS_TENSORRT_LLM_IMAGE" if spec_of.kind == "engine" else "SECATEURS_IMAGE"]
+        assert container["image"] == expected_image, name
+        # GPUs, node selector, tolerations and /dev/shm only on GPU steps, with the configured counts.
+        gpus = getattr(config.placement.gpus, spec_of.kind) if spec_of.gpu else 0
+        accelerator = container.get("resources", {}).get("accelerator")
+        if gpus:
+            assert (accelerator["resourceType"], int(accelerator["resourceCount"])) == ("nvidia.com/gpu", gpus), name
+            assert k8s["nodeSelector"]["labels"] == {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"}, name
+            assert k8s["tolerations"] == [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
+            assert k8s["emptyDirMounts"] == [{"volumeName": "shm", "mountPath": "/dev/shm", "medium": "Memory",
+                                              "sizeLimit": "64Gi"}], name  # fmt: skip
+        else:
+            assert accelerator is None and "nodeSelector" not in k8s and "tolerations" not in k8s, name
+            assert "emptyDirMounts" not in k8s, name
+        # The chart's defaults as env, each key optional; a variable a Secret fills comes from the Secret only.
+        (config_map,) = k8s["configMapAsEnv"]
+        assert config_map["configMapName"] == "secateurs-defaults" and config_map["optional"] is True, name
+        loaded = [m["envVar"] for m in config_map["keyToEnv"]]
+        assert loaded == [k for k in DEFAULTS_KEYS if k != "AWS_ENDPOINT_URL"], name
+        # Secrets by name and key; their values are nowhere in the spec (test_compiled_spec_holds_no_credentials).
+        from_secrets = {m["envVar"]: (s["secretName"], m["secretKey"]) for s in k8s["secretAsEnv"]
+                        for m in s["keyToEnv"]}  # fmt: skip
+        assert set(from_secrets) == secret_env and from_secrets["HF_TOKEN"] == ("secateurs-hf", "token"), name
+        # The cache volume, and the variables that point into it (a retried training pod resumes from there).
+        assert [(m["constant"], m["mountPath"]) for m in k8s["pvcMount"]] == [("secateurs-cache", "/cache")], name
+        env = {e["name"]: e["value"] for e in container.get("env", [])}
+        assert env == {"SECATEURS_CACHE": "/cache/secateurs", "HF_HOME": "/cache/huggingface",
+                       "SECATEURS_CHECKPOINTS": "/cache/checkpoints"}, name  # fmt: skip
+        # Requests and limits from placement.resources.
+        resources = config.placement.resources.get(spec_of.kind)
+        if resources and resources.memory_request:
+            assert container["resources"]["resourceMemoryRequest"] == resources.memory_request, name
+        assert task["retryPolicy"]["maxRetryCount"] == 2 and task["retryPolicy"]["backoffDuration"] == "60s", name
+        assert task["cachingOptions"].get("enableCache") is True, name
+
+
+def test_engine_image_follows_the_engine_backend(tmp_path, monkeypatch):
+    """With the onnxruntime-genai backend the engine runs in the secateurs image; with tensorrt-llm (the
+    flagship, above) in the TensorRT-LLM one."""
+    from secateurs.config import load_config
+    from secateurs.pipeline_cli import compile_pipeline
+
+    for k, v in IMAGES.items():
+        monkeypatch.setenv(k, v)
+    config = load_config(FLAGSHIP)
+    config.engine.backend, config.engine.precision = "onnxruntime-genai", "int4"
+    spec = next(yaml.safe_load_all(compile_pipeline(config, tmp_path / "p.yaml").read_text()))
+    engines = [c for name, (_, c, _) in _tasks(spec, {"platforms": {"kubernetes": {"deploymentSpec": {
+        "executors": {}}}}}).items() if name.startswith("engine:")]  # fmt: skip
+    assert len(engines) == 3 and {c["image"] for c in engines} == {IMAGES["SECATEURS_IMAGE"]}
+    assert "defaultPipelineRoot" not in spec  # compile_pipeline without a root leaves KFP's
+
+
+def test_components_declare_the_registry_inputs_and_outputs():
+    """A lightweight component's interface is its Python signature (KFP ships the source); it must be the
+    registry's, artifact types included."""
+    from secateurs.components.steps import FUNCTIONS, component
+    from secateurs.steps import STEPS
+
+    assert set(FUNCTIONS) == set(STEPS)
+    for kind, spec in STEPS.items():
+        c = component(kind, "img").component_spec
+        artifacts = {n: i.type for n, i in c.inputs.items() if i.type.startswith("system.")}
+        assert artifacts == {n: f"system.{t}@0.0.1" for n, t in spec.inputs.items()}, kind
+        assert {n for n, i in c.inputs.items() if i.optional and n in artifacts} == set(spec.optional), kind
+        assert {n: o.type for n, o in c.outputs.items()} == {n: f"system.{t}@0.0.1" for n, t in spec.outputs.items()}
+        params = {n for n in c.inputs if n not in artifacts}
+        expected = ({"settings"} if spec.settings else set()) | set(spec.params)
+        expected |= {"tracking_uri", "pipeline_run"} if spec.tracked else set()
+        expected |= {"student"} if spec.per_student else set()
+        assert params == expected, kind
 
 
 def test_compiled_spec_holds_no_credentials(compiled):
@@ -300,7 +357,7 @@ def test_submit_to_an_unreachable_host_is_one_line(capsys):
         port = s.getsockname()[1]
     demo = Path(__file__).resolve().parents[1] / "configs" / "demo-cpu.yaml"
     with pytest.raises(typer.Exit):
-        submit_cmd(demo, f"http://127.0.0.1:{port}", "secateurs", None)
+        submit_cmd(demo, f"http://127.0.0.1:{port}", "secateurs", None, None, None)
     err = capsys.readouterr().err.strip()
     assert err.startswith(f"error: Kubeflow Pipelines at http://127.0.0.1:{port} is unreachable"), err
     assert "\n" not in err
@@ -364,7 +421,7 @@ def test_submit_sends_the_compiled_spec_with_the_token_and_prints_the_run_url(mo
     monkeypatch.setenv("KFP_TOKEN", "t0ken")
     demo = Path(__file__).resolve().parents[1] / "configs" / "demo-cpu.yaml"
     try:
-        submit_cmd(demo, api.url, "secateurs", None)
+        submit_cmd(demo, api.url, "secateurs", None, None, None)
     finally:
         api.close()
     # kfp.Client prints its own "Run details: ..." lines first; the last line is ours.
@@ -373,7 +430,9 @@ def test_submit_sends_the_compiled_spec_with_the_token_and_prints_the_run_url(mo
     assert len(runs) == 1 and all(r["authorization"] == "Bearer t0ken" for r in api.requests)
     run = runs[0]["body"]
     assert run["experiment_id"] == "exp-1"
-    spec = run["pipeline_spec"]
+    # kfp.Client sends a spec with Kubernetes settings as {pipeline_spec, platform_spec}.
+    spec, platform = run["pipeline_spec"]["pipeline_spec"], run["pipeline_spec"]["platform_spec"]
+    assert "kubernetes" in platform["platforms"]
     assert spec["pipelineInfo"]["name"] == "demo-cpu"
     assert {"comp-distill", "comp-prune", "comp-evaluate"} <= set(spec["components"])
     assert run["runtime_config"]["parameters"]["pipeline_run"].startswith("demo-cpu-")
@@ -390,8 +449,47 @@ def test_submit_with_a_refused_token_is_one_line(monkeypatch, capsys):
     demo = Path(__file__).resolve().parents[1] / "configs" / "demo-cpu.yaml"
     try:
         with pytest.raises(typer.Exit):
-            submit_cmd(demo, api.url, "secateurs", None)
+            submit_cmd(demo, api.url, "secateurs", None, None, None)
     finally:
         api.close()
     err = capsys.readouterr().err.strip()
     assert err == f"error: Kubeflow Pipelines at {api.url} refused the token (HTTP 401): set KFP_TOKEN to a valid one"
+
+
+@pytest.mark.parametrize("override", [None, "s3://other-bucket/root"])
+def test_submit_sends_the_pipeline_root_and_service_account(monkeypatch, capsys, override):
+    """The flagship config's S3 pipeline root and the chart's ServiceAccount reach the created run (and the spec's
+    default root); `--pipeline-root` / `--service-account` override them."""
+    from secateurs.pipeline_cli import submit_cmd
+
+    api = _KfpApi()
+    try:
+        submit_cmd(FLAGSHIP, api.url, "secateurs", None, override, "sa-override" if override else None)
+    finally:
+        api.close()
+    (run,) = [r["body"] for r in api.requests if r["method"] == "POST" and r["path"] == "/apis/v2beta1/runs"]
+    root = override or "s3://secateurs/pipeline-root"
+    assert run["runtime_config"]["pipeline_root"] == root
+    assert run["pipeline_spec"]["pipeline_spec"]["defaultPipelineRoot"] == root
+    assert run["service_account"] == ("sa-override" if override else "secateurs-pipeline")
+
+
+def test_config_validation_and_compile_import_no_torch(tmp_path):
+    """`import secateurs.config`, `validate`, `compile` and `submit --help` load pydantic and kfp, never torch
+    (checked with the interpreter's own import log, -X importtime)."""
+    import subprocess
+    import sys
+
+    commands = [
+        ["-c", "import secateurs.config"],
+        ["-m", "secateurs.cli", "validate", str(FLAGSHIP)],
+        ["-m", "secateurs.cli", "compile", str(FLAGSHIP), "-o", str(tmp_path / "p.yaml")],
+        ["-m", "secateurs.cli", "submit", "--help"],
+    ]
+    for args in commands:
+        done = subprocess.run([sys.executable, "-X", "importtime", *args], capture_output=True, text=True, check=True)
+        modules = {line.rsplit("|", 1)[-1].strip() for line in done.stderr.splitlines() if line.startswith("import time:")}
+        assert "pydantic" in modules, args
+        heavy = sorted(m for m in modules if m.split(".")[0] in ("torch", "transformers", "datasets", "mlflow"))
+        assert heavy == [], (args, heavy[:5])
+    assert (tmp_path / "p.yaml").is_file()

@@ -149,7 +149,7 @@ def test_parse_layer_list():
     assert parse_layer_list("15-30,7") == [7] + list(range(15, 31))
     assert parse_layer_list("3") == [3]
     for bad in ("a-b", "5-2", ","):
-        with pytest.raises(PruneError):
+        with pytest.raises(ValueError, match="drop_layers"):
             parse_layer_list(bad)
 
 

@@ -14,6 +14,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from secateurs import importance, prune
 from secateurs.checkpoint import load_model
+from secateurs.config import DataConfig, ImportanceConfig
 from secateurs.data import load_packed, prepare_data, spread
 from secateurs.prune import PruneTarget
 
@@ -24,14 +25,14 @@ DEPTH = PruneTarget(num_layers=12, depth_criterion="lm-loss-contiguous")
 @pytest.fixture(scope="session")
 def smollm2_data(smollm2_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("smol-data") / "python-docs"
-    prepare_data("python-docs", smollm2_dir, seq_len=128, out=out, max_tokens=128 * 200, val_fraction=0.1)
+    prepare_data(smollm2_dir, out, DataConfig(source="python-docs", seq_len=128, max_tokens=128 * 200, val_fraction=0.1))
     return out
 
 
 @pytest.fixture(scope="session")
 def smollm2_importance(smollm2_dir, smollm2_data, tmp_path_factory):
     out = tmp_path_factory.mktemp("smol-imp") / "importance"
-    importance.run(smollm2_dir, smollm2_data, out, samples=16, batch_size=8, block_sizes=[18], depth_samples=4)
+    importance.run(smollm2_dir, smollm2_data, out, ImportanceConfig(samples=16, batch_size=8, block_sizes=[18], depth_samples=4))
     return out
 
 
@@ -78,7 +79,7 @@ def smollm2_wide_data(smollm2_dir, tmp_path_factory):
     """2,000 python-docs sequences, half held out. One python-docs document is one module's documentation (~4,300
     tokens on average), so the 200-sequence set holds out a single module; this one holds out about 30."""
     out = tmp_path_factory.mktemp("smol-wide-data") / "python-docs"
-    prepare_data("python-docs", smollm2_dir, seq_len=128, out=out, max_tokens=128 * 2000, val_fraction=0.5)
+    prepare_data(smollm2_dir, out, DataConfig(source="python-docs", seq_len=128, max_tokens=128 * 2000, val_fraction=0.5))
     return out
 
 
@@ -89,23 +90,16 @@ def test_kd_gives_the_lowest_validation_loss_and_random_init_the_highest(smollm2
     sequences spread over the ~30 held-out modules. `bench/kd_vs_ce.py` runs this setting for seeds 0-2 and other
     LRs (README)."""
     from secateurs import train
-    from secateurs.checkpoint import load_tokenizer, save_checkpoint
     from secateurs.config import DistillConfig, TeacherCorrectionConfig
-    from secateurs.manifest import write_manifest
+    from secateurs.recipe import prune_student, random_init
 
     data = smollm2_wide_data
-    teacher = tmp_path / "teacher-corrected"
-    train.correct_teacher(smollm2_dir, data, teacher, TeacherCorrectionConfig(
-        max_steps=40, micro_batch_size=4, global_batch_size=4, learning_rate=5e-4, min_learning_rate=5e-5,
-        warmup_steps=2, save_steps=40, logging_steps=10))  # fmt: skip
-    shutil.rmtree(f"{teacher}.checkpoints")  # its optimizer state: 1.5 GB that nothing below reads
-    importance.run(teacher, data, tmp_path / "importance", samples=16, batch_size=8, block_sizes=[18], depth_samples=1)
-    width = tmp_path / "width"
-    prune.run(teacher, tmp_path / "importance", width, WIDTH)
-    torch.manual_seed(0)
-    random_dir = tmp_path / "random-init"
-    save_checkpoint(AutoModelForCausalLM.from_config(load_model(width).config), load_tokenizer(width), random_dir)
-    write_manifest(random_dir, "import-model", config={"source": "random init of the width student's shape"})
+    correction = TeacherCorrectionConfig(max_steps=40, micro_batch_size=4, global_batch_size=4, learning_rate=5e-4,
+                                         min_learning_rate=5e-5, warmup_steps=2, save_steps=40, logging_steps=10)
+    scoring = ImportanceConfig(samples=16, batch_size=8, block_sizes=[18], depth_samples=1)
+    chain = prune_student(smollm2_dir, data, tmp_path, WIDTH, scoring, correction, name="width")
+    teacher, width = chain.teacher, chain.student
+    random_dir = random_init(width, tmp_path / "random-init", seed=0)
 
     val = spread(load_packed(data)[0]["validation"], 64)[:]["input_ids"]
     common = {"max_steps": 20, "micro_batch_size": 4, "global_batch_size": 4, "learning_rate": 5e-4,

@@ -1,0 +1,116 @@
+"""The step registry: what each step of the recipe is, written once.
+
+One `StepSpec` per step kind says how its tasks are keyed, what it reads and writes (with KFP artifact types),
+which settings model holds its options, whether it wants a GPU, which image it runs in, and which MLflow model
+it records. The pipeline graph (`secateurs.pipelines.recipe`), task placement (`place`), the components and their
+shared prologue (`secateurs.components.runtime.step`), tracking (model names, registration) and `secateurs rerun`
+all read this table; none of them restates it.
+
+Pure Python: importing it loads neither pydantic models nor torch nor kfp.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+# KFP artifact classes (`kfp.dsl.<name>`): the types of step inputs and outputs.
+ArtifactType = Literal["Model", "Dataset", "Artifact", "Metrics"]
+# The images a step can run in: the secateurs image, or the TensorRT-LLM one (docker/tensorrt-llm.Dockerfile).
+Image = Literal["secateurs", "tensorrt-llm"]
+
+
+@dataclass(frozen=True)
+class StepSpec:
+    """What one step kind is.
+
+    Attributes:
+        kind: component name and the key of `placement.gpus` / `placement.resources` ("correct_teacher").
+        name: step name in task keys, MLflow step runs and failure injection ("correct-teacher").
+        key: task key pattern: `{name}`, `{student}` (the student the task works for), `{model}` (the model it
+            reads, e.g. `teacher`, `width-pruned`); `[:{student}]` is left out for the teacher.
+        inputs: input name -> artifact type; `optional` ones may be absent.
+        outputs: output name -> artifact type.
+        settings: class name of its settings model in `secateurs.config` (None: the step has no options).
+        params: plain parameters besides `settings`, `student` and the tracking ones.
+        gpu: may ask for GPUs (`placement.gpus.<kind>`).
+        tracked: records an MLflow step run (the rest are cheap bookkeeping, rerun rather than imported).
+        per_student: works for one student (`student` parameter; empty for the teacher).
+        model: name of the MLflow LoggedModel its model output becomes (None: its output is not a model).
+        registered: that model is also registered as a new version in the model registry.
+        scores_input: its report's numbers also go to the model it read (evaluation).
+        engine_image: runs in the image of the configured engine backend rather than the secateurs one.
+    """
+
+    kind: str
+    name: str
+    key: str
+    inputs: dict[str, ArtifactType]
+    outputs: dict[str, ArtifactType]
+    settings: str | None = None
+    params: tuple[str, ...] = ()
+    optional: tuple[str, ...] = ()
+    gpu: bool = False
+    tracked: bool = True
+    per_student: bool = False
+    model: str | None = None
+    registered: bool = False
+    scores_input: bool = False
+    engine_image: bool = False
+
+    def task_key(self, student: str = "", model: str = "") -> str:
+        """The task key of this step for `student` (and the model it reads), e.g. `distill:width`."""
+        key = self.key.replace("{name}", self.name)
+        key = key.replace("[:{student}]", f":{student}" if student else "")
+        return key.format(student=student, model=model or student or "teacher")
+
+    def settings_model(self):
+        """The pydantic model of this step's options (imported here: `secateurs.config` imports this module)."""
+        from secateurs import config
+
+        return getattr(config, self.settings) if self.settings else None
+
+    def image(self, engine_backend: str) -> Image:
+        """Which image the step runs in, given the pipeline's engine backend."""
+        return "tensorrt-llm" if self.engine_image and engine_backend == "tensorrt-llm" else "secateurs"
+
+
+_MODEL, _DATA = {"model": "Model"}, {"model": "Model", "dataset": "Dataset"}
+
+STEPS: dict[str, StepSpec] = {
+    s.kind: s
+    for s in (
+        StepSpec("import_model", "import-model", "{name}", {}, {"model": "Model"}, "TeacherConfig", model="teacher"),
+        StepSpec("prepare_data", "prepare-data", "{name}", _MODEL, {"dataset": "Dataset"}, "DataConfig"),
+        StepSpec("correct_teacher", "correct-teacher", "{name}", _DATA, {"corrected": "Model"},
+                 "TeacherCorrectionConfig", gpu=True, model="teacher-corrected"),
+        # Of the teacher, and of every distilled student that other students are pruned from.
+        StepSpec("importance", "importance", "{name}[:{student}]", _DATA, {"scores": "Artifact"},
+                 "ImportanceConfig", gpu=True, per_student=True),
+        StepSpec("prune", "prune", "{name}:{student}", {"model": "Model", "scores": "Artifact"},
+                 {"pruned": "Model"}, "PruneConfig", per_student=True, model="{student}-pruned"),
+        StepSpec("distill", "distill", "{name}:{student}", {"teacher": "Model", **_DATA}, {"distilled": "Model"},
+                 "DistillConfig", gpu=True, per_student=True, model="{student}", registered=True),
+        StepSpec("evaluate", "evaluate", "{name}:{model}", _DATA, {"evaluation": "Artifact", "metrics": "Metrics"},
+                 "EvaluateConfig", params=("name", "role", "parent"), gpu=True, per_student=True,
+                 scores_input=True),
+        StepSpec("engine", "engine", "{name}:{model}", _DATA, {"built": "Artifact", "bench": "Metrics"},
+                 "EngineConfig", gpu=True, per_student=True, engine_image=True),
+        # The report's rows are gathered by a chain of these (a KFP component has a fixed set of inputs).
+        StepSpec("collect", "collect", "{name}:{model}",
+                 {"metrics": "Metrics", "previous": "Artifact", "bench": "Metrics"}, {"table": "Artifact"},
+                 optional=("previous", "bench"), tracked=False),
+        StepSpec("report", "report", "{name}", {"table": "Artifact"}, {"comparison": "Artifact"}),
+    )
+}  # fmt: skip
+
+BY_NAME: dict[str, StepSpec] = {s.name: s for s in STEPS.values()}
+GPU_STEPS: tuple[str, ...] = tuple(k for k, s in STEPS.items() if s.gpu)
+
+
+def output_type(kind: str, output: str) -> ArtifactType:
+    """The artifact type of output `output` of step kind `kind`."""
+    return STEPS[kind].outputs[output]
+
+
+__all__ = ["BY_NAME", "GPU_STEPS", "STEPS", "StepSpec", "output_type"]
