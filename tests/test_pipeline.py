@@ -216,6 +216,8 @@ def test_compiled_flagship_sets_every_cluster_setting_on_every_task(compiled):
 
     config, _, spec, platform, _ = compiled
     assert spec["defaultPipelineRoot"] == "s3://secateurs/pipeline-root" == config.tracking.pipeline_root
+    # The config's MLflow URI is the pipeline's default; without one, each step reads the ConfigMap's (below).
+    assert spec["root"]["inputDefinitions"]["parameters"]["tracking_uri"]["defaultValue"] == config.tracking.uri
     tasks = {name: t for name, t in _tasks(spec, platform).items() if not name.startswith("import ")}
     kinds = {s.key: s.kind for s in __import__("secateurs.pipelines.recipe", fromlist=["recipe"]).recipe(config)}
     assert sorted(tasks) == sorted(kinds)
@@ -270,7 +272,9 @@ def test_engine_image_follows_the_engine_backend(tmp_path, monkeypatch):
         monkeypatch.setenv(k, v)
     config = load_config(FLAGSHIP)
     config.engine.backend, config.engine.precision = "onnxruntime-genai", "int4"
+    config.tracking.uri = None
     spec = next(yaml.safe_load_all(compile_pipeline(config, tmp_path / "p.yaml").read_text()))
+    assert spec["root"]["inputDefinitions"]["parameters"]["tracking_uri"]["defaultValue"] == ""
     engines = [c for name, (_, c, _) in _tasks(spec, {"platforms": {"kubernetes": {"deploymentSpec": {
         "executors": {}}}}}).items() if name.startswith("engine:")]  # fmt: skip
     assert len(engines) == 3 and {c["image"] for c in engines} == {IMAGES["SECATEURS_IMAGE"]}
