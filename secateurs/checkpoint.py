@@ -113,8 +113,11 @@ def load_tokenizer(path: str | Path):
         raise CheckpointError(f"no usable tokenizer in {path}: {_first_line(e)}") from None
 
 
-def save_checkpoint(model, tokenizer, out: Path) -> None:
-    """Save as a stock checkpoint: safetensors, explicit shape, no quantization leftovers."""
+def save_checkpoint(model, tokenizer, out: Path, state_dict: dict | None = None) -> None:
+    """Save as a stock checkpoint: safetensors, explicit shape, no quantization leftovers.
+
+    `state_dict`: the weights to write instead of the model's own (a sharded model's, gathered).
+    """
     config = model.config
     if hasattr(config, "quantization_config"):
         # A dequantised GGUF import still carries {"quant_method": "gguf"} and its quantizer, which refuses to
@@ -123,7 +126,7 @@ def save_checkpoint(model, tokenizer, out: Path) -> None:
         model.hf_quantizer = None
     set_explicit_shape(config)
     config.architectures = [type(model).__name__]
-    model.save_pretrained(out, safe_serialization=True)
+    model.save_pretrained(out, safe_serialization=True, state_dict=state_dict)
     if tokenizer is not None:
         tokenizer.save_pretrained(out)
 

@@ -94,14 +94,23 @@ def _model_options(model_cls, exclude: tuple[str, ...] = (), include: tuple[str,
     return decorate
 
 
+def _main_process() -> bool:
+    """False in the processes of a torchrun run other than the first (RANK > 0): they print nothing."""
+    import os
+
+    return os.environ.get("RANK", "0") == "0"
+
+
 def _print_report(report: dict) -> None:
-    typer.echo(json.dumps(report, indent=2, default=str))
+    if _main_process():
+        typer.echo(json.dumps(report, indent=2, default=str))
 
 
 def _summarise_training(report: dict) -> None:
     curve = ", ".join(f"{h['step']}:{h['loss']:.3f}" for h in report.get("log_history", []))
     report = {k: v for k, v in report.items() if k != "log_history"}
-    typer.echo(f"loss curve (step:loss): {curve}")
+    if _main_process():
+        typer.echo(f"loss curve (step:loss): {curve}")
     _print_report(report)
 
 

@@ -137,6 +137,9 @@ class TrainingConfig(Section):
     save_total_limit: int = Field(2, ge=0, description="Keep only the newest N checkpoints (older ones are deleted as new ones land); 0 keeps every one.")
     logging_steps: int = Field(10, ge=1, description="Log the loss every N steps.")
     gradient_checkpointing: bool = Field(False, description="Recompute activations in backward to save memory.")
+    # ddp keeps a whole copy of the model, its gradients and AdamW state on every GPU (16 bytes a parameter);
+    # fsdp shards all three over the GPUs of the run (FSDP2, through the Trainer's accelerate support).
+    parallelism: Literal["ddp", "fsdp"] = Field("ddp", description="How state is spread over the processes of a torchrun run: ddp replicates the model, fsdp (FSDP2) shards its parameters, gradients and optimizer state.")
     compile_layers: bool = Field(False, description="torch.compile every decoder layer (the teacher's too when distilling); on an H200 the 8B -> 4B distillation step ran 1.21x faster (bench/results/gpu/compile).")
     seed: int = Field(0, description="Seed for initialisation order and data shuffling.")
 

@@ -3,8 +3,9 @@
 Consumes checkpoints and a prepared dataset; produces a stock Hugging Face checkpoint plus `train_log.json`
 (the loss curve) and a manifest. The Trainer gives us the mechanics users run for days: linear warm-up then cosine
 decay to a minimum LR, gradient accumulation to the global batch, bf16 on GPU / fp32 on CPU, gradient
-checkpointing, one GPU or many through `torchrun` / `accelerate launch` (DDP, FSDP), and checkpoints holding
-weights, optimizer, scheduler, data position and RNG every `save_steps`. A run killed at any point and started
+checkpointing, one process or one per GPU under `torchrun` (`parallelism`: DDP, or FSDP2 sharding the student's
+parameters, gradients and optimizer state), and checkpoints holding weights, optimizer, scheduler, data position
+and RNG every `save_steps` (sharded under FSDP). A run killed at any point and started
 again with the same command resumes from its last checkpoint (kept in `<out>.checkpoints/`, or under
 $SECATEURS_CHECKPOINTS by the run's identity) and ends where the uninterrupted run would have.
 
@@ -12,6 +13,13 @@ Distillation loss (recipe.md step 4): forward KL(teacher || student) on logits, 
 optional top-K teacher logits, optional cross-entropy mix, optional intermediate-state cosine losses on layer pairs
 (learned projections when widths differ, rescaled every step by L_logits / L_int). The teacher is a frozen
 attribute of the trainer: it never reaches the optimizer, gradient clipping or checkpoints.
+
+Under torchrun every process runs this same code; the Trainer splits each global batch over them. The frozen
+teacher is replicated on every process, in bf16 on GPUs, never sharded: it runs a forward pass every micro-batch,
+and sharding it would add an all-gather of all its weights to each of them (16 GB per micro-batch and GPU for an
+8B teacher) to save memory that the plan (`secateurs plan`) shows is there (16 GB of an 80 GB GPU). The chunked
+KD loss reads the student's LM head outside the forward pass; under FSDP2 that still sees whole weights, because
+the LM head stays in the root module, which FSDP2 does not reshard between forward and backward.
 """
 
 from __future__ import annotations
@@ -37,6 +45,8 @@ from secateurs.families import compile_decoder_layers, parameter_count
 from secateurs.manifest import atomic_output, read_manifest, write_manifest
 
 RUN_ID_FILE = "secateurs-run.json"
+# The student's submodule holding the intermediate-loss projections while it trains (never saved with it).
+PROJECTIONS = "secateurs_kd_projections"
 # A root for checkpoints on storage that outlives the process's output path (see _checkpoints_dir).
 CHECKPOINTS_ENV = "SECATEURS_CHECKPOINTS"
 
@@ -59,21 +69,27 @@ class _Context:
 
 def correct_teacher(model_dir, data_dir, out, settings: TeacherCorrectionConfig, callbacks=()) -> dict:
     """Teacher correction: a short LM fine-tune of the teacher on the distillation data."""
+    _check_processes(settings)
     model = load_model(model_dir, dtype=torch.float32)
     tokenizer = load_tokenizer(model_dir)
     dd, data_config = load_packed(data_dir)
     check_matches(data_config, tokenizer, where=f"dataset {data_dir}")
     identity = _run_identity("correct-teacher", [model_dir, data_dir], settings)
-    report = _train(model, None, dd, out, settings, identity, callbacks)
-    with atomic_output(out) as tmp:
-        _save(model, tokenizer, tmp, report)
-        write_manifest(tmp, "correct-teacher", inputs={"model": model_dir, "data": data_dir},
-                       config=settings.model_dump(), report=report)
+    report, weights = _train(model, None, dd, out, settings, identity, callbacks)
+
+    def write():
+        with atomic_output(out) as tmp:
+            _save(model, tokenizer, tmp, report, weights)
+            write_manifest(tmp, "correct-teacher", inputs={"model": model_dir, "data": data_dir},
+                           config=settings.model_dump(), report=report)
+
+    _on_main_process(write)
     return report
 
 
 def distill(teacher_dir, student_dir, data_dir, out, settings: DistillConfig, callbacks=()) -> dict:
     """Retrain STUDENT by knowledge distillation from TEACHER on DATA; write the student to OUT."""
+    _check_processes(settings)
     teacher_tok, student_tok = load_tokenizer(teacher_dir), load_tokenizer(student_dir)
     if tokenizer_identity(teacher_tok) != tokenizer_identity(student_tok):
         raise TrainingError(f"teacher {teacher_dir} and student {student_dir} use different tokenizers")
@@ -91,18 +107,32 @@ def distill(teacher_dir, student_dir, data_dir, out, settings: DistillConfig, ca
         ctx.pairs = settings.layer_pairs or losses.default_layer_mapping(
             student.config.num_hidden_layers, teacher.config.num_hidden_layers, _kept_layers(student_dir)
         )
-        ctx.projections = losses.intermediate_projections(
-            student.config.hidden_size, teacher.config.hidden_size, len(ctx.pairs)
-        )
+        # Initialised from the run's seed: every process of a torchrun run, and a rerun, starts from the same maps.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(settings.seed)
+            ctx.projections = losses.intermediate_projections(
+                student.config.hidden_size, teacher.config.hidden_size, len(ctx.pairs)
+            )
+        if ctx.projections is not None and settings.parallelism == "fsdp":
+            # The maps P train with the student (recipe step 4). FSDP2 accepts in the optimizer only parameters of
+            # the model it shards, so under fsdp they are a submodule of the student while it trains: sharded and
+            # checkpointed with it, and taken off before it is saved. DDP refuses that (a module parameter used
+            # outside `forward`), so otherwise they stay apart: `DistillationTrainer` adds them to the optimizer,
+            # averages their gradients and checkpoints them.
+            student.add_module(PROJECTIONS, ctx.projections)
     identity = _run_identity("distill", [teacher_dir, student_dir, data_dir], settings)
-    report = _train(student, ctx, dd, out, settings, identity, callbacks)
+    report, weights = _train(student, ctx, dd, out, settings, identity, callbacks)
     report["layer_pairs"] = ctx.pairs
-    with atomic_output(out) as tmp:
-        _save(student, student_tok, tmp, report)
-        write_manifest(
-            tmp, "distill", inputs={"teacher": teacher_dir, "model": student_dir, "data": data_dir},
-            config=settings.model_dump(), report=report,
-        )  # fmt: skip
+
+    def write():
+        with atomic_output(out) as tmp:
+            _save(student, student_tok, tmp, report, weights)
+            write_manifest(
+                tmp, "distill", inputs={"teacher": teacher_dir, "model": student_dir, "data": data_dir},
+                config=settings.model_dump(), report=report,
+            )  # fmt: skip
+
+    _on_main_process(write)
     return report
 
 
@@ -115,15 +145,10 @@ def _train(model, ctx: _Context | None, dd, out, settings: TrainingConfig, ident
     fields = {f.name for f in dataclasses.fields(TrainingArguments)}
     checkpointing = "activation_checkpointing" if "activation_checkpointing" in fields else "gradient_checkpointing"
 
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    world = _check_processes(settings)
     per_step = settings.micro_batch_size * world
-    if settings.global_batch_size % per_step:
-        raise TrainingError(
-            f"global_batch_size={settings.global_batch_size} is not a multiple of micro_batch_size x GPUs = {per_step}"
-        )
     digest = _digest(identity)
     work = _checkpoints_dir(out, identity["step"], digest)
-    last = _claim_checkpoint_dir(work, identity, digest)
     if settings.compile_layers:
         compile_decoder_layers(model, *([] if ctx is None else [ctx.teacher]), backend=COMPILE_BACKEND)
     cuda = torch.cuda.is_available()
@@ -139,6 +164,8 @@ def _train(model, ctx: _Context | None, dd, out, settings: TrainingConfig, ident
         weight_decay=settings.weight_decay,
         max_grad_norm=settings.max_grad_norm,
         bf16=cuda,
+        # Without it, processes on a machine without a GPU do not form a process group and each trains alone.
+        use_cpu=not cuda,
         dataloader_pin_memory=cuda,  # pinning is a no-op without an accelerator (and warns)
         **{checkpointing: settings.gradient_checkpointing},
         save_strategy="steps",
@@ -152,17 +179,35 @@ def _train(model, ctx: _Context | None, dd, out, settings: TrainingConfig, ident
         dataloader_num_workers=0,
         disable_tqdm=False,
         remove_unused_columns=False,
+        **_sharding_arguments(model, settings),
     )
+    # The main process claims the directory (and removes a checkpoint cut short by a kill) before the others look.
+    with args.main_process_first(desc="checkpoint directory"):
+        last = _claim_checkpoint_dir(work, identity, digest)
+    if ctx is not None:
+        # Every process holds the whole frozen teacher on its own device (the module docstring says why).
+        ctx.teacher.to(device=args.device, dtype=torch.bfloat16 if cuda else torch.float32)
+    if ctx is not None and ctx.projections is not None:
+        ctx.projections.to(args.device)
     train = dd["train"].with_format("torch")
     trainer_cls = DistillationTrainer if ctx is not None else LMTrainer
     trainer = trainer_cls(model=model, args=args, train_dataset=train, data_collator=default_data_collator,
                           callbacks=[DivergenceCallback(), *callbacks])
     trainer.ctx, trainer.settings = ctx, settings
-    if ctx is not None and ctx.projections is not None and last:
+    if last and ctx is not None and trainer.separate_projections:
         trainer.load_projections(last)
     result = trainer.train(resume_from_checkpoint=last)
     history = [h for h in trainer.state.log_history if "loss" in h]
-    (work / "train_log.json").write_text(json.dumps(trainer.state.log_history, indent=1))
+    if args.should_save:
+        (work / "train_log.json").write_text(json.dumps(trainer.state.log_history, indent=1))
+    weights = None
+    if trainer.is_fsdp_enabled:
+        # Under FSDP the whole weights exist only once gathered: every process takes part, the main one keeps them
+        # (in CPU memory). The plugin's own get_state_dict follows its SHARDED_STATE_DICT setting: shards.
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        weights = get_model_state_dict(trainer.model, options=options)
     return {
         "steps": trainer.state.global_step,
         "final_loss": history[-1]["loss"] if history else result.training_loss,
@@ -170,8 +215,45 @@ def _train(model, ctx: _Context | None, dd, out, settings: TrainingConfig, ident
         "tokens_seen": trainer.state.global_step * settings.global_batch_size * train[0]["input_ids"].numel(),
         "resumed_from": Path(last).name if last else None,
         "checkpoint_dir": str(work),
+        "processes": world,
+        "parallelism": settings.parallelism,
         "log_history": history,
+    }, weights
+
+
+def _check_processes(settings: TrainingConfig) -> int:
+    """The number of processes of this run (torchrun's WORLD_SIZE), after checking the settings fit it."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if settings.global_batch_size % (settings.micro_batch_size * world):
+        raise TrainingError(
+            f"global_batch_size={settings.global_batch_size} is not a multiple of micro_batch_size x processes = "
+            f"{settings.micro_batch_size} x {world}"
+        )
+    if settings.parallelism == "fsdp" and world == 1:
+        raise TrainingError(
+            "parallelism=fsdp shards over processes, and this run has one: start it under "
+            "`torchrun --nproc-per-node N` with N > 1, or use parallelism=ddp"
+        )
+    return world
+
+
+def _sharding_arguments(model, settings: TrainingConfig) -> dict:
+    """TrainingArguments for `parallelism=fsdp`: FSDP2 wrapping each decoder layer, sharded checkpoints.
+
+    Mixed precision is the Trainer's (bf16 compute on GPUs); the weights the optimizer updates stay fp32 (the
+    model is loaded in fp32). ddp needs nothing: the Trainer wraps the model in DDP when WORLD_SIZE > 1.
+    """
+    if settings.parallelism != "fsdp":
+        return {}
+    config = {
+        "version": 2,
+        "auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
+        "transformer_layer_cls_to_wrap": [type(model.model.layers[0]).__name__],
+        "reshard_after_forward": True,
+        # Each process writes its shard: no process ever holds the whole optimizer state.
+        "state_dict_type": "SHARDED_STATE_DICT",
     }
+    return {"fsdp": "full_shard auto_wrap", "fsdp_config": config}
 
 
 class LMTrainer(Trainer):
@@ -180,13 +262,27 @@ class LMTrainer(Trainer):
     ctx: _Context | None = None
     settings: DistillConfig | None = None
 
+    def create_accelerator_and_postprocess(self):
+        super().create_accelerator_and_postprocess()
+        if self.args.fsdp_plugin_args is not None and not self.is_fsdp_enabled:
+            # accelerate turns FSDP on for GPU-like devices only, and silently runs DDP on CPU processes; FSDP2
+            # itself shards over gloo on CPU. Turning it on here runs the GPU code path on CPU, so that the
+            # sharded path is what the CPU tests exercise.
+            from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+            self.accelerator.state.fsdp_plugin = FullyShardedDataParallelPlugin(**self.args.fsdp_plugin_args)
+            self.accelerator.state.distributed_type = DistributedType.FSDP
+            self.is_fsdp_enabled = True
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         ids = inputs["input_ids"]
         out = model(input_ids=ids, labels=ids, use_cache=False)
         return (out.loss, out) if return_outputs else out.loss
 
+
 class DistillationTrainer(LMTrainer):
-    """The student is the Trainer's model; the teacher and the projections live in `self.ctx`."""
+    """The student is the Trainer's model (the projections, while it trains, a submodule of it); the teacher
+    lives in `self.ctx`."""
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         ctx, s = self.ctx, self.settings
@@ -221,15 +317,23 @@ class DistillationTrainer(LMTrainer):
             loss = loss + losses.rescale_intermediate(loss, l_int)
         return (loss, s_out) if return_outputs else loss
 
+    @property
+    def separate_projections(self) -> bool:
+        """The projections train beside the student rather than as its submodule (see `distill`)."""
+        return self.ctx is not None and self.ctx.projections is not None and not hasattr(self.model, PROJECTIONS)
+
     def create_optimizer(self, *args, **kwargs):
         optimizer = super().create_optimizer(*args, **kwargs)
-        if self.ctx.projections is not None:
-            # The learned maps P train with the student (recipe step 4).
-            optimizer.add_param_group({"params": list(self.ctx.projections.parameters()), "weight_decay": 0.0})
+        if self.separate_projections:
+            params = list(self.ctx.projections.parameters())
+            optimizer.add_param_group({"params": params, "weight_decay": 0.0})
+            if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+                # Outside the DDP-wrapped student, their gradients are averaged here, once per optimizer step.
+                optimizer.register_step_pre_hook(lambda *_: _average_gradients(params))
         return optimizer
 
     def _save_checkpoint(self, model, trial):
-        if self.ctx.projections is not None:
+        if self.separate_projections and self.args.should_save:
             # Written first: trainer_state.json (the Trainer's last write) then marks a whole checkpoint.
             path = Path(self.args.output_dir) / f"checkpoint-{self.state.global_step}" / "projections.pt"
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -238,6 +342,15 @@ class DistillationTrainer(LMTrainer):
 
     def load_projections(self, checkpoint):
         self.ctx.projections.load_state_dict(torch.load(Path(checkpoint) / "projections.pt"))
+
+
+def _average_gradients(params) -> None:
+    world = torch.distributed.get_world_size()
+    for p in params:
+        if p.grad is not None:
+            torch.distributed.all_reduce(p.grad)
+            p.grad /= world
+
 
 class DivergenceCallback(TrainerCallback):
     """Stop at the first non-finite logged loss; the last checkpoint (written before it) stays intact."""
@@ -327,9 +440,47 @@ def _kept_layers(student_dir) -> list[int] | None:
     return report.get("kept_layers") if report.get("dropped_layers") else None
 
 
-def _save(model, tokenizer, out: Path, report: dict) -> None:
+def _on_main_process(write) -> None:
+    """Call `write()` (which writes the output) in the main process only; every process waits until it is done,
+    so none reports success before the output exists."""
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    try:
+        if not distributed or torch.distributed.get_rank() == 0:
+            write()
+    finally:
+        if distributed:
+            torch.distributed.barrier()
+
+
+def _save(model, tokenizer, out: Path, report: dict, weights: dict | None = None) -> None:
+    """The trained model as a stock checkpoint; `weights`: its gathered state dict when it is sharded."""
     from secateurs.checkpoint import save_checkpoint
 
     model.config.use_cache = True
+    if hasattr(model, PROJECTIONS):
+        delattr(model, PROJECTIONS)
+    if weights is not None:
+        model = _unsharded(model.config, weights)
     save_checkpoint(model.to(torch.float32), tokenizer, out)
     (out / "train_log.json").write_text(json.dumps(report.get("log_history", []), indent=1))
+
+
+def _unsharded(config, weights: dict):
+    """A plain model of `config` holding `weights` (an FSDP model's gathered state dict): the FSDP-wrapped module
+    itself cannot be saved as a stock checkpoint (its class is FSDP's subclass and its parameters are shards)."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    # Copies: the gathered tensors can share storage that FSDP frees or reuses.
+    weights = {k: v.detach().to(torch.float32).clone() for k, v in weights.items()
+               if not k.startswith(PROJECTIONS + ".")}  # fmt: skip
+    missing, unexpected = model.load_state_dict(weights, strict=False, assign=True)
+    if config.tie_word_embeddings:
+        model.tie_weights()
+        missing = [k for k in missing if k != "lm_head.weight"]
+    if missing or unexpected:
+        raise TrainingError(f"gathered weights do not match the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    # Only for writing: its non-persistent buffers (rotary frequencies) stay on the meta device, and a state dict
+    # (what is written) holds none of them.
+    return model.eval()

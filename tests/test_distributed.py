@@ -1,0 +1,184 @@
+"""Training under torchrun: real processes on 127.0.0.1 with the gloo backend, on tiny models.
+
+The same distillation (KD with intermediate-layer losses and learned projections, so the hooked layers, the LM
+head and the projections are all exercised) runs in one process, in two processes with DDP, in two with FSDP2, and
+on two "nodes" started as Kubeflow Trainer starts its pods; all see the same global batch of 4 sequences per step.
+
+Tolerance: every variant computes the same sums in another order (two micro-batches accumulated in one process
+against an all-reduce or a reduce-scatter of two processes' gradients), so results agree to float32 rounding, not
+bit for bit. Measured over these 6 steps: DDP within 4e-6 of the losses and 2e-8 of the weights; FSDP2 within
+2e-4 of the losses and 4e-5 of every weight but a few embedding entries. Those are AdamW's doing: it scales each
+entry's update to about +-lr whatever the gradient's size, so an entry whose gradient is rounding noise (an
+embedding row of a token the batch barely touches: 11 of 2.4M entries here) can move by up to lr per step either
+way. So the test allows 1e-3 relative on losses, 1e-4 on weights for all but 1e-5 of the entries, and lr x steps
+for those. A wrong batch split, a missing gradient average or unsynchronised projections change the first
+losses or thousands of entries by far more.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from secateurs import prune, train
+from secateurs.config import DistillConfig
+from secateurs.prune import PruneTarget
+
+SETTINGS = dict(max_steps=6, micro_batch_size=2, global_batch_size=4, warmup_steps=2, save_steps=3,
+                logging_steps=1, learning_rate=1e-3, min_learning_rate=1e-4, intermediate_loss=True)  # fmt: skip
+LOSS_RTOL, WEIGHT_ATOL = 1e-3, 1e-4  # why: the module docstring
+# A run's whole time is bounded: a hung rendezvous fails the test instead of hanging the suite.
+TIMEOUT = 600
+
+
+@pytest.fixture(scope="module")
+def student(tiny_models, tiny_importance, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("dist-student") / "width-depth"
+    prune.run(tiny_models["llama-untied"], tiny_importance["llama-untied"], out,
+              PruneTarget(hidden_size=48, ffn_hidden_size=64, num_attention_heads=4, drop_layers=[1]))  # fmt: skip
+    return out
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _command(teacher, student, data, out, parallelism="ddp", **overrides) -> list[str]:
+    cmd = ["-m", "secateurs", "distill", "--teacher", str(teacher), "--student", str(student), "--data", str(data),
+           "--out", str(out), "--parallelism", parallelism]  # fmt: skip
+    for k, v in {**SETTINGS, **overrides}.items():
+        flag = f"--{k.replace('_', '-')}"
+        cmd += [flag] if v is True else [flag, str(v)]
+    return cmd
+
+
+def _torchrun(nproc: int, nnodes: int = 1) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", f"--nnodes={nnodes}"]
+
+
+def _env(**extra) -> dict[str, str]:
+    return {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **extra}
+
+
+def _report(out: Path) -> dict:
+    return json.loads((out / "secateurs.json").read_text())["report"]
+
+
+def _losses(report: dict) -> list[float]:
+    return [h["loss"] for h in report["log_history"]]
+
+
+@pytest.fixture(scope="module")
+def single(tiny_models, student, tiny_data, tmp_path_factory):
+    """The reference: one process, two micro-batches of 2 accumulated per step."""
+    out = tmp_path_factory.mktemp("single") / "distilled"
+    train.distill(tiny_models["llama-untied"], student, tiny_data, out, DistillConfig(**SETTINGS))
+    return out
+
+
+def _assert_same_run(out: Path, reference: Path, processes: int, parallelism: str) -> None:
+    report, expected = _report(out), _report(reference)
+    assert (report["processes"], report["parallelism"]) == (processes, parallelism)
+    assert report["steps"] == expected["steps"] == 6 and len(_losses(report)) == 6
+    loss_gap = max(abs(x - y) / abs(y) for x, y in zip(_losses(report), _losses(expected)))
+    a, b = load_file(out / "model.safetensors"), load_file(reference / "model.safetensors")
+    assert a.keys() == b.keys()
+    gaps = torch.cat([(a[name] - b[name]).abs().flatten() for name in a])
+    outliers = int((gaps > WEIGHT_ATOL).sum())
+    print(f"{processes} processes, {parallelism}: loss gap {loss_gap:.1e} (relative), weight gap {gaps.max():.1e}, "
+          f"{outliers} of {gaps.numel()} entries above {WEIGHT_ATOL}")  # fmt: skip
+    assert loss_gap < LOSS_RTOL
+    assert outliers <= 1e-5 * gaps.numel() and gaps.max() <= SETTINGS["learning_rate"] * SETTINGS["max_steps"]
+
+
+@pytest.mark.parametrize("parallelism", ["ddp", "fsdp"])
+def test_two_processes_train_as_one(parallelism, tiny_models, student, tiny_data, single, tmp_path):
+    out = tmp_path / "distilled"
+    cmd = _torchrun(2) + ["--master-addr=127.0.0.1", f"--master-port={_free_port()}"]
+    done = subprocess.run(cmd + _command(tiny_models["llama-untied"], student, tiny_data, out, parallelism),
+                          env=_env(), capture_output=True, text=True, timeout=TIMEOUT)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    _assert_same_run(out, single, 2, parallelism)
+    if parallelism == "fsdp":  # each process wrote its own shard of the weights and of the optimizer state
+        checkpoint = Path(_report(out)["checkpoint_dir"]) / "checkpoint-6"
+        assert {p.name for p in checkpoint.iterdir()} >= {"pytorch_model_fsdp_0", "optimizer_0"}
+        assert not (checkpoint / "model.safetensors").exists()
+
+
+def test_two_nodes_started_as_the_trainer_runtime_starts_its_pods(tiny_models, student, tiny_data, single, tmp_path):
+    """Kubeflow Trainer's torch-distributed runtime runs `torchrun` in each node's pod with PET_* variables
+    (PET_NNODES, PET_NPROC_PER_NODE, PET_NODE_RANK, PET_MASTER_ADDR, PET_MASTER_PORT), which torchrun reads as its
+    options; the command itself names none of them."""
+    out = tmp_path / "distilled"
+    port = str(_free_port())
+    command = [sys.executable, "-m", "torch.distributed.run"] + _command(
+        tiny_models["llama-untied"], student, tiny_data, out, "fsdp"
+    )
+    nodes = [
+        subprocess.Popen(command, env=_env(PET_NNODES="2", PET_NPROC_PER_NODE="1", PET_NODE_RANK=str(rank),
+                                           PET_MASTER_ADDR="127.0.0.1", PET_MASTER_PORT=port),
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+        for rank in (0, 1)
+    ]
+    logs = [node.communicate(timeout=TIMEOUT)[0] for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], logs[0][-3000:] + logs[1][-3000:]
+    _assert_same_run(out, single, 2, "fsdp")
+
+
+def _workers(agent: subprocess.Popen) -> list[int]:
+    """The worker processes torchrun's agent started (its children)."""
+    children = Path(f"/proc/{agent.pid}/task/{agent.pid}/children")
+    return [int(pid) for pid in children.read_text().split()] if children.exists() else []
+
+
+def test_sigkill_of_one_rank_stops_the_run_and_the_same_command_resumes(tiny_models, student, tiny_data, tmp_path):
+    out = tmp_path / "distilled"
+    settings = dict(max_steps=30, save_steps=3)
+    command = _torchrun(2) + ["--master-addr=127.0.0.1", f"--master-port={_free_port()}"]
+    command += _command(tiny_models["llama-untied"], student, tiny_data, out, "fsdp", **settings)
+    straight = tmp_path / "straight"
+    uninterrupted = command[: command.index("--out") + 1] + [str(straight)] + command[command.index("--out") + 2 :]
+    done = subprocess.run(uninterrupted, env=_env(), capture_output=True, text=True, timeout=TIMEOUT)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    agent = subprocess.Popen(command, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    # Both runs have the same identity, so they name the same checkpoint directory only through `--out`.
+    state = Path(f"{out}.checkpoints") / "checkpoint-3" / "trainer_state.json"
+    deadline = time.time() + TIMEOUT
+    while not state.is_file() and agent.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    assert agent.poll() is None, "the run ended before it could be killed"
+    victim = max(_workers(agent))  # rank 1, most likely; any rank will do
+    os.kill(victim, signal.SIGKILL)
+    assert agent.wait(timeout=TIMEOUT) != 0  # torchrun stops the other rank and fails the run
+    assert not out.exists()  # nothing half-written was published
+
+    again = subprocess.run(command, env=_env(), capture_output=True, text=True, timeout=TIMEOUT)
+    assert again.returncode == 0, again.stderr[-3000:]
+    resumed, expected = _report(out), _report(straight)
+    assert resumed["resumed_from"] is not None and resumed["steps"] == expected["steps"] == 30
+    assert resumed["final_loss"] == pytest.approx(expected["final_loss"], rel=1e-4)
+
+
+def test_fsdp_with_one_process_is_refused_in_one_line(tiny_models, student, tiny_data, tmp_path):
+    done = subprocess.run([sys.executable] + _command(tiny_models["llama-untied"], student, tiny_data,
+                                                      tmp_path / "o", "fsdp"),
+                          env=_env(), capture_output=True, text=True, timeout=TIMEOUT)  # fmt: skip
+    assert done.returncode == 1
+    assert done.stderr.strip().splitlines()[-1] == (
+        "error: parallelism=fsdp shards over processes, and this run has one: start it under "
+        "`torchrun --nproc-per-node N` with N > 1, or use parallelism=ddp"
+    )
+    assert not (tmp_path / "o").exists()
