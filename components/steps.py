@@ -43,16 +43,19 @@ def correct_teacher(
     model: Input[Model],
     dataset: Input[Dataset],
     settings: str,
+    processes: int,
     tracking_uri: str,
     pipeline_run: str,
     corrected: Output[Model],
 ):
-    """3. Teacher correction: a short LM fine-tune of the teacher on the distillation data."""
-    from secateurs import train
+    """3. Teacher correction: a short LM fine-tune of the teacher on the distillation data (under torchrun when
+    `processes` > 1)."""
+    from secateurs import launch
     from secateurs.components.runtime import step
 
     with step("correct_teacher", locals()) as s:
-        train.correct_teacher(model.path, dataset.path, corrected.path, s.settings, callbacks=s.callbacks)
+        inputs = {"model": model.path, "data": dataset.path}
+        launch.train("correct-teacher", inputs, corrected.path, s.settings, processes, s.callbacks)
 
 
 def importance(
@@ -95,18 +98,21 @@ def distill(
     model: Input[Model],
     dataset: Input[Dataset],
     settings: str,
+    processes: int,
     student: str,
     tracking_uri: str,
     pipeline_run: str,
     distilled: Output[Model],
 ):
-    """6. Knowledge distillation of the pruned student from the (corrected) teacher."""
-    from secateurs import train
+    """6. Knowledge distillation of the pruned student from the (corrected) teacher (under torchrun when
+    `processes` > 1)."""
+    from secateurs import launch
     from secateurs.components.runtime import step
 
     with step("distill", locals()) as s:
-        report = train.distill(teacher.path, model.path, dataset.path, distilled.path, s.settings, callbacks=s.callbacks)
-        s.report = {k: report[k] for k in ("steps", "final_loss", "tokens_seen")}
+        inputs = {"teacher": teacher.path, "student": model.path, "data": dataset.path}
+        report = launch.train("distill", inputs, distilled.path, s.settings, processes, s.callbacks)
+        s.report = {k: report[k] for k in ("steps", "final_loss", "tokens_seen", "processes")}
 
 
 def evaluate(

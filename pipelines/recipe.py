@@ -165,6 +165,8 @@ def build_pipeline(
                 kwargs |= {"tracking_uri": tracking_uri, "pipeline_run": pipeline_run}
             if spec.per_student:
                 kwargs.setdefault("student", step.student)
+            if spec.distributed:
+                kwargs["processes"] = placement.processes_of(step.kind)
             task = component(step.kind, images[spec.image(config.engine.backend)])(**kwargs)
             task.set_display_name(step.key)
             place(task, step.kind, placement)

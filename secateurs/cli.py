@@ -74,13 +74,25 @@ def _model_options(model_cls, exclude: tuple[str, ...] = (), include: tuple[str,
                 default = typer.Option(f.default, "--" + name.replace("_", "-"), help=f.description)
                 kind, into = inspect.Parameter.KEYWORD_ONLY, options
             into.append(inspect.Parameter(name, kind, annotation=option_type(f.annotation), default=default))
-        params = arguments + own + options
+        from_file = inspect.Parameter(
+            "settings_file", inspect.Parameter.KEYWORD_ONLY, annotation=Optional[Path],
+            default=typer.Option(None, "--settings", help="JSON or YAML file of these settings (the config "
+                                 "section); options given as well override it."),
+        )  # fmt: skip
+        params = arguments + own + options + [from_file]
 
         def wrapper(*args, **kwargs):
             values = {n: kwargs.pop(n) for n in fields}
             for n in listed & {n for n, v in values.items() if isinstance(v, str)}:
                 v = values[n]
                 values[n] = json.loads(v) if v.lstrip().startswith("[") else [x for x in v.split(",") if x]
+            settings_file = kwargs.pop("settings_file")
+            if settings_file is not None:
+                import yaml
+
+                given = {n: v for n, v in values.items() if v != fields[n].default}
+                values = {**{n: v for n, v in (yaml.safe_load(settings_file.read_text()) or {}).items()
+                             if n in fields}, **given}  # fmt: skip
             try:
                 settings = model_cls(**values)
             except ValidationError as e:

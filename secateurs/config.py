@@ -233,6 +233,26 @@ class PipelineConfig(Section):
                 seen.append(node.name)
         return self
 
+    @model_validator(mode="after")
+    def _fits_processes(self):
+        """Each training step's settings against the processes placement gives it (before anything runs)."""
+        runs = [("teacher_correction", "correct_teacher", self.teacher_correction)] if self.teacher_correction.enabled else []
+        runs += [("distill", "distill", self.distill)]
+        runs += [(f"students[{i}].distill", "distill", s.distill) for i, s in enumerate(self.students) if s.distill]
+        for where, kind, settings in runs:
+            n = self.placement.processes_of(kind)
+            if settings.parallelism == "fsdp" and n == 1:
+                raise ValueError(
+                    f"{where}.parallelism=fsdp but the {kind} step runs in 1 process: give it more GPUs "
+                    f"(placement.gpus.{kind}) or processes (placement.processes.{kind}), or use ddp"
+                )
+            if settings.global_batch_size % (settings.micro_batch_size * n):
+                raise ValueError(
+                    f"{where}.global_batch_size={settings.global_batch_size} is not a multiple of micro_batch_size x "
+                    f"processes = {settings.micro_batch_size} x {n}"
+                )
+        return self
+
     def lineage_order(self) -> list[StudentConfig]:
         """Students ordered so every parent comes before its children."""
         done, order = {"teacher"}, []

@@ -14,7 +14,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator
 
-from secateurs.steps import GPU_STEPS, STEPS
+from secateurs.steps import GPU_STEPS, STEPS, TRAINING_STEPS
 
 # Every step kind of the pipeline, as named in `resources`.
 STEP_KINDS = tuple(STEPS)
@@ -119,6 +119,11 @@ class PlacementConfig(_Section):
     resources: dict[str, ResourceConfig] = Field(
         default_factory=dict, description="Step kind -> requests/limits."
     )
+    processes: dict[str, int] = Field(
+        default_factory=dict,
+        description="Training step kind -> torchrun processes per node (default: one per GPU of the step, 1 without "
+        "GPUs). On a machine without GPUs, more than 1 runs that many CPU processes (gloo).",
+    )
     node_selector: dict[str, str] = Field(default_factory=dict, description="Node labels for GPU steps.")
     tolerations: list[Toleration] = Field(default_factory=list, description="Tolerations for GPU steps.")
     secrets: list[SecretEnv] = Field(default_factory=list, description="Secrets exposed as env (S3, MLflow).")
@@ -140,6 +145,20 @@ class PlacementConfig(_Section):
         if unknown:
             raise ValueError(f"unknown step kind(s) {unknown}; expected some of {list(STEP_KINDS)}")
         return v
+
+    @field_validator("processes")
+    @classmethod
+    def _training_kinds(cls, v):
+        unknown = sorted(set(v) - set(TRAINING_STEPS))
+        if unknown:
+            raise ValueError(f"processes: {unknown} not training step(s); expected some of {list(TRAINING_STEPS)}")
+        if any(n < 1 for n in v.values()):
+            raise ValueError(f"processes: every count must be at least 1, got {v}")
+        return v
+
+    def processes_of(self, kind: str) -> int:
+        """torchrun processes per node of training step `kind`: as set, else one per GPU, else 1."""
+        return self.processes.get(kind) or getattr(self.gpus, kind, 0) or 1
 
     def resolved_images(self, environ: dict[str, str] | None = None) -> dict[str, str]:
         """Image role ("secateurs", "tensorrt-llm") -> reference: the config's, else its environment variable

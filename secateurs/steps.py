@@ -40,6 +40,7 @@ class StepSpec:
         registered: that model is also registered as a new version in the model registry.
         scores_input: its report's numbers also go to the model it read (evaluation).
         engine_image: runs in the image of the configured engine backend rather than the secateurs one.
+        distributed: a training step, run under torchrun with one process per GPU (`placement.processes`).
     """
 
     kind: str
@@ -57,6 +58,7 @@ class StepSpec:
     registered: bool = False
     scores_input: bool = False
     engine_image: bool = False
+    distributed: bool = False
 
     def task_key(self, student: str = "", model: str = "") -> str:
         """The task key of this step for `student` (and the model it reads), e.g. `distill:width`."""
@@ -83,14 +85,16 @@ STEPS: dict[str, StepSpec] = {
         StepSpec("import_model", "import-model", "{name}", {}, {"model": "Model"}, "TeacherConfig", model="teacher"),
         StepSpec("prepare_data", "prepare-data", "{name}", _MODEL, {"dataset": "Dataset"}, "DataConfig"),
         StepSpec("correct_teacher", "correct-teacher", "{name}", _DATA, {"corrected": "Model"},
-                 "TeacherCorrectionConfig", gpu=True, model="teacher-corrected"),
+                 "TeacherCorrectionConfig", params=("processes",), gpu=True, model="teacher-corrected",
+                 distributed=True),
         # Of the teacher, and of every distilled student that other students are pruned from.
         StepSpec("importance", "importance", "{name}[:{student}]", _DATA, {"scores": "Artifact"},
                  "ImportanceConfig", gpu=True, per_student=True),
         StepSpec("prune", "prune", "{name}:{student}", {"model": "Model", "scores": "Artifact"},
                  {"pruned": "Model"}, "PruneConfig", per_student=True, model="{student}-pruned"),
         StepSpec("distill", "distill", "{name}:{student}", {"teacher": "Model", **_DATA}, {"distilled": "Model"},
-                 "DistillConfig", gpu=True, per_student=True, model="{student}", registered=True),
+                 "DistillConfig", params=("processes",), gpu=True, per_student=True, model="{student}",
+                 registered=True, distributed=True),
         StepSpec("evaluate", "evaluate", "{name}:{model}", _DATA, {"evaluation": "Artifact", "metrics": "Metrics"},
                  "EvaluateConfig", params=("name", "role", "parent"), gpu=True, per_student=True,
                  scores_input=True),
@@ -106,6 +110,7 @@ STEPS: dict[str, StepSpec] = {
 
 BY_NAME: dict[str, StepSpec] = {s.name: s for s in STEPS.values()}
 GPU_STEPS: tuple[str, ...] = tuple(k for k, s in STEPS.items() if s.gpu)
+TRAINING_STEPS: tuple[str, ...] = tuple(k for k, s in STEPS.items() if s.distributed)
 
 
 def output_type(kind: str, output: str) -> ArtifactType:
@@ -113,4 +118,4 @@ def output_type(kind: str, output: str) -> ArtifactType:
     return STEPS[kind].outputs[output]
 
 
-__all__ = ["BY_NAME", "GPU_STEPS", "STEPS", "StepSpec", "output_type"]
+__all__ = ["BY_NAME", "GPU_STEPS", "STEPS", "TRAINING_STEPS", "StepSpec", "output_type"]

@@ -30,6 +30,8 @@ def tiny_config(teacher, corpus, **extra) -> dict:
             {"name": "b", "parent": "a", "prune": {"num_layers": 3, "depth_criterion": "lm-loss-contiguous"}},
         ],
         "evaluate": {"tasks": ["lambada-docs"], "batch_size": 8, "max_sequences": 8, "limit": 8},
+        # Distillation in two torchrun processes (gloo on CPU), launched by the component as on a GPU node.
+        "placement": {"processes": {"distill": 2}},
         **extra,
     }
 
@@ -129,6 +131,9 @@ def test_rerun_one_step_reproduces_it_and_leaves_the_run_untouched(failed_then_r
     before = recorded_outputs(state)
     original = before[("distill:b", "distilled")]
     original_hash = content_hash(original)
+    # The component ran it under torchrun in the two processes placement asked for.
+    report = json.loads(Path(original, "secateurs.json").read_text())["report"]
+    assert (report["processes"], report["parallelism"]) == (2, "ddp")
     runs_before = len(_step_runs(run_dir))
 
     rerun_cmd(run_dir, "distill:b", downstream=False)
