@@ -62,6 +62,7 @@ def run_cmd(
     cfg = for_local_run(load_config(config))
     run_dir = (run_dir or Path("runs") / cfg.name).absolute()
     check_local(cfg)
+    check_plan(cfg)
     pipeline_root = _local_pipeline_root(cfg, run_dir)
     state = _open_run(cfg, run_dir)
     from secateurs.pipelines.recipe import build_pipeline
@@ -317,6 +318,42 @@ def rerun_plan(cfg: PipelineConfig, key: str, downstream: bool, recorded: dict[t
     return selected, imports
 
 
+# ------------------------------------------------------------------------------------------------ plan
+def check_plan(cfg: PipelineConfig) -> None:
+    """Refuse, before anything is compiled, sent or run, a config whose GPU steps do not fit their GPUs."""
+    from secateurs import plan
+
+    if not cfg.placement.gpus.requested():
+        return
+    try:
+        plan.check(cfg)
+    except plan.ShapeUnknown as e:
+        typer.secho(f"warning: memory plan skipped: {e}", fg="yellow", err=True)
+    except plan.PlanError as e:
+        raise PipelineError(str(e)) from None
+
+
+@_one_line
+def plan_cmd(
+    config: Path = typer.Argument(..., help="Pipeline config YAML."),
+    tokens_per_second: float = typer.Option(
+        None, "--tokens-per-second", help="Training tokens/s per GPU for the GPU-hours (default: measured on an H200)."
+    ),
+):
+    """Bytes per GPU of every GPU step (weights, gradients, optimizer, teacher, activations, KD chunk), the tokens
+    each training step reads and its GPU-hours; fails if a step does not fit."""
+    from secateurs import plan
+
+    cfg = load_config(config)
+    plans = plan.plan(cfg)
+    if not plans:
+        typer.echo(f"{config}: no step asks for a GPU (placement.gpus); nothing to plan")
+        return
+    typer.echo(plan.format_plan(plans, tokens_per_second or plan.MEASURED_TOKENS_PER_SECOND), nl=False)
+    check_plan(cfg)
+    typer.echo("every step fits its GPUs")
+
+
 # -------------------------------------------------------------------------------------- compile, submit
 def resolve_run_settings(cfg: PipelineConfig, pipeline_root: str | None = None,
                          service_account: str | None = None) -> dict[str, str | None]:  # fmt: skip
@@ -346,6 +383,7 @@ def compile_cmd(
 ):
     """Compile the pipeline to a KFP spec (YAML) to upload to a Kubeflow Pipelines endpoint."""
     cfg = load_config(config)
+    check_plan(cfg)
     compile_pipeline(cfg, output, resolve_run_settings(cfg, pipeline_root)["pipeline_root"])
     typer.echo(f"wrote {output}")
 
@@ -380,6 +418,7 @@ def submit_cmd(
     import tempfile
 
     cfg = load_config(config)
+    check_plan(cfg)
     settings = resolve_run_settings(cfg, pipeline_root, service_account)
     pipeline_run = f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     with tempfile.TemporaryDirectory() as tmp:

