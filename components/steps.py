@@ -44,18 +44,19 @@ def correct_teacher(
     dataset: Input[Dataset],
     settings: str,
     processes: int,
+    trainjob: str,
     tracking_uri: str,
     pipeline_run: str,
     corrected: Output[Model],
 ):
     """3. Teacher correction: a short LM fine-tune of the teacher on the distillation data (under torchrun when
-    `processes` > 1)."""
+    `processes` > 1, as a Kubeflow Trainer TrainJob over several nodes when `trainjob` describes one)."""
     from secateurs import launch
     from secateurs.components.runtime import step
 
     with step("correct_teacher", locals()) as s:
         inputs = {"model": model.path, "data": dataset.path}
-        launch.train("correct-teacher", inputs, corrected.path, s.settings, processes, s.callbacks)
+        launch.train("correct-teacher", inputs, corrected.path, s.settings, processes, s.callbacks, trainjob)
 
 
 def importance(
@@ -99,19 +100,20 @@ def distill(
     dataset: Input[Dataset],
     settings: str,
     processes: int,
+    trainjob: str,
     student: str,
     tracking_uri: str,
     pipeline_run: str,
     distilled: Output[Model],
 ):
     """6. Knowledge distillation of the pruned student from the (corrected) teacher (under torchrun when
-    `processes` > 1)."""
+    `processes` > 1, as a Kubeflow Trainer TrainJob over several nodes when `trainjob` describes one)."""
     from secateurs import launch
     from secateurs.components.runtime import step
 
     with step("distill", locals()) as s:
         inputs = {"teacher": teacher.path, "student": model.path, "data": dataset.path}
-        report = launch.train("distill", inputs, distilled.path, s.settings, processes, s.callbacks)
+        report = launch.train("distill", inputs, distilled.path, s.settings, processes, s.callbacks, trainjob)
         s.report = {k: report[k] for k in ("steps", "final_loss", "tokens_seen", "processes")}
 
 

@@ -165,9 +165,11 @@ def build_pipeline(
                 kwargs |= {"tracking_uri": tracking_uri, "pipeline_run": pipeline_run}
             if spec.per_student:
                 kwargs.setdefault("student", step.student)
+            image = images[spec.image(config.engine.backend)]
             if spec.distributed:
                 kwargs["processes"] = placement.processes_of(step.kind)
-            task = component(step.kind, images[spec.image(config.engine.backend)])(**kwargs)
+                kwargs["trainjob"] = _trainjob(placement, step.kind, image)
+            task = component(step.kind, image)(**kwargs)
             task.set_display_name(step.key)
             place(task, step.kind, placement)
             if step.key in fresh:
@@ -175,6 +177,18 @@ def build_pipeline(
             tasks[step.key] = task
 
     return pipeline
+
+
+def _trainjob(placement: PlacementConfig, kind: str, image: str) -> str:
+    """The multi-node job a training step hands its work to, as JSON; "" for one node."""
+    if placement.nodes_of(kind) == 1:
+        return ""
+    import dataclasses
+    import json
+
+    from secateurs.trainjob import JobPlacement
+
+    return json.dumps(dataclasses.asdict(JobPlacement.of(placement, kind, image)))
 
 
 def place(task, kind: str, placement: PlacementConfig) -> None:

@@ -240,7 +240,7 @@ class PipelineConfig(Section):
         runs += [("distill", "distill", self.distill)]
         runs += [(f"students[{i}].distill", "distill", s.distill) for i, s in enumerate(self.students) if s.distill]
         for where, kind, settings in runs:
-            n = self.placement.processes_of(kind)
+            n = self.placement.processes_of(kind) * self.placement.nodes_of(kind)
             if settings.parallelism == "fsdp" and n == 1:
                 raise ValueError(
                     f"{where}.parallelism=fsdp but the {kind} step runs in 1 process: give it more GPUs "
@@ -249,7 +249,7 @@ class PipelineConfig(Section):
             if settings.global_batch_size % (settings.micro_batch_size * n):
                 raise ValueError(
                     f"{where}.global_batch_size={settings.global_batch_size} is not a multiple of micro_batch_size x "
-                    f"processes = {settings.micro_batch_size} x {n}"
+                    f"processes x nodes = {settings.micro_batch_size} x {n}"
                 )
         return self
 

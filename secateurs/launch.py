@@ -9,6 +9,7 @@ rendezvous (on this node), and stops all of them when one fails. The output is w
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import tempfile
@@ -20,7 +21,8 @@ class LaunchError(RuntimeError):
     """A torchrun run that failed; the message is its first error line."""
 
 
-def train(step: str, inputs: dict[str, str], out: str, settings, processes: int = 1, callbacks=()) -> dict:
+def train(step: str, inputs: dict[str, str], out: str, settings, processes: int = 1, callbacks=(),
+          trainjob: str = "") -> dict:  # fmt: skip
     """Run training step `step` ("distill" or "correct-teacher") and return its report.
 
     Args:
@@ -30,10 +32,19 @@ def train(step: str, inputs: dict[str, str], out: str, settings, processes: int 
         settings: the step's settings model.
         processes: processes on this node; 1 runs in this process.
         callbacks: Trainer callbacks; under torchrun they see the run's logged numbers once it has finished.
+        trainjob: JSON of a `secateurs.trainjob.JobPlacement` to run on several nodes as a Kubeflow Trainer
+            TrainJob; empty runs on this node.
     """
     from secateurs import train as library
     from secateurs.manifest import read_manifest
 
+    if trainjob:
+        from secateurs import trainjob as jobs
+
+        digest = library.run_digest(step, list(inputs.values()), settings)
+        report = jobs.train(step, inputs, out, settings, jobs.JobPlacement(**json.loads(trainjob)), digest)
+        _replay(report, callbacks)
+        return report
     if processes == 1:
         function = {"distill": library.distill, "correct-teacher": library.correct_teacher}[step]
         return function(*inputs.values(), out, settings, callbacks=callbacks)
@@ -43,11 +54,16 @@ def train(step: str, inputs: dict[str, str], out: str, settings, processes: int 
         options = [x for name, path in {**inputs, "out": out}.items() for x in (f"--{name}", str(path))]
         torchrun([step, *options, "--settings", str(settings_file)], processes)
     report = read_manifest(out)["report"]
+    _replay(report, callbacks)
+    return report
+
+
+def _replay(report: dict, callbacks) -> None:
+    """Hand a finished run's logged numbers to the Trainer callbacks that could not watch it live."""
     for logs in report.get("log_history", []):
         state = SimpleNamespace(global_step=logs["step"])
         for callback in callbacks:
             callback.on_log(None, state, None, logs={k: v for k, v in logs.items() if k != "step"})
-    return report
 
 
 def torchrun(command: list[str], processes: int) -> None:

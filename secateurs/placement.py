@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator
+from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator, model_validator
 
 from secateurs.steps import GPU_STEPS, STEPS, TRAINING_STEPS
 
@@ -124,6 +124,15 @@ class PlacementConfig(_Section):
         description="Training step kind -> torchrun processes per node (default: one per GPU of the step, 1 without "
         "GPUs). On a machine without GPUs, more than 1 runs that many CPU processes (gloo).",
     )
+    nodes: dict[str, int] = Field(
+        default_factory=dict,
+        description="Training step kind -> nodes (default 1). More than 1 runs the step as a Kubeflow Trainer v2 "
+        "TrainJob (torch-distributed runtime) with `gpus` per node; its pods share the step's inputs and output "
+        "through cache_volume.",
+    )
+    trainjob_pending_timeout: int = Field(
+        1800, ge=1, description="Seconds a TrainJob may wait for its pods to start before the step fails."
+    )
     gpu_memory: str | None = Field(
         None,
         description="Memory of one GPU, e.g. 80GiB, for the memory plan (default: read from the node selector's "
@@ -143,23 +152,33 @@ class PlacementConfig(_Section):
     retry_backoff: str = Field("60s", description="First retry delay; doubles each retry.")
     caching: bool = Field(True, description="Reuse the outputs of a step already run with the same inputs.")
 
-    @field_validator("resources")
+    @field_validator("resources", "processes", "nodes")
     @classmethod
-    def _kinds(cls, v):
-        unknown = sorted(set(v) - set(STEP_KINDS))
+    def _kinds(cls, v, info):
+        name = info.field_name
+        allowed, what = (STEP_KINDS, "unknown step kind(s)") if name == "resources" else (
+            TRAINING_STEPS, f"{name}: not training step(s):")  # fmt: skip
+        unknown = sorted(set(v) - set(allowed))
         if unknown:
-            raise ValueError(f"unknown step kind(s) {unknown}; expected some of {list(STEP_KINDS)}")
+            raise ValueError(f"{what} {unknown}; expected some of {list(allowed)}")
+        if name != "resources" and any(n < 1 for n in v.values()):
+            raise ValueError(f"{name}: every count must be at least 1, got {v}")
         return v
 
-    @field_validator("processes")
-    @classmethod
-    def _training_kinds(cls, v):
-        unknown = sorted(set(v) - set(TRAINING_STEPS))
-        if unknown:
-            raise ValueError(f"processes: {unknown} not training step(s); expected some of {list(TRAINING_STEPS)}")
-        if any(n < 1 for n in v.values()):
-            raise ValueError(f"processes: every count must be at least 1, got {v}")
-        return v
+    @model_validator(mode="after")
+    def _multi_node(self):
+        for kind, n in self.nodes.items():
+            if n > 1 and self.cache_volume is None:
+                raise ValueError(
+                    f"nodes.{kind}={n} needs cache_volume: the TrainJob's pods read the step's inputs and write its "
+                    "output on that shared ReadWriteMany volume"
+                )
+            if n > 1 and not getattr(self.gpus, kind):
+                raise ValueError(f"nodes.{kind}={n} needs GPUs per node (gpus.{kind})")
+        return self
+
+    def nodes_of(self, kind: str) -> int:
+        return self.nodes.get(kind, 1)
 
     def processes_of(self, kind: str) -> int:
         """torchrun processes per node of training step `kind`: as set, else one per GPU, else 1."""

@@ -153,7 +153,7 @@ def plan(config, shapes: dict[str, Shape] | None = None) -> list[StepPlan]:
 
 def _training(task, kind, settings, shape: Shape, teacher: Shape | None, seq_len, placement, available) -> StepPlan:
     gpus = placement.processes_of(kind)
-    nodes = 1
+    nodes = placement.nodes_of(kind)
     shards = gpus * nodes if settings.parallelism == "fsdp" else 1
     n = shape.parameters()
     step = StepPlan(task, kind, gpus, nodes, settings.parallelism, available=available,

@@ -85,7 +85,7 @@ STEPS: dict[str, StepSpec] = {
         StepSpec("import_model", "import-model", "{name}", {}, {"model": "Model"}, "TeacherConfig", model="teacher"),
         StepSpec("prepare_data", "prepare-data", "{name}", _MODEL, {"dataset": "Dataset"}, "DataConfig"),
         StepSpec("correct_teacher", "correct-teacher", "{name}", _DATA, {"corrected": "Model"},
-                 "TeacherCorrectionConfig", params=("processes",), gpu=True, model="teacher-corrected",
+                 "TeacherCorrectionConfig", params=("processes", "trainjob"), gpu=True, model="teacher-corrected",
                  distributed=True),
         # Of the teacher, and of every distilled student that other students are pruned from.
         StepSpec("importance", "importance", "{name}[:{student}]", _DATA, {"scores": "Artifact"},
@@ -93,7 +93,7 @@ STEPS: dict[str, StepSpec] = {
         StepSpec("prune", "prune", "{name}:{student}", {"model": "Model", "scores": "Artifact"},
                  {"pruned": "Model"}, "PruneConfig", per_student=True, model="{student}-pruned"),
         StepSpec("distill", "distill", "{name}:{student}", {"teacher": "Model", **_DATA}, {"distilled": "Model"},
-                 "DistillConfig", params=("processes",), gpu=True, per_student=True, model="{student}",
+                 "DistillConfig", params=("processes", "trainjob"), gpu=True, per_student=True, model="{student}",
                  registered=True, distributed=True),
         StepSpec("evaluate", "evaluate", "{name}:{model}", _DATA, {"evaluation": "Artifact", "metrics": "Metrics"},
                  "EvaluateConfig", params=("name", "role", "parent"), gpu=True, per_student=True,

@@ -378,6 +378,12 @@ def _run_identity(step: str, inputs: list, settings: TrainingConfig) -> dict:
     }
 
 
+def run_digest(step: str, inputs: list, settings: TrainingConfig) -> str:
+    """The digest of a run's identity (inputs' content hashes and settings): it names the run's checkpoint
+    directory under $SECATEURS_CHECKPOINTS and its TrainJob."""
+    return _digest(_run_identity(step, inputs, settings))
+
+
 def _digest(identity: dict) -> str:
     return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:16]
 

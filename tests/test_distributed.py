@@ -182,3 +182,145 @@ def test_fsdp_with_one_process_is_refused_in_one_line(tiny_models, student, tiny
         "`torchrun --nproc-per-node N` with N > 1, or use parallelism=ddp"
     )
     assert not (tmp_path / "o").exists()
+
+
+# ------------------------------------------------------------------------------------- Kubeflow Trainer TrainJob
+def _job_placement(cache: Path, **overrides):
+    from secateurs.trainjob import JobPlacement
+
+    fields = dict(image="registry.example/secateurs:test", nodes=2, gpus_per_node=1, processes_per_node=1,
+                  cache_pvc="secateurs-cache", cache_mount=str(cache), shm_size="1Gi", pending_timeout=600,
+                  poll_seconds=0.2)  # fmt: skip
+    return JobPlacement(**{**fields, **overrides})
+
+
+def test_a_two_node_trainjob_is_valid_against_the_trainer_crd():
+    """The TrainJob of the flagship config with 4 nodes, checked against Kubeflow Trainer v2.3.0's CRD schema
+    (tests/data, from the kubeflow/trainer v2.3.0 release manifests)."""
+    import jsonschema
+    from k8s_api import trainjob_schema
+
+    from secateurs.config import load_config
+    from secateurs.trainjob import JobPlacement, trainjob_manifest
+
+    config = load_config(Path(__file__).resolve().parents[1] / "configs" / "llama31-8b-minitron.yaml")
+    config.placement.nodes = {"distill": 4}
+    job = JobPlacement.of(config.placement, "distill", "registry.example/secateurs:test")
+    manifest = trainjob_manifest("secateurs-distill-0123456789ab", "distill", {"teacher": "/cache/t"}, "/cache/o",
+                                 "/cache/s.json", job)  # fmt: skip
+    jsonschema.validate(manifest, trainjob_schema())
+    trainer = manifest["spec"]["trainer"]
+    assert (trainer["numNodes"], trainer["numProcPerNode"], trainer["resourcesPerNode"]) == (
+        4, 8, {"limits": {"nvidia.com/gpu": "8"}})  # fmt: skip
+    assert manifest["spec"]["runtimeRef"] == {"apiGroup": "trainer.kubeflow.org", "kind": "ClusterTrainingRuntime",
+                                              "name": "torch-distributed"}  # fmt: skip
+    pod = manifest["spec"]["runtimePatches"][0]["trainingRuntimeSpec"]["template"]["spec"]["replicatedJobs"][0]
+    pod = pod["template"]["spec"]["template"]["spec"]
+    assert pod["nodeSelector"] == {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"}
+    assert pod["tolerations"] == [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
+    assert {v["name"] for v in pod["volumes"]} == {"cache", "shm"}
+    assert {e["name"] for e in trainer["env"] if "valueFrom" in e} == {
+        "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL", "MLFLOW_TRACKING_USERNAME",
+        "MLFLOW_TRACKING_PASSWORD", "HF_TOKEN"}  # fmt: skip
+    assert trainer["command"][:6] == ["python", "-m", "torch.distributed.run", "-m", "secateurs", "distill"]
+
+
+def test_trainjob_runs_on_two_nodes_publishes_its_output_and_a_retry_finds_it(
+    tiny_models, student, tiny_data, single, tmp_path, capsys
+):
+    """Create -> the job's two nodes train (the stand-in runs them as the runtime would) -> Complete -> the
+    output is copied to the step's own path; a retried step finds the completed job and creates none."""
+    from k8s_api import KubernetesApi
+
+    from secateurs import launch, trainjob
+
+    api = KubernetesApi(tmp_path)
+    job = _job_placement(tmp_path / "cache")
+    inputs = {"teacher": str(tiny_models["llama-untied"]), "student": str(student), "data": str(tiny_data)}
+    settings = DistillConfig(**SETTINGS, parallelism="fsdp")
+    digest = train.run_digest("distill", list(inputs.values()), settings)
+    try:
+        report = trainjob.train("distill", inputs, str(tmp_path / "out"), settings, job, digest,
+                                api_client=api.client(), namespace="team")  # fmt: skip
+        assert api.posts() == 1
+        again = trainjob.train("distill", inputs, str(tmp_path / "retry-out"), settings, job, digest,
+                               api_client=api.client(), namespace="team")  # fmt: skip
+        assert api.posts() == 1 and again == report  # found, not created again
+    finally:
+        api.close()
+    assert "loss curve" in capsys.readouterr().out  # rank 0's log, streamed to the step's own
+    _assert_same_run(tmp_path / "out", single, 2, "fsdp")
+    assert launch  # the components reach this through launch.train(..., trainjob=JSON)
+
+
+def test_trainjob_without_the_trainer_installed_is_refused_before_anything_is_created(tmp_path, student, tiny_data):
+    from k8s_api import KubernetesApi
+
+    from secateurs import trainjob
+
+    api = KubernetesApi(tmp_path, mode="no_trainer")
+    try:
+        with pytest.raises(trainjob.TrainJobError) as e:
+            trainjob.train("distill", {"data": str(tiny_data)}, str(tmp_path / "out"), DistillConfig(**SETTINGS),
+                           _job_placement(tmp_path / "cache"), "0" * 16, api_client=api.client(), namespace="team")
+    finally:
+        api.close()
+    assert str(e.value) == (
+        "Kubeflow Trainer is not installed on this cluster (the API has no trainjobs.trainer.kubeflow.org/v1alpha1): "
+        "a step with placement.nodes > 1 runs as a TrainJob; install Kubeflow Trainer v2 or use one node"
+    )
+    assert api.posts() == 0 and not (tmp_path / "out").exists()
+
+
+def test_a_trainjob_that_stays_pending_is_deleted_and_fails_the_step(tmp_path, tiny_data):
+    from k8s_api import KubernetesApi
+
+    from secateurs import trainjob
+
+    api = KubernetesApi(tmp_path, mode="pending")
+    try:
+        with pytest.raises(trainjob.TrainJobError, match=r"did not start within 1 s \(Pending\); deleted it"):
+            trainjob.train("distill", {"data": str(tiny_data)}, str(tmp_path / "out"), DistillConfig(**SETTINGS),
+                           _job_placement(tmp_path / "cache", pending_timeout=1), "1" * 16, api_client=api.client(),
+                           namespace="team")  # fmt: skip
+    finally:
+        api.close()
+    assert ("DELETE", "/apis/trainer.kubeflow.org/v1alpha1/namespaces/team/trainjobs/secateurs-distill-111111111111") \
+        in api.requests and not api.jobs  # fmt: skip
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_rank_that_dies_fails_the_job_publishes_nothing_and_the_retry_resumes(
+    tiny_models, student, tiny_data, tmp_path
+):
+    from k8s_api import KubernetesApi
+
+    from secateurs import trainjob
+
+    api = KubernetesApi(tmp_path)
+    job = _job_placement(tmp_path / "cache")
+    inputs = {"teacher": str(tiny_models["llama-untied"]), "student": str(student), "data": str(tiny_data)}
+    settings = DistillConfig(**{**SETTINGS, "max_steps": 30, "save_steps": 3}, parallelism="fsdp")
+    digest = train.run_digest("distill", list(inputs.values()), settings)
+    name = trainjob.job_name("distill", digest)
+    checkpoint = tmp_path / "cache" / "checkpoints" / f"distill-{digest}" / "checkpoint-3" / "trainer_state.json"
+
+    def kill_node_1_after_a_checkpoint():
+        deadline = time.time() + TIMEOUT
+        while not checkpoint.is_file() and time.time() < deadline:
+            time.sleep(0.01)
+        api.kill_node("team", name, 1)
+
+    try:
+        killer = __import__("threading").Thread(target=kill_node_1_after_a_checkpoint, daemon=True)
+        killer.start()
+        with pytest.raises(trainjob.TrainJobError, match=f"TrainJob team/{name} failed: FailedJobs: jobset failed"):
+            trainjob.train("distill", inputs, str(tmp_path / "out"), settings, job, digest, api_client=api.client(),
+                           namespace="team")  # fmt: skip
+        assert not (tmp_path / "out").exists()
+        report = trainjob.train("distill", inputs, str(tmp_path / "out"), settings, job, digest,
+                                api_client=api.client(), namespace="team")  # fmt: skip
+    finally:
+        api.close()
+    assert api.posts() == 2  # the failed job was replaced
+    assert report["resumed_from"] is not None and report["steps"] == 30

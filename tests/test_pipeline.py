@@ -286,6 +286,25 @@ def test_engine_image_follows_the_engine_backend(tmp_path, monkeypatch):
     assert "defaultPipelineRoot" not in spec  # compile_pipeline without a root leaves KFP's
 
 
+def test_four_nodes_hand_distillation_to_a_trainjob(tmp_path, monkeypatch):
+    """With placement.nodes.distill = 4 the distill tasks carry the TrainJob they create: 4 nodes of 8 GPUs, in
+    the step's own image; teacher correction stays on its node."""
+    from secateurs.config import load_config
+    from secateurs.pipeline_cli import compile_pipeline
+
+    for k, v in IMAGES.items():
+        monkeypatch.setenv(k, v)
+    config = load_config(FLAGSHIP)
+    config.placement.nodes = {"distill": 4}
+    spec = next(yaml.safe_load_all(compile_pipeline(config, tmp_path / "p.yaml").read_text()))
+    params = {name: task["inputs"].get("parameters", {}) for name, task in
+              ((t["taskInfo"]["name"], t) for t in spec["root"]["dag"]["tasks"].values())}  # fmt: skip
+    job = json.loads(params["distill:width"]["trainjob"]["runtimeValue"]["constant"])
+    assert (job["nodes"], job["gpus_per_node"], job["processes_per_node"]) == (4, 8, 8)
+    assert job["image"] == IMAGES["SECATEURS_IMAGE"] and job["cache_pvc"] == "secateurs-cache"
+    assert params["correct-teacher"]["trainjob"]["runtimeValue"]["constant"] == ""
+
+
 def test_components_declare_the_registry_inputs_and_outputs():
     """A lightweight component's interface is its Python signature (KFP ships the source); it must be the
     registry's, artifact types included."""

@@ -138,9 +138,14 @@ def test_gpu_memory_from_the_config_or_the_node_label():
          "distill.parallelism=fsdp but the distill step runs in 1 process: give it more GPUs (placement.gpus.distill) "
          "or processes (placement.processes.distill), or use ddp"),
         ({"distill.global_batch_size": 1100},
-         "distill.global_batch_size=1100 is not a multiple of micro_batch_size x processes = 1 x 8"),
+         "distill.global_batch_size=1100 is not a multiple of micro_batch_size x processes x nodes = 1 x 8"),
         ({"placement.processes": {"prune": 2}},
-         "processes: ['prune'] not training step(s); expected some of ['correct_teacher', 'distill']"),
+         "processes: not training step(s): ['prune']; expected some of ['correct_teacher', 'distill']"),
+        ({"placement.nodes": {"evaluate": 2}},
+         "nodes: not training step(s): ['evaluate']; expected some of ['correct_teacher', 'distill']"),
+        ({"placement.nodes": {"distill": 4}, "placement.cache_volume": None},
+         "nodes.distill=4 needs cache_volume: the TrainJob's pods read the step's inputs and write its output on "
+         "that shared ReadWriteMany volume"),
     ],
 )  # fmt: skip
 def test_training_placement_errors_name_the_field(changes, message, tmp_path):
