@@ -19,8 +19,6 @@ import statistics
 import tempfile
 from pathlib import Path
 
-import torch
-
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 WIDTH = {"hidden_size": 384, "ffn_hidden_size": 1024, "num_attention_heads": 6}

@@ -23,6 +23,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -232,7 +233,7 @@ def test_trainjob_runs_on_two_nodes_publishes_its_output_and_a_retry_finds_it(
     output is copied to the step's own path; a retried step finds the completed job and creates none."""
     from k8s_api import KubernetesApi
 
-    from secateurs import launch, trainjob
+    from secateurs import trainjob
 
     api = KubernetesApi(tmp_path)
     job = _job_placement(tmp_path / "cache")
@@ -250,7 +251,6 @@ def test_trainjob_runs_on_two_nodes_publishes_its_output_and_a_retry_finds_it(
         api.close()
     assert "loss curve" in capsys.readouterr().out  # rank 0's log, streamed to the step's own
     _assert_same_run(tmp_path / "out", single, 2, "fsdp")
-    assert launch  # the components reach this through launch.train(..., trainjob=JSON)
 
 
 def test_trainjob_without_the_trainer_installed_is_refused_before_anything_is_created(tmp_path, student, tiny_data):
@@ -312,7 +312,7 @@ def test_a_rank_that_dies_fails_the_job_publishes_nothing_and_the_retry_resumes(
         api.kill_node("team", name, 1)
 
     try:
-        killer = __import__("threading").Thread(target=kill_node_1_after_a_checkpoint, daemon=True)
+        killer = threading.Thread(target=kill_node_1_after_a_checkpoint, daemon=True)
         killer.start()
         with pytest.raises(trainjob.TrainJobError, match=f"TrainJob team/{name} failed: FailedJobs: jobset failed"):
             trainjob.train("distill", inputs, str(tmp_path / "out"), settings, job, digest, api_client=api.client(),
