@@ -136,9 +136,10 @@ def build_pipeline(
 
     from secateurs.components.steps import component
 
-    steps = recipe(config) if steps is None else steps
+    every = recipe(config)
+    steps = every if steps is None else steps
     imports = imports or {}
-    kinds = {s.key: s.kind for s in recipe(config)}
+    kinds = {s.key: s.kind for s in every}  # the producers of imported inputs too
     images = config.placement.resolved_images()
     placement = config.placement
 

@@ -12,8 +12,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
-
 
 @dataclass(frozen=True)
 class Family:
@@ -99,8 +97,22 @@ class Shape:
     def as_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
 
+    # Parameter counts of the Llama-family layout (no q/k/v bias, no q/k norms), for the memory plan, which works
+    # from shapes before any weight exists; tests check them against `parameter_count` of real models.
+    def layer_parameters(self) -> int:
+        h, d = self.hidden_size, self.head_dim
+        attention = h * self.num_attention_heads * d * 2 + h * self.num_key_value_heads * d * 2  # q, o; k, v
+        return attention + 3 * h * self.intermediate_size + 2 * h  # gate, up, down; two norms
 
-def decoder_layers(model) -> torch.nn.ModuleList:
+    def root_parameters(self) -> int:
+        """Embeddings, LM head (unless tied) and the final norm."""
+        return self.vocab_size * self.hidden_size * (1 if self.tie_word_embeddings else 2) + self.hidden_size
+
+    def parameters(self) -> int:
+        return self.root_parameters() + self.num_hidden_layers * self.layer_parameters()
+
+
+def decoder_layers(model) -> "torch.nn.ModuleList":  # noqa: F821 (no torch import: the memory plan reads Shape)
     return model.model.layers
 
 

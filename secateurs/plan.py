@@ -31,6 +31,9 @@ import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
+
+from secateurs.families import Shape
 
 GiB = 2**30
 HEADROOM = 0.9  # the share of a GPU's memory a step may plan to use
@@ -57,46 +60,10 @@ class ShapeUnknown(PlanError):
     """The teacher's shape cannot be read here (no local config, not a known model, hub unreachable)."""
 
 
-@dataclass
-class Shape:
-    hidden_size: int
-    intermediate_size: int
-    num_hidden_layers: int
-    num_attention_heads: int
-    num_key_value_heads: int
-    head_dim: int
-    vocab_size: int
-    tie_word_embeddings: bool
-
-    @classmethod
-    def of(cls, config: dict) -> Shape:
-        heads = config["num_attention_heads"]
-        return cls(
-            hidden_size=config["hidden_size"],
-            intermediate_size=config["intermediate_size"],
-            num_hidden_layers=config["num_hidden_layers"],
-            num_attention_heads=heads,
-            num_key_value_heads=config.get("num_key_value_heads") or heads,
-            head_dim=config.get("head_dim") or config["hidden_size"] // heads,
-            vocab_size=config["vocab_size"],
-            tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
-        )
-
-    def layer_parameters(self) -> int:
-        h, d = self.hidden_size, self.head_dim
-        attention = h * self.num_attention_heads * d * 2 + h * self.num_key_value_heads * d * 2  # q, o; k, v
-        return attention + 3 * h * self.intermediate_size + 2 * h  # gate, up, down; two norms
-
-    def root_parameters(self) -> int:
-        """Embeddings, LM head (unless tied) and the final norm."""
-        return self.vocab_size * self.hidden_size * (1 if self.tie_word_embeddings else 2) + self.hidden_size
-
-    def parameters(self) -> int:
-        return self.root_parameters() + self.num_hidden_layers * self.layer_parameters()
-
-    def activation_elements_per_token_and_layer(self) -> int:
-        h, d = self.hidden_size, self.head_dim
-        return 4 * h + 2 * self.num_attention_heads * d + 2 * self.num_key_value_heads * d + 4 * self.intermediate_size
+def activation_elements(shape: Shape) -> int:
+    """bf16 elements a Llama-family layer keeps for backward, per token (the module docstring lists them)."""
+    h, d = shape.hidden_size, shape.head_dim
+    return 4 * h + 2 * shape.num_attention_heads * d + 2 * shape.num_key_value_heads * d + 4 * shape.intermediate_size
 
 
 @dataclass
@@ -168,7 +135,7 @@ def _training(task, kind, settings, shape: Shape, teacher: Shape | None, seq_len
     if teacher is not None:
         step.bytes["teacher"] = 2 * teacher.parameters()
         # Its forward keeps no activations for backward: one layer's at a time, and its final hidden states.
-        transient = 2 * tokens * (teacher.activation_elements_per_token_and_layer() + teacher.hidden_size)
+        transient = 2 * tokens * (activation_elements(teacher) + teacher.hidden_size)
         with_ckpt, without = with_ckpt + transient, without + transient
     step.bytes["activations"] = with_ckpt if settings.gradient_checkpointing else without
     step.activations_other = without if settings.gradient_checkpointing else with_ckpt
@@ -183,21 +150,21 @@ def _forward(task, kind, shape: Shape, batch: int, seq_len: int, available, plac
     tokens = batch * seq_len
     step.bytes["weights"] = 2 * shape.parameters()
     # No gradients: one layer's activations at a time, and the logits of the batch in fp32.
-    step.bytes["activations"] = 2 * tokens * shape.activation_elements_per_token_and_layer()
+    step.bytes["activations"] = 2 * tokens * activation_elements(shape)
     step.bytes["logits"] = 4 * tokens * shape.vocab_size
     return step
 
 
 def activations(shape: Shape, tokens: int) -> tuple[int, int]:
     """bf16 activation bytes of one micro-batch of `tokens`: (with gradient checkpointing, without)."""
-    per_layer = 2 * tokens * shape.activation_elements_per_token_and_layer()
+    per_layer = 2 * tokens * activation_elements(shape)
     inputs = 2 * tokens * shape.hidden_size
     return shape.num_hidden_layers * inputs + per_layer, shape.num_hidden_layers * per_layer + inputs
 
 
 def shapes_of(config) -> dict[str, Shape]:
     """Shapes of the teacher and of every student (from its parent's shape and its pruning target)."""
-    shapes = {"teacher": Shape.of(teacher_config(config.teacher.source))}
+    shapes = {"teacher": Shape.of(SimpleNamespace(**teacher_config(config.teacher.source)))}
     for s in config.lineage_order():
         parent, p = shapes[s.parent], s.prune
         layers = parent.num_hidden_layers

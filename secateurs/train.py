@@ -69,13 +69,13 @@ class _Context:
 
 def correct_teacher(model_dir, data_dir, out, settings: TeacherCorrectionConfig, callbacks=()) -> dict:
     """Teacher correction: a short LM fine-tune of the teacher on the distillation data."""
-    _check_processes(settings)
+    world = _check_processes(settings)
     model = load_model(model_dir, dtype=torch.float32)
     tokenizer = load_tokenizer(model_dir)
     dd, data_config = load_packed(data_dir)
     check_matches(data_config, tokenizer, where=f"dataset {data_dir}")
     identity = _run_identity("correct-teacher", [model_dir, data_dir], settings)
-    report, weights = _train(model, None, dd, out, settings, identity, callbacks)
+    report, weights = _train(model, None, dd, out, settings, identity, callbacks, world)
 
     def write():
         with atomic_output(out) as tmp:
@@ -89,13 +89,14 @@ def correct_teacher(model_dir, data_dir, out, settings: TeacherCorrectionConfig,
 
 def distill(teacher_dir, student_dir, data_dir, out, settings: DistillConfig, callbacks=()) -> dict:
     """Retrain STUDENT by knowledge distillation from TEACHER on DATA; write the student to OUT."""
-    _check_processes(settings)
+    world = _check_processes(settings)
     teacher_tok, student_tok = load_tokenizer(teacher_dir), load_tokenizer(student_dir)
     if tokenizer_identity(teacher_tok) != tokenizer_identity(student_tok):
         raise TrainingError(f"teacher {teacher_dir} and student {student_dir} use different tokenizers")
     dd, data_config = load_packed(data_dir)
     check_matches(data_config, student_tok, where=f"dataset {data_dir}")
-    teacher = load_model(teacher_dir, dtype=torch.float32)
+    # Frozen, so loaded straight in the dtype it runs in: bf16 on GPUs (an 8B teacher never exists in fp32).
+    teacher = load_model(teacher_dir, dtype=torch.bfloat16 if torch.cuda.is_available() else torch.float32)
     student = load_model(student_dir, dtype=torch.float32)
     if parameter_count(student) >= parameter_count(teacher):
         raise TrainingError(
@@ -121,7 +122,7 @@ def distill(teacher_dir, student_dir, data_dir, out, settings: DistillConfig, ca
             # averages their gradients and checkpoints them.
             student.add_module(PROJECTIONS, ctx.projections)
     identity = _run_identity("distill", [teacher_dir, student_dir, data_dir], settings)
-    report, weights = _train(student, ctx, dd, out, settings, identity, callbacks)
+    report, weights = _train(student, ctx, dd, out, settings, identity, callbacks, world)
     report["layer_pairs"] = ctx.pairs
 
     def write():
@@ -136,8 +137,13 @@ def distill(teacher_dir, student_dir, data_dir, out, settings: DistillConfig, ca
     return report
 
 
-def _train(model, ctx: _Context | None, dd, out, settings: TrainingConfig, identity: dict, callbacks) -> dict:
-    """Run the Trainer (resuming from `<out>.checkpoints` when it holds this run's checkpoints)."""
+def _train(model, ctx: _Context | None, dd, out, settings: TrainingConfig, identity: dict, callbacks,
+           world: int) -> tuple[dict, dict | None]:  # fmt: skip
+    """Run the Trainer over `world` processes (resuming from this run's checkpoints when there are some).
+
+    Returns:
+        The report, and under FSDP the whole weights gathered in the main process (None otherwise).
+    """
     from transformers import TrainingArguments, default_data_collator
 
     # Newer transformers 5.x renamed gradient_checkpointing to activation_checkpointing (the old name warns);
@@ -145,7 +151,6 @@ def _train(model, ctx: _Context | None, dd, out, settings: TrainingConfig, ident
     fields = {f.name for f in dataclasses.fields(TrainingArguments)}
     checkpointing = "activation_checkpointing" if "activation_checkpointing" in fields else "gradient_checkpointing"
 
-    world = _check_processes(settings)
     per_step = settings.micro_batch_size * world
     digest = _digest(identity)
     work = _checkpoints_dir(out, identity["step"], digest)
@@ -186,7 +191,7 @@ def _train(model, ctx: _Context | None, dd, out, settings: TrainingConfig, ident
         last = _claim_checkpoint_dir(work, identity, digest)
     if ctx is not None:
         # Every process holds the whole frozen teacher on its own device (the module docstring says why).
-        ctx.teacher.to(device=args.device, dtype=torch.bfloat16 if cuda else torch.float32)
+        ctx.teacher.to(args.device)
     if ctx is not None and ctx.projections is not None:
         ctx.projections.to(args.device)
     train = dd["train"].with_format("torch")

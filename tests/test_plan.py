@@ -26,7 +26,9 @@ def test_shape_parameters_equal_the_model_s(case, tiny_models, tiny_importance, 
     from secateurs.families import parameter_count
     from secateurs.prune import PruneTarget
 
-    teacher = plan.Shape.of(json.loads((tiny_models[case] / "config.json").read_text()))
+    from types import SimpleNamespace
+
+    teacher = plan.Shape.of(SimpleNamespace(**json.loads((tiny_models[case] / "config.json").read_text())))
     assert teacher.parameters() == parameter_count(load_model(tiny_models[case]))
     config = PipelineConfig.model_validate({
         "teacher": {"source": str(tiny_models[case])},
