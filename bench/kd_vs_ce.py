@@ -71,7 +71,7 @@ def main() -> None:
     from secateurs import importance, prune, train
     from secateurs.checkpoint import import_model, load_model
     from secateurs.config import DataConfig, DistillConfig, ImportanceConfig, TeacherCorrectionConfig
-    from secateurs.data import load_packed, prepare_data, spread
+    from secateurs.data import load_packed, prepare_data
     from secateurs.recipe import prune_student, random_init
 
     work = Path(args.work or tempfile.mkdtemp(prefix="kd-vs-ce-"))
@@ -84,7 +84,7 @@ def main() -> None:
                               val_fraction=args.val_fraction)  # fmt: skip
         prepare_data(teacher, data, settings)
     held_out = load_packed(data)[0]["validation"]
-    val = (spread(held_out, args.val_sequences)[:] if args.val_spread else held_out[: args.val_sequences])["input_ids"]
+    val = held_out.spread(args.val_sequences) if args.val_spread else held_out.head(args.val_sequences)
     teacher_loss = {"original": importance.validation_loss(load_model(teacher), val)}
     tag, correction = "", None
     if args.correct_steps:

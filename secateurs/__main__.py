@@ -3,4 +3,5 @@ distill ...`)."""
 
 from secateurs.cli import main
 
-main()
+if __name__ == "__main__":  # not when a spawned worker process (prepare-data's tokenizers) imports this module
+    main()

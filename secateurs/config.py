@@ -48,15 +48,65 @@ class TeacherConfig(Section):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="Weights dtype of the imported checkpoint.")
 
 
+class DataSource(Section):
+    """One corpus of a blend (Megatron's data blend, NeMo's `data_paths`): where it is and how much of it to draw."""
+
+    source: str = Field(description="Hub dataset name, local .txt/.jsonl/.parquet file or dir, s3:// URI, python-docs, or a dataset already made by prepare-data.")
+    weight: float = Field(1.0, ge=0, description="Relative share of the training sequences drawn from this source.")
+    name: str | None = Field(None, description="Name in the dataset and in MLflow (default: from the source).")
+    text_field: str = Field("text", description="Column holding the text.")
+    hub_config: str | None = Field(None, description="Hub dataset configuration name.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _plain_source(cls, v):
+        return {"source": v} if isinstance(v, str) else v  # `sources: [a.jsonl, b.jsonl]`: equal weights
+
+
 class DataConfig(Section):
-    source: str = Field("python-docs", description="Hub dataset name, local .txt/.jsonl/.parquet file or dir, s3:// URI, or python-docs.")
+    source: str = Field("python-docs", description="Hub dataset name, local .txt/.jsonl/.parquet file or dir, s3:// URI, python-docs, or a dataset already made by prepare-data (one source; `sources` blends several).")
     hub_config: str | None = Field(None, description="Hub dataset configuration name.")
     text_field: str = Field("text", description="Column holding the text.")
+    sources: list[DataSource] | None = Field(None, description="A weighted blend of sources, instead of `source`.")
     # 8192 in the Llama-3.1-Minitron recipe; small models and CPU demos use less.
     seq_len: int = Field(4096, ge=2, description="Tokens per packed sequence.")
-    max_tokens: int | None = Field(None, ge=2, description="Cap on the tokens kept (None keeps all).")
-    val_fraction: float = Field(0.05, gt=0, lt=1, description="Fraction of sequences held out for validation.")
-    seed: int = Field(0, description="Document shuffle seed.")
+    max_tokens: int | None = Field(None, ge=2, description="Cap on the tokens kept, shared by the sources by weight (None keeps all).")
+    val_fraction: float = Field(0.05, gt=0, lt=1, description="Fraction of each source's tokens held out for validation, by whole documents.")
+    seed: int = Field(0, description="Document shuffle and blend sampling seed.")
+    shuffle_buffer: int = Field(10_000, ge=0, description="Documents in the streaming shuffle buffer (0 keeps the source's order).")
+    num_proc: int = Field(1, ge=1, description="Tokenizer processes (1: the tokenizer's own threads in this process).")
+    batch_documents: int = Field(1000, ge=1, description="Documents per tokenizer call.")
+    # 2^27 tokens: 256 MiB shards for vocabularies under 65,536 tokens, 512 MiB above.
+    shard_tokens: int = Field(2**27, ge=1, description="Tokens per shard file (rounded down to whole sequences).")
+
+    @model_validator(mode="after")
+    def _one_way_to_name_sources(self):
+        if self.sources is not None:
+            shorthand = {"source", "hub_config", "text_field"} & self.model_fields_set
+            if shorthand:
+                raise ValueError(f"give either sources or {'/'.join(sorted(shorthand))}, not both")
+            if not self.sources:
+                raise ValueError("sources is empty")
+            if sum(s.weight for s in self.sources) <= 0:
+                raise ValueError("the weights of sources sum to zero")
+            names = [n for n in self.source_names() if n]
+            if len(set(names)) != len(names):
+                raise ValueError(f"sources have duplicate names: {names}")
+        return self
+
+    def blend(self) -> list[DataSource]:
+        """The sources to prepare, each named (one of weight 1 for the `source` shorthand)."""
+        sources = self.sources or [DataSource(source=self.source, text_field=self.text_field, hub_config=self.hub_config)]
+        return [s.model_copy(update={"name": n}) for s, n in zip(sources, self.source_names(sources))]
+
+    def source_names(self, sources: list[DataSource] | None = None) -> list[str]:
+        import re
+
+        names = []
+        for s in sources or self.sources or []:
+            stem = s.name or re.sub(r"\.(txt|jsonl|json|parquet)$", "", s.source.rstrip("/").rsplit("/", 1)[-1])
+            names.append(re.sub(r"[^A-Za-z0-9._-]+", "-", stem).strip("-.") or "source")
+        return names
 
 
 class ImportanceConfig(Section):

@@ -56,7 +56,7 @@ from tqdm.auto import tqdm
 
 from secateurs.checkpoint import check_checkpoint_dir, load_model, load_tokenizer
 from secateurs.config import EvaluateConfig
-from secateurs.data import check_matches, load_packed, spread
+from secateurs.data import check_matches, load_packed
 from secateurs.families import parameter_count
 from secateurs.importance import validation_loss
 from secateurs.manifest import atomic_output, write_manifest
@@ -157,7 +157,7 @@ def run(
     # Task items come from the whole split whatever max_sequences is, so runs with different caps stay comparable.
     for task in resolved:
         build_items(task, tokenizer, dd["validation"], limit)
-    validation = spread(dd["validation"], max_sequences)[:]["input_ids"]
+    validation = dd["validation"].spread(max_sequences)
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
@@ -408,15 +408,14 @@ def build_items(task: Task, tokenizer, validation, limit: int | None) -> None:
     """Tokenize the task's items (and build lambada-docs from the validation split) before the model loads.
 
     Args:
-        validation: the dataset's validation split (a torch-formatted `datasets.Dataset`).
+        validation: the dataset's validation split (a `secateurs.data.PackedSplit`).
     """
     if task.kind == "lm-eval":
         task.lm_eval_task = _load_lm_eval_task(task.lm_eval_manager, task.name, f"lm-eval task {task.name!r}")
         return
     if task.kind == "builtin":
-        # Only the first LAMBADA_SOURCE_TOKENS tokens are read: slice before the split is materialised.
-        seq_len = len(validation[0]["input_ids"])
-        ids = validation[: max(1, LAMBADA_SOURCE_TOKENS // seq_len)]["input_ids"]
+        # Only the first LAMBADA_SOURCE_TOKENS tokens are read.
+        ids = validation.head(max(1, LAMBADA_SOURCE_TOKENS // validation.seq_len))
         task.items = lambada_docs_items(ids, tokenizer, min(limit or LAMBADA_DOCS_ITEMS, LAMBADA_DOCS_ITEMS))
         if not task.items:
             raise EvaluationError(

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from secateurs.checkpoint import load_model, load_tokenizer
 from secateurs.config import ImportanceConfig
-from secateurs.data import check_matches, load_packed, spread
+from secateurs.data import check_matches, load_packed
 from secateurs.families import Shape, decoder_layers, family_of
 from secateurs.manifest import atomic_output, read_manifest, write_manifest
 
@@ -65,8 +65,8 @@ def run(
         if not 1 <= k < n_layers:
             raise ImportanceError(f"block size k={k} must be between 1 and {n_layers - 1} (the model has {n_layers} layers)")
 
-    calibration = dd["train"][: min(samples, len(dd["train"]))]["input_ids"]
-    validation = spread(dd["validation"], depth_samples)[:]["input_ids"]
+    calibration = dd["train"].head(samples)
+    validation = dd["validation"].spread(depth_samples)
     scores, block_influence = collect_activation_scores(model, calibration, batch_size)
     depth = lm_loss_depth_scan(model, validation, batch_size, block_sizes)
     depth["block_influence"] = block_influence

@@ -110,10 +110,16 @@ def atomic_output(out_dir: str | Path, overwrite: bool = True) -> Iterator[Path]
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    publish(tmp, out_dir)
+
+
+def publish(work: str | Path, out_dir: str | Path) -> None:
+    """Rename the finished directory WORK to OUT_DIR; an old OUT_DIR is moved aside and deleted only after."""
+    out_dir = Path(out_dir).absolute()
     old = None
     if out_dir.exists() or out_dir.is_symlink():
         old = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}-{time.time_ns()}"
         os.replace(out_dir, old)
-    os.replace(tmp, out_dir)
+    os.replace(work, out_dir)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink()

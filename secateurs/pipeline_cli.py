@@ -97,7 +97,9 @@ def check_local(cfg: PipelineConfig) -> None:
         )
     if cfg.tracking.uri:
         tracking.check_reachable(tracking.resolve_tracking_uri(cfg.tracking.uri))
-    for where, uri in (("teacher.source", cfg.teacher.source), ("data.source", cfg.data.source)):
+    sources = [(f"data.sources[{i}]" if cfg.data.sources else "data.source", s.source)
+               for i, s in enumerate(cfg.data.blend())]  # fmt: skip
+    for where, uri in [("teacher.source", cfg.teacher.source), *sources]:
         if storage.is_s3_uri(uri):
             try:
                 storage.check_access(uri)

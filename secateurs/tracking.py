@@ -561,7 +561,6 @@ class StepRun:
         sha256: str | None,
         name: str,
         context: str = "training",
-        path: str | Path | None = None,
     ) -> None:
         """Record a dataset artifact as an input of this run.
 
@@ -571,11 +570,10 @@ class StepRun:
                 (its limit), the full hash goes into the input tag `secateurs.sha256`.
             name: the dataset's name in MLflow.
             context: what the step used it for (MLflow's `mlflow.data.context` input tag).
-            path: a local copy to read split sizes and seq_len from, for the dataset's profile.
         """
         if not self.active:
             return
-        entity = self.tracker._guarded(f"describe dataset {name}", _dataset_entity, uri, sha256, name, path)
+        entity = self.tracker._guarded(f"describe dataset {name}", _dataset_entity, uri, sha256, name)
         if entity is None:
             return
         from mlflow.entities import DatasetInput, InputTag
@@ -589,6 +587,27 @@ class StepRun:
             self.run_id,
             datasets=[DatasetInput(entity, tags)],
         )
+
+    def log_blend(self, path: str | Path, context: str, uri: str | None = None) -> None:
+        """Record each source of a prepared dataset as an input dataset of this run: named after the source, its
+        digest the hash of the documents read from it, its MLflow source where its shards live (the dataset's
+        URI / the source's name), and in its profile the origin, weight, realised share, documents and tokens."""
+        if not self.active:
+            return
+        from mlflow.entities import DatasetInput, InputTag
+
+        uri = str(uri or path)
+        inputs = []
+        for source in _blend_sources(path):
+            entity = self.tracker._guarded(
+                f"describe dataset {source['name']}", _dataset_entity, f"{uri.rstrip('/')}/{source['name']}",
+                source["content_sha256"], source["name"], source["profile"],
+            )  # fmt: skip
+            if entity is not None:
+                tags = [InputTag("mlflow.data.context", context), InputTag(TAG_SHA256, source["content_sha256"])]
+                inputs.append(DatasetInput(entity, tags))
+        if inputs:
+            self.tracker._guarded("log input datasets", self.tracker.client.log_inputs, self.run_id, datasets=inputs)
 
     def log_input_model(self, model_id: str) -> None:
         """Draw the edge model -> this run (`LoggedModelInput`)."""
@@ -786,14 +805,10 @@ class StepRun:
             if model is not None:
                 models[input_name] = model
                 self.log_input_model(model.model_id)
+            elif in_sha and _blend_sources(in_uri):
+                self.log_blend(in_uri, context=input_name)
             elif in_sha and not (Path(in_uri) / "config.json").is_file():
-                self.log_dataset(
-                    in_uri,
-                    in_sha,
-                    input_name,
-                    context=input_name,
-                    path=in_uri if Path(in_uri).exists() else None,
-                )
+                self.log_dataset(in_uri, in_sha, input_name, context=input_name)
         record.input_model_ids = {k: m.model_id for k, m in models.items()}
         spec = BY_NAME.get(self.name)
         parent_key = parent_input or next((k for k in PARENT_INPUTS if k in models), None)
@@ -802,6 +817,8 @@ class StepRun:
         parent = models.get(parent_key) if parent_key else None
         record.parent_model_id = parent.model_id if parent is not None else None
 
+        if _blend_sources(out_dir):  # prepare-data: the sources it read are the run's datasets
+            self.log_blend(out_dir, context="source", uri=uri)
         files = [out_dir / MANIFEST]
         if (out_dir / "config.json").is_file():
             teacher = models.get("teacher") if parent_key != "teacher" else None
@@ -1132,7 +1149,7 @@ def count_parameters(path: str | Path) -> int:
     return total
 
 
-def _dataset_entity(uri: str, sha256: str | None, name: str, path: str | Path | None) -> Any:
+def _dataset_entity(uri: str, sha256: str | None, name: str, profile: dict[str, Any] | None = None) -> Any:
     from mlflow.data.dataset_source_registry import resolve_dataset_source
     from mlflow.data.meta_dataset import MetaDataset
     from mlflow.entities import Dataset
@@ -1143,7 +1160,6 @@ def _dataset_entity(uri: str, sha256: str | None, name: str, path: str | Path | 
         source = resolve_dataset_source(uri)
     meta = MetaDataset(source, name=name, digest=(sha256 or None) and sha256[:MAX_DATASET_DIGEST_LENGTH])
     entity = meta._to_mlflow_entity()
-    profile = _dataset_profile(path) if path is not None else None
     return Dataset(
         name=entity.name,
         digest=entity.digest,
@@ -1154,20 +1170,23 @@ def _dataset_entity(uri: str, sha256: str | None, name: str, path: str | Path | 
     )
 
 
-def _dataset_profile(path: str | Path) -> dict[str, Any] | None:
-    """Rows per split, seq_len and token count of a saved DatasetDict (memory-mapped, nothing is read)."""
-    path = Path(path)
-    if not (path / "dataset_dict.json").is_file():
-        return None
-    import datasets
-
-    dd = datasets.load_from_disk(str(path))
-    profile: dict[str, Any] = {"num_rows": {split: ds.num_rows for split, ds in dd.items()}}
-    seq_len = (read_manifest(path).get("config") or {}).get("seq_len")
-    if seq_len:
-        profile["seq_len"] = seq_len
-        profile["tokens"] = {split: ds.num_rows * int(seq_len) for split, ds in dd.items()}
-    return profile
+def _blend_sources(path: str | Path) -> list[dict[str, Any]]:
+    """The sources of a dataset made by prepare-data, each with its MLflow profile ([] for anything else)."""
+    index_file = Path(path) / "index.json"
+    if not index_file.is_file() or read_manifest(path).get("step") != "prepare-data":
+        return []
+    index = json.loads(index_file.read_text())
+    seq_len, blend = index["seq_len"], index["blend"]
+    sources = []
+    for source in index["sources"]:
+        sequences = {split: sum(s["sequences"] for s in shards) for split, shards in source["shards"].items()}
+        profile = {
+            "origin": source["uri"], "weight": source["weight"], "documents": source["documents"],
+            "tokens": source["tokens"], "seq_len": seq_len, "num_rows": sequences,
+            "share": {split: b["shares"][source["name"]] for split, b in blend.items()},
+        }  # fmt: skip
+        sources.append({"name": source["name"], "content_sha256": source["content_sha256"], "profile": profile})
+    return sources
 
 
 def _tracking_errors() -> tuple[type[BaseException], ...]:

@@ -194,7 +194,8 @@ def _train(model, ctx: _Context | None, dd, out, settings: TrainingConfig, ident
         ctx.teacher.to(args.device)
     if ctx is not None and ctx.projections is not None:
         ctx.projections.to(args.device)
-    train = dd["train"].with_format("torch")
+    train = dd["train"]
+    train.verify(args.process_index, world)
     trainer_cls = DistillationTrainer if ctx is not None else LMTrainer
     trainer = trainer_cls(model=model, args=args, train_dataset=train, data_collator=default_data_collator,
                           callbacks=[DivergenceCallback(), *callbacks])

@@ -102,23 +102,25 @@ def tiny_models(tmp_path_factory, tokenizer_dir) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="session")
-def docs_txt(tmp_path_factory) -> Path:
-    """A few hundred KB of real English prose and signatures (python-docs) as a local .txt corpus."""
+def docs_dir(tmp_path_factory) -> Path:
+    """A few hundred KB of real English prose and signatures (python-docs) as a local corpus: a directory of 40
+    .txt files, one document (one module's documentation) each."""
     from secateurs.data import python_docs_texts
 
-    path = tmp_path_factory.mktemp("corpus") / "docs.txt"
-    texts = python_docs_texts()
-    path.write_text("\n\n".join(texts[:40]))
+    path = tmp_path_factory.mktemp("corpus") / "docs"
+    path.mkdir()
+    for i, text in enumerate(python_docs_texts()[:40]):
+        (path / f"{i:02d}.txt").write_text(text)
     return path
 
 
 @pytest.fixture(scope="session")
-def tiny_data(tmp_path_factory, tokenizer_dir, docs_txt) -> Path:
+def tiny_data(tmp_path_factory, tokenizer_dir, docs_dir) -> Path:
     from secateurs.config import DataConfig
     from secateurs.data import prepare_data
 
     out = tmp_path_factory.mktemp("data") / "packed"
-    prepare_data(tokenizer_dir, out, DataConfig(source=str(docs_txt), seq_len=32, max_tokens=32 * 80, val_fraction=0.2))
+    prepare_data(tokenizer_dir, out, DataConfig(source=str(docs_dir), seq_len=32, max_tokens=32 * 80, val_fraction=0.2))
     return out
 
 

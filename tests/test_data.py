@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 
+import numpy as np
 import pytest
 
 from secateurs.checkpoint import load_tokenizer
@@ -15,48 +18,158 @@ from secateurs.data import DataError, load_packed, prepare_data, tokenizer_ident
 
 
 def _write_sources(tmp_path, docs):
-    (tmp_path / "a.txt").write_text("\n\n".join(docs))
+    (tmp_path / "a").mkdir()
+    for i, d in enumerate(docs):
+        (tmp_path / "a" / f"{i:03d}.txt").write_text(d)
     (tmp_path / "b.jsonl").write_text("\n".join(json.dumps({"body": d}) for d in docs))
     import datasets
 
     datasets.Dataset.from_dict({"text": docs}).to_parquet(str(tmp_path / "c.parquet"))
 
 
-def test_local_formats_pack_exact_sequences(tokenizer_dir, docs_txt, tmp_path):
-    docs = docs_txt.read_text().split("\n\n")[:30]
+def _documents(tok, docs):
+    return [tok(d, add_special_tokens=False)["input_ids"] + [tok.eos_token_id] for d in docs]
+
+
+def _pack(docs, seq_len):
+    """Packing before shards: documents joined (each followed by EOS) and cut into sequences, the tail dropped."""
+    flat = [t for doc in docs for t in doc]
+    return [flat[i * seq_len : (i + 1) * seq_len] for i in range(len(flat) // seq_len)]
+
+
+def _held_out(lengths, val_fraction):
+    """The documents validation takes: each one read while it holds less than val_fraction of the tokens."""
+    taken, val, total = [], 0, 0
+    for i, n in enumerate(lengths):
+        if val < val_fraction * total:
+            taken.append(i)
+            val += n
+        total += n
+    return taken
+
+
+def test_shards_equal_the_packing_of_each_split_s_documents(tokenizer_dir, docs_dir, tmp_path):
+    docs = [p.read_text() for p in sorted(docs_dir.iterdir())][:30]
     _write_sources(tmp_path, docs)
     tok = load_tokenizer(tokenizer_dir)
-    for name, field in (("a.txt", "text"), ("b.jsonl", "body"), ("c.parquet", "text")):
+    tokens = _documents(tok, docs)
+    val_docs = _held_out([len(d) for d in tokens], 0.25)
+    expected = {
+        "train": _pack([d for i, d in enumerate(tokens) if i not in val_docs], 16),
+        "validation": _pack([tokens[i] for i in val_docs], 16),
+    }
+    for name, field in (("a", "text"), ("b.jsonl", "body"), ("c.parquet", "text")):
         out = tmp_path / f"out-{name}"
-        report = prepare_data(tokenizer_dir, out, DataConfig(source=str(tmp_path / name), seq_len=16, val_fraction=0.25, text_field=field))
+        settings = DataConfig(source=str(tmp_path / name), text_field=field, seq_len=16, val_fraction=0.25,
+                              shuffle_buffer=0, shard_tokens=16 * 50)  # fmt: skip
+        report = prepare_data(tokenizer_dir, out, settings)
         dd, config = load_packed(out)
         assert config["seq_len"] == 16 and config["tokenizer"] == tokenizer_identity(tok)
-        assert all(len(x) == 16 for x in dd["train"]["input_ids"])
-        assert report["validation_sequences"] == round((report["train_sequences"] + report["validation_sequences"]) * 0.25)
-    # jsonl and parquet hold the same documents one per record: identical token streams.
-    a = load_packed(tmp_path / "out-b.jsonl")[0]["train"][:]["input_ids"]
-    b = load_packed(tmp_path / "out-c.parquet")[0]["train"][:]["input_ids"]
-    assert a.tolist() == b.tolist()
-
-
-def test_packed_tokens_are_the_documents_joined_by_eos(tokenizer_dir, tmp_path):
-    tok = load_tokenizer(tokenizer_dir)
-    docs = ["alpha beta gamma delta", "one two three four five six", "x y z"]
-    (tmp_path / "d.jsonl").write_text("\n".join(json.dumps({"text": d}) for d in docs))
-    prepare_data(tokenizer_dir, tmp_path / "o", DataConfig(source=str(tmp_path / "d.jsonl"), seq_len=4, val_fraction=0.3, seed=0))
-    dd, _ = load_packed(tmp_path / "o")
-    stream = dd["train"][:]["input_ids"].flatten().tolist() + dd["validation"][:]["input_ids"].flatten().tolist()
-    import random
-
-    order = list(range(3))
-    random.Random(0).shuffle(order)
-    expected = [t for i in order for t in tok(docs[i], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]]
-    assert stream == expected[: len(stream)] and len(expected) - len(stream) < 4
+        for split in ("train", "validation"):
+            assert dd[split].head(None).tolist() == expected[split], (name, split)
+        assert report["documents"] == 30 and report["train_sequences"] == len(expected["train"])
+        # Several shards per split, each of the smallest integer type that holds the vocabulary (49,152 tokens).
+        index = json.loads((out / "index.json").read_text())
+        (source,) = index["sources"]
+        assert index["dtype"] == "uint16" and len(source["shards"]["train"]) == -(-len(expected["train"]) // 50)
+        assert (out / source["shards"]["train"][0]["file"]).stat().st_size == 50 * 16 * 2
+    # The held-out share of the tokens is val_fraction to within one document.
+    val_tokens = sum(len(tokens[i]) for i in val_docs)
+    assert abs(val_tokens - 0.25 * sum(map(len, tokens))) <= max(map(len, tokens))
 
 
 def test_python_docs_builtin_and_max_tokens(tokenizer_dir, tmp_path):
     report = prepare_data(tokenizer_dir, tmp_path / "p", DataConfig(source="python-docs", seq_len=64, max_tokens=64 * 50))
-    assert report["train_sequences"] + report["validation_sequences"] == 50
+    assert (report["train_sequences"], report["validation_sequences"]) == (48, 2)
+    # Only the documents the cap needs were read: the two splits come from different documents.
+    assert 2 <= report["documents"] < 10
+
+
+def test_a_weighted_blend_draws_in_proportion_and_the_seed_fixes_the_order(tokenizer_dir, tmp_path):
+    words = "alpha beta gamma delta epsilon zeta eta theta iota kappa".split()
+    for name, n in (("web", 300), ("code", 500)):
+        docs = [" ".join(words[(i * 7 + j) % 10] for j in range(40 + i % 17)) + f" {name} {i}" for i in range(n)]
+        (tmp_path / f"{name}.jsonl").write_text("\n".join(json.dumps({"text": d}) for d in docs))
+
+    def blend(out, seed):
+        sources = [{"source": str(tmp_path / "web.jsonl"), "weight": 3}, {"source": str(tmp_path / "code.jsonl")}]
+        report = prepare_data(tokenizer_dir, tmp_path / out, DataConfig(sources=sources, seq_len=16, seed=seed))
+        return report, load_packed(tmp_path / out)[0]["train"]
+
+    report, train = blend("a", 0)
+    assert set(report["sources"]) == {"web", "code"}
+    assert report["sources"]["web"]["train_share"] == pytest.approx(0.75, abs=1e-3)
+    # Any stretch of 1,000 sequences holds the sources 3:1, within one sequence.
+    for start in (0, 1234):
+        counts = np.bincount(train.source_of[start : start + 1000], minlength=2)
+        assert abs(counts[0] - 750) <= 1, counts
+    # The web source has fewer sequences than its share: it repeats, each pass a permutation of all of them.
+    web = train.sample_of[train.source_of == 0]
+    n_web = int(train._starts[0][-1])
+    assert len(web) > n_web and sorted(web[:n_web]) == list(range(n_web))
+    ids = train.head(50)
+    _, again = blend("b", 0)
+    assert again.head(50).tolist() == ids.tolist()
+    _, other = blend("c", 1)
+    assert other.head(50).tolist() != ids.tolist()
+    # Each source is identified by the documents read from it.
+    assert report["sources"]["web"]["content_sha256"] != report["sources"]["code"]["content_sha256"]
+
+
+def test_a_prepared_dataset_is_a_source_of_a_blend_only_with_its_tokenizer(tokenizer_dir, tiny_data, tmp_path):
+    tok = tmp_path / "tok"
+    load_tokenizer(tokenizer_dir).save_pretrained(tok)
+    config = json.loads((tok / "tokenizer_config.json").read_text())
+    config["eos_token"] = "<|im_start|>"  # another EOS: another tokenizer identity
+    (tok / "tokenizer_config.json").write_text(json.dumps(config))
+    (tmp_path / "more.jsonl").write_text("\n".join(json.dumps({"text": f"line {i} " * 30}) for i in range(40)))
+    settings = DataConfig(sources=[str(tiny_data), str(tmp_path / "more.jsonl")], seq_len=32)
+    with pytest.raises(DataError, match="was tokenized with tokenizer .* but this blend's tokenizer is"):
+        prepare_data(tok, tmp_path / "mixed", settings)
+    report = prepare_data(tokenizer_dir, tmp_path / "mixed", settings)
+    assert report["sources"]["packed"]["tokens"] == load_packed(tiny_data)[0].index["sources"][0]["tokens"]
+    before = load_packed(tiny_data)[0]["train"].head(None)
+    mixed = load_packed(tmp_path / "mixed")[0]["train"]
+    reused = mixed.sequences(np.flatnonzero(mixed.source_of == 0)).tolist()
+    assert len(reused) > len(before)  # half of a blend with more sequences than the prepared dataset: it repeats
+    assert {tuple(x) for x in reused} == {tuple(x) for x in before.tolist()}
+
+
+def test_a_killed_preparation_resumes_and_writes_the_same_shards(tokenizer_dir, tmp_path):
+    command = [sys.executable, "-m", "secateurs", "prepare-data", "--tokenizer", str(tokenizer_dir),
+               "--source", "python-docs", "--seq-len", "64", "--shard-tokens", str(64 * 20), "--val-fraction", "0.1",
+               "--batch-documents", "8"]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    whole = subprocess.run(command + ["--out", str(tmp_path / "whole")], env=env, capture_output=True, text=True)
+    assert whole.returncode == 0, whole.stderr[-2000:]
+
+    out = tmp_path / "resumed"
+    progress = tmp_path / ".resumed.partial" / "progress.json"
+    run = subprocess.Popen(command + ["--out", str(out)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and run.poll() is None:
+        state = json.loads(progress.read_text()).get("sources", {}) if progress.exists() else {}
+        if state.get("python-docs", {}).get("consumed", 0) >= 40:
+            break
+        time.sleep(0.05)
+    run.send_signal(signal.SIGKILL)
+    run.wait()
+    assert not out.exists() and progress.exists(), "the run ended before it could be killed midway"
+    killed_at = json.loads(progress.read_text())["sources"]["python-docs"]["consumed"]
+    finished = [p for p in progress.parent.rglob("*.bin")]
+    stamps = {p: p.stat().st_mtime_ns for p in finished}
+    done = subprocess.run(command + ["--out", str(out)], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert json.loads((out / "secateurs.json").read_text())["report"]["resumed_after_documents"] == killed_at
+    files = sorted(p.relative_to(out) for p in out.rglob("*.bin"))
+    assert files == sorted(p.relative_to(tmp_path / "whole") for p in (tmp_path / "whole").rglob("*.bin"))
+    for f in files:
+        assert (out / f).read_bytes() == (tmp_path / "whole" / f).read_bytes(), f
+    assert json.loads((out / "index.json").read_text()) == json.loads((tmp_path / "whole" / "index.json").read_text())
+    # Shards finished before the kill were kept, not written again.
+    for p, stamp in stamps.items():
+        assert (out / p.relative_to(progress.parent)).stat().st_mtime_ns == stamp
+    assert not progress.parent.exists()
 
 
 def test_bad_data_inputs(tokenizer_dir, tmp_path):
@@ -66,17 +179,41 @@ def test_bad_data_inputs(tokenizer_dir, tmp_path):
     (out / "keep").write_text("x")
     with pytest.raises(DataError, match="holds no text"):
         prepare_data(tokenizer_dir, out, DataConfig(source=str(tmp_path / "empty.txt"), seq_len=8))
-    (tmp_path / "short.txt").write_text("just a few words")
-    with pytest.raises(DataError, match="fewer than 2 sequences of seq_len=64"):
-        prepare_data(tokenizer_dir, out, DataConfig(source=str(tmp_path / "short.txt"), seq_len=64))
+    (tmp_path / "short.jsonl").write_text(json.dumps({"text": "just a few words"}))
+    with pytest.raises(DataError, match="too few for one sequence of seq_len=64 for training and one for validation"):
+        prepare_data(tokenizer_dir, out, DataConfig(source=str(tmp_path / "short.jsonl"), seq_len=64))
     with pytest.raises(DataError, match="does not exist"):
         prepare_data(tokenizer_dir, out, DataConfig(source=str(tmp_path / "missing.jsonl"), seq_len=8))
     (tmp_path / "x.jsonl").write_text(json.dumps({"content": "hello there"}))
     with pytest.raises(DataError, match="no text field 'text'"):
         prepare_data(tokenizer_dir, out, DataConfig(source=str(tmp_path / "x.jsonl"), seq_len=8))
-    assert (out / "keep").read_text() == "x"
+    # A blend with one good source and one missing fails before the good one is tokenized.
+    (tmp_path / "good.jsonl").write_text("\n".join(json.dumps({"text": f"words {i} " * 20}) for i in range(30)))
+    with pytest.raises(DataError, match="missing.jsonl does not exist"):
+        prepare_data(tokenizer_dir, out, DataConfig(sources=[str(tmp_path / "good.jsonl"), str(tmp_path / "missing.jsonl")], seq_len=8))
+    assert not (tmp_path / ".out.partial").exists()
+    assert [p.name for p in out.iterdir()] == ["keep"]
     with pytest.raises(DataError, match="not a dataset made by"):
         load_packed(tmp_path)
+
+
+def test_altered_or_truncated_shards_are_refused_on_read(tokenizer_dir, tmp_path):
+    (tmp_path / "d.jsonl").write_text("\n".join(json.dumps({"text": f"entry {i} " * 25}) for i in range(60)))
+    out = tmp_path / "data"
+    prepare_data(tokenizer_dir, out, DataConfig(source=str(tmp_path / "d.jsonl"), seq_len=16, shard_tokens=16 * 10))
+    shard = out / "d" / "train-00001.bin"
+    data = bytearray(shard.read_bytes())
+    data[5] ^= 1
+    shard.write_bytes(bytes(data))
+    train = load_packed(out)[0]["train"]
+    train.head(10)  # the first shard is intact
+    with pytest.raises(DataError, match=r"shard .*train-00001.bin was altered after preparation"):
+        train.head(11)
+    with pytest.raises(DataError, match="was altered after preparation"):
+        load_packed(out)[0]["train"].verify()
+    shard.write_bytes(bytes(data[:-2]))
+    with pytest.raises(DataError, match=r"train-00001.bin holds 318 bytes, expected 320: the dataset is truncated"):
+        load_packed(out)
 
 
 def test_python_docs_corpus_is_the_same_in_every_process_and_holds_no_environment(tmp_path):

@@ -34,11 +34,11 @@ MC_ITEMS = [
 
 
 @pytest.fixture(scope="module")
-def eval_data(tmp_path_factory, tokenizer_dir, docs_txt):
-    """A dataset whose validation split holds prose: the first ~100 sequences of python-docs (abc, argparse, ...)
-    are mostly docstrings; keep 90 of them for validation."""
+def eval_data(tmp_path_factory, tokenizer_dir, docs_dir):
+    """A dataset whose validation split holds prose: python-docs modules are mostly docstrings; keep 90 of 100
+    sequences for validation."""
     out = tmp_path_factory.mktemp("eval-data") / "packed"
-    prepare_data(tokenizer_dir, out, DataConfig(source=str(docs_txt), seq_len=128, max_tokens=128 * 100, val_fraction=0.9))
+    prepare_data(tokenizer_dir, out, DataConfig(source=str(docs_dir), seq_len=128, max_tokens=128 * 100, val_fraction=0.9))
     return out
 
 
@@ -100,7 +100,7 @@ def test_validation_loss_and_perplexity_match_a_plain_loop(tiny_models, eval_dat
     model = load_model(tiny_models["qwen3"])
     held_out = load_packed(eval_data)[0]["validation"]
     assert len(held_out) >= 10  # so that the cap of 5 picks every other sequence or sparser, not the first five
-    validation = held_out.select([i * len(held_out) // 5 for i in range(5)])[:]["input_ids"]
+    validation = held_out.sequences([i * len(held_out) // 5 for i in range(5)])
     total, count = 0.0, 0
     with torch.no_grad():
         for seq in validation:
@@ -121,7 +121,7 @@ def test_validation_loss_and_perplexity_match_a_plain_loop(tiny_models, eval_dat
 
 
 def test_lambada_docs_items_are_deterministic_and_shared_by_models_of_one_tokenizer(tiny_models, eval_data):
-    validation = load_packed(eval_data)[0]["validation"][:]["input_ids"]
+    validation = load_packed(eval_data)[0]["validation"].head(None)
     a = evaluate.lambada_docs_items(validation, load_tokenizer(tiny_models["llama-tied"]))
     b = evaluate.lambada_docs_items(validation, load_tokenizer(tiny_models["qwen2"]))
     assert a == b
@@ -154,7 +154,7 @@ def test_real_model_beats_random_weights_on_lambada_docs(smollm2_dir, tiny_model
 
     # A hit is exact greedy decoding: generate() reproduces the target's tokens exactly when an item is scored a hit.
     model, tokenizer = load_model(smollm2_dir), load_tokenizer(smollm2_dir)
-    validation = load_packed(eval_data)[0]["validation"][:]["input_ids"]
+    validation = load_packed(eval_data)[0]["validation"].head(None)
     requests = [item.request for item in evaluate.lambada_docs_items(validation, tokenizer, n=20)][:4]
     for request, (_, hit) in zip(requests, evaluate.score_requests(model, requests, batch_size=1)):
         generated = model.generate(
@@ -243,13 +243,13 @@ def test_lm_eval_registry_names_are_checked_before_any_model_load(unloadable_mod
 
 
 def test_dataset_of_another_tokenizer_is_refused_before_any_model_load(
-    unloadable_model, tokenizer_dir, docs_txt, tmp_path
+    unloadable_model, tokenizer_dir, docs_dir, tmp_path
 ):
     other = tmp_path / "other-tokenizer"
     tokenizer = load_tokenizer(tokenizer_dir)
     tokenizer.add_tokens(["<secateurs-test-token>"])
     tokenizer.save_pretrained(other)
     data = tmp_path / "data"
-    prepare_data(other, data, DataConfig(source=str(docs_txt), seq_len=32, max_tokens=32 * 4, val_fraction=0.5))
+    prepare_data(other, data, DataConfig(source=str(docs_dir), seq_len=32, max_tokens=32 * 4, val_fraction=0.5))
     with pytest.raises(DataError, match="was tokenized with tokenizer .* but the model's tokenizer is"):
         evaluate.run(unloadable_model, data, tmp_path / "out")

@@ -70,7 +70,7 @@ def test_depth_scan_equals_loss_of_model_without_layers(tiny_models, tiny_data, 
     # depth_samples=4 of the 16 held-out sequences, spread evenly: 0, 4, 8 and 12 (not the first four, which are one
     # or two documents).
     assert len(dd["validation"]) == 16
-    val = dd["validation"].select([0, 4, 8, 12])[:]["input_ids"]
+    val = dd["validation"].sequences([0, 4, 8, 12])
     base = importance.validation_loss(model, val)
     assert depth["base_loss"] == pytest.approx(base, rel=1e-6)
     # Removing layers 1 and 2 by building the shallower model directly.

@@ -37,9 +37,9 @@ def tiny_config(teacher, corpus, **extra) -> dict:
 
 
 @pytest.fixture(scope="module")
-def config_file(tmp_path_factory, tiny_models, docs_txt):
+def config_file(tmp_path_factory, tiny_models, docs_dir):
     path = tmp_path_factory.mktemp("config") / "tiny.yaml"
-    path.write_text(yaml.safe_dump(tiny_config(tiny_models["llama-tied"], docs_txt)))
+    path.write_text(yaml.safe_dump(tiny_config(tiny_models["llama-tied"], docs_dir)))
     return path
 
 
@@ -332,7 +332,7 @@ def test_compiled_spec_holds_no_credentials(compiled):
     assert "secateurs-s3" in text  # secrets are referenced by name
 
 
-def test_local_run_refuses_gpus_it_does_not_have(tmp_path, tiny_models, docs_txt, capsys):
+def test_local_run_refuses_gpus_it_does_not_have(tmp_path, tiny_models, docs_dir, capsys):
     import torch
     import typer
 
@@ -342,7 +342,7 @@ def test_local_run_refuses_gpus_it_does_not_have(tmp_path, tiny_models, docs_txt
         pytest.skip("this machine has a CUDA GPU")
     path = tmp_path / "gpu.yaml"
     path.write_text(
-        yaml.safe_dump(tiny_config(tiny_models["llama-tied"], docs_txt, placement={"gpus": {"distill": 1}}))
+        yaml.safe_dump(tiny_config(tiny_models["llama-tied"], docs_dir, placement={"gpus": {"distill": 1}}))
     )
     with pytest.raises(typer.Exit):
         run_cmd(path, tmp_path / "run")
@@ -353,7 +353,7 @@ def test_local_run_refuses_gpus_it_does_not_have(tmp_path, tiny_models, docs_txt
     assert not (tmp_path / "run").exists()
 
 
-def test_local_run_refuses_an_unreachable_mlflow_server(tmp_path, tiny_models, docs_txt, capsys):
+def test_local_run_refuses_an_unreachable_mlflow_server(tmp_path, tiny_models, docs_dir, capsys):
     import socket
 
     import typer
@@ -364,7 +364,7 @@ def test_local_run_refuses_an_unreachable_mlflow_server(tmp_path, tiny_models, d
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     path = tmp_path / "c.yaml"
-    cfg = tiny_config(tiny_models["llama-tied"], docs_txt, tracking={"uri": f"http://127.0.0.1:{port}"})
+    cfg = tiny_config(tiny_models["llama-tied"], docs_dir, tracking={"uri": f"http://127.0.0.1:{port}"})
     path.write_text(yaml.safe_dump(cfg))
     with pytest.raises(typer.Exit):
         run_cmd(path, tmp_path / "run")

@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from secateurs import importance, prune
 from secateurs.checkpoint import load_model
 from secateurs.config import DataConfig, ImportanceConfig
-from secateurs.data import load_packed, prepare_data, spread
+from secateurs.data import load_packed, prepare_data
 from secateurs.prune import PruneTarget
 
 WIDTH = PruneTarget(hidden_size=384, ffn_hidden_size=1024, num_attention_heads=6)
@@ -60,7 +60,7 @@ def test_half_size_students_are_language_models(name, smollm2_students, smollm2_
     report, path = smollm2_students[name]
     assert 0.45 < report["parameter_ratio"] < 0.56, report["parameter_ratio"]
     dd, _ = load_packed(smollm2_data)
-    val = dd["validation"][:8]["input_ids"]
+    val = dd["validation"].head(8)
     pruned = load_model(path)
     loss = importance.validation_loss(pruned, val)
     torch.manual_seed(0)
@@ -101,7 +101,7 @@ def test_kd_gives_the_lowest_validation_loss_and_random_init_the_highest(smollm2
     teacher, width = chain.teacher, chain.student
     random_dir = random_init(width, tmp_path / "random-init", seed=0)
 
-    val = spread(load_packed(data)[0]["validation"], 64)[:]["input_ids"]
+    val = load_packed(data)[0]["validation"].spread(64)
     common = {"max_steps": 20, "micro_batch_size": 4, "global_batch_size": 4, "learning_rate": 5e-4,
               "min_learning_rate": 5e-5, "warmup_steps": 2, "save_steps": 100, "logging_steps": 10}
     # Each loss at its own LR: cross-entropy at 2.5e-4, its best of 1.25e-4 / 2.5e-4 / 5e-4 / 1e-3 over seeds 0-2

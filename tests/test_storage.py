@@ -7,6 +7,7 @@ itself.
 
 from __future__ import annotations
 
+import json
 import os
 import select
 import socket
@@ -21,7 +22,6 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 import botocore.exceptions
-import datasets
 import pytest
 
 from secateurs import storage
@@ -304,33 +304,29 @@ def test_single_file_round_trip(bucket, tmp_path):
         storage.download(f"s3://{bucket}/weights/other", tmp_path / "out")
 
 
-def test_dataset_round_trip(bucket, tmp_path):
-    seq_len = 16
-    dataset = datasets.DatasetDict(
-        {
-            split: datasets.Dataset.from_dict(
-                {"input_ids": [[(i * 7 + j) % 1000 for j in range(seq_len)] for i in range(n)]}
-            )
-            for split, n in (("train", 40), ("validation", 8))
-        }
-    )
-    saved = tmp_path / "data"
-    dataset.save_to_disk(str(saved))
-    write_manifest(saved, step="data", config={"seq_len": seq_len, "tokenizer": "3f1c2a"})
-    uri = storage.upload(saved, f"s3://{bucket}/runs/r1/data/")
-    assert uri == f"s3://{bucket}/runs/r1/data"
+def test_prepare_data_reads_an_s3_source_and_writes_an_s3_output(bucket, tokenizer_dir, tmp_path, monkeypatch):
+    from secateurs.config import DataConfig
+    from secateurs.data import load_packed, prepare_data
 
-    local = storage.localize(uri, tmp_path / "cache")
-    assert local.is_relative_to(tmp_path / "cache")
-    loaded = datasets.load_from_disk(str(local))
-    assert set(loaded) == {"train", "validation"}
+    monkeypatch.setenv("SECATEURS_CACHE", str(tmp_path / "cache"))
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for part in range(2):
+        lines = [json.dumps({"text": f"document {part}-{i} " * (10 + i % 7)}) for i in range(40)]
+        (corpus / f"part-{part}.jsonl").write_text("\n".join(lines))
+    storage.upload(corpus, f"s3://{bucket}/corpus/")
+    settings = DataConfig(source=f"s3://{bucket}/corpus/", seq_len=16, shard_tokens=16 * 20)
+    report = prepare_data(tokenizer_dir, f"s3://{bucket}/runs/r1/data", settings)
+    local = prepare_data(tokenizer_dir, tmp_path / "local", DataConfig(source=str(corpus), seq_len=16, shard_tokens=16 * 20))
+    assert report["sources"]["corpus"]["content_sha256"] == local["sources"]["corpus"]["content_sha256"]
+
+    remote, config = load_packed(f"s3://{bucket}/runs/r1/data")
+    assert remote.path.is_relative_to(tmp_path / "cache") and config["source"] == f"s3://{bucket}/corpus/"
+    here = load_packed(tmp_path / "local")[0]
     for split in ("train", "validation"):
-        assert loaded[split].features == dataset[split].features
-        assert loaded[split].to_dict() == dataset[split].to_dict()
-    assert read_manifest(local)["config"] == {"seq_len": seq_len, "tokenizer": "3f1c2a"}
-    # The ETag record lives outside the artifact, so the artifact's identity is unchanged by the trip.
-    assert content_hash(local) == content_hash(saved)
-    assert storage.localize(uri + "/", tmp_path / "cache") == local  # same URI, same cache entry
+        assert remote[split].head(None).tolist() == here[split].head(None).tolist()
+    assert len(list(remote.path.rglob("*.bin"))) > 2  # several shards went up and came back
+    assert not list((tmp_path / "cache" / "prepare").iterdir())  # the work directory went once uploaded
 
 
 def test_download_is_retried_after_a_connection_reset(bucket, proxy, tmp_path, monkeypatch):

@@ -185,12 +185,13 @@ def save_llama(out: Path, seed: int, **shape) -> int:
 
 
 @pytest.fixture(scope="module")
-def artifacts(tmp_path_factory, server_process):
+def artifacts(tmp_path_factory, server_process, tokenizer_dir):
     """teacher -> importance -> pruned student -> distilled student, a dataset, and an evaluation, as dirs.
 
     Depends on `server_process` only so that the server boots while the checkpoints are written.
     """
-    import datasets
+    from secateurs.config import DataConfig
+    from secateurs.data import prepare_data
 
     root = tmp_path_factory.mktemp("artifacts")
     a = {
@@ -215,22 +216,12 @@ def artifacts(tmp_path_factory, server_process):
         report={"parameters": counts["teacher"]},
     )
 
-    rows = lambda n, off: {
-        "input_ids": [[(i * SEQ_LEN + j + off) % 128 for j in range(SEQ_LEN)] for i in range(n)]
-    }
-    datasets.DatasetDict(
-        {
-            "train": datasets.Dataset.from_dict(rows(8, 0)),
-            "validation": datasets.Dataset.from_dict(rows(2, 5)),
-        }
-    ).save_to_disk(a["dataset"])
-    write_manifest(
-        a["dataset"],
-        "prepare-data",
-        inputs={"corpus": "python-docs"},
-        config={"seq_len": SEQ_LEN, "tokenizer": "tok-1234"},
-        report={"train_sequences": 8},
-    )
+    # A blend of two sources, 3:1.
+    for name, n in (("web", 30), ("code", 20)):
+        lines = [json.dumps({"text": f"{name} document {i} " * (8 + i % 5)}) for i in range(n)]
+        (root / f"{name}.jsonl").write_text("\n".join(lines))
+    sources = [{"source": str(root / "web.jsonl"), "weight": 3}, {"source": str(root / "code.jsonl")}]
+    prepare_data(tokenizer_dir, a["dataset"], DataConfig(sources=sources, seq_len=SEQ_LEN, val_fraction=0.2))
 
     a["importance"].mkdir()
     (a["importance"] / "depth.json").write_text(json.dumps({"layer_scores": [0.9, 0.1]}))
@@ -363,22 +354,29 @@ def test_params_batched_and_truncated_metrics_and_curves(recorded, client):
     assert "secateurs.json" in [f.path for f in client.list_artifacts(run.info.run_id)]
 
 
-def test_datasets_logged_as_inputs(recorded, client, artifacts):
+def test_a_blend_is_logged_as_one_dataset_per_source(recorded, client, artifacts):
     a, _ = artifacts
-    sha = content_hash(a["dataset"])
-    run = client.get_run(recorded["distill"].run_id)
-    (ds_input,) = run.inputs.dataset_inputs
-    assert ds_input.dataset.name == "dataset"
-    assert ds_input.dataset.digest == sha[:36]
-    assert json.loads(ds_input.dataset.source) == {"uri": str(a["dataset"])}
-    tags = {t.key: t.value for t in ds_input.tags}
-    assert tags == {"mlflow.data.context": "dataset", TAG_SHA256: sha}
-    profile = json.loads(ds_input.dataset.profile)
-    assert profile == {
-        "num_rows": {"train": 8, "validation": 2},
-        "seq_len": SEQ_LEN,
-        "tokens": {"train": 8 * SEQ_LEN, "validation": 2 * SEQ_LEN},
-    }
+    index = json.loads((a["dataset"] / "index.json").read_text())
+    report = json.loads((a["dataset"] / "secateurs.json").read_text())["report"]["sources"]
+    for step, context in (("prepare-data", "source"), ("distill", "dataset")):
+        run = client.get_run(recorded[step].run_id)
+        inputs = {d.dataset.name: d for d in run.inputs.dataset_inputs}
+        assert sorted(inputs) == ["code", "web"], step
+        for source in index["sources"]:
+            ds_input = inputs[source["name"]]
+            assert ds_input.dataset.digest == source["content_sha256"][:36]
+            assert json.loads(ds_input.dataset.source) == {"uri": f"{a['dataset']}/{source['name']}"}
+            tags = {t.key: t.value for t in ds_input.tags}
+            assert tags == {"mlflow.data.context": context, TAG_SHA256: source["content_sha256"]}
+            profile = json.loads(ds_input.dataset.profile)
+            sequences = {split: sum(s["sequences"] for s in shards) for split, shards in source["shards"].items()}
+            assert profile == {
+                "origin": source["uri"], "weight": source["weight"], "documents": source["documents"],
+                "tokens": source["tokens"], "seq_len": SEQ_LEN, "num_rows": sequences,
+                "share": {split: index["blend"][split]["shares"][source["name"]] for split in ("train", "validation")},
+            }  # fmt: skip
+            assert profile["share"]["train"] == report[source["name"]]["train_share"]
+        assert inputs["web"].dataset.profile and json.loads(inputs["web"].dataset.profile)["share"]["train"] == pytest.approx(0.75, abs=0.01)
     prune = client.get_run(recorded["prune"].run_id)
     assert [d.dataset.name for d in prune.inputs.dataset_inputs] == ["importance"]
     assert [d.dataset.digest for d in prune.inputs.dataset_inputs] == [content_hash(a["importance"])[:36]]
@@ -422,7 +420,7 @@ def test_logged_models_and_edges(recorded, client, artifacts):
     assert [m.model_id for m in prune_run.inputs.model_inputs] == [teacher_id]
     importance_run = client.get_run(recorded["importance"].run_id)
     assert [m.model_id for m in importance_run.inputs.model_inputs] == [teacher_id]
-    assert [d.dataset.name for d in importance_run.inputs.dataset_inputs] == ["dataset"]
+    assert sorted(d.dataset.name for d in importance_run.inputs.dataset_inputs) == ["code", "web"]
 
 
 def test_distilled_student_registered_with_tags_and_scores(recorded, client, artifacts):

@@ -100,6 +100,35 @@ def test_resume_skips_a_checkpoint_killed_while_being_written(tiny_models, stude
     assert (checkpoints / "checkpoint-6" / "trainer_state.json").is_file()
 
 
+def test_a_resumed_run_reads_the_sequences_the_uninterrupted_run_reads_after_the_same_step(
+    tiny_models, student, tiny_data, tmp_path, monkeypatch
+):
+    """The data order continues across a resume: none of the sequences read before checkpoint-3 is read again, and
+    the steps after it read what the uninterrupted run read."""
+    from secateurs import data
+
+    seen: list[int] = []
+    read = data.PackedSplit.__getitem__
+
+    def traced(self, i):
+        if self.split == "train":
+            seen.append(int(i))
+        return read(self, i)
+
+    monkeypatch.setattr(data.PackedSplit, "__getitem__", traced)
+    teacher, out = tiny_models["llama-tied"], tmp_path / "run"
+    settings = DistillConfig(**dict(FAST, max_steps=6, save_steps=3))
+    train.distill(teacher, student, tiny_data, out, settings)
+    straight, seen[:] = list(seen), []
+    shutil.rmtree(out)
+    shutil.rmtree(Path(f"{out}.checkpoints") / "checkpoint-6")  # as if killed after checkpoint-3
+    resumed = train.distill(teacher, student, tiny_data, out, settings)
+    assert resumed["resumed_from"] == "checkpoint-3"
+    per_step = FAST["global_batch_size"]
+    assert len(set(straight[: 6 * per_step])) == 6 * per_step  # one pass over 64 sequences: no repeats yet
+    assert seen[: 3 * per_step] == straight[3 * per_step : 6 * per_step]
+
+
 def test_a_retry_with_another_output_path_resumes_from_secateurs_checkpoints(
     tiny_models, student, tiny_data, tmp_path, monkeypatch
 ):
@@ -267,7 +296,7 @@ def test_trainer_kd_loss_and_gradients_equal_stock_forwards(tiny_models, student
     settings = DistillConfig(temperature=temperature, ce_alpha=ce_alpha, kd_chunk_size=7)
     trainer = train.DistillationTrainer(model=model, args=TrainingArguments(output_dir=str(tmp_path), report_to=[]))
     trainer.ctx, trainer.settings = train._Context(teacher=teacher), settings
-    ids = load_packed(tiny_data)[0]["train"].with_format("torch")[:3]["input_ids"]
+    ids = load_packed(tiny_data)[0]["train"].head(3)
     params = [p for p in model.parameters() if p.requires_grad]
     got = trainer.compute_loss(model, {"input_ids": ids})
     grads_got = torch.autograd.grad(got, params)
