@@ -218,7 +218,7 @@ def _train(model, ctx: _Context | None, dd, out, settings: TrainingConfig, ident
         "steps": trainer.state.global_step,
         "final_loss": history[-1]["loss"] if history else result.training_loss,
         "mean_loss": result.training_loss,
-        "tokens_seen": trainer.state.global_step * settings.global_batch_size * train[0]["input_ids"].numel(),
+        "tokens_seen": trainer.state.global_step * settings.global_batch_size * train.seq_len,
         "resumed_from": Path(last).name if last else None,
         "checkpoint_dir": str(work),
         "processes": world,

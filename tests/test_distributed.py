@@ -118,6 +118,54 @@ def test_two_processes_train_as_one(parallelism, tiny_models, student, tiny_data
         assert not (checkpoint / "model.safetensors").exists()
 
 
+# Run under torchrun: the step as its command runs it, with each process noting the training sequences it reads.
+_TRACED_STEP = """
+import json, os, sys
+from secateurs import data
+from secateurs.cli import main
+
+read, seen = data.PackedSplit.__getitem__, []
+
+def traced(self, i):
+    if self.split == "train":
+        seen.append(int(i))
+    return read(self, i)
+
+data.PackedSplit.__getitem__ = traced
+trace, sys.argv[1:] = sys.argv[1], sys.argv[2:]
+try:
+    main()
+finally:
+    with open(os.path.join(trace, "rank-%s.json" % os.environ["RANK"]), "w") as f:
+        json.dump(seen, f)
+"""
+
+
+def test_each_process_reads_its_own_part_of_the_data(tiny_models, tiny_data, tmp_path):
+    """Two processes read disjoint sequences, and between them the ones a single process reads in the same steps
+    (the Trainer's sampler over the blended split, sharded by accelerate)."""
+    script = tmp_path / "traced.py"
+    script.write_text(_TRACED_STEP)
+    steps, per_step = 3, 4
+    command = ["correct-teacher", "--model", str(tiny_models["llama-untied"]), "--data", str(tiny_data),
+               "--max-steps", str(steps), "--micro-batch-size", "2", "--global-batch-size", str(per_step),
+               "--save-steps", "100", "--warmup-steps", "1"]  # fmt: skip
+    reads = {}
+    for processes in (1, 2):
+        trace = tmp_path / f"trace-{processes}"
+        trace.mkdir()
+        launcher = _torchrun(processes) + ["--master-addr=127.0.0.1", f"--master-port={_free_port()}"]
+        done = subprocess.run(launcher + [str(script), str(trace)] + command + ["--out", str(tmp_path / f"out-{processes}")],
+                              env=_env(), capture_output=True, text=True, timeout=TIMEOUT)  # fmt: skip
+        assert done.returncode == 0, done.stderr[-3000:]
+        reads[processes] = [json.loads((trace / f"rank-{r}.json").read_text()) for r in range(processes)]
+    (single,), (rank0, rank1) = reads[1], reads[2]
+    assert not set(rank0) & set(rank1)
+    # Each process reads micro-batches of 2; the steps' sequences are the first steps x micro-batches of each.
+    used = steps * per_step // 2
+    assert set(rank0[:used]) | set(rank1[:used]) == set(single[: steps * per_step])
+
+
 def test_two_nodes_started_as_the_trainer_runtime_starts_its_pods(tiny_models, student, tiny_data, single, tmp_path):
     """Kubeflow Trainer's torch-distributed runtime runs `torchrun` in each node's pod with PET_* variables
     (PET_NNODES, PET_NPROC_PER_NODE, PET_NODE_RANK, PET_MASTER_ADDR, PET_MASTER_PORT), which torchrun reads as its
