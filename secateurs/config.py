@@ -73,9 +73,10 @@ class DataConfig(Section):
     max_tokens: int | None = Field(None, ge=2, description="Cap on the tokens kept, shared by the sources by weight (None keeps all).")
     val_fraction: float = Field(0.05, gt=0, lt=1, description="Fraction of each source's tokens held out for validation, by whole documents.")
     seed: int = Field(0, description="Document shuffle and blend sampling seed.")
-    shuffle_buffer: int = Field(10_000, ge=0, description="Documents in the streaming shuffle buffer (0 keeps the source's order).")
+    # datasets' own default buffer; memory grows with it (10,000 documents of ~3 KB: +200 MiB, bench/data.py).
+    shuffle_buffer: int = Field(1000, ge=0, description="Documents in the streaming shuffle buffer (0 keeps the source's order).")
     num_proc: int = Field(1, ge=1, description="Tokenizer processes (1: the tokenizer's own threads in this process).")
-    batch_documents: int = Field(1000, ge=1, description="Documents per tokenizer call.")
+    batch_documents: int = Field(200, ge=1, description="Documents per tokenizer call.")
     # 2^27 tokens: 256 MiB shards for vocabularies under 65,536 tokens, 512 MiB above.
     shard_tokens: int = Field(2**27, ge=1, description="Tokens per shard file (rounded down to whole sequences).")
 

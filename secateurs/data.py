@@ -28,6 +28,7 @@ import itertools
 import json
 import os
 import shutil
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -45,6 +46,7 @@ INDEX = "index.json"
 PROGRESS = "progress.json"  # in the work directory while a preparation runs: what a restart resumes from
 # Settings that change how fast a dataset is made, not what it holds: a restart may change them and resume.
 _SPEED_SETTINGS = {"num_proc", "batch_documents"}
+CHECKPOINTS_ENV = "SECATEURS_CHECKPOINTS"  # as in `secateurs.train`: a volume that outlives the step's pod
 
 
 class DataError(ValueError):
@@ -135,6 +137,45 @@ def _local_files(source: str) -> list[Path] | None:
     return files
 
 
+def _s3_documents(src: DataSource):
+    """An `s3://` text source read object by object: each is downloaded to the cache, streamed, and deleted, so
+    the disk holds one object at a time, not the corpus.
+
+    Written here because the library that would do it (`datasets` streaming over fsspec's s3fs) needs aiobotocore,
+    whose botocore pin conflicts with the boto3 the pipeline pins.
+    """
+    import datasets
+
+    from secateurs import storage
+
+    objects = {rel: uri for rel, uri in storage.list_objects(src.source).items() if Path(rel).suffix in LOCAL_FORMATS}
+    if not objects:
+        raise DataError(f"data source {src.source} holds no .txt/.jsonl/.parquet objects")
+    formats = {LOCAL_FORMATS[Path(rel).suffix] for rel in objects}
+    if len(formats) != 1:
+        raise DataError(f"data source {src.source} mixes formats {sorted(formats)}; use one")
+    # A list in gen_kwargs makes each object a shard of the stream, so the shuffle also shuffles their order.
+    return datasets.IterableDataset.from_generator(
+        _s3_records, gen_kwargs={"objects": list(objects.values()), "builder": formats.pop()}
+    )
+
+
+def _s3_records(objects: list[str], builder: str):
+    import tempfile
+
+    import datasets
+
+    from secateurs import storage
+    from secateurs.checkpoint import cache_dir
+
+    (cache_dir() / "streams").mkdir(parents=True, exist_ok=True)
+    for uri in objects:
+        with tempfile.TemporaryDirectory(dir=cache_dir() / "streams") as tmp:
+            path = storage.download(uri, Path(tmp) / "object")
+            kwargs = {"sample_by": "document"} if builder == "text" else {}
+            yield from datasets.load_dataset(builder, data_files=[str(path)], split="train", streaming=True, **kwargs)
+
+
 def _localized(source: str) -> str:
     if source.startswith("s3://"):
         from secateurs import storage
@@ -152,9 +193,11 @@ def documents(src: DataSource, seed: int = 0, shuffle_buffer: int = 0):
     """
     import datasets
 
-    source = _localized(src.source)
+    source = src.source
     if source in BUILTIN_CORPORA:
         ds = datasets.IterableDataset.from_generator(_python_docs_records)
+    elif source.startswith("s3://"):
+        ds = _s3_documents(src)
     elif (files := _local_files(source)) is not None:
         formats = {LOCAL_FORMATS[p.suffix] for p in files}
         if len(formats) != 1:
@@ -189,7 +232,12 @@ def _text(t) -> bool:
 
 def _prepared(source: str) -> Path | None:
     """The local directory of SOURCE when it is a dataset made by prepare-data (a blend can reuse one)."""
-    if source in BUILTIN_CORPORA or not (source.startswith("s3://") or Path(source).expanduser().is_dir()):
+    if source.startswith("s3://"):
+        from secateurs import storage
+
+        if not {INDEX, "secateurs.json"} <= set(storage.list_objects(source)):
+            return None  # text, streamed object by object
+    elif source in BUILTIN_CORPORA or not Path(source).expanduser().is_dir():
         return None
     path = Path(_localized(source)).expanduser()
     return path if (path / INDEX).is_file() and read_manifest(path).get("step") == "prepare-data" else None
@@ -204,6 +252,7 @@ def _init_worker(tokenizer_dir: str) -> None:
     global _WORKER_TOKENIZER
     from secateurs.checkpoint import load_tokenizer
 
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one thread per worker: the processes are the parallelism
     _WORKER_TOKENIZER = load_tokenizer(tokenizer_dir)
 
 
@@ -213,7 +262,7 @@ def _encode_in_worker(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
 
 def encode(tokenizer, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
     """Token ids of TEXTS, each followed by EOS, as one flat array and the documents' lengths."""
-    ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    ids = tokenizer(texts, add_special_tokens=False, return_attention_mask=False)["input_ids"]
     if tokenizer.eos_token_id is not None:
         for doc in ids:
             doc.append(tokenizer.eos_token_id)
@@ -234,8 +283,9 @@ def _encoded(batches: Iterator[tuple[int, list[str]]], tokenizer, tokenizer_dir:
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
-    # spawn: the parent may hold torch's and the tokenizer's threads, which a fork would copy mid-state.
-    context = multiprocessing.get_context("spawn")
+    # fork, as `datasets`' own map does: workers start in milliseconds instead of importing transformers again
+    # (seconds). The parent has not tokenized anything, so no tokenizer thread pool is copied mid-state.
+    context = multiprocessing.get_context("fork" if sys.platform == "linux" else "spawn")
     with ProcessPoolExecutor(num_proc, mp_context=context, initializer=_init_worker,
                              initargs=(str(tokenizer_dir),)) as pool:  # fmt: skip
         window: collections.deque = collections.deque()
@@ -391,17 +441,23 @@ def prepare_data(tokenizer_dir: str | Path, out: str | Path, settings: DataConfi
             opened[src.name] = _check_prepared(prepared, src, identity, settings.seq_len)
         else:
             opened[src.name] = documents(src, settings.seed, settings.shuffle_buffer)
-    remote = storage.is_s3_uri(str(out))
-    if remote:
-        storage.check_access(str(out))
-        key = hashlib.sha256(str(out).rstrip("/").encode()).hexdigest()[:16]
-        work = cache_dir() / "prepare" / key
-    else:
-        out = Path(out).absolute()
-        work = out.parent / f".{out.name}.partial"
     config = {**settings.model_dump(exclude=_SPEED_SETTINGS), "sources": [s.model_dump() for s in blend],
               "tokenizer": identity}  # fmt: skip
     digest = hashlib.sha256(json.dumps([FORMAT, config], sort_keys=True).encode()).hexdigest()
+    remote = storage.is_s3_uri(str(out))
+    if remote:
+        storage.check_access(str(out))
+    else:
+        out = Path(out).absolute()
+    # Where the work survives a kill: on a cluster, the volume the pipeline points SECATEURS_CHECKPOINTS at (a
+    # retried pod writes its output to a new path, so the work is found by what it prepares, as training finds its
+    # checkpoints); else beside a local output, or in the cache for an S3 one.
+    if os.environ.get(CHECKPOINTS_ENV):
+        work = Path(os.environ[CHECKPOINTS_ENV]).absolute() / f"prepare-data-{digest[:16]}"
+    elif remote:
+        work = cache_dir() / "prepare" / hashlib.sha256(str(out).rstrip("/").encode()).hexdigest()[:16]
+    else:
+        work = out.parent / f".{out.name}.partial"
     progress = _read_progress(work, digest)
     plan = _Plan(settings, tokenizer, Path(tokenizer_dir), work, token_dtype(tokenizer),
                  max(1, settings.shard_tokens // settings.seq_len))  # fmt: skip
@@ -493,7 +549,7 @@ def _prepare_source(src: DataSource, stream, cap: int | None, plan: _Plan, progr
             content.update(record["text"].encode() + b"\0")
 
     def batches():
-        # Batches grow from 8 documents to batch_documents: a small cap is met without tokenizing 1,000 documents.
+        # Batches grow from 8 documents to batch_documents: a small cap is met without tokenizing a whole batch.
         size = min(8, s.batch_documents)
         while chunk := list(itertools.islice(records, size)):
             yield len(chunk), [r["text"] for r in chunk if _text(r["text"])]

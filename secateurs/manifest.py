@@ -114,8 +114,17 @@ def atomic_output(out_dir: str | Path, overwrite: bool = True) -> Iterator[Path]
 
 
 def publish(work: str | Path, out_dir: str | Path) -> None:
-    """Rename the finished directory WORK to OUT_DIR; an old OUT_DIR is moved aside and deleted only after."""
+    """Rename the finished directory WORK to OUT_DIR; an old OUT_DIR is moved aside and deleted only after.
+
+    WORK on another file system (a volume) is first moved beside OUT_DIR, so that the last step is still a rename.
+    """
     out_dir = Path(out_dir).absolute()
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    if os.stat(work).st_dev != os.stat(out_dir.parent).st_dev:
+        staged = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+        staged.rmdir()
+        shutil.move(str(work), staged)
+        work = staged
     old = None
     if out_dir.exists() or out_dir.is_symlink():
         old = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}-{time.time_ns()}"

@@ -467,6 +467,18 @@ def _local_path(uri: str | os.PathLike) -> Path:
     return Path(text.removeprefix("file://")).expanduser()
 
 
+def list_objects(uri: str, *, client: Any = None) -> dict[str, str]:
+    """The objects `uri` names (itself, or those under the prefix): {path relative to the prefix: object URI}.
+
+    Raises:
+        StorageError: nothing exists at `uri`, or listing failed after its retries.
+    """
+    bucket, key = parse_s3_uri(uri)
+    client = client or s3_client()
+    objects, _ = _remote_objects(client, bucket, key, uri, _endpoint(client))
+    return {rel: f"s3://{bucket}/{obj.key}" for rel, obj in sorted(objects.items())}
+
+
 def _remote_objects(
     client: Any, bucket: str, key: str, uri: str, endpoint: str
 ) -> tuple[dict[str, _RemoteObject], bool]:

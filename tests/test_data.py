@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -85,6 +86,15 @@ def test_python_docs_builtin_and_max_tokens(tokenizer_dir, tmp_path):
     assert 2 <= report["documents"] < 10
 
 
+def test_tokenizer_processes_write_the_same_shards(tokenizer_dir, docs_dir, tmp_path):
+    made = {}
+    for procs in (1, 2):
+        settings = DataConfig(source=str(docs_dir), seq_len=64, num_proc=procs, batch_documents=4, shard_tokens=64 * 64)
+        prepare_data(tokenizer_dir, tmp_path / str(procs), settings)
+        made[procs] = json.loads((tmp_path / str(procs) / "index.json").read_text())
+    assert made[1] == made[2] and len(made[1]["sources"][0]["shards"]["train"]) > 1
+
+
 def test_a_weighted_blend_draws_in_proportion_and_the_seed_fixes_the_order(tokenizer_dir, tmp_path):
     words = "alpha beta gamma delta epsilon zeta eta theta iota kappa".split()
     for name, n in (("web", 300), ("code", 500)):
@@ -136,6 +146,8 @@ def test_a_prepared_dataset_is_a_source_of_a_blend_only_with_its_tokenizer(token
 
 
 def test_a_killed_preparation_resumes_and_writes_the_same_shards(tokenizer_dir, tmp_path):
+    """As on a cluster: SECATEURS_CHECKPOINTS on a volume that outlives the pod, and the retried pod writing its
+    output to a new path, finds the work by what it prepares."""
     command = [sys.executable, "-m", "secateurs", "prepare-data", "--tokenizer", str(tokenizer_dir),
                "--source", "python-docs", "--seq-len", "64", "--shard-tokens", str(64 * 20), "--val-fraction", "0.1",
                "--batch-documents", "8"]  # fmt: skip
@@ -143,10 +155,14 @@ def test_a_killed_preparation_resumes_and_writes_the_same_shards(tokenizer_dir, 
     whole = subprocess.run(command + ["--out", str(tmp_path / "whole")], env=env, capture_output=True, text=True)
     assert whole.returncode == 0, whole.stderr[-2000:]
 
-    out = tmp_path / "resumed"
-    progress = tmp_path / ".resumed.partial" / "progress.json"
-    run = subprocess.Popen(command + ["--out", str(out)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    env["SECATEURS_CHECKPOINTS"] = str(tmp_path / "volume")
+    out = tmp_path / "pod-2" / "data"
+    run = subprocess.Popen(command + ["--out", str(tmp_path / "pod-1" / "data")], env=env, stdout=subprocess.DEVNULL,
+                           stderr=subprocess.DEVNULL)  # fmt: skip
     deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and run.poll() is None and not (tmp_path / "volume").exists():
+        time.sleep(0.05)
+    (progress,) = (tmp_path / "volume").glob("prepare-data-*/progress.json") or [tmp_path / "volume" / "none"]
     while time.monotonic() < deadline and run.poll() is None:
         state = json.loads(progress.read_text()).get("sources", {}) if progress.exists() else {}
         if state.get("python-docs", {}).get("consumed", 0) >= 40:
@@ -154,7 +170,7 @@ def test_a_killed_preparation_resumes_and_writes_the_same_shards(tokenizer_dir, 
         time.sleep(0.05)
     run.send_signal(signal.SIGKILL)
     run.wait()
-    assert not out.exists() and progress.exists(), "the run ended before it could be killed midway"
+    assert not (tmp_path / "pod-1" / "data").exists() and progress.exists(), "the run ended before the kill"
     killed_at = json.loads(progress.read_text())["sources"]["python-docs"]["consumed"]
     finished = [p for p in progress.parent.rglob("*.bin")]
     stamps = {p: p.stat().st_mtime_ns for p in finished}
@@ -170,6 +186,29 @@ def test_a_killed_preparation_resumes_and_writes_the_same_shards(tokenizer_dir, 
     for p, stamp in stamps.items():
         assert (out / p.relative_to(progress.parent)).stat().st_mtime_ns == stamp
     assert not progress.parent.exists()
+
+
+def test_an_interrupted_preparation_resumes_from_its_work_directory_beside_the_output(tokenizer_dir, docs_dir,
+                                                                                       tmp_path, monkeypatch):
+    from secateurs import data
+
+    settings = DataConfig(source=str(docs_dir), seq_len=64, shard_tokens=64 * 16, batch_documents=2)
+    prepare_data(tokenizer_dir, tmp_path / "whole", settings)
+    write = data._write_progress
+
+    def interrupted(work, progress):
+        write(work, progress)
+        if progress["sources"].get("docs", {}).get("consumed", 0) >= 10:
+            raise KeyboardInterrupt  # as a kill right after a shard was recorded
+
+    monkeypatch.setattr(data, "_write_progress", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        prepare_data(tokenizer_dir, tmp_path / "out", settings)
+    assert (tmp_path / ".out.partial" / "progress.json").is_file() and not (tmp_path / "out").exists()
+    monkeypatch.setattr(data, "_write_progress", write)
+    report = prepare_data(tokenizer_dir, tmp_path / "out", settings)
+    assert report["resumed_after_documents"] >= 10 and not (tmp_path / ".out.partial").exists()
+    assert (tmp_path / "out" / "index.json").read_text() == (tmp_path / "whole" / "index.json").read_text()
 
 
 def test_bad_data_inputs(tokenizer_dir, tmp_path):
@@ -227,3 +266,22 @@ def test_python_docs_corpus_is_the_same_in_every_process_and_holds_no_environmen
                            env={**os.environ, "SECATEURS_TEST_TOKEN": "hunter2"}).stdout
     assert plain == other
     assert plain.split()[1:] == ["False", "True"]
+
+
+def test_a_work_directory_on_another_file_system_is_published(tmp_path):
+    """On a cluster the work directory is on the cache volume and the output on the pod's disk."""
+    import tempfile
+
+    from secateurs.manifest import publish
+
+    if os.stat("/dev/shm").st_dev == os.stat(tmp_path).st_dev:
+        pytest.skip("/dev/shm is on the same file system as the temp dir here")
+    work = Path(tempfile.mkdtemp(dir="/dev/shm"))
+    (work / "sub").mkdir()
+    (work / "sub" / "shard.bin").write_bytes(b"\x01\x02")
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "old").write_text("replaced")
+    publish(work, tmp_path / "out")
+    assert not work.exists() and [p.name for p in (tmp_path / "out").iterdir()] == ["sub"]
+    assert (tmp_path / "out" / "sub" / "shard.bin").read_bytes() == b"\x01\x02"
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]

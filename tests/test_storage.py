@@ -315,10 +315,12 @@ def test_prepare_data_reads_an_s3_source_and_writes_an_s3_output(bucket, tokeniz
         lines = [json.dumps({"text": f"document {part}-{i} " * (10 + i % 7)}) for i in range(40)]
         (corpus / f"part-{part}.jsonl").write_text("\n".join(lines))
     storage.upload(corpus, f"s3://{bucket}/corpus/")
-    settings = DataConfig(source=f"s3://{bucket}/corpus/", seq_len=16, shard_tokens=16 * 20)
+    settings = DataConfig(source=f"s3://{bucket}/corpus/", seq_len=16, shard_tokens=16 * 20, shuffle_buffer=0)
     report = prepare_data(tokenizer_dir, f"s3://{bucket}/runs/r1/data", settings)
-    local = prepare_data(tokenizer_dir, tmp_path / "local", DataConfig(source=str(corpus), seq_len=16, shard_tokens=16 * 20))
+    local = prepare_data(tokenizer_dir, tmp_path / "local", settings.model_copy(update={"source": str(corpus)}))
     assert report["sources"]["corpus"]["content_sha256"] == local["sources"]["corpus"]["content_sha256"]
+    # The corpus was streamed object by object, not mirrored: nothing of it is left in the cache.
+    assert not (tmp_path / "cache" / "s3").exists() and not list((tmp_path / "cache" / "streams").iterdir())
 
     remote, config = load_packed(f"s3://{bucket}/runs/r1/data")
     assert remote.path.is_relative_to(tmp_path / "cache") and config["source"] == f"s3://{bucket}/corpus/"
