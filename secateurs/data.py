@@ -29,14 +29,18 @@ import json
 import os
 import shutil
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from secateurs.config import DataConfig, DataSource
 from secateurs.manifest import publish, read_manifest, write_manifest
+
+if TYPE_CHECKING:
+    import torch
 
 BUILTIN_CORPORA = ("python-docs",)
 LOCAL_FORMATS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
@@ -360,7 +364,7 @@ class _SplitWriter:
             take = min(self.shard_sequences - self.open_sequences, len(sequences) // self.seq_len)
             if self._file is None:
                 self.root.joinpath(self.prefix).parent.mkdir(parents=True, exist_ok=True)
-                self._file = open(self._path(len(self.shards), partial=True), "ab")
+                self._file = open(self._path(len(self.shards), partial=True), "ab")  # noqa: SIM115 (open across calls)
             self._file.write(sequences[: take * self.seq_len].tobytes())
             self.open_sequences += take
             sequences = sequences[take * self.seq_len :]
@@ -416,7 +420,8 @@ def prepare_data(tokenizer_dir: str | Path, out: str | Path, settings: DataConfi
     """Tokenize, pack and split the sources of `settings` with the tokenizer in TOKENIZER_DIR into OUT.
 
     OUT may be a local directory or an `s3://` prefix. The work happens in a directory that survives a kill
-    (`.<out>.partial` beside a local OUT, under the cache for S3) and replaces OUT only once complete.
+    (`$SECATEURS_CHECKPOINTS/prepare-data-<digest>` when that is set, else `.<out>.partial` beside a local OUT or
+    under the cache for S3) and replaces OUT only once complete.
 
     Args:
         settings: the sources and their weights, text column, sequence length, token cap, validation fraction,
@@ -536,11 +541,12 @@ def _prepare_source(src: DataSource, stream, cap: int | None, plan: _Plan, progr
     if cap is not None:
         n_val = max(1, round(cap * s.val_fraction))
         caps = {"train": cap - n_val, "validation": n_val}
+    saved = state.get("writers") or {}
     writers = {
         split: _SplitWriter(plan.work, f"{src.name}/{split}", s.seq_len, plan.dtype, plan.shard_sequences,
-                            caps[split], (state.get("writers") or {}).get(split))  # fmt: skip
+                            caps[split], saved.get(split))
         for split in SPLITS
-    }
+    }  # fmt: skip
     content = hashlib.sha256()  # of the documents used, in order (hash objects cannot be saved: a restart re-reads)
     consumed, documents_used = state.get("consumed", 0), state.get("documents", 0)
     records = iter(stream)
@@ -563,7 +569,7 @@ def _prepare_source(src: DataSource, stream, cap: int | None, plan: _Plan, progr
         parts: dict[str, list[np.ndarray]] = {"train": [], "validation": []}
         given = {split: w.tokens for split, w in writers.items()}
 
-        def full(split):
+        def full(split, given=given):
             return caps[split] is not None and given[split] >= caps[split] * s.seq_len
 
         for i, text in enumerate(texts):
@@ -758,18 +764,18 @@ class PackedSplit:
 
         return {"input_ids": torch.from_numpy(self._sequence(int(i)).astype(np.int64))}
 
-    def sequences(self, indices) -> "torch.Tensor":  # noqa: F821
+    def sequences(self, indices) -> torch.Tensor:
         """The sequences at INDICES as one [n, seq_len] LongTensor."""
         import torch
 
         rows = [self._sequence(int(i)).astype(np.int64) for i in indices]
         return torch.from_numpy(np.stack(rows) if rows else np.zeros((0, self.seq_len), np.int64))
 
-    def head(self, n: int | None) -> "torch.Tensor":  # noqa: F821
+    def head(self, n: int | None) -> torch.Tensor:
         """The first N sequences (all for None)."""
         return self.sequences(range(len(self) if n is None else min(n, len(self))))
 
-    def spread(self, n: int | None) -> "torch.Tensor":  # noqa: F821
+    def spread(self, n: int | None) -> torch.Tensor:
         """N sequences spread evenly over the split (all of them for None or N >= its length).
 
         Documents are packed in order, so the first N sequences of a split are its first one or two documents (a

@@ -25,7 +25,7 @@ import botocore.exceptions
 import pytest
 
 from secateurs import storage
-from secateurs.manifest import MANIFEST, content_hash, read_manifest, write_manifest
+from secateurs.manifest import MANIFEST, write_manifest
 
 MiB = 1 << 20
 # Small multipart settings so a 12 MiB file goes up and down in 3 parts (5 MiB is S3's minimum part size).
