@@ -9,7 +9,7 @@ EXTRAS ?= pipeline,engine,dev
 export TOKENIZERS_PARALLELISM ?= false
 export SECATEURS_CACHE ?= $(CURDIR)/.cache/secateurs
 
-.PHONY: setup test demo bench gpu-check clean help
+.PHONY: setup test test-containers demo demo-containers images-local bench gpu-check clean help
 
 include docker/images.mk
 
@@ -17,6 +17,9 @@ help:
 	@echo "make setup      create $(VENV) with secateurs and everything its tests need"
 	@echo "make demo       run the recipe on SmolLM2-135M and the python-docs corpus (CPU, minutes)"
 	@echo "make test       run the test suite"
+	@echo "make images-local  build the images here with podman, no registry (root; apt: podman buildah runc debootstrap)"
+	@echo "make test-containers  test the images and the pipeline run in them (after make test; minutes)"
+	@echo "make demo-containers  the demo with every step in the image (secateurs run --runner container)"
 	@echo "make bench      run the CPU benchmarks in bench/"
 	@echo "make gpu-check  the prepared CUDA check (run on a GPU machine)"
 
@@ -32,7 +35,17 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 test: setup
-	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q --durations=10
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q --durations=10 -m "not containers"
+
+# The images built here and the pipeline run in them: slow (the first build takes minutes), hence apart.
+test-containers: setup
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q --durations=10 -m containers tests/test_containers.py
+
+images-local: setup
+	$(BIN)/python docker/build_local.py --tensorrt-llm
+
+demo-containers: images-local
+	$(BIN)/secateurs run configs/demo-cpu.yaml --run-dir runs/demo-containers --runner container
 
 demo: setup
 	$(BIN)/secateurs run configs/demo-cpu.yaml --run-dir runs/demo

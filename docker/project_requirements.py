@@ -14,7 +14,8 @@ build of torch (and, in the TensorRT-LLM image, the exact transformers/tensorrt 
 against) that a plain resolve would silently swap for a PyPI build. pip has no option for either, so this script
 does the small amount of bookkeeping by reading pyproject with tomllib and matching names with `packaging`.
 
-Runs with the standard library plus `packaging` (present in every pip-equipped Python); needs Python >= 3.11.
+Runs with the standard library plus `packaging` (or pip's vendored copy of it, which every pip-equipped Python has);
+needs Python >= 3.11.
 """
 
 from __future__ import annotations
@@ -25,8 +26,12 @@ import sys
 import tomllib
 from pathlib import Path
 
-from packaging.requirements import Requirement
-from packaging.utils import canonicalize_name
+try:
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+except ImportError:  # a bare venv has packaging only as pip's vendored copy (the local base image, for one)
+    from pip._vendor.packaging.requirements import Requirement
+    from pip._vendor.packaging.utils import canonicalize_name
 
 
 def project_requirements(pyproject: Path, extras: list[str]) -> list[str]:

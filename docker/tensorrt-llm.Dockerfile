@@ -1,8 +1,10 @@
 # The image of the TensorRT-LLM steps (ModelOpt checkpoint export, trtllm-bench throughput): NVIDIA's release
 # image with secateurs added. Build from the repository root:
 # docker build -f docker/tensorrt-llm.Dockerfile -t REGISTRY/secateurs-tensorrt-llm:TAG .
-# No credentials are baked in.
-FROM nvcr.io/nvidia/tensorrt-llm/release:1.2.1
+# No credentials are baked in. BASE_IMAGE: `make images-local` builds this file's project layer on the local CPU
+# base to check that what it copies and installs resolves (the TensorRT-LLM release itself needs NVIDIA's image).
+ARG BASE_IMAGE=nvcr.io/nvidia/tensorrt-llm/release:1.2.1
+FROM ${BASE_IMAGE}
 
 SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 
@@ -19,7 +21,9 @@ WORKDIR /opt/secateurs
 # project's own pins (e.g. transformers 5) would otherwise replace them. Everything else the `pipeline` extra
 # needs (kfp for the component executor, mlflow, boto3) is installed normally.
 COPY pyproject.toml docker/project_requirements.py ./
-RUN python3 project_requirements.py pyproject.toml --extras pipeline \
+RUN --mount=type=bind,source=docker/wheels,target=/wheels \
+    if compgen -G "/wheels/*.whl" >/dev/null; then export PIP_NO_INDEX=1 PIP_FIND_LINKS=/wheels; fi \
+    && python3 project_requirements.py pyproject.toml --extras pipeline \
         --image-owns tensorrt-llm,tensorrt,torch,transformers,tokenizers,accelerate,safetensors,nvidia-modelopt,numpy \
         --requirements /tmp/requirements.txt --constraints /tmp/constraints.txt \
     && pip install --no-cache-dir -c /tmp/constraints.txt -r /tmp/requirements.txt \
@@ -29,7 +33,9 @@ COPY README.md ./
 COPY secateurs ./secateurs
 COPY components ./components
 COPY pipelines ./pipelines
-RUN pip install --no-cache-dir --no-deps . \
+RUN --mount=type=bind,source=docker/wheels,target=/wheels \
+    if compgen -G "/wheels/*.whl" >/dev/null; then export PIP_NO_INDEX=1 PIP_FIND_LINKS=/wheels; fi \
+    && pip install --no-cache-dir --no-deps . \
     && python3 -c "import secateurs, mlflow, kfp"
 
 RUN useradd --no-log-init --uid 10001 --gid 0 --create-home --home-dir /home/secateurs secateurs \

@@ -21,12 +21,14 @@ import json
 import os
 import time
 from pathlib import Path
+from typing import Annotated
 
 import typer
 
 from secateurs.config import PipelineConfig, load_config
 
 RUN_FILE = "run.json"
+RUNNERS = ("subprocess", "container")
 CONFIG_FILE = "config.yaml"
 TAG_RERUN_OF = "secateurs.rerun_of"
 
@@ -57,17 +59,34 @@ def _one_line(fn):
 def run_cmd(
     config: Path = typer.Argument(..., help="Pipeline config YAML."),
     run_dir: Path = typer.Option(None, "--run-dir", help="Run directory (default: runs/<config name>)."),
+    runner: Annotated[str, typer.Option(
+        "--runner",
+        help="subprocess: each step a process of this environment; container: each step in the pipeline's image "
+        "through podman, as on the cluster (build it first: make images-local).",
+    )] = "subprocess",  # fmt: skip
 ):
     """Run the whole pipeline on this machine (kfp.local); run it again to redo only what failed."""
+    if runner not in RUNNERS:
+        raise PipelineError(f"--runner {runner}: not one of {', '.join(RUNNERS)}")
     cfg = for_local_run(load_config(config))
     run_dir = (run_dir or Path("runs") / cfg.name).absolute()
     check_local(cfg)
     check_plan(cfg)
     pipeline_root = _local_pipeline_root(cfg, run_dir)
-    state = _open_run(cfg, run_dir)
     from secateurs.pipelines.recipe import build_pipeline
 
-    _run_locally(build_pipeline(cfg, tracking_uri=state["tracking_uri"]), state, pipeline_root)
+    if runner == "container":
+        from secateurs import containers
+
+        inputs = containers.local_inputs([cfg.teacher.source, *(s.source for s in cfg.data.blend())])
+        with containers.shared_with_group(), containers.podman_service(_mkdir(run_dir)) as url:
+            containers.require_image(url, cfg.placement.resolved_images()["secateurs"])
+            state = _open_run(cfg, run_dir)
+            pipeline = build_pipeline(cfg, tracking_uri=state["tracking_uri"])
+            _run_locally(pipeline, state, pipeline_root, docker=(url, containers.runner_arguments(run_dir, inputs)))
+    else:
+        state = _open_run(cfg, run_dir)
+        _run_locally(build_pipeline(cfg, tracking_uri=state["tracking_uri"]), state, pipeline_root)
     table = report_table(state)
     if table:
         typer.echo(table)
@@ -139,8 +158,20 @@ def _open_run(cfg: PipelineConfig, run_dir: Path) -> dict:
     return state
 
 
-def _run_locally(pipeline, state: dict, pipeline_root: Path, rerun_of: str | None = None) -> None:
-    """Run `pipeline` through kfp.local with caching, closing its MLflow pipeline run with the outcome."""
+def _mkdir(path: Path) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _run_locally(pipeline, state: dict, pipeline_root: Path, rerun_of: str | None = None,
+                 docker: tuple[str, dict] | None = None) -> None:  # fmt: skip
+    """Run `pipeline` through kfp.local with caching, closing its MLflow pipeline run with the outcome.
+
+    Args:
+        docker: (DOCKER_HOST, DockerRunner arguments) to run each step in its image; default: subprocesses.
+    """
+    import contextlib
+
     from kfp import local
 
     from secateurs.tracking import Tracker
@@ -149,9 +180,17 @@ def _run_locally(pipeline, state: dict, pipeline_root: Path, rerun_of: str | Non
     tracker = Tracker(state["tracking_uri"], pipeline_run=state["pipeline_run"])
     if rerun_of and tracker.active:
         tracker.client.set_tag(tracker.parent_run_id, TAG_RERUN_OF, rerun_of)
-    local.init(local.SubprocessRunner(use_venv=False), pipeline_root=str(pipeline_root), enable_caching=True)
+    adapter = contextlib.nullcontext()
+    if docker is None:
+        runner = local.SubprocessRunner(use_venv=False)
+    else:
+        from secateurs.containers import through
+
+        runner, adapter = local.DockerRunner(**docker[1]), through(docker[0])
+    local.init(runner, pipeline_root=str(pipeline_root), enable_caching=True)
     try:
-        pipeline(tracking_uri=state["tracking_uri"], pipeline_run=state["pipeline_run"])
+        with adapter:
+            pipeline(tracking_uri=state["tracking_uri"], pipeline_run=state["pipeline_run"])
     except RuntimeError as e:
         tracker.finish_pipeline("FAILED")
         failed = failed_steps(state)
