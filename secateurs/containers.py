@@ -108,6 +108,14 @@ def runner_arguments(run_dir: Path, inputs: list[Path]) -> dict:
             "network_mode": "host"}
 
 
+def writable_by_steps(tracking_uri: str) -> None:
+    """A SQLite tracking store the host created, made writable for the steps' group (SQLite creates it 0o644)."""
+    if tracking_uri.startswith("sqlite:///"):
+        db = Path(tracking_uri.removeprefix("sqlite:///"))
+        if db.is_file():
+            os.chmod(db, db.stat().st_mode | 0o060)
+
+
 def local_inputs(paths: list[str]) -> list[Path]:
     """The config's inputs that are local paths (a step reads them from inside its container)."""
     return [Path(p).expanduser() for p in paths if "://" not in p and Path(p).expanduser().exists()]
@@ -130,7 +138,7 @@ def through(url: str) -> Iterator[None]:
     previous = os.environ.get("DOCKER_HOST")
     os.environ["DOCKER_HOST"] = url
     try:
-        with podman_removed_container_is_not_found():
+        with exit_status_kept():
             yield
     finally:
         if previous is None:
@@ -140,26 +148,35 @@ def through(url: str) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def podman_removed_container_is_not_found() -> Iterator[None]:
-    """kfp.local's DockerRunner starts containers with `auto_remove`, and once one has exited asks for its logs
-    and exit status, treating Docker's 404 (already removed) as done. podman 4.3 (Debian 12's) answers 500 "no
-    such container" there instead, which fails the step. For the block, docker-py reports that answer as the 404
-    it stands for. Narrower than a proxy, and needed only until podman >= 4.4, which answers 404 as Docker does.
+def exit_status_kept() -> Iterator[None]:
+    """kfp.local's DockerRunner starts each container with `auto_remove`, streams its log, then asks for its exit
+    status, and reads "no such container" as success. podman 4.3 (Debian 12's) removes an auto-removed container
+    as it exits, before the runner asks: its answer is then 404 or an empty status with that error, so a step
+    that failed would pass. For the block, docker-py starts such containers without `auto_remove` and removes
+    each right after its status is read. The runner has no setting for this (it passes `auto_remove` itself)
+    and Debian 12 has no newer podman; this touches only the containers the runner starts.
     """
-    import docker
+    from docker.models.containers import ContainerCollection
 
-    original = docker.api.client.APIClient._raise_for_status
+    original = ContainerCollection.run
 
-    def raise_for_status(self, response):
-        try:
-            original(self, response)
-        except docker.errors.APIError as e:
-            if e.response is not None and e.response.status_code == 500 and "no such container" in str(e).lower():
-                raise docker.errors.NotFound(str(e), response=e.response) from None
-            raise
+    def run(self, image, command=None, stdout=True, stderr=False, remove=False, **kwargs):
+        auto_remove = kwargs.pop("auto_remove", False)
+        container = original(self, image, command, stdout, stderr, remove, **kwargs)
+        if auto_remove:
+            wait = container.wait
 
-    docker.api.client.APIClient._raise_for_status = raise_for_status
+            def wait_then_remove(**options):
+                try:
+                    return wait(**options)
+                finally:
+                    container.remove(force=True)
+
+            container.wait = wait_then_remove
+        return container
+
+    ContainerCollection.run = run
     try:
         yield
     finally:
-        docker.api.client.APIClient._raise_for_status = original
+        ContainerCollection.run = original

@@ -113,6 +113,21 @@ def atomic_output(out_dir: str | Path, overwrite: bool = True) -> Iterator[Path]
     publish(tmp, out_dir)
 
 
+def permit_as_umask(path: str | Path) -> None:
+    """Give PATH and everything under it the modes the process's umask allows (directories 0o777, files 0o666,
+    masked), where temporary directories (0o700) and files that libraries write through a temporary file (0o600:
+    transformers' model.safetensors) would otherwise leave an artifact readable by its writer's uid alone. On a
+    cluster that runs each step under another uid of group 0, or in `--runner container`, the next step reads it.
+    """
+    umask = os.umask(0)
+    os.umask(umask)
+    path = Path(path)
+    for p in [path, *path.rglob("*")]:
+        if not p.is_symlink():
+            executable = p.is_dir() or p.stat().st_mode & 0o111
+            os.chmod(p, (0o777 if executable else 0o666) & ~umask)
+
+
 def publish(work: str | Path, out_dir: str | Path) -> None:
     """Rename the finished directory WORK to OUT_DIR; an old OUT_DIR is moved aside and deleted only after.
 
@@ -120,6 +135,7 @@ def publish(work: str | Path, out_dir: str | Path) -> None:
     """
     out_dir = Path(out_dir).absolute()
     out_dir.parent.mkdir(parents=True, exist_ok=True)
+    permit_as_umask(work)
     if os.stat(work).st_dev != os.stat(out_dir.parent).st_dev:
         staged = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
         staged.rmdir()

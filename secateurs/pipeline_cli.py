@@ -63,7 +63,7 @@ def run_cmd(
         "--runner",
         help="subprocess: each step a process of this environment; container: each step in the pipeline's image "
         "through podman, as on the cluster (build it first: make images-local).",
-    )] = "subprocess",  # fmt: skip
+    )] = "subprocess",
 ):
     """Run the whole pipeline on this machine (kfp.local); run it again to redo only what failed."""
     if runner not in RUNNERS:
@@ -184,8 +184,9 @@ def _run_locally(pipeline, state: dict, pipeline_root: Path, rerun_of: str | Non
     if docker is None:
         runner = local.SubprocessRunner(use_venv=False)
     else:
-        from secateurs.containers import through
+        from secateurs.containers import through, writable_by_steps
 
+        writable_by_steps(state["tracking_uri"])  # created by the tracker above, as SQLite creates files: 0o644
         runner, adapter = local.DockerRunner(**docker[1]), through(docker[0])
     local.init(runner, pipeline_root=str(pipeline_root), enable_caching=True)
     try:

@@ -145,6 +145,19 @@ def resolve_tracking_uri(uri: str | None = None, run_dir: str | Path | None = No
     return uri
 
 
+def _set_global_tracking_uri(uri: str) -> None:
+    """mlflow.set_tracking_uri, without the MLFLOW_TRACKING_URI it also exports: left set, it would become the
+    tracking URI of every later run this process starts (a second `run` with another run directory, in tests)."""
+    import mlflow
+
+    before = os.environ.get("MLFLOW_TRACKING_URI")
+    mlflow.set_tracking_uri(uri)
+    if before is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = before
+
+
 def check_reachable(uri: str, timeout: float = 5.0) -> None:
     """Check before any compute that the tracking backend answers.
 
@@ -243,11 +256,10 @@ class Tracker:
             return
         for key, value in HTTP_DEFAULTS.items():
             os.environ.setdefault(key, value)
-        import mlflow
         from mlflow import MlflowClient
 
         # The fluent API (create_external_model) reads the global URI: set it, as transformers' callback does.
-        mlflow.set_tracking_uri(self.uri)
+        _set_global_tracking_uri(self.uri)
         registry_uri = os.environ.get("MLFLOW_REGISTRY_URI") or self.uri
         self.client = MlflowClient(tracking_uri=self.uri, registry_uri=registry_uri)
         if self._guarded("open the pipeline run", self._open_parent, run_name) is None:
@@ -685,7 +697,7 @@ class StepRun:
     def _create_external_model(self, name: str, tags: dict[str, str], params: dict[str, str]) -> Any:
         import mlflow
 
-        mlflow.set_tracking_uri(self.tracker.uri)  # create_external_model uses the global client
+        _set_global_tracking_uri(self.tracker.uri)  # create_external_model uses the global client
         return mlflow.create_external_model(
             name=name,
             source_run_id=self.run_id,

@@ -100,8 +100,9 @@ def test_a_pipeline_in_containers_gives_the_models_the_subprocess_runner_gives(b
     assert os.stat(Path(contained[models[0]]) / "model.safetensors").st_uid == 10001
 
 
-def test_the_root_file_system_is_read_only_for_a_step(image, tmp_path):
-    """A component that writes outside its artifact and the cache fails under the runner's settings; the same
+def test_the_root_file_system_is_read_only_for_a_step(image, tmp_path, capsys):
+    """A component that writes outside its artifact and the cache fails under the runner's settings, and the run
+    sees the failure (podman's early removal would report it as a success: `containers.exit_status_kept`); the same
     component writing into HF_HOME succeeds, so the failure is the read-only root and nothing else."""
     from kfp import dsl, local
 
@@ -117,9 +118,10 @@ def test_the_root_file_system_is_read_only_for_a_step(image, tmp_path):
     root = tmp_path / "pipeline-root"
     with containers.shared_with_group(), containers.podman_service(tmp_path) as url:
         runner = local.DockerRunner(**containers.runner_arguments(tmp_path, []))
-        local.init(runner, pipeline_root=str(root), raise_on_error=False)
+        local.init(runner, pipeline_root=str(root))
         with containers.through(url):
             allowed = write(path="/var/cache/secateurs/huggingface/ok")
-            refused = write(path="/opt/secateurs/not-allowed")
+            with pytest.raises(RuntimeError, match="FAILURE"):
+                write(path="/opt/secateurs/not-allowed")
     assert Path(allowed.output.path).read_text() == "done"
-    assert not Path(refused.output.path).exists()
+    assert "OSError: [Errno 30] Read-only file system: '/opt/secateurs/not-allowed'" in capsys.readouterr().out

@@ -285,3 +285,20 @@ def test_a_work_directory_on_another_file_system_is_published(tmp_path):
     assert not work.exists() and [p.name for p in (tmp_path / "out").iterdir()] == ["sub"]
     assert (tmp_path / "out" / "sub" / "shard.bin").read_bytes() == b"\x01\x02"
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+def test_a_published_artifact_is_readable_as_the_umask_allows(tmp_path):
+    """transformers writes model.safetensors 0o600 and temporary directories are 0o700: an artifact left so could
+    be read only by the uid that wrote it, not by the next step running under another uid of its group."""
+    from secateurs.manifest import atomic_output
+
+    old = os.umask(0o002)
+    try:
+        with atomic_output(tmp_path / "artifact") as tmp:
+            (tmp / "sub").mkdir(mode=0o700)
+            (tmp / "sub" / "model.safetensors").write_bytes(b"w")
+            os.chmod(tmp / "sub" / "model.safetensors", 0o600)
+    finally:
+        os.umask(old)
+    modes = {p.name: oct(p.stat().st_mode & 0o777) for p in [tmp_path / "artifact", *(tmp_path / "artifact").rglob("*")]}
+    assert modes == {"artifact": "0o775", "sub": "0o775", "model.safetensors": "0o664"}
