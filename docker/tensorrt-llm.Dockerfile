@@ -22,7 +22,7 @@ WORKDIR /opt/secateurs
 # needs (kfp for the component executor, mlflow, boto3) is installed normally.
 COPY pyproject.toml docker/project_requirements.py ./
 RUN --mount=type=bind,source=docker/wheels,target=/wheels \
-    if compgen -G "/wheels/*.whl" >/dev/null; then export PIP_NO_INDEX=1 PIP_FIND_LINKS=/wheels; fi \
+    set -- /wheels/*.whl; if [ -e "$1" ]; then export PIP_NO_INDEX=1 PIP_FIND_LINKS=/wheels; fi \
     && python3 project_requirements.py pyproject.toml --extras pipeline \
         --image-owns tensorrt-llm,tensorrt,torch,transformers,tokenizers,accelerate,safetensors,nvidia-modelopt,numpy \
         --requirements /tmp/requirements.txt --constraints /tmp/constraints.txt \
@@ -34,7 +34,7 @@ COPY secateurs ./secateurs
 COPY components ./components
 COPY pipelines ./pipelines
 RUN --mount=type=bind,source=docker/wheels,target=/wheels \
-    if compgen -G "/wheels/*.whl" >/dev/null; then export PIP_NO_INDEX=1 PIP_FIND_LINKS=/wheels; fi \
+    set -- /wheels/*.whl; if [ -e "$1" ]; then export PIP_NO_INDEX=1 PIP_FIND_LINKS=/wheels; fi \
     && pip install --no-cache-dir --no-deps . \
     && python3 -c "import secateurs, mlflow, kfp"
 

@@ -79,7 +79,9 @@ def run_cmd(
         from secateurs import containers
 
         inputs = containers.local_inputs([cfg.teacher.source, *(s.source for s in cfg.data.blend())])
+        # Made here, group-writable: a bind source that does not exist yet would be made by podman, root's alone.
         with containers.shared_with_group(), containers.podman_service(_mkdir(run_dir)) as url:
+            _mkdir(pipeline_root)
             containers.require_image(url, cfg.placement.resolved_images()["secateurs"])
             state = _open_run(cfg, run_dir)
             pipeline = build_pipeline(cfg, tracking_uri=state["tracking_uri"])
