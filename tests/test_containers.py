@@ -131,4 +131,4 @@ def test_the_root_file_system_is_read_only_for_a_step(image, tmp_path, capsys):
                 write(path="/opt/secateurs/not-allowed")
     assert Path(allowed.output.path).read_text() == "done"
     log = capsys.readouterr().out
-    assert re.search(r"OSError\s*: \[Errno 30\] Read-only file system: '/opt/secateurs/not-allowed'", log), log[-2000:]
+    assert re.search(r"OSError\s*:\s*\[Errno 30\] Read-only file system: '/opt/secateurs/not-allowed'", log), log[-2000:]
