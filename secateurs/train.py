@@ -42,13 +42,11 @@ from secateurs.config import DistillConfig, TeacherCorrectionConfig, TrainingCon
 from secateurs.checkpoint import load_model, load_tokenizer
 from secateurs.data import check_matches, load_packed, tokenizer_identity
 from secateurs.families import compile_decoder_layers, parameter_count
-from secateurs.manifest import atomic_output, read_manifest, write_manifest
+from secateurs.manifest import CHECKPOINTS_ENV, atomic_output, read_manifest, write_manifest
 
 RUN_ID_FILE = "secateurs-run.json"
 # The student's submodule holding the intermediate-loss projections while it trains (never saved with it).
 PROJECTIONS = "secateurs_kd_projections"
-# A root for checkpoints on storage that outlives the process's output path (see _checkpoints_dir).
-CHECKPOINTS_ENV = "SECATEURS_CHECKPOINTS"
 
 # torch.compile backend of `compile_layers` (inductor generates the fused kernels; tests use aot_eager, which
 # traces the same graphs forward and backward without generating code).
