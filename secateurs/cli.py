@@ -12,26 +12,9 @@ from typing import Optional
 
 import typer
 
+from secateurs.errors import fail, one_line_errors
+
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Prune and distil Hugging Face LLMs (the Minitron recipe).")
-
-
-def _fail(e: BaseException) -> None:
-    typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
-    raise typer.Exit(1)
-
-
-def _guarded(fn):
-    """Turn expected errors (bad input) into one line on stderr and exit code 1."""
-    import functools
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except (ValueError, FileNotFoundError, FileExistsError, PermissionError) as e:
-            _fail(e)
-
-    return wrapper
 
 
 def _model_options(model_cls, exclude: tuple[str, ...] = (), include: tuple[str, ...] | None = None):
@@ -96,7 +79,7 @@ def _model_options(model_cls, exclude: tuple[str, ...] = (), include: tuple[str,
             try:
                 settings = model_cls(**values)
             except ValidationError as e:
-                _fail(ValueError("; ".join(format_error(err) for err in e.errors())))
+                fail(ValueError("; ".join(format_error(err) for err in e.errors())))
             return fn(*args, settings=settings, **kwargs)
 
         wrapper.__signature__ = sig.replace(parameters=params)
@@ -140,7 +123,7 @@ from secateurs.config import (  # noqa: E402
 
 
 @app.command("import-model")
-@_guarded
+@one_line_errors
 @_model_options(TeacherConfig)
 def import_model_cmd(
     out: Path = typer.Option(..., "--out", help="Output checkpoint directory."),
@@ -153,7 +136,7 @@ def import_model_cmd(
 
 
 @app.command("prepare-data")
-@_guarded
+@one_line_errors
 @_model_options(DataConfig)
 def prepare_data_cmd(
     tokenizer: Path = typer.Option(..., "--tokenizer", help="Directory holding the model's tokenizer."),
@@ -167,7 +150,7 @@ def prepare_data_cmd(
 
 
 @app.command("importance")
-@_guarded
+@one_line_errors
 @_model_options(ImportanceConfig)
 def importance_cmd(
     model: Path = typer.Option(..., "--model"),
@@ -182,7 +165,7 @@ def importance_cmd(
 
 
 @app.command("prune")
-@_guarded
+@one_line_errors
 @_model_options(PruneConfig)
 def prune_cmd(
     model: Path = typer.Option(..., "--model"),
@@ -202,7 +185,7 @@ def prune_cmd(
 
 
 @app.command("correct-teacher")
-@_guarded
+@one_line_errors
 @_model_options(TeacherCorrectionConfig, exclude=("enabled",))
 def correct_teacher_cmd(
     model: Path = typer.Option(..., "--model"),
@@ -217,7 +200,7 @@ def correct_teacher_cmd(
 
 
 @app.command("distill")
-@_guarded
+@one_line_errors
 @_model_options(DistillConfig)
 def distill_cmd(
     teacher: Path = typer.Option(..., "--teacher"),
@@ -233,7 +216,7 @@ def distill_cmd(
 
 
 @app.command("evaluate")
-@_guarded
+@one_line_errors
 @_model_options(EvaluateConfig)
 def evaluate_cmd(
     model: Path = typer.Option(..., "--model"),
@@ -248,7 +231,7 @@ def evaluate_cmd(
 
 
 @app.command("build-engine")
-@_guarded
+@one_line_errors
 @_model_options(EngineConfig, include=("backend", "precision", "lengths"))
 def build_engine_cmd(
     model: Path = typer.Option(..., "--model"),
@@ -264,7 +247,7 @@ def build_engine_cmd(
 
 
 @app.command("bench")
-@_guarded
+@one_line_errors
 @_model_options(EngineConfig, include=("lengths", "batch", "repeats"))
 def bench_cmd(
     engine_dir: Path = typer.Option(..., "--engine"),
@@ -278,7 +261,7 @@ def bench_cmd(
 
 
 @app.command("validate")
-@_guarded
+@one_line_errors
 def validate_cmd(config: Path = typer.Argument(..., help="Pipeline config YAML.")):
     """Validate a pipeline config without running anything."""
     from secateurs.config import load_config

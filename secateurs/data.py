@@ -169,7 +169,7 @@ def _s3_records(objects: list[str], builder: str):
     import datasets
 
     from secateurs import storage
-    from secateurs.checkpoint import cache_dir
+    from secateurs.manifest import cache_dir
 
     (cache_dir() / "streams").mkdir(parents=True, exist_ok=True)
     for uri in objects:
@@ -182,7 +182,7 @@ def _s3_records(objects: list[str], builder: str):
 def _localized(source: str) -> str:
     if source.startswith("s3://"):
         from secateurs import storage
-        from secateurs.checkpoint import cache_dir
+        from secateurs.manifest import cache_dir
 
         return str(storage.localize(source, cache_dir()))
     return source
@@ -434,7 +434,8 @@ def prepare_data(tokenizer_dir: str | Path, out: str | Path, settings: DataConfi
         share of the blend.
     """
     from secateurs import storage
-    from secateurs.checkpoint import cache_dir, load_tokenizer
+    from secateurs.checkpoint import load_tokenizer
+    from secateurs.manifest import cache_dir
 
     tokenizer = load_tokenizer(tokenizer_dir)
     identity = tokenizer_identity(tokenizer)

@@ -27,6 +27,11 @@ MANIFEST = "secateurs.json"
 CHECKPOINTS_ENV = "SECATEURS_CHECKPOINTS"
 
 
+def cache_dir() -> Path:
+    """Where downloads and S3 inputs are kept between steps: `SECATEURS_CACHE`, else `~/.cache/secateurs`."""
+    return Path(os.environ.get("SECATEURS_CACHE") or "~/.cache/secateurs").expanduser()
+
+
 def software_versions() -> dict[str, str]:
     """Versions of the packages that decide an artifact's numbers."""
     import importlib.metadata as md

@@ -26,6 +26,7 @@ from typing import Annotated
 import typer
 
 from secateurs.config import PipelineConfig, load_config
+from secateurs.errors import one_line_errors
 
 RUN_FILE = "run.json"
 RUNNERS = ("subprocess", "container")
@@ -37,25 +38,8 @@ class PipelineError(ValueError):
     """A pipeline that cannot be run, compiled, submitted or rerun as asked; the message says why."""
 
 
-def _one_line(fn):
-    """Print expected failures as one line on stderr and exit 1 (the commands' contract)."""
-    import functools
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except (ValueError, ConnectionError, FileNotFoundError, PermissionError, RuntimeError) as e:
-            typer.secho(
-                f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", fg="red", err=True
-            )
-            raise typer.Exit(1) from None
-
-    return wrapper
-
-
 # ------------------------------------------------------------------------------------------------ run
-@_one_line
+@one_line_errors
 def run_cmd(
     config: Path = typer.Argument(..., help="Pipeline config YAML."),
     run_dir: Path = typer.Option(None, "--run-dir", help="Run directory (default: runs/<config name>)."),
@@ -287,7 +271,7 @@ def read_run(run: Path) -> tuple[PipelineConfig, dict]:
 
 
 # ---------------------------------------------------------------------------------------------- rerun
-@_one_line
+@one_line_errors
 def rerun_cmd(
     run: Path = typer.Argument(..., help="Run directory of an earlier `secateurs run`."),
     step: str = typer.Option(
@@ -377,7 +361,7 @@ def check_plan(cfg: PipelineConfig) -> None:
         raise PipelineError(str(e)) from None
 
 
-@_one_line
+@one_line_errors
 def plan_cmd(
     config: Path = typer.Argument(..., help="Pipeline config YAML."),
     tokens_per_second: float = typer.Option(
@@ -417,7 +401,7 @@ def resolve_run_settings(cfg: PipelineConfig, pipeline_root: str | None = None,
 _PIPELINE_ROOT_HELP = "Where KFP keeps artifacts, e.g. s3://bucket/prefix (default: tracking.pipeline_root)."
 
 
-@_one_line
+@one_line_errors
 def compile_cmd(
     config: Path = typer.Argument(..., help="Pipeline config YAML."),
     output: Path = typer.Option(
@@ -447,7 +431,7 @@ def compile_pipeline(cfg: PipelineConfig, output: Path, pipeline_root: str | Non
     return output
 
 
-@_one_line
+@one_line_errors
 def submit_cmd(
     config: Path = typer.Argument(..., help="Pipeline config YAML."),
     host: str = typer.Option(..., "--host", envvar="KFP_HOST", help="Kubeflow Pipelines endpoint URL."),
@@ -528,10 +512,10 @@ def _check_kfp_host(host: str, token: str | None) -> None:
 
 
 # -------------------------------------------------------------------------------------------- lineage
-@_one_line
+@one_line_errors
 def lineage_cmd(
     ref: str = typer.Argument(
-        ..., help="Model id, registered model[/version], run id, or artifact directory."
+        ..., help="Model id, registered model NAME or NAME/VERSION, run id, or artifact directory."
     ),
     tracking_uri: str = typer.Option(
         None, "--tracking-uri", help="MLflow URI (default: $MLFLOW_TRACKING_URI)."

@@ -52,6 +52,7 @@ from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from secateurs.manifest import MANIFEST, atomic_output
+from secateurs.manifest import cache_dir as manifest_cache_dir
 
 if TYPE_CHECKING:
     from boto3.s3.transfer import TransferConfig
@@ -393,11 +394,6 @@ def upload(
     return f"s3://{bucket}/{result_key}"
 
 
-def default_cache_dir() -> Path:
-    """Where `localize` keeps S3 inputs: `SECATEURS_CACHE`, else `~/.cache/secateurs`."""
-    return Path(os.environ.get("SECATEURS_CACHE") or "~/.cache/secateurs").expanduser()
-
-
 def localize(
     uri: str | Path,
     cache_dir: str | Path | None = None,
@@ -426,7 +422,7 @@ def localize(
     canonical = uri.rstrip("/") if key.rstrip("/") else f"s3://{bucket}"
     name = PurePosixPath(key.rstrip("/")).name or bucket
     target = (
-        Path(cache_dir or default_cache_dir())
+        Path(cache_dir or manifest_cache_dir())
         / "s3"
         / f"{name}-{hashlib.sha256(canonical.encode()).hexdigest()[:16]}"
     )

@@ -13,7 +13,6 @@ from secateurs.checkpoint import load_model
 from secateurs.config import ImportanceConfig
 from secateurs.data import DataError, load_packed
 
-from conftest import FAMILY_CASES
 
 
 def aggregate(x: torch.Tensor) -> torch.Tensor:
