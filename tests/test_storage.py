@@ -23,13 +23,14 @@ from urllib.parse import urlsplit
 
 import botocore.exceptions
 import pytest
+from boto3.s3.transfer import TransferConfig
 
 from secateurs import storage
-from secateurs.manifest import MANIFEST, write_manifest
+from secateurs.manifest import MANIFEST
 
 MiB = 1 << 20
 # Small multipart settings so a 12 MiB file goes up and down in 3 parts (5 MiB is S3's minimum part size).
-SMALL = {"multipart_threshold": 5 * MiB, "multipart_chunksize": 5 * MiB, "max_concurrency": 4}
+SMALL = TransferConfig(multipart_threshold=5 * MiB, multipart_chunksize=5 * MiB, max_concurrency=4)
 CREDENTIALS = {
     "AWS_ACCESS_KEY_ID": "AKIASECATEURSTEST042",
     "AWS_SECRET_ACCESS_KEY": "s3cr3t-value-that-must-not-leak-9f2c",
@@ -184,15 +185,15 @@ class FaultyProxy:
 
 @pytest.fixture
 def s3_env(monkeypatch, tmp_path, moto_server):
-    """Fake credentials and the moto endpoint, for this test only."""
+    """Fake credentials and the moto endpoint, set the way botocore reads them, for this test only."""
     for name in (
         "AWS_ENDPOINT_URL",
-        "AWS_ENDPOINT_URL_S3",
         "AWS_PROFILE",
+        "AWS_DEFAULT_PROFILE",
         "AWS_REGION",
         "AWS_MAX_ATTEMPTS",
         "AWS_RETRY_MODE",
-        "SECATEURS_S3_ADDRESSING_STYLE",
+        "AWS_IGNORE_CONFIGURED_ENDPOINT_URLS",
     ):
         monkeypatch.delenv(name, raising=False)
     for name, value in CREDENTIALS.items():
@@ -200,7 +201,8 @@ def s3_env(monkeypatch, tmp_path, moto_server):
     monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
     monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-aws-config"))
     monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-aws-credentials"))
-    monkeypatch.setenv("SECATEURS_S3_ENDPOINT", moto_server)
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")  # no instance-metadata probe for credentials
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", moto_server)
     return moto_server
 
 
@@ -215,7 +217,7 @@ def bucket(s3_env) -> str:
 def proxy(s3_env, monkeypatch):
     """Route this test's S3 traffic through a FaultyProxy."""
     p = FaultyProxy(s3_env)
-    monkeypatch.setenv("SECATEURS_S3_ENDPOINT", p.url)
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", p.url)
     yield p
     p.close()
 
@@ -252,9 +254,10 @@ def test_model_directory_round_trip_multipart_and_cache(bucket, proxy, tmp_path)
     (model / "model.safetensors").write_bytes(os.urandom(12 * MiB))
     (model / "extra" / "notes.txt").write_text("pruned from 30 to 24 layers")
     uri = f"s3://{bucket}/runs/r1/model"
-    transfer = storage.transfer_config(**SMALL)
+    transfer = SMALL
 
     assert storage.upload(model, uri, transfer=transfer) == uri
+    # botocore addresses the bucket path-style at a custom endpoint (/bucket/key, not bucket.host/key).
     manifest_path = f"/{bucket}/runs/r1/model/{MANIFEST}"
     # The manifest marks a complete artifact: an old one is removed first, the new one goes up last.
     assert proxy.requests[0] == ("DELETE", manifest_path) and proxy.requests[-1] == ("PUT", manifest_path)
@@ -293,8 +296,8 @@ def test_model_directory_round_trip_multipart_and_cache(bucket, proxy, tmp_path)
 def test_single_file_round_trip(bucket, tmp_path):
     gguf = tmp_path / "SmolLM2-135M.Q4_1.gguf"
     gguf.write_bytes(os.urandom(300_000))
-    uri = storage.upload(gguf, f"s3://{bucket}/weights/")
-    assert uri == f"s3://{bucket}/weights/SmolLM2-135M.Q4_1.gguf"
+    storage.s3_client().upload_file(str(gguf), bucket, f"weights/{gguf.name}")
+    uri = f"s3://{bucket}/weights/{gguf.name}"
     local = storage.localize(uri, tmp_path / "cache")
     assert local.name == gguf.name and local.read_bytes() == gguf.read_bytes()
     assert storage.localize(str(gguf)) == gguf and storage.localize(f"file://{gguf}") == gguf
@@ -331,42 +334,50 @@ def test_prepare_data_reads_an_s3_source_and_writes_an_s3_output(bucket, tokeniz
     assert not list((tmp_path / "cache" / "prepare").iterdir())  # the work directory went once uploaded
 
 
-def test_download_is_retried_after_a_connection_reset(bucket, proxy, tmp_path, monkeypatch):
-    # One botocore attempt per request, so only the transfer-level retry can save the download.
-    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
+def test_download_retries_follow_aws_max_attempts(bucket, proxy, tmp_path, monkeypatch):
     payload = os.urandom(100_000)
-    client = storage.s3_client()
-    client.put_object(Bucket=bucket, Key="obj/shard.bin", Body=payload)
-    path = f"/{bucket}/obj/shard.bin"
+    storage.s3_client().put_object(Bucket=bucket, Key="obj/shard.bin", Body=payload)
+    path, uri = f"/{bucket}/obj/shard.bin", f"s3://{bucket}/obj/shard.bin"
 
+    # Two connection resets: 2 attempts per request are not enough, and the error is one line.
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "2")
     proxy.fail_once("GET", path, "reset")
-    with pytest.raises(botocore.exceptions.ConnectionClosedError):
-        client.get_object(Bucket=bucket, Key="obj/shard.bin")  # the fault is real for a plain client
+    proxy.fail_once("GET", path, "reset")
+    with pytest.raises(storage.StorageError, match=f"^cannot reach S3 endpoint {proxy.url}: ") as err:
+        storage.download(uri, tmp_path / "dl")
+    assert "\n" not in str(err.value) and "while trying to download" in str(err.value)
+    assert proxy.count("GET", path) == 2 and not proxy.faults
+    assert list((tmp_path / "dl").iterdir()) == []  # no partial file left
 
+    # 3 attempts ride out the same two resets.
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "3")
+    assert storage.s3_client().meta.config.retries == {"mode": "standard", "total_max_attempts": 3}
+    proxy.fail_once("GET", path, "reset")
     proxy.fail_once("GET", path, "reset")
     proxy.requests.clear()
-    local = storage.download(f"s3://{bucket}/obj/shard.bin", tmp_path / "dl")
+    local = storage.download(uri, tmp_path / "dl")
     assert local.read_bytes() == payload
-    assert proxy.count("GET", path) == 2 and not proxy.faults
-    # 3 HEADs: the type check, then one per download_file call: the whole transfer was run again.
-    assert proxy.count("HEAD", path) == 3
-    assert sorted(p.name for p in (tmp_path / "dl").iterdir()) == ["shard.bin"]  # no partial file left
+    assert proxy.count("GET", path) == 3 and not proxy.faults
+    assert sorted(p.name for p in (tmp_path / "dl").iterdir()) == ["shard.bin"]
 
 
-def test_upload_is_retried_after_a_503(bucket, proxy, tmp_path, monkeypatch):
-    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
-    src = tmp_path / "metrics.json"
-    src.write_text('{"val_loss": 2.5}')
+def test_upload_retries_a_503_within_aws_max_attempts(bucket, proxy, tmp_path, monkeypatch):
+    src = tmp_path / "run"
+    src.mkdir()
+    (src / "metrics.json").write_text('{"val_loss": 2.5}')
     path = f"/{bucket}/runs/r1/metrics.json"
     slow_down = (503, "SlowDown", "Please reduce your request rate.")
 
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
     proxy.fail_once("PUT", path, slow_down)
-    with pytest.raises(botocore.exceptions.ClientError, match="SlowDown"):
-        storage.s3_client().put_object(Bucket=bucket, Key="runs/r1/metrics.json", Body=b"{}")
+    with pytest.raises(storage.StorageError, match="^cannot upload .*SlowDown"):
+        storage.upload(src, f"s3://{bucket}/runs/r1")
+    assert proxy.count("PUT", path) == 1
 
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "2")
     proxy.fail_once("PUT", path, slow_down)
     proxy.requests.clear()
-    assert storage.upload(src, f"s3://{bucket}/runs/r1/metrics.json") == f"s3://{bucket}/runs/r1/metrics.json"
+    assert storage.upload(src, f"s3://{bucket}/runs/r1/") == f"s3://{bucket}/runs/r1"
     assert proxy.count("PUT", path) == 2 and not proxy.faults
     body = storage.s3_client().get_object(Bucket=bucket, Key="runs/r1/metrics.json")["Body"].read()
     assert body == b'{"val_loss": 2.5}'
@@ -374,7 +385,7 @@ def test_upload_is_retried_after_a_503(bucket, proxy, tmp_path, monkeypatch):
 
 def test_unreachable_endpoint_is_one_line(s3_env, tmp_path, monkeypatch):
     port = free_port()  # nothing listens there
-    monkeypatch.setenv("SECATEURS_S3_ENDPOINT", f"http://127.0.0.1:{port}")
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", f"http://127.0.0.1:{port}")
     monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
     with pytest.raises(storage.StorageError) as err:
         storage.check_access("s3://models/llama")
@@ -387,14 +398,51 @@ def test_unreachable_endpoint_is_one_line(s3_env, tmp_path, monkeypatch):
     assert not (tmp_path / "dl").exists()
 
 
-def test_endpoint_from_boto3_environment_variable(bucket, moto_server, monkeypatch):
-    # boto3 reads AWS_ENDPOINT_URL_S3 itself; s3_client then switches to path-style addressing.
-    monkeypatch.delenv("SECATEURS_S3_ENDPOINT")
+def test_endpoint_variables_as_botocore_reads_them(bucket, moto_server, monkeypatch):
+    # The generic AWS_ENDPOINT_URL serves every service; AWS_ENDPOINT_URL_S3 wins over it for S3.
+    monkeypatch.delenv("AWS_ENDPOINT_URL_S3")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", moto_server)
+    assert storage.s3_client().meta.endpoint_url == moto_server
+    storage.check_access(f"s3://{bucket}/anything")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{free_port()}")
     monkeypatch.setenv("AWS_ENDPOINT_URL_S3", moto_server)
+    storage.check_access(f"s3://{bucket}/anything")
+    # An invalid setting is one line naming where settings come from.
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "three")
+    with pytest.raises(storage.StorageError, match=r"^invalid S3 configuration \(AWS_\* variables"):
+        storage.s3_client()
+
+
+def test_config_file_profile(bucket, proxy, tmp_path, monkeypatch):
+    """Endpoint, region, retries, addressing and credentials from a named profile in the AWS config files."""
+    secret = "profile-secret-that-must-not-leak-77e1"
+    (tmp_path / "config").write_text(
+        "[default]\nregion = ap-south-1\n\n"
+        f"[profile store]\nregion = eu-west-3\nendpoint_url = {proxy.url}\nretry_mode = adaptive\n"
+        "max_attempts = 4\ns3 =\n  addressing_style = path\n"
+    )
+    (tmp_path / "credentials").write_text(
+        f"[store]\naws_access_key_id = AKIAPROFILEKEY000017\naws_secret_access_key = {secret}\n"
+    )
+    for name in ("AWS_ENDPOINT_URL_S3", "AWS_DEFAULT_REGION", *CREDENTIALS):
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "config"))
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "credentials"))
+    monkeypatch.setenv("AWS_PROFILE", "store")
+
     client = storage.s3_client()
-    assert client.meta.endpoint_url == moto_server
+    assert client.meta.endpoint_url == proxy.url and client.meta.region_name == "eu-west-3"
+    assert client.meta.config.retries == {"mode": "adaptive", "total_max_attempts": 4}
     assert client.meta.config.s3 == {"addressing_style": "path"}
     storage.check_access(f"s3://{bucket}/anything")
+    assert proxy.count("HEAD", f"/{bucket}") == 1
+
+    # The profile's secret, echoed back by a server, is redacted too: not only secrets found in env.
+    proxy.fail_once("GET", f"/{bucket}", (403, "SignatureDoesNotMatch", f"secret {secret} did not sign this"))
+    with pytest.raises(storage.StorageError, match=f"^S3 endpoint {proxy.url} refused to list ") as err:
+        storage.download(f"s3://{bucket}/models/", tmp_path / "dl")
+    assert "secret *** did not sign" in str(err.value)
+    assert err.value.__cause__ is None and secret not in "".join(traceback.format_exception(err.value))
 
 
 def assert_no_credentials(exc: BaseException) -> None:
@@ -404,15 +452,17 @@ def assert_no_credentials(exc: BaseException) -> None:
 
 
 def test_refused_credentials(moto_server_with_auth, s3_env, tmp_path, monkeypatch):
-    monkeypatch.setenv("SECATEURS_S3_ENDPOINT", moto_server_with_auth)
-    (tmp_path / "f.txt").write_text("x")
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", moto_server_with_auth)
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "f.txt").write_text("x")
     with pytest.raises(storage.StorageError) as err:
         storage.check_access("s3://models/llama")
     assert str(err.value).startswith(f"S3 endpoint {moto_server_with_auth} refused access to bucket 'models'")
+    assert "AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY" in str(err.value)
     assert_no_credentials(err.value)
     for call in (
         lambda: storage.download("s3://models/llama", tmp_path / "dl"),
-        lambda: storage.upload(tmp_path / "f.txt", "s3://models/f.txt"),
+        lambda: storage.upload(tmp_path / "out", "s3://models/run"),
     ):
         with pytest.raises(
             storage.StorageError, match=f"^S3 endpoint {moto_server_with_auth} refused to "
@@ -423,8 +473,8 @@ def test_refused_credentials(moto_server_with_auth, s3_env, tmp_path, monkeypatc
 
 
 def test_credentials_echoed_by_a_server_are_redacted(bucket, proxy, tmp_path, monkeypatch):
-    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
-    (tmp_path / "f.txt").write_text("x")
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "f.txt").write_text("x")
     message = (
         f"Key {CREDENTIALS['AWS_ACCESS_KEY_ID']} with secret {CREDENTIALS['AWS_SECRET_ACCESS_KEY']} "
         f"and token {CREDENTIALS['AWS_SESSION_TOKEN']} did not sign this request"
@@ -432,7 +482,7 @@ def test_credentials_echoed_by_a_server_are_redacted(bucket, proxy, tmp_path, mo
     echo = (403, "SignatureDoesNotMatch", message)
     proxy.fail_once("PUT", f"/{bucket}/f.txt", echo)
     with pytest.raises(storage.StorageError, match="SignatureDoesNotMatch") as err:
-        storage.upload(tmp_path / "f.txt", f"s3://{bucket}/f.txt")
+        storage.upload(tmp_path / "out", f"s3://{bucket}")
     assert "Key *** with secret *** and token ***" in str(err.value)
     # The original error carries the secrets, so it is neither chained nor kept as context.
     assert err.value.__cause__ is None and err.value.__context__ is None
@@ -442,31 +492,14 @@ def test_credentials_echoed_by_a_server_are_redacted(bucket, proxy, tmp_path, mo
 def test_missing_credentials(s3_env, monkeypatch):
     monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
     with pytest.raises(
-        storage.StorageError, match="no S3 credentials: set AWS_SECRET_ACCESS_KEY in the environment"
+        storage.StorageError, match="^no S3 credentials: set AWS_SECRET_ACCESS_KEY in the environment"
     ):
         storage.s3_client()
-
-
-def test_staged_output_publishes_only_on_success(bucket, tmp_path):
-    uri = f"s3://{bucket}/runs/r1/student"
-    with pytest.raises(RuntimeError, match="step failed"), storage.staged_output(uri) as out:
-        (out / "config.json").write_text("{}")
-        raise RuntimeError("step failed")
-    client = storage.s3_client()
-    assert "Contents" not in client.list_objects_v2(Bucket=bucket, Prefix="runs/r1/")
-
-    with storage.staged_output(uri) as out:
-        (out / "config.json").write_text("{}")
-        write_manifest(out, step="distill")
-    keys = [o["Key"] for o in client.list_objects_v2(Bucket=bucket, Prefix="runs/r1/")["Contents"]]
-    assert sorted(keys) == ["runs/r1/student/config.json", f"runs/r1/student/{MANIFEST}"]
-
-    with storage.staged_output(tmp_path / "local") as out:  # local destinations are written atomically
-        (out / "config.json").write_text("{}")
-    assert files_of(tmp_path / "local") == {"config.json": b"{}"}
-    unusable = f"s3://no-such-bucket-{bucket}/x"
-    with pytest.raises(storage.StorageError, match="does not exist"), storage.staged_output(unusable):
-        pytest.fail("the block must not run when the destination is unusable")
+    monkeypatch.delenv("AWS_ACCESS_KEY_ID")  # and no profile, no instance metadata
+    with pytest.raises(
+        storage.StorageError, match="^no S3 credentials: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY"
+    ):
+        storage.check_access("s3://models/llama")
 
 
 def test_keys_that_leave_the_destination_are_refused(bucket, tmp_path):
