@@ -1,0 +1,212 @@
+"""The MLflow tracking backend: which URI, whether it answers, which errors mean "tracking failed".
+
+- `resolve_tracking_uri`: the URI to use (argument, `MLFLOW_TRACKING_URI`, or SQLite under the run directory);
+  the file store is refused with the fix in the message.
+- `check_reachable`: before any compute, `/health` of a server or the SQLite file's directory.
+- `_tracking_errors` / `_is_connection_error` / `_describe`: what the guard in `Tracker._guarded` catches, whether
+  it means the server is down, and the one line it logs.
+- MLflow's server-side limits, and `mlflow_key`, which makes any name a key MLflow accepts.
+
+mlflow is imported inside the functions that use it, so `secateurs` imports without it.
+"""
+
+from __future__ import annotations
+
+import os
+import posixpath
+import re
+from collections.abc import Iterator
+from pathlib import Path
+from urllib.parse import urlparse
+
+# MLflow's server-side limits (mlflow/utils/validation.py in 3.17).
+MAX_PARAMS_PER_BATCH = 100
+MAX_METRICS_PER_BATCH = 1000
+MAX_KEY_LENGTH = 250
+MAX_PARAM_VALUE_LENGTH = 6000
+MAX_TAG_VALUE_LENGTH = 8000
+MAX_DATASET_DIGEST_LENGTH = 36
+
+# The MLflow client retries 7 times with a backoff factor of 2 and a 120 s timeout by default: minutes per
+# call when the server is down. A training step would stall that long at every logging interval.
+HTTP_DEFAULTS = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "30",
+}
+
+
+class TrackingUnreachable(ConnectionError):
+    """The MLflow tracking backend cannot be reached (raised by `check_reachable` only)."""
+
+
+def resolve_tracking_uri(uri: str | None = None, run_dir: str | Path | None = None) -> str:
+    """The tracking URI to use: `uri`, else `MLFLOW_TRACKING_URI`, else SQLite under `run_dir`.
+
+    A bare path ending in `.db` is read as a SQLite file. The file store (`file:` URIs, plain directories)
+    errors out since MLflow 3.13, so it is refused here with the fix in the message.
+
+    Raises:
+        ValueError: no URI can be derived, or the URI names the file store.
+    """
+    uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or None
+    if uri is None:
+        if run_dir is None:
+            raise ValueError(
+                "no MLflow tracking URI: pass one, set MLFLOW_TRACKING_URI, or give a run directory for "
+                "sqlite:///<run_dir>/mlflow.db"
+            )
+        return f"sqlite:///{(Path(run_dir).absolute() / 'mlflow.db')}"
+    scheme = urlparse(uri).scheme
+    if not scheme and uri.endswith(".db"):
+        return f"sqlite:///{Path(uri).absolute()}"
+    if scheme in ("", "file"):
+        raise ValueError(
+            f"MLflow tracking URI {uri!r} names the file store, which MLflow 3.13+ no longer supports: "
+            "use sqlite:///path/mlflow.db or an http(s):// tracking server"
+        )
+    return uri
+
+
+def _set_global_tracking_uri(uri: str) -> None:
+    """mlflow.set_tracking_uri, without the MLFLOW_TRACKING_URI it also exports: left set, it would become the
+    tracking URI of every later run this process starts (a second `run` with another run directory, in tests)."""
+    import mlflow
+
+    before = os.environ.get("MLFLOW_TRACKING_URI")
+    mlflow.set_tracking_uri(uri)
+    if before is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = before
+
+
+def check_reachable(uri: str, timeout: float = 5.0) -> None:
+    """Check before any compute that the tracking backend answers.
+
+    http(s): GET `<uri>/health`; sqlite: the database's directory exists or can be created and is writable.
+    Other schemes (databricks, ...) are not checked.
+
+    Raises:
+        TrackingUnreachable: with a one-line reason, e.g.
+            "MLflow tracking server at http://mlflow:5000 is unreachable: ConnectionError: ...".
+    """
+    scheme = urlparse(uri).scheme
+    if scheme in ("http", "https"):
+        import requests
+
+        try:
+            response = requests.get(uri.rstrip("/") + "/health", timeout=timeout)
+        except requests.RequestException as exc:
+            raise TrackingUnreachable(
+                f"MLflow tracking server at {uri} is unreachable: {_describe(exc)}"
+            ) from exc
+        if response.status_code != 200:
+            hint = (
+                " (the server refuses this host name: add it to --allowed-hosts /"
+                " MLFLOW_SERVER_ALLOWED_HOSTS)"
+                if response.status_code == 403
+                else ""
+            )
+            raise TrackingUnreachable(
+                f"MLflow tracking server at {uri} is unreachable: /health answered HTTP "
+                f"{response.status_code}"
+                f"{hint}"
+            )
+    elif scheme == "sqlite":
+        db = _sqlite_path(uri)
+        if db is None:
+            return
+        try:
+            db.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise TrackingUnreachable(f"MLflow SQLite store {uri} is unusable: {_describe(exc)}") from exc
+        if not os.access(db.parent, os.W_OK):
+            raise TrackingUnreachable(f"MLflow SQLite store {uri} is unusable: {db.parent} is not writable")
+
+
+def is_rank_zero() -> bool:
+    """True unless `RANK` (or, without it, `LOCAL_RANK`) names another process of a distributed job."""
+    rank = os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0"))
+    return rank.strip() in ("", "0")
+
+
+def mlflow_key(name: str) -> str:
+    """`name` as a valid MLflow param/metric/tag key; one bad key would fail its whole batch.
+
+    Characters outside letters, digits, `_ - . /` and space become `_` (lm-eval reports keys like "acc,none");
+    a key that is not a normalised path (MLflow may store it as a file) loses its slashes; at most 250
+    characters.
+    """
+    key = re.sub(r"[^/\w.\- ]", "_", str(name))
+    if not key or posixpath.normpath(key) != key or key.startswith(("/", "..")):
+        key = key.replace("/", "_") or "_"
+    return _truncate(key, MAX_KEY_LENGTH)
+
+
+def _tracking_errors() -> tuple[type[BaseException], ...]:
+    """Errors that mean 'tracking failed', not 'our code is wrong' (a TypeError still propagates)."""
+    import requests
+    from mlflow.exceptions import MlflowException
+
+    errors: tuple[type[BaseException], ...] = (MlflowException, requests.RequestException, OSError)
+    try:
+        from sqlalchemy.exc import SQLAlchemyError
+
+        errors += (SQLAlchemyError,)
+    except ImportError:
+        pass
+    return errors
+
+
+def _chain(exc: BaseException) -> Iterator[BaseException]:
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        yield exc
+        exc = exc.__cause__ or exc.__context__
+
+
+def _is_connection_error(exc: BaseException) -> bool:
+    import requests
+
+    for e in _chain(exc):
+        if isinstance(e, (requests.ConnectionError, requests.Timeout, ConnectionError, TimeoutError)):
+            return True
+        if any(
+            s in str(e) for s in ("Max retries exceeded", "Failed to establish a new connection", "timed out")
+        ):
+            return True
+    return False
+
+
+def _describe(exc: BaseException) -> str:
+    """'<cause type>: <reason>', short enough for one log line.
+
+    MLflow wraps transport errors in an MlflowException whose context is the real cause, and whose message
+    buries the reason ("[Errno 111] Connection refused") after 300 characters of URL and retry state: name the
+    cause's type and pull the reason and the URL out.
+    """
+    chain = list(_chain(exc))
+    cause = chain[0]
+    if type(cause).__module__.startswith("mlflow"):
+        cause = next((e for e in chain[1:] if not type(e).__module__.startswith("mlflow")), cause)
+    text = " ".join(str(exc).split())
+    reason = re.search(r"\[Errno -?\d+\][^'\")]*", text) or re.search(r"Read timed out[^'\")]*", text)
+    if reason:
+        url = re.search(r"API request to (\S+)", text)
+        return f"{type(cause).__name__}: {reason.group(0).strip()}" + (f" ({url.group(1)})" if url else "")
+    return f"{type(cause).__name__}: {_truncate(text, 200)}"
+
+
+def _sqlite_path(uri: str) -> Path | None:
+    """The database file of a sqlite:/// URI (SQLAlchemy: three slashes + a relative path, four + an absolute
+    one), or None for other URIs and in-memory databases."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    path = uri.removeprefix("sqlite:///").split("?", 1)[0]
+    return Path(path) if path and path != ":memory:" else None
+
+
+def _truncate(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -1,0 +1,436 @@
+"""MLflow runs of a secateurs pipeline: one parent run per pipeline run, one nested run per step.
+
+- `Tracker`: the pipeline run, found or created (the KFP plugin's `MLFLOW_RUN_ID`, the run tagged with the
+  pipeline run id, or its own), and `_guarded`, through which every MLflow call goes: on a connection or MLflow
+  error it logs one warning line ("mlflow: could not log metrics step 120 (ConnectionError: ...)"), records it in
+  `Tracker.failures` and carries on. Metrics that failed are retried once when the step ends. HTTP retries and
+  timeouts are shortened (unless set) so an outage costs seconds, and after a connection error training metrics
+  are skipped for `cooldown_s`.
+- `StepRun`: one step's run; params, metrics and tags, and (from `ModelRecorder`) its manifest.
+- Only rank 0 logs (`RANK`, else `LOCAL_RANK`); other ranks get a tracker that does nothing.
+- Runs are ended only by whoever created them: a step run that the KFP MLflow plugin created (`MLFLOW_RUN_ID`)
+  is used as is and left to the plugin to close.
+
+A pipeline step uses it in three lines::
+
+    tracker = Tracker(tracking_uri, pipeline_run=kfp_run_id)
+    with tracker.step("distill", student="width") as run:
+        report = distill.run(..., on_metrics=run.log_metrics)
+        run.record(out_dir)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import time
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from secateurs.manifest import MANIFEST, read_manifest
+from secateurs.tracking.backend import (
+    HTTP_DEFAULTS,
+    MAX_METRICS_PER_BATCH,
+    MAX_PARAM_VALUE_LENGTH,
+    MAX_PARAMS_PER_BATCH,
+    MAX_TAG_VALUE_LENGTH,
+    _describe,
+    _is_connection_error,
+    _set_global_tracking_uri,
+    _sqlite_path,
+    _tracking_errors,
+    _truncate,
+    is_rank_zero,
+    mlflow_key,
+    resolve_tracking_uri,
+)
+from secateurs.tracking.recording import (
+    TAG_SHA256,
+    TAG_STEP,
+    TAG_STUDENT,
+    ModelRecorder,
+    StepRecord,
+    _as_number,
+    _param_text,
+    flatten,
+)
+
+if TYPE_CHECKING:
+    from typing import Self
+
+log = logging.getLogger(__package__)
+
+EXPERIMENT = "secateurs"
+
+TAG_ROLE = "secateurs.role"  # "pipeline" on parent runs, "step" on step runs
+TAG_CREATED_BY = "secateurs.created_by"  # on runs secateurs created (and therefore may end)
+TAG_PIPELINE_RUN = "secateurs.pipeline_run"
+MLFLOW_PARENT_RUN_ID = "mlflow.parentRunId"  # MLflow's own nested-run tag
+
+
+class Tracker:
+    """One pipeline run's connection to MLflow: the experiment, the parent run, and the failures so far.
+
+    The parent run is found in this order:
+    1. `MLFLOW_RUN_ID` (set by the KFP MLflow plugin): if that run is itself nested, it is this task's step
+       run and its parent is the pipeline run; otherwise it is the parent and steps nest under it.
+    2. `pipeline_run`: the run tagged `secateurs.pipeline_run=<id>`, created by whichever step comes first.
+       All steps of one pipeline run pass the same id (the KFP run id), so they share one parent.
+    3. neither: a new parent run for this tracker alone (a step run by hand), ended by `close()`.
+
+    Args:
+        uri: tracking URI; see `resolve_tracking_uri` for the defaults.
+        run_dir: directory of the local run, for the SQLite default `sqlite:///<run_dir>/mlflow.db`.
+        experiment: experiment name (ignored when `MLFLOW_EXPERIMENT_ID` or `MLFLOW_RUN_ID` decide it).
+        pipeline_run: identifier shared by all steps of one pipeline run.
+        run_name: name of the parent run when this tracker creates it.
+        cooldown_s: after a connection error, training metrics are skipped (and recorded as not logged) for
+            this long instead of each paying the HTTP retries again.
+    """
+
+    def __init__(
+        self,
+        uri: str | None = None,
+        *,
+        run_dir: str | Path | None = None,
+        experiment: str = EXPERIMENT,
+        pipeline_run: str | None = None,
+        run_name: str | None = None,
+        cooldown_s: float = 60.0,
+    ) -> None:
+        self.uri = resolve_tracking_uri(uri, run_dir)
+        if pipeline_run is not None and "'" in pipeline_run:
+            raise ValueError(f"pipeline_run={pipeline_run!r} must not contain a single quote")
+        self.experiment_name = experiment
+        self.pipeline_run = pipeline_run
+        self.cooldown_s = cooldown_s
+        self.failures: list[str] = []
+        self.experiment_id: str | None = None
+        self.parent_run_id: str | None = None
+        self._task_run_id: str | None = None  # a step run created by the KFP plugin
+        self._owns_parent = False
+        self._down_until = 0.0
+        self._warned_skip_until = 0.0
+        self.active = is_rank_zero()
+        if not self.active:
+            return
+        for key, value in HTTP_DEFAULTS.items():
+            os.environ.setdefault(key, value)
+        from mlflow import MlflowClient
+
+        # The fluent API (create_external_model) reads the global URI: set it, as transformers' callback does.
+        _set_global_tracking_uri(self.uri)
+        registry_uri = os.environ.get("MLFLOW_REGISTRY_URI") or self.uri
+        self.client = MlflowClient(tracking_uri=self.uri, registry_uri=registry_uri)
+        if self._guarded("open the pipeline run", self._open_parent, run_name) is None:
+            self.active = False  # failure recorded; the step goes on untracked
+
+    # ---------------------------------------------------------------------------------------------- lifecycle
+    def _open_parent(self, run_name: str | None) -> str:
+        env_run = os.environ.get("MLFLOW_RUN_ID")
+        if env_run:
+            run = self.client.get_run(env_run)
+            self.experiment_id = run.info.experiment_id
+            parent = run.data.tags.get(MLFLOW_PARENT_RUN_ID)
+            if parent:
+                self._task_run_id, self.parent_run_id = env_run, parent
+            else:
+                self.parent_run_id = env_run
+            return self.parent_run_id
+        self.experiment_id = os.environ.get("MLFLOW_EXPERIMENT_ID") or self._experiment_id()
+        tags = {TAG_ROLE: "pipeline", TAG_CREATED_BY: "secateurs"}
+        if self.pipeline_run is None:
+            run = self.client.create_run(self.experiment_id, run_name=run_name, tags=tags)
+            self.parent_run_id, self._owns_parent = run.info.run_id, True
+            return self.parent_run_id
+        found = self._pipeline_runs()
+        if found:
+            self.parent_run_id = found[0].info.run_id
+            return self.parent_run_id
+        tags[TAG_PIPELINE_RUN] = self.pipeline_run
+        mine = self.client.create_run(self.experiment_id, run_name=run_name or self.pipeline_run, tags=tags)
+        # Parallel first steps may each have created one: the earliest wins, the others delete their own.
+        winner = self._pipeline_runs()[0].info.run_id
+        if winner != mine.info.run_id:
+            self.client.delete_run(mine.info.run_id)
+        self.parent_run_id = winner
+        return winner
+
+    def _experiment_id(self) -> str:
+        from mlflow.exceptions import MlflowException
+
+        experiment = self.client.get_experiment_by_name(self.experiment_name)
+        if experiment is not None:
+            return experiment.experiment_id
+        # With SQLite the default artifact root is ./mlruns relative to the working directory: keep artifacts
+        # next to the database instead. A server chooses its own (artifact proxying).
+        db = _sqlite_path(self.uri)
+        location = (db.parent.absolute() / "mlartifacts").as_uri() if db is not None else None
+        try:
+            return self.client.create_experiment(self.experiment_name, artifact_location=location)
+        except MlflowException:  # created meanwhile by a parallel step
+            experiment = self.client.get_experiment_by_name(self.experiment_name)
+            if experiment is None:
+                raise
+            return experiment.experiment_id
+
+    def _pipeline_runs(self) -> list:
+        runs = self.client.search_runs(
+            [self.experiment_id],
+            filter_string=(
+                f"tags.`{TAG_PIPELINE_RUN}` = '{self.pipeline_run}' AND tags.`{TAG_ROLE}` = 'pipeline'"
+            ),
+            order_by=["attributes.start_time ASC"],
+        )
+        return sorted(runs, key=lambda r: (r.info.start_time, r.info.run_id))
+
+    @contextlib.contextmanager
+    def step(
+        self, name: str, student: str | None = None, params: Mapping[str, Any] | None = None
+    ) -> Iterator[StepRun]:
+        """Open the run of one step, nested under the pipeline run; end it (if created here) on exit.
+
+        The run ends FINISHED, or FAILED when the block raises (the exception propagates). Metrics that could
+        not be logged during the step are retried once before it ends.
+
+        Args:
+            name: the step (`import-model`, `prepare-data`, `correct-teacher`, `importance`, `prune`,
+                `distill`, `evaluate`, `report`).
+            student: the student this step works on, if any.
+            params: params to log right away (flattened like a manifest's config).
+        """
+        run = self._open_step(name, student)
+        if params:
+            run.log_params(params)
+        status = "FAILED"
+        try:
+            yield run
+            status = "FINISHED"
+        except KeyboardInterrupt:
+            status = "KILLED"
+            raise
+        finally:
+            run._flush_pending()
+            if run.run_id and run._owned:
+                self._guarded(f"end the run of step {name}", self.client.set_terminated, run.run_id, status)
+            if run.failures:
+                log.warning("mlflow: step %s: %d tracking call(s) failed, see above", name, len(run.failures))
+
+    def _open_step(self, name: str, student: str | None) -> StepRun:
+        if not self.active:
+            return StepRun(self, None, name, student, owned=False)
+        tags = {TAG_ROLE: "step", TAG_STEP: name}
+        if student:
+            tags[TAG_STUDENT] = student
+        if self.pipeline_run:
+            tags[TAG_PIPELINE_RUN] = self.pipeline_run
+        if self._task_run_id:
+            self._guarded(f"tag the run of step {name}", self._set_tags, self._task_run_id, tags)
+            return StepRun(self, self._task_run_id, name, student, owned=False)
+        tags[MLFLOW_PARENT_RUN_ID] = self.parent_run_id
+        tags[TAG_CREATED_BY] = "secateurs"
+        run_name = f"{name}-{student}" if student else name
+        run = self._guarded(
+            f"open the run of step {run_name}",
+            self.client.create_run,
+            self.experiment_id,
+            run_name=run_name,
+            tags=tags,
+        )
+        return StepRun(self, run.info.run_id if run else None, name, student, owned=run is not None)
+
+    def close(self, status: str = "FINISHED") -> None:
+        """End the parent run if this tracker created it for itself (no pipeline_run, no MLFLOW_RUN_ID)."""
+        if self.active and self._owns_parent:
+            self._guarded("end the pipeline run", self.client.set_terminated, self.parent_run_id, status)
+            self._owns_parent = False
+
+    def finish_pipeline(self, status: str = "FINISHED") -> None:
+        """End the shared pipeline run; for the last step (or an exit handler) of a pipeline.
+
+        Only a parent run that secateurs created is ended: one made by the KFP MLflow plugin is the plugin's.
+        """
+        if not self.active:
+            return
+        run = self._guarded("read the pipeline run", self.client.get_run, self.parent_run_id)
+        if run is not None and run.data.tags.get(TAG_CREATED_BY) == "secateurs":
+            self._guarded("end the pipeline run", self.client.set_terminated, self.parent_run_id, status)
+            self._owns_parent = False
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self.close("FINISHED" if exc_type is None else "FAILED")
+
+    def failure_report(self) -> str:
+        """What could not be logged, one line each ('' when everything was)."""
+        return "\n".join(self.failures)
+
+    # ------------------------------------------------------------------------------------------------- guard
+    def _guarded(
+        self, what: str, fn: Callable[..., Any], *args: Any, essential: bool = True, **kwargs: Any
+    ) -> Any:
+        """Call `fn`; on a tracking error warn, record `what` in `failures` and return None.
+
+        Non-essential calls (training metrics) are skipped without a network round trip while the server is
+        known to be down; essential ones (runs, models, the final report) always try.
+        """
+        now = time.monotonic()
+        if not essential and now < self._down_until:
+            message = f"mlflow: could not {what} (server unreachable, skipped)"
+            self.failures.append(message)
+            if now >= self._warned_skip_until:
+                log.warning("%s; skipping training metrics for up to %.0f s", message, self._down_until - now)
+                self._warned_skip_until = self._down_until
+            return None
+        try:
+            return fn(*args, **kwargs)
+        except _tracking_errors() as exc:
+            if _is_connection_error(exc):
+                self._down_until = time.monotonic() + self.cooldown_s
+            message = f"mlflow: could not {what} ({_describe(exc)})"
+            self.failures.append(message)
+            log.warning(message)
+            return None
+
+    def _set_tags(self, run_id: str, tags: Mapping[str, str]) -> None:
+        from mlflow.entities import RunTag
+
+        self.client.log_batch(
+            run_id,
+            tags=[RunTag(mlflow_key(k), _truncate(str(v), MAX_TAG_VALUE_LENGTH)) for k, v in tags.items()],
+        )
+
+    # ------------------------------------------------------------------------------------------------ lookups
+    def find_model(self, sha256: str) -> Any | None:
+        """The newest LoggedModel recorded for the artifact with this content hash, or None."""
+        if not self.active or not sha256:
+            return None
+        models = self._guarded(
+            "search models by content hash",
+            self.client.search_logged_models,
+            [self.experiment_id],
+            filter_string=f"tags.`{TAG_SHA256}` = '{sha256}'",
+            order_by=[{"field_name": "creation_time", "ascending": False}],
+            max_results=1,
+        )
+        return models[0] if models else None
+
+
+class StepRun(ModelRecorder):
+    """The MLflow run of one step. Every method is a no-op when tracking is off (other ranks, no server)."""
+
+    def __init__(
+        self, tracker: Tracker, run_id: str | None, name: str, student: str | None, owned: bool
+    ) -> None:
+        self.tracker = tracker
+        self.run_id = run_id
+        self.name = name
+        self.student = student
+        self._owned = owned
+        self._pending: list[tuple[str, list]] = []  # (failure message, metrics) to retry at the end
+        self._first_failure = len(tracker.failures)
+
+    @property
+    def failures(self) -> list[str]:
+        """The tracker's failures since this step started."""
+        return self.tracker.failures[self._first_failure :]
+
+    @property
+    def active(self) -> bool:
+        return self.run_id is not None and self.tracker.active
+
+    # ---------------------------------------------------------------------------------------- params, metrics
+    def log_params(self, params: Mapping[str, Any], prefix: str = "") -> None:
+        """Log params: nested mappings flattened to dotted keys, 100 a call, values cut to MLflow's limit."""
+        if not self.active:
+            return
+        from mlflow.entities import Param
+
+        flat = [
+            Param(mlflow_key(key), _truncate(_param_text(value), MAX_PARAM_VALUE_LENGTH))
+            for key, value in flatten(params, prefix).items()
+        ]
+        for i in range(0, len(flat), MAX_PARAMS_PER_BATCH):
+            batch = flat[i : i + MAX_PARAMS_PER_BATCH]
+            self.tracker._guarded(
+                f"log params {batch[0].key}..", self.tracker.client.log_batch, self.run_id, params=batch
+            )
+
+    def log_metrics(
+        self, metrics: Mapping[str, Any], step: int | None = None, model_id: str | None = None
+    ) -> None:
+        """Log scalar metrics at `step`: the callback a training loop calls every few steps.
+
+        Values that are not numbers (strings, None, booleans) are left out; 0-d tensors and numpy scalars are
+        converted (NaN is kept: a diverging loss is worth seeing). A failure is recorded and the values are
+        retried when the step ends.
+        """
+        if not self.active:
+            return
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        batch = []
+        for key, value in flatten(metrics).items():
+            number = _as_number(value)
+            if number is not None:
+                batch.append(Metric(mlflow_key(key), number, now, step or 0, model_id=model_id))
+        self._send_metrics(batch, "metrics" + (f" step {step}" if step is not None else ""))
+
+    def _send_metrics(self, batch: list, what: str) -> None:
+        for i in range(0, len(batch), MAX_METRICS_PER_BATCH):
+            chunk = batch[i : i + MAX_METRICS_PER_BATCH]
+            before = len(self.tracker.failures)
+            self.tracker._guarded(
+                f"log {what}", self.tracker.client.log_batch, self.run_id, metrics=chunk, essential=False
+            )
+            if len(self.tracker.failures) > before:
+                self._pending.append((self.tracker.failures[-1], chunk))
+
+    def _flush_pending(self) -> None:
+        """Retry metrics that failed during the step; drop their failure lines when they get through."""
+        if not self.active or not self._pending:
+            return
+        pending, self._pending = self._pending, []
+        self.tracker._down_until = 0.0  # one more try, whatever the cooldown says
+        metrics = [m for _, chunk in pending for m in chunk]
+        for i in range(0, len(metrics), MAX_METRICS_PER_BATCH):
+            sent = self.tracker._guarded(
+                f"log {len(metrics)} metric values that failed earlier in step {self.name}",
+                lambda chunk: self.tracker.client.log_batch(self.run_id, metrics=chunk) or True,
+                metrics[i : i + MAX_METRICS_PER_BATCH],
+            )
+            if not sent:
+                return
+        for message, _ in pending:
+            with contextlib.suppress(ValueError):
+                self.tracker.failures.remove(message)
+        log.info(
+            "mlflow: logged %d metric values that had failed earlier in step %s", len(metrics), self.name
+        )
+
+    def set_tags(self, tags: Mapping[str, Any]) -> None:
+        if self.active:
+            self.tracker._guarded("set run tags", self.tracker._set_tags, self.run_id, tags)
+
+
+def record_step(
+    tracker: Tracker,
+    step: str,
+    out_dir: str | Path,
+    student: str | None = None,
+    **record_kwargs: Any,
+) -> StepRecord:
+    """Open the run of `step`, log the manifest of `out_dir` into it (see `StepRun.record`), end it.
+
+    For steps with nothing to log while they run. Raises ValueError (before logging) if out_dir has no
+    manifest.
+    """
+    if not read_manifest(out_dir):
+        raise ValueError(f"{out_dir} has no {MANIFEST}: not an artifact written by a secateurs step")
+    with tracker.step(step, student) as run:
+        return run.record(out_dir, **record_kwargs)
