@@ -162,27 +162,9 @@ def check_access(uri: str, *, client: Any = None) -> None:
         StorageError: the bucket is not usable; the message says why.
         ValueError: `uri` is not a valid S3 URI.
     """
-    from botocore.exceptions import BotoCoreError, ClientError
-
     bucket, _ = parse_s3_uri(uri)
     client = client or s3_client(connect_timeout=3.0, read_timeout=10.0)
-    endpoint = _endpoint(client)
-    try:
-        client.head_bucket(Bucket=bucket)
-        return
-    except (BotoCoreError, ClientError) as exc:
-        failure = exc
-    # Raised outside the except block so the original error is attached only when it is safe to show.
-    if isinstance(failure, ClientError):
-        status, code = _status(failure), _code(failure)
-        if status == 404 or code == "NoSuchBucket":
-            raise StorageError(f"bucket {bucket!r} does not exist at S3 endpoint {endpoint}") from None
-        if status in (401, 403):
-            raise StorageError(
-                f"S3 endpoint {endpoint} refused access to bucket {bucket!r} ({status} {code}): check "
-                "AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY / AWS_SESSION_TOKEN and the bucket's policy"
-            ) from None
-    raise _storage_error(f"check bucket {bucket!r}", failure, endpoint) from _chainable(failure)
+    _call(f"access bucket {bucket!r}", client, client.head_bucket, Bucket=bucket)
 
 
 def _transfer_config() -> TransferConfig:
@@ -473,13 +455,6 @@ def _status(exc: Any) -> int | None:
     return status
 
 
-def _code(exc: Any) -> str:
-    """The S3 error code, or the HTTP reason where S3 sent none (HEAD responses have no body)."""
-    error = exc.response.get("Error", {})
-    code = str(error.get("Code", ""))
-    return (error.get("Message") or code) if code.isdigit() or not code else code
-
-
 def _storage_error(action: str, exc: BaseException, endpoint: str) -> StorageError:
     from botocore import exceptions as bx
 
@@ -488,12 +463,17 @@ def _storage_error(action: str, exc: BaseException, endpoint: str) -> StorageErr
         return StorageError(
             f"cannot reach S3 endpoint {endpoint}: {_describe(exc)} (while trying to {_redact(action)})"
         )
-    for e in chain:
-        if isinstance(e, bx.ClientError) and _status(e) in (401, 403):
+    for e in (e for e in chain if isinstance(e, bx.ClientError)):
+        if _status(e) in (401, 403):
             return StorageError(
                 f"S3 endpoint {endpoint} refused to {_redact(action)}: {_describe(e)} (check "
                 "AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY / AWS_SESSION_TOKEN and the bucket's policy)"
             )
+        # HEAD answers a missing bucket with a bare 404; other operations name the error.
+        if e.response.get("Error", {}).get("Code") == "NoSuchBucket" or (
+            e.operation_name == "HeadBucket" and _status(e) == 404
+        ):
+            return StorageError(f"cannot {_redact(action)}: no such bucket at S3 endpoint {endpoint}")
     return StorageError(f"cannot {_redact(action)} at S3 endpoint {endpoint}: {_describe(exc)}")
 
 

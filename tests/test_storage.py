@@ -293,7 +293,7 @@ def test_model_directory_round_trip_multipart_and_cache(bucket, proxy, tmp_path)
     assert proxy.count("GET", f"/{bucket}/runs/r1/model/config.json") == 1
 
 
-def test_single_file_round_trip(bucket, tmp_path):
+def test_single_file_round_trip(s3_env, bucket, tmp_path):
     gguf = tmp_path / "SmolLM2-135M.Q4_1.gguf"
     gguf.write_bytes(os.urandom(300_000))
     storage.s3_client().upload_file(str(gguf), bucket, f"weights/{gguf.name}")
@@ -305,6 +305,12 @@ def test_single_file_round_trip(bucket, tmp_path):
         storage.localize(str(tmp_path / "missing"))
     with pytest.raises(storage.StorageError, match=f"nothing at s3://{bucket}/weights/other"):
         storage.download(f"s3://{bucket}/weights/other", tmp_path / "out")
+    for call in (
+        lambda: storage.check_access(f"s3://no-{bucket}/weights/"),
+        lambda: storage.download(f"s3://no-{bucket}/weights/", tmp_path / "out"),
+    ):
+        with pytest.raises(storage.StorageError, match=f": no such bucket at S3 endpoint {s3_env}$"):
+            call()
 
 
 def test_prepare_data_reads_an_s3_source_and_writes_an_s3_output(bucket, tokenizer_dir, tmp_path, monkeypatch):
@@ -457,7 +463,7 @@ def test_refused_credentials(moto_server_with_auth, s3_env, tmp_path, monkeypatc
     (tmp_path / "out" / "f.txt").write_text("x")
     with pytest.raises(storage.StorageError) as err:
         storage.check_access("s3://models/llama")
-    assert str(err.value).startswith(f"S3 endpoint {moto_server_with_auth} refused access to bucket 'models'")
+    assert str(err.value).startswith(f"S3 endpoint {moto_server_with_auth} refused to access bucket 'models'")
     assert "AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY" in str(err.value)
     assert_no_credentials(err.value)
     for call in (
