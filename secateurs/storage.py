@@ -198,9 +198,10 @@ def download(
     an artifact's content hash.
 
     Written here because no library compatible with the pinned boto3 mirrors a prefix: s3transfer moves single
-    objects, awscli's `s3 sync` is a CLI pinning its own botocore and compares sizes and times rather than
-    ETags, and s3fs (whose `get` copies everything again anyway) needs aiobotocore, whose botocore pin
-    conflicts with boto3 1.44.8 (pip resolves it only by falling back to s3fs 0.4.2, from 2020).
+    objects; awscli's `s3 sync` is a command, not a library API, compares sizes and modification times rather
+    than ETags, and its `--delete` removes every local file the prefix lacks, not only those it wrote; s3fs
+    (whose `get` copies everything again anyway) needs aiobotocore, whose botocore pin conflicts with boto3
+    1.44.8 (pip resolves `s3fs boto3==1.44.8` only by falling back to s3fs 0.4.2, from 2020).
 
     Returns:
         `dest_dir` for a prefix, the downloaded file for a single object.
@@ -320,7 +321,10 @@ def localize(
         StorageError: see `download`.
     """
     if not is_s3_uri(uri):
-        path = _local_path(uri)
+        text = os.fspath(uri)
+        if text.startswith("s3:/"):
+            raise ValueError(f"{text!r} is an S3 URI that was turned into a path; pass it as a string")
+        path = Path(text.removeprefix("file://")).expanduser()
         if not path.exists():
             raise FileNotFoundError(f"input {uri} does not exist")
         return path
@@ -352,14 +356,6 @@ def list_objects(uri: str, *, client: Any = None) -> dict[str, str]:
 
 
 # ------------------------------------------------------------------------------------------ helpers
-
-
-def _local_path(uri: str | os.PathLike) -> Path:
-    """A local path or `file://` URI as a Path, refusing an S3 URI that lost a slash to `Path()`."""
-    text = os.fspath(uri)
-    if text.startswith("s3:/"):
-        raise ValueError(f"{text!r} is an S3 URI that was turned into a path; pass it as a string")
-    return Path(text.removeprefix("file://")).expanduser()
 
 
 def _remote_objects(client: Any, bucket: str, key: str, uri: str) -> tuple[dict[str, _RemoteObject], bool]:
