@@ -48,7 +48,11 @@ def _model_options(model_cls, exclude: tuple[str, ...] = (), include: tuple[str,
 
     def decorate(fn):
         sig = inspect.signature(fn)
-        own = [p for p in sig.parameters.values() if p.name != "settings"]
+        # The command's own annotations are strings (postponed evaluation): resolved here, or typer cannot build
+        # the converter of an `Optional[Path]` option.
+        hints = typing.get_type_hints(fn)
+        own = [p.replace(annotation=hints.get(p.name, p.annotation)) for p in sig.parameters.values()
+               if p.name != "settings"]  # fmt: skip
         arguments, options = [], []
         for name, f in fields.items():
             if f.is_required():
@@ -117,6 +121,7 @@ from secateurs.config import (  # noqa: E402
     EvaluateConfig,
     ImportanceConfig,
     PruneConfig,
+    SearchConfig,
     TeacherConfig,
     TeacherCorrectionConfig,
 )
@@ -258,6 +263,56 @@ def bench_cmd(
     from secateurs import engine
 
     _print_report(engine.bench_engine(engine_dir, settings.lengths, settings.batch, settings.repeats, out=out))
+
+
+def _axis_values(spec: str | None, option: str) -> dict:
+    """'num_layers=24,hidden_size=512' -> {"num_layers": "24", "hidden_size": "512"} (pydantic converts the values)."""
+    values = {}
+    for part in filter(None, (p.strip() for p in (spec or "").split(","))):
+        axis, sep, value = part.partition("=")
+        if not sep:
+            raise ValueError(f"{option}: {part!r} is not AXIS=VALUE (e.g. num_layers=24)")
+        values[axis.strip()] = value.strip()
+    return values
+
+
+@app.command("search")
+@one_line_errors
+@_model_options(SearchConfig, exclude=("max_pruning", "fixed"))
+def search_cmd(
+    model: Path = typer.Option(..., "--model", help="The model to prune (the teacher, or a parent student)."),
+    importance: Path = typer.Option(..., "--importance", help="Its importance artifact."),
+    data: Path = typer.Option(..., "--data"),
+    out: Path = typer.Option(..., "--out", help="Search directory: candidates/, scored/<i>/, winner/."),
+    teacher: Optional[Path] = typer.Option(None, "--teacher", help="The KD teacher (default: --model)."),
+    distill_file: Optional[Path] = typer.Option(None, "--distill", help="JSON or YAML file of the KD settings (the "
+                                                "config's distill section; default: its defaults)."),
+    fixed: Optional[str] = typer.Option(None, "--fixed", help="Dimensions held at one value, e.g. num_layers=24."),
+    max_pruning: Optional[str] = typer.Option(None, "--max-pruning", help="Largest fraction of an axis pruned, "
+                                              "e.g. num_layers=0.6,hidden_size=0.4 (default 0.5 each)."),
+    settings: SearchConfig = None,
+):
+    """Search the student's shape under a parameter or memory budget: prune candidates, distil the best briefly,
+    pick the lowest validation loss."""
+    import yaml
+    from pydantic import ValidationError
+
+    from secateurs.config import format_error
+
+    try:
+        settings = SearchConfig.model_validate({
+            **settings.model_dump(exclude={"fixed", "max_pruning"}),
+            "fixed": _axis_values(fixed, "--fixed"), "max_pruning": _axis_values(max_pruning, "--max-pruning"),
+        })  # fmt: skip
+        kd = DistillConfig.model_validate(yaml.safe_load(distill_file.read_text()) or {} if distill_file else {})
+    except ValidationError as e:
+        raise ValueError("; ".join(format_error(err) for err in e.errors())) from None
+    from secateurs import search
+
+    result = search.run(model, importance, teacher or model, data, out, settings, kd)
+    typer.echo(search.format_table(result))
+    typer.echo(f"winner: {result['winner']} ({result['winner_parameters']:,} parameters); pruned checkpoint: "
+               f"{out / 'winner'}")  # fmt: skip
 
 
 @app.command("validate")

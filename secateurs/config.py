@@ -247,11 +247,78 @@ class EngineConfig(Section):
     repeats: int = Field(3, ge=1, description="Timed repeats per length pair (the median is reported).")
 
 
+class MaxPruning(Section):
+    """The largest fraction of each axis a search candidate may lose (Model Optimizer's Minitron search bounds width
+    and depth pruning the same way; half of each axis reaches the recipe's 2x compressions)."""
+
+    hidden_size: float = Field(0.5, ge=0, lt=1, description="Of the embedding channels.")
+    ffn_hidden_size: float = Field(0.5, ge=0, lt=1, description="Of the MLP neurons.")
+    num_attention_heads: float = Field(0.5, ge=0, lt=1, description="Of the query heads.")
+    num_key_value_heads: float = Field(0.5, ge=0, lt=1, description="Of the KV groups.")
+    num_layers: float = Field(0.5, ge=0, lt=1, description="Of the decoder layers.")
+
+
+class FixedShape(Section):
+    """Dimensions a search keeps at one value (the others are searched)."""
+
+    hidden_size: int | None = Field(None, ge=1, description="Embedding channels.")
+    ffn_hidden_size: int | None = Field(None, ge=1, description="MLP neurons per layer.")
+    num_attention_heads: int | None = Field(None, ge=1, description="Query heads.")
+    num_key_value_heads: int | None = Field(None, ge=1, description="KV groups.")
+    num_layers: int | None = Field(None, ge=1, description="Decoder layers.")
+
+    @model_validator(mode="after")
+    def _whole_groups(self):
+        if self.num_key_value_heads and self.num_attention_heads and self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(
+                f"num_attention_heads={self.num_attention_heads} is not a multiple of num_key_value_heads="
+                f"{self.num_key_value_heads}"
+            )
+        return self
+
+
+class SearchConfig(Section):
+    """Architecture search (secateurs.search): the student's shape chosen under a budget, scored after a short
+    distillation of the best candidates."""
+
+    params: float | None = Field(None, gt=0, description="Budget: the student's total parameter count at most.")
+    memory: float | None = Field(None, gt=0, description="Budget: bytes of the student's weights at `precision` at most.")
+    precision: Literal["fp32", "bf16", "fp16", "fp8", "int4"] = Field("bf16", description="Bytes per weight of the memory budget (int4: half a byte).")
+    # Minitron ranked candidates after ~400 steps (~1.8B tokens) of light distillation (arXiv 2407.14679, Sec. 3).
+    tokens: float = Field(1.8e9, ge=1, description="Tokens of the short distillation of each of the top_k candidates.")
+    # Model Optimizer's Minitron search keeps its top 10 candidates by parameter count; distilling each costs a run.
+    top_k: int = Field(3, ge=1, description="Candidates (best by validation loss right after pruning) distilled briefly and ranked again.")
+    tolerance: float = Field(0.05, gt=0, lt=1, description="Candidates have between (1 - tolerance) x budget and the budget parameters.")
+    max_candidates: int = Field(24, ge=1, description="At most this many candidates are pruned and scored, closest to the budget first.")
+    # Model Optimizer's grids: channels in multiples of 64, layers in steps of 1.
+    hidden_divisor: int = Field(64, ge=1, description="Hidden sizes searched are multiples of this.")
+    ffn_divisor: int = Field(64, ge=1, description="MLP sizes searched are multiples of this.")
+    layer_divisor: int = Field(1, ge=1, description="Layer counts searched are multiples of this.")
+    max_pruning: MaxPruning = Field(MaxPruning(), description="The largest fraction of each axis a candidate may lose.")
+    fixed: FixedShape = Field(FixedShape(), description="Dimensions held at one value.")
+    depth_criterion: DepthCriterion = Field("block-influence", description="How layers are ranked for candidates with fewer layers.")
+    val_sequences: int = Field(64, ge=1, description="Validation sequences (spread over the split) each candidate is scored on.")
+    batch_size: int = Field(8, ge=1, description="Sequences per forward pass when scoring.")
+
+    @model_validator(mode="after")
+    def _a_budget(self):
+        if self.params is None and self.memory is None:
+            raise ValueError("give a budget: params or memory")
+        return self
+
+
 class StudentConfig(Section):
     name: str = Field(pattern=r"^[a-z0-9][a-z0-9-]*$", description="Short name (lower case, digits, dashes).")
     parent: str = Field("teacher", description="'teacher' or the name of another student to prune from (15B -> 8B -> 4B chains).")
-    prune: PruneConfig = Field(description="The pruning target.")
+    prune: PruneConfig | None = Field(None, description="The pruning target (or `search` for one chosen under a budget).")
+    search: SearchConfig | None = Field(None, description="Search the pruning target under a budget instead of giving it.")
     distill: DistillConfig | None = Field(None, description="Per-student distillation settings (default: the pipeline's).")
+
+    @model_validator(mode="after")
+    def _prune_or_search(self):
+        if (self.prune is None) == (self.search is None):
+            raise ValueError("give either prune (a target shape) or search (a budget), not both or neither")
+        return self
 
 
 class PipelineConfig(Section):

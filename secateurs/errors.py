@@ -50,6 +50,11 @@ def one_line_errors(fn):
         try:
             return fn(*args, **kwargs)
         except EXPECTED as e:
+            import click
+            import typer
+
+            if isinstance(e, (typer.Exit, click.exceptions.Exit)):  # RuntimeErrors too: an error already printed
+                raise
             fail(e)
 
     return wrapper

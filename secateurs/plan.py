@@ -167,6 +167,9 @@ def shapes_of(config) -> dict[str, Shape]:
     shapes = {"teacher": Shape.of(SimpleNamespace(**teacher_config(config.teacher.source)))}
     for s in config.lineage_order():
         parent, p = shapes[s.parent], s.prune
+        if p is None:  # a searched student's shape is chosen at run time, under a budget below its parent's size:
+            shapes[s.name] = parent  # its parent's shape bounds every step's memory from above
+            continue
         layers = parent.num_hidden_layers
         if p.num_layers is not None:
             layers = p.num_layers

@@ -1,0 +1,189 @@
+"""Architecture search on tiny models: exact enumeration (checked against pruned models, brute force over the
+grid), one-line refusals before any weight is read, and a whole search through the library."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+
+import pytest
+import torch
+from pydantic import ValidationError
+
+from secateurs import prune, search
+from secateurs.checkpoint import load_model
+from secateurs.config import DistillConfig, SearchConfig
+from secateurs.families import Shape, family_of, parameter_count
+from secateurs.importance import load_importance
+
+
+def _pruned_parameters(model, scores, depth, shape: Shape) -> int:
+    """parameter_count of the model really pruned to `shape` (in memory, with prune.py's own functions)."""
+    target = search.Candidate(shape, 0).target("block-influence")
+    plan = prune.plan_pruning(Shape.of(model.config), scores, depth, target)
+    config = prune.pruned_config(model.config, plan, family_of(model.config))
+    return parameter_count(prune.build_model(config, prune.prune_state_dict(model.state_dict(), plan)))
+
+
+@pytest.mark.parametrize("case", ["llama-tied", "qwen2", "qwen3"])  # tied embeddings; q/k/v biases; q/k norms
+def test_candidates_are_exactly_the_grid_shapes_under_the_budget(case, tiny_models, tiny_importance):
+    """Brute force: every shape of the divisor grid (written out plainly here) is pruned for real and counted with
+    `families.parameter_count`; the candidates are exactly those in the budget's band, with those counts."""
+    model = load_model(tiny_models[case])
+    scores, depth, _ = load_importance(tiny_importance[case])
+    source = Shape.of(model.config)  # hidden 64, MLP 96, 8 heads in 2 KV groups, 4 layers
+    teacher = parameter_count(model)
+    settings = SearchConfig(params=0.9 * teacher, tolerance=0.3, max_candidates=10_000, hidden_divisor=16,
+                            ffn_divisor=16, max_pruning={"num_layers": 0.5, "hidden_size": 0.5})  # fmt: skip
+    candidates = search.enumerate_candidates(search.ParameterCounter(model.config), settings)
+
+    expected = {}
+    for hidden, ffn, heads, kv, layers in itertools.product(range(1, 65), range(1, 97), range(1, 9), range(1, 3),
+                                                            range(1, 5)):  # fmt: skip
+        on_grid = (hidden % 16 == 0 or hidden == 64) and (ffn % 16 == 0 or ffn == 96)
+        within = hidden >= 32 and ffn >= 48 and heads >= 4 and kv >= 1 and layers >= 2  # max_pruning 0.5 each
+        valid_gqa = heads % kv == 0 and heads // kv <= 4
+        if on_grid and within and valid_gqa:
+            shape = Shape(hidden, ffn, heads, kv, source.head_dim, layers, source.vocab_size, source.tie_word_embeddings)
+            n = _pruned_parameters(model, scores, depth, shape)
+            if 0.7 * settings.params <= n <= settings.params:
+                expected[search.Candidate(shape, n).name] = n
+    assert len(expected) > 10
+    assert {c.name: c.parameters for c in candidates} == expected
+    # Closest to the budget first.
+    assert [c.parameters for c in candidates] == sorted((c.parameters for c in candidates), reverse=True)
+    # A memory budget is the same limit in bytes: bf16 weights take two bytes each.
+    by_memory = search.enumerate_candidates(
+        search.ParameterCounter(model.config), settings.model_copy(update={"params": None, "memory": 2 * settings.params})
+    )
+    assert by_memory == candidates
+
+
+def test_fixed_dimensions_and_caps_shape_the_grid(tiny_models):
+    counter = search.ParameterCounter(load_model(tiny_models["llama-tied"]).config)
+    teacher = counter(counter.source)
+    settings = SearchConfig(params=0.95 * teacher, tolerance=0.5, max_candidates=5, hidden_divisor=16, ffn_divisor=16,
+                            fixed={"num_layers": 3, "num_attention_heads": 4})  # fmt: skip
+    candidates = search.enumerate_candidates(counter, settings)
+    assert len(candidates) == 5
+    assert {(c.shape.num_hidden_layers, c.shape.num_attention_heads) for c in candidates} == {(3, 4)}
+    # 4 heads: one KV group of 4 or two of 2, both valid GQA.
+    every = search.enumerate_candidates(counter, settings.model_copy(update={"max_candidates": 1000}))
+    assert {c.shape.num_key_value_heads for c in every} == {1, 2}
+
+
+@pytest.mark.parametrize(
+    "settings, message",
+    [
+        (dict(params=1e12), "not fewer than the source's"),
+        (dict(params=1e3), "below the smallest candidate shape"),
+        (dict(memory=1e12, precision="int4"), "memory=1e\\+12 bytes at int4 allows 2,000,000,000,000 parameters"),
+        (dict(params=2.9e6, tolerance=1e-6, hidden_divisor=16), "no candidate shape within tolerance=1e-06"),
+        (dict(params=2e6, fixed={"hidden_size": 80}), "fixed hidden_size=80 is larger than the source's 64"),
+        (dict(params=2e6, fixed={"num_layers": 1}), "fixed num_layers=1 prunes more than max_pruning.num_layers=0.5"),
+        (dict(params=2e6, fixed={"num_attention_heads": 8, "num_key_value_heads": 1}),
+         "needs 8 query heads per KV group; the source has 4"),
+        (dict(params=2e6, fixed={"num_attention_heads": 7}, max_pruning={"num_attention_heads": 0.9}),
+         "num_attention_heads=7 is no whole number of KV groups"),
+    ],
+)
+def test_bad_budgets_fail_in_one_line_before_any_weight_is_read(settings, message, tiny_models, tiny_importance,
+                                                                tiny_data, tmp_path, monkeypatch):  # fmt: skip
+    import secateurs.checkpoint
+
+    def no_weights(*args, **kwargs):
+        raise AssertionError("weights were read before the search settings were checked")
+
+    monkeypatch.setattr(secateurs.checkpoint, "load_model", no_weights)
+    with pytest.raises(search.SearchError, match=message) as e:
+        search.score_candidates(tiny_models["llama-tied"], tiny_importance["llama-tied"], tiny_data, tmp_path / "o",
+                                SearchConfig(**settings))  # fmt: skip
+    assert "\n" not in str(e.value)
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_depth_criterion_the_importance_cannot_serve_fails_before_pruning(tiny_models, tiny_importance, tiny_data,
+                                                                            tmp_path):  # fmt: skip
+    # The importance artifact scanned contiguous blocks of 1 and 2 layers only; max_pruning lets candidates drop
+    # 3 of the 4 layers (k=3), which it has no scan of.
+    settings = SearchConfig(params=2.9e6, tolerance=0.9, max_candidates=1000, depth_criterion="lm-loss-contiguous", hidden_divisor=16,
+                            max_pruning={"num_layers": 0.75})  # fmt: skip
+    with pytest.raises(prune.PruneError, match="block size k=3"):
+        search.score_candidates(tiny_models["llama-tied"], tiny_importance["llama-tied"], tiny_data, tmp_path / "o",
+                                settings)  # fmt: skip
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize(
+    "raw, message",
+    [
+        (dict(params=1e6, top_k=0), "top_k"),
+        (dict(top_k=2), "give a budget: params or memory"),
+        (dict(params=1e6, fixed={"num_attention_heads": 6, "num_key_value_heads": 4}),
+         "num_attention_heads=6 is not a multiple of num_key_value_heads=4"),
+        (dict(params=1e6, max_pruning={"hidden_size": 1.0}), "max_pruning.hidden_size"),
+    ],
+)
+def test_settings_refuse_bad_values(raw, message):
+    with pytest.raises(ValidationError, match=message):
+        SearchConfig(**raw)
+
+
+def test_cli_refuses_top_k_zero_in_one_line(tiny_models, tiny_importance, tiny_data, tmp_path):
+    from typer.testing import CliRunner
+
+    from secateurs.cli import app
+
+    args = ["search", "--model", str(tiny_models["llama-tied"]), "--importance", str(tiny_importance["llama-tied"]),
+            "--data", str(tiny_data), "--out", str(tmp_path / "o"), "--params", "2e6"]  # fmt: skip
+    result = CliRunner().invoke(app, [*args, "--top-k", "0"])
+    assert result.exit_code == 1
+    assert result.output.strip().splitlines() == ["error: top_k=0: Input should be greater than or equal to 1"]
+    result = CliRunner().invoke(app, [*args, "--fixed", "num_layers=9"])
+    assert result.exit_code == 1
+    assert result.output.strip().splitlines() == ["error: fixed num_layers=9 is larger than the source's 4"]
+
+
+def test_short_distillation_settings_keep_the_kd_settings():
+    run = DistillConfig(max_steps=1000, global_batch_size=8, micro_batch_size=4, warmup_steps=40, temperature=2.0,
+                        top_k=64, learning_rate=3e-4)  # fmt: skip
+    short = search.short_distill_settings(run, tokens=10_000, seq_len=128)
+    assert short.max_steps == math.ceil(10_000 / (8 * 128)) == 10
+    assert short.warmup_steps == 1 and short.save_steps == 10
+    same = {k: v for k, v in run.model_dump().items() if k not in ("max_steps", "warmup_steps", "save_steps", "logging_steps")}
+    assert {k: v for k, v in short.model_dump().items() if k in same} == same
+
+
+def test_search_end_to_end_picks_the_lowest_loss_after_short_distillation(tiny_models, tiny_importance, tiny_data,
+                                                                          tmp_path):  # fmt: skip
+    model = tiny_models["llama-tied"]
+    teacher = parameter_count(load_model(model))
+    settings = SearchConfig(params=0.9 * teacher, tolerance=0.3, max_candidates=4, top_k=2, tokens=2 * 4 * 32,
+                            hidden_divisor=16, ffn_divisor=32, val_sequences=8)  # fmt: skip
+    kd = DistillConfig(max_steps=50, micro_batch_size=2, global_batch_size=4, warmup_steps=0, logging_steps=1)
+    result = search.run(model, tiny_importance["llama-tied"], model, tiny_data, tmp_path / "s", settings, kd)
+
+    rows = result["candidates"]
+    assert len(rows) == 4 and all(r["parameters"] <= settings.params for r in rows)
+    distilled = [r for r in rows if "distilled_loss" in r]
+    assert len(distilled) == 2
+    # The two distilled are the two best right after pruning; each ran the short budget: 2 steps of 4 x 32 tokens.
+    assert sorted(r["pruned_rank"] for r in distilled) == [0, 1]
+    assert all(r["distill_steps"] == 2 and r["distill_tokens"] == 256 for r in distilled)
+    best = min(distilled, key=lambda r: r["distilled_loss"])
+    assert result["winner"] == best["name"] and best["distilled_rank"] == 0
+    # The winner's pruned checkpoint: a stock checkpoint of that shape and count, with prune's manifest.
+    winner = load_model(tmp_path / "s" / "winner")
+    assert Shape.of(winner.config).as_dict() == best["shape"]
+    assert parameter_count(winner) == best["parameters"] == result["winner_parameters"]
+    manifest = json.loads((tmp_path / "s" / "winner" / "secateurs.json").read_text())
+    assert manifest["step"] == "prune" and manifest["report"]["parameters_after"] == best["parameters"]
+    assert json.loads((tmp_path / "s" / "winner" / "candidates.json").read_text())["winner"] == best["name"]
+    # Short-distilled weights and their checkpoints are not kept.
+    assert not list((tmp_path / "s" / "scored").glob("*/model.safetensors"))
+    assert not list((tmp_path / "s" / "scored").glob("*.checkpoints"))
+    table = search.format_table(result)
+    assert best["name"] in table and "winner" in table and len(table.splitlines()) == 2 + 4
+    with torch.no_grad():
+        assert torch.isfinite(winner(torch.tensor([[1, 2, 3, 4]])).logits).all()
