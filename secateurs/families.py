@@ -9,7 +9,10 @@ plus a comment on the one difference).
 
 from __future__ import annotations
 
+import math
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 
@@ -135,9 +138,19 @@ def set_explicit_shape(config) -> None:
     config.num_hidden_layers = shape.num_hidden_layers
 
 
-def parameter_count(model) -> int:
-    """Unique parameters (tied embeddings counted once)."""
-    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+def parameter_count(model: Any) -> int:
+    """Unique parameters (tied embeddings counted once) of a loaded model, or of a checkpoint directory from its
+    safetensors headers, without reading a weight (transformers saves a tied weight once)."""
+    if isinstance(model, (str, os.PathLike)):
+        from safetensors import safe_open
+
+        shapes = []
+        for file in sorted(Path(model).glob("*.safetensors")):
+            with safe_open(str(file), framework="pt") as st:
+                shapes += [st.get_slice(key).get_shape() for key in st.keys()]  # noqa: SIM118 (not iterable)
+    else:
+        shapes = [p.shape for p in {id(p): p for p in model.parameters()}.values()]
+    return sum(math.prod(shape) for shape in shapes)
 
 
 # Which pruned axis each weight dimension follows, for the layout all four families share. `None` is an axis

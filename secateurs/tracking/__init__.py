@@ -53,7 +53,6 @@ from secateurs.tracking.recording import (
     ModelRecorder,
     StepRecord,
     checkpoint_params,
-    count_parameters,
     flatten,
     split_report,
 )
@@ -98,7 +97,6 @@ __all__ = [
     "TrackingUnreachable",
     "check_reachable",
     "checkpoint_params",
-    "count_parameters",
     "flatten",
     "format_lineage",
     "is_rank_zero",

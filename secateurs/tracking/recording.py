@@ -8,7 +8,6 @@ mlflow is imported inside the functions that use it, so `secateurs` imports with
 from __future__ import annotations
 
 import json
-import math
 import time
 import warnings
 from collections.abc import Mapping
@@ -16,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from secateurs.families import parameter_count
 from secateurs.manifest import MANIFEST, content_hash, read_manifest
 from secateurs.steps import BY_NAME
 from secateurs.tracking.backend import (
@@ -468,23 +468,10 @@ def checkpoint_params(path: str | Path) -> dict[str, str]:
         f"layers={config.get('num_hidden_layers')} hidden={config.get('hidden_size')} "
         f"heads={heads}/{kv or heads} head_dim={head_dim} mlp={config.get('intermediate_size')}"
     )
-    count = count_parameters(path)
+    count = parameter_count(path)
     if count:
         params["parameters"] = str(count)
     return params
-
-
-def count_parameters(path: str | Path) -> int:
-    """Number of weights in a checkpoint's safetensors files, from their headers (tied weights count once:
-    transformers saves them once)."""
-    from safetensors import safe_open
-
-    total = 0
-    for f in sorted(Path(path).glob("*.safetensors")):
-        with safe_open(str(f), framework="pt") as st:
-            for key in st.keys():  # noqa: SIM118 (safe_open is not iterable)
-                total += math.prod(st.get_slice(key).get_shape())
-    return total
 
 
 def _dataset_entity(uri: str, sha256: str | None, name: str, profile: dict[str, Any] | None = None) -> Any:
