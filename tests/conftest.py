@@ -134,3 +134,70 @@ def tiny_importance(tmp_path_factory, tiny_models, tiny_data) -> dict[str, Path]
         case: (importance.run(path, tiny_data, root / case, ImportanceConfig(samples=16, batch_size=8, block_sizes=[1, 2], depth_samples=4)), root / case)[1]
         for case, path in tiny_models.items()
     }
+
+
+def free_port() -> int:
+    """A TCP port of 127.0.0.1 that nothing listens on right now."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class MlflowServer:
+    """A real `mlflow server` on a free port of 127.0.0.1 (SQLite backend, proxied artifacts under `root`).
+
+    It starts when made, and takes seconds to answer: make it early, do other work, then `wait()`.
+
+    Args:
+        root: directory for its log, artifacts and (unless `backend_store_uri` is given) its SQLite database.
+        backend_store_uri: the store to serve, e.g. the `sqlite:///.../mlflow.db` a local run wrote.
+    """
+
+    def __init__(self, root: Path, backend_store_uri: str | None = None) -> None:
+        import subprocess
+        import sys
+
+        self.port = free_port()
+        self.uri = f"http://127.0.0.1:{self.port}"
+        self.log = root / "server.log"
+        command = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(self.port)]
+        command += ["--backend-store-uri", backend_store_uri or f"sqlite:///{root / 'mlflow.db'}", "--workers", "1"]
+        command += ["--artifacts-destination", str(root / "artifacts")]
+        # The server's job runner (GenAI evaluation jobs) is unused here and more than doubles its start time.
+        env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", "MLFLOW_DISABLE_TELEMETRY": "true"}
+        with open(self.log, "w") as log_file:
+            self.proc = subprocess.Popen(
+                command, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True, env=env
+            )
+
+    def wait(self, timeout: float = 180) -> str:
+        """The server's URI once `/health` answers."""
+        import time
+
+        import requests
+
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"mlflow server exited: {self.log.read_text()[-2000:]}")
+            try:
+                if requests.get(f"{self.uri}/health", timeout=2).status_code == 200:
+                    return self.uri
+            except requests.RequestException:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"mlflow server did not answer /health: {self.log.read_text()[-2000:]}")
+            time.sleep(0.5)
+
+    def stop(self) -> None:
+        import signal
+        import subprocess
+
+        os.killpg(self.proc.pid, signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=3)  # it waits for idle keep-alive connections; nothing to save
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
