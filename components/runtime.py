@@ -16,6 +16,7 @@ import os
 from collections.abc import Iterator
 
 from transformers import TrainerCallback
+from transformers.integrations import rewrite_logs
 
 FAIL_STEP_ENV = "SECATEURS_FAIL_STEP"
 # Tags on a step's MLflow run that let `secateurs rerun` find what the step produced: its task key in the
@@ -101,14 +102,15 @@ def step(kind: str, args: dict) -> Iterator[StepContext]:
 
 
 class LossForwarder(TrainerCallback):
-    """Forwards the Trainer's logged numbers (loss, learning rate, grad norm) to the step's MLflow run."""
+    """Forwards the Trainer's logged numbers to the step's MLflow run: its metric history `train/loss`,
+    `train/learning_rate`, `train/grad_norm`, ... (transformers' own naming for logged metrics, `rewrite_logs`)."""
 
     def __init__(self, run) -> None:
         self.run = run
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs:
-            self.run.log_metrics(logs, step=state.global_step)
+            self.run.log_metrics(rewrite_logs(logs), step=state.global_step)
 
 
 def report_entry(name: str, role: str, parent: str, metrics: dict) -> dict:

@@ -2,6 +2,12 @@
 as an external LoggedModel (registered for the steps the registry says), through `ModelRecorder`, the part of
 `StepRun` that knows manifests.
 
+A model's page in the MLflow UI tells its story through MLflow's own fields: its description (Markdown: made
+from which model by which step, taught by which, on which data, with links to those models' pages), its params
+(`parent_model`, `teacher_model`, `training_data` by name, and its shape), "Datasets used" (each data source it
+learned from, through the summary metric `train_share.<source>` logged against that dataset) and "Model versions"
+(the `mlflow.modelVersions` tag). Its metrics are the report's scalars; series and the training log are the run's.
+
 mlflow is imported inside the functions that use it, so `secateurs` imports without it.
 """
 
@@ -10,7 +16,7 @@ from __future__ import annotations
 import json
 import time
 import warnings
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,6 +42,8 @@ TAG_PARENT_MODEL_ID = "secateurs.parent_model_id"
 TAG_PARENT_URI = "secateurs.parent_uri"
 TAG_TEACHER_MODEL_ID = "secateurs.teacher_model_id"
 TAG_REGISTERED = "secateurs.registered_model"  # "name/version"
+# MLflow's description field (runs, models): the UI shows it as Markdown at the top of the model's page.
+TAG_DESCRIPTION = "mlflow.note.content"
 
 # Which model input a step's output model was made from, in order of preference. The distillation teacher is
 # an input too (an edge), but the student it distils into descends from the pruned student.
@@ -236,13 +244,23 @@ class ModelRecorder:
         if version is None:
             return None
         ref = f"{name}/{version.version}"
-        self.tracker._guarded(
-            f"tag model {model_id}",
-            self.tracker.client.set_logged_model_tags,
-            model_id,
-            {TAG_REGISTERED: ref},
-        )
+        self.tracker._guarded(f"tag model {model_id}", self._link_version, model_id, name, version.version)
         return ref
+
+    def _link_version(self, model_id: str, name: str, version: str | int) -> None:
+        """Tag the model with its registered version: `secateurs.registered_model` ("name/version") and the list
+        in `mlflow.modelVersions`, which the UI's "Model versions" reads. MLflow's REST server adds the latter
+        when it creates a version from a model id; its SQL store, used directly (a `sqlite:///` tracking URI, as a
+        local run has), does not: added here, once either way."""
+        from mlflow.utils.mlflow_tags import MLFLOW_MODEL_VERSIONS
+
+        client = self.tracker.client
+        versions = json.loads(client.get_logged_model(model_id).tags.get(MLFLOW_MODEL_VERSIONS) or "[]")
+        if not any(v.get("name") == name and str(v.get("version")) == str(version) for v in versions):
+            versions.append({"name": name, "version": version})
+        client.set_logged_model_tags(
+            model_id, {TAG_REGISTERED: f"{name}/{version}", MLFLOW_MODEL_VERSIONS: json.dumps(versions)}
+        )
 
     def _register(self, model_id: str, name: str, tags: Mapping[str, Any]) -> Any:
         from mlflow.exceptions import MlflowException
@@ -275,13 +293,16 @@ class ModelRecorder:
         """Log what a step's manifest says: config, report, inputs, and the output model if it is one.
 
         - `config` -> params (flattened, 100 per call, truncated); `report` numbers -> metrics (lists of
-          numbers -> one value per step), other report scalars -> params `report.*`.
+          numbers -> one value per step), other report scalars -> params `report.*`. The report's
+          `log_history` (the Trainer's log) is left out: the training callback already sent it to the run as
+          the metric history `train/loss`, `train/grad_norm`, ... (live, or replayed by `secateurs.launch`).
         - each input -> tag `secateurs.input.<name>` = "uri sha256"; inputs that are recorded LoggedModels
           (found by content hash) -> model edges; other inputs with a hash that are not checkpoints ->
-          datasets (context = the input's name).
+          datasets (context = the input's name), one per source for a dataset made by prepare-data.
         - out_dir with a config.json -> an external LoggedModel named after the step (the registry's
           `StepSpec.model`) whose parent is the input `parent_input` (default: the first of `PARENT_INPUTS` that
-          is a recorded model); for a step whose spec says `registered` (distill) it is also registered as
+          is a recorded model), with the report's scalars as its metrics and its story on its page (see the
+          module docstring); for a step whose spec says `registered` (distill) it is also registered as
           `register_as` (default: "<experiment>-<student>").
         - for steps that score their input (`StepSpec.scores_input`: evaluation), the report's numbers also go
           to the model read (the parent input), and onto its registered version as `score.*` tags when it has one.
@@ -307,12 +328,14 @@ class ModelRecorder:
         uri = uri or str(out_dir.absolute())
         sha256 = content_hash(out_dir)
         self.log_params(manifest.get("config") or {})
-        numbers, texts = split_report(manifest.get("report") or {})
+        report = {k: v for k, v in (manifest.get("report") or {}).items() if k != "log_history"}
+        numbers, texts = split_report(report)
         self.log_params(texts, prefix="report")
         self.set_tags({"secateurs.output_uri": uri, "secateurs.output_sha256": sha256, TAG_STEP: self.name})
 
         inputs = manifest.get("inputs") or {}
         models: dict[str, Any] = {}
+        data_sources: list[dict[str, Any]] = []  # the sources of the prepared datasets this step read
         self.set_tags(
             {
                 f"secateurs.input.{k}": f"{v.get('uri', '')} {v.get('sha256') or ''}".strip()
@@ -327,6 +350,7 @@ class ModelRecorder:
                 self.log_input_model(model.model_id)
             elif in_sha and _blend_sources(in_uri):
                 self.log_blend(in_uri, context=input_name)
+                data_sources += _blend_sources(in_uri)
             elif in_sha and not (Path(in_uri) / "config.json").is_file():
                 self.log_dataset(in_uri, in_sha, input_name, context=input_name)
         record.input_model_ids = {k: m.model_id for k, m in models.items()}
@@ -344,9 +368,15 @@ class ModelRecorder:
             teacher = models.get("teacher") if parent_key != "teacher" else None
             name = model_name or (spec.model if spec and spec.model else "{student}-" + self.name)
             name = name.format(student=self.student or "model")
-            record.model_id = self.log_model(uri, sha256, name, path=out_dir, parent=parent, teacher=teacher)
-            # Logged with the model id, the report's metrics show on the run and on the model.
-            self._log_report_metrics(numbers, model_id=record.model_id)
+            story = {
+                "params": _lineage_params(parent, teacher, data_sources),
+                "tags": {TAG_DESCRIPTION: self._description(manifest, uri, parent, teacher, data_sources)},
+            }
+            record.model_id = self.log_model(
+                uri, sha256, name, path=out_dir, parent=parent, teacher=teacher, **story
+            )
+            # Logged with the model id, the report's scalars show on the run and on the model.
+            self._log_report_metrics(numbers, model_id=record.model_id, data_sources=data_sources)
             if record.model_id and (register_as or (spec is not None and spec.registered)):
                 registry_name = register_as or f"{self.tracker.experiment_name}-{self.student or name}"
                 record.registered = self.register(
@@ -365,18 +395,47 @@ class ModelRecorder:
         self.log_files(files)
         return record
 
-    def _log_report_metrics(self, numbers: Mapping[str, Any], model_id: str | None = None) -> None:
-        if not numbers:
-            return
+    def _log_report_metrics(
+        self, numbers: Mapping[str, Any], model_id: str | None = None, data_sources: Sequence[dict] = ()
+    ) -> None:
+        """The report's numbers as run metrics; its scalars also as the model's (`model_id`), with one
+        `train_share.<source>` per data source, logged against that source's dataset: MLflow lists the datasets
+        of a model's metrics as the model's "Datasets used"."""
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
         batch = []
         for key, value in numbers.items():
-            # A list is a series (per epoch, per layer): one value per step.
-            for step, v in enumerate(value) if isinstance(value, list) else [(0, value)]:
-                batch.append(Metric(mlflow_key(key), float(v), now, step, model_id=model_id))
-        self._send_metrics(batch, "report metrics")
+            if isinstance(value, list):  # a series (per epoch, per layer): one value a step, the run's only
+                batch += [Metric(mlflow_key(key), float(v), now, step) for step, v in enumerate(value)]
+            else:
+                batch.append(Metric(mlflow_key(key), float(value), now, 0, model_id=model_id))
+        for source in data_sources if model_id else ():
+            share = source["profile"]["share"].get("train")
+            if share is not None:
+                batch.append(Metric(
+                    mlflow_key(f"train_share.{source['name']}"), float(share), now, 0, model_id=model_id,
+                    dataset_name=source["name"], dataset_digest=source["content_sha256"][:MAX_DATASET_DIGEST_LENGTH],
+                ))  # fmt: skip
+        if batch:
+            self._send_metrics(batch, "report metrics")
+
+    def _description(
+        self, manifest: Mapping[str, Any], uri: str, parent: Any, teacher: Any, data_sources: list[dict]
+    ) -> str:
+        """The model page's description: "Made from [a-pruned](link) by step `distill` (student `a`), taught by
+        [teacher](link), on data `docs`." and where its weights are."""
+        by = f"by step `{self.name}`" + (f" (student `{self.student}`)" if self.student else "")
+        if parent is not None:
+            text = f"Made from {_model_link(parent)} {by}"
+        else:
+            source = (manifest.get("config") or {}).get("source")
+            text = f"Imported from `{source}` {by}" if source else f"Written {by}"
+        if teacher is not None:
+            text += f", taught by {_model_link(teacher)}"
+        if data_sources:
+            text += ", on data " + ", ".join(f"`{s['name']}`" for s in data_sources)
+        return f"{text}.\n\nWeights: `{uri}`"
 
     def _version_tags(
         self, out_dir: Path, uri: str, sha256: str, numbers: Mapping[str, Any], teacher: Any
@@ -416,6 +475,26 @@ class ModelRecorder:
                     mlflow_key(f"score.{key}"),
                     str(value),
                 )
+
+
+def _model_link(model: Any) -> str:
+    """A Markdown link to a LoggedModel's page in the MLflow UI, named after the model. The URL is the UI's own
+    route, relative, so it works wherever the UI is served."""
+    name = model.name.replace("[", "\\[").replace("]", "\\]")
+    return f"[{name}](#/experiments/{model.experiment_id}/models/{model.model_id})"
+
+
+def _lineage_params(parent: Any, teacher: Any, data_sources: list[dict]) -> dict[str, str]:
+    """The models and data a model was made from, by name, as params (shown on its page, and searchable:
+    `params.parent_model = 'a-pruned'`)."""
+    params = {}
+    if parent is not None:
+        params["parent_model"] = parent.name
+    if teacher is not None:
+        params["teacher_model"] = teacher.name
+    if data_sources:
+        params["training_data"] = ", ".join(s["name"] for s in data_sources)
+    return params
 
 
 def flatten(mapping: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
