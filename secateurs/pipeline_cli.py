@@ -523,9 +523,11 @@ def lineage_cmd(
     run_dir: Path = typer.Option(None, "--run-dir", help="A local run directory (its mlflow.db)."),
 ):
     """Print the chain of models from REF back to the teacher, as MLflow recorded it."""
+    from rich.console import Console
+
     from secateurs import tracking
 
-    typer.echo(tracking.format_lineage(tracking.lineage(ref, uri=tracking_uri, run_dir=run_dir)))
+    Console().print(tracking.lineage_table(tracking.lineage(ref, uri=tracking_uri, run_dir=run_dir)))
 
 
 __all__ = ["check_local", "compile_cmd", "lineage_cmd", "rerun_cmd", "run_cmd", "submit_cmd"]

@@ -41,7 +41,6 @@ from secateurs.tracking import (
     format_lineage,
     lineage,
     mlflow_key,
-    record_step,
     resolve_tracking_uri,
 )
 
@@ -74,10 +73,8 @@ def clean_env(monkeypatch):
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
 
 
-@pytest.fixture(scope="module")
-def server_process(tmp_path_factory):
-    """A real MLflow tracking server on a free port of 127.0.0.1, stopped at the end of the module."""
-    root = tmp_path_factory.mktemp("mlflow-server")
+def start_server(root: Path) -> tuple[subprocess.Popen, str, Path]:
+    """A real MLflow tracking server on a free port of 127.0.0.1, in its own process group: (process, URI, log)."""
     port = free_port()
     command = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port)]
     command += ["--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}", "--workers", "1"]
@@ -88,21 +85,22 @@ def server_process(tmp_path_factory):
         proc = subprocess.Popen(
             command, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True, env=env
         )
-        try:
-            yield proc, f"http://127.0.0.1:{port}", root / "server.log"
-        finally:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=3)  # it waits for idle keep-alive connections; nothing to save
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+    return proc, f"http://127.0.0.1:{port}", root / "server.log"
 
 
-@pytest.fixture(scope="module")
-def server(server_process):
-    """The server's URI once `/health` answers."""
-    proc, uri, log = server_process
+def stop_server(proc: subprocess.Popen) -> None:
+    if proc.poll() is not None:
+        return
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=3)  # it waits for idle keep-alive connections; nothing to save
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+def wait_healthy(proc: subprocess.Popen, uri: str, log: Path) -> str:
+    """`uri` once the server's `/health` answers."""
     deadline = time.monotonic() + 180
     while True:
         if proc.poll() is not None:
@@ -115,6 +113,22 @@ def server(server_process):
         if time.monotonic() > deadline:
             raise RuntimeError(f"mlflow server did not answer /health: {log.read_text()[-2000:]}")
         time.sleep(0.5)
+
+
+@pytest.fixture(scope="module")
+def server_process(tmp_path_factory):
+    """The module's server, stopped at the end of the module."""
+    proc, uri, log = start_server(tmp_path_factory.mktemp("mlflow-server"))
+    try:
+        yield proc, uri, log
+    finally:
+        stop_server(proc)
+
+
+@pytest.fixture(scope="module")
+def server(server_process):
+    """The server's URI once `/health` answers."""
+    return wait_healthy(*server_process)
 
 
 class Outage:
@@ -281,6 +295,12 @@ def artifacts(tmp_path_factory, server_process, tokenizer_dir):
         report={"hellaswag": {"acc,none": 0.31}, "val_loss": 2.1},  # lm-eval's key style
     )
     return a, counts
+
+
+def record_step(tracker: Tracker, step: str, out_dir: Path, student: str | None = None):
+    """One step's run holding the manifest of `out_dir`, as `components.runtime.step` records a step's output."""
+    with tracker.step(step, student) as run:
+        return run.record(out_dir)
 
 
 @pytest.fixture(scope="module")
@@ -511,10 +531,11 @@ def test_outage_during_training_does_not_stop_the_step(server, caplog, client):
     tracker = Tracker(proxy.uri, experiment=EXPERIMENT, pipeline_run="kfp-run-outage", cooldown_s=60)
     with tracker.step("distill", student="depth") as run:
         run.log_metrics({"train/loss": 4.0}, step=0)
+        run.settle_metrics()  # step 0 reaches the server before the outage (metrics are sent async)
         proxy.down()
         with caplog.at_level(logging.WARNING, logger="secateurs.tracking"):
-            run.log_metrics({"train/loss": 3.5}, step=120)  # pays the (short) retries
-            run.log_metrics({"train/loss": 3.0}, step=130)  # skipped: the server is known to be down
+            run.log_metrics({"train/loss": 3.5}, step=120)  # sent async: pays the (short) retries meanwhile
+            run.log_metrics({"train/loss": 3.0}, step=130)  # reads 120's failure; skipped: the server is down
         assert tracker.failures[0].startswith("mlflow: could not log metrics step 120 (ConnectionError: ")
         assert tracker.failures[1] == "mlflow: could not log metrics step 130 (server unreachable, skipped)"
         assert len(tracker.failures) == 2
@@ -581,8 +602,6 @@ def test_local_sqlite_store(tmp_path, artifacts):
         assert tracker.uri == f"sqlite:///{run_dir}/mlflow.db"
         teacher = record_step(tracker, "import-model", a["teacher"])
         pruned = record_step(tracker, "prune", a["pruned"], student="width")
-        with pytest.raises(ValueError, match="has no secateurs.json: not an artifact"):
-            record_step(tracker, "prune", tmp_path)  # refused before a run is opened
         parent_run_id = tracker.parent_run_id
     assert tracker.failures == []
     assert (run_dir / "mlflow.db").is_file()
@@ -596,6 +615,11 @@ def test_local_sqlite_store(tmp_path, artifacts):
     # Artifacts stay next to the database, not in ./mlruns of the working directory.
     assert list(run_dir.glob("mlartifacts/**/secateurs.json"))
     assert "mlartifacts" in local.get_run(pruned.run_id).info.artifact_uri
+    # A directory without a manifest is refused before anything is logged into the step's run.
+    refused = pytest.raises(ValueError, match="has no secateurs.json: not an artifact")
+    with Tracker(run_dir=run_dir, experiment="local") as again, again.step("prune") as run, refused:
+        run.record(tmp_path)
+    assert local.get_run(run.run_id).data.params == {}
 
 
 def test_only_rank_zero_logs(tmp_path, monkeypatch, artifacts):
@@ -637,3 +661,92 @@ def test_mlflow_keys():
     assert mlflow_key("a//b") == "a__b"  # not a normalised path: MLflow would refuse it
     assert mlflow_key("/abs") == "_abs"
     assert mlflow_key("k" * 300) == "k" * 247 + "..."
+
+
+def test_the_server_killed_during_training(tmp_path, tiny_models, tiny_data, caplog):
+    """A real short training run (teacher correction of a tiny model) logs its loss to a real server, which is
+    killed (SIGKILL) after step 2: training goes on to the end, its checkpoint is whole, and the step ends with
+    one warning line saying what it could not log."""
+    from transformers import TrainerCallback
+
+    from secateurs import train
+    from secateurs.checkpoint import load_model
+    from secateurs.config import TeacherCorrectionConfig
+    from secateurs.families import parameter_count
+    from secateurs.manifest import read_manifest
+
+    (tmp_path / "server").mkdir()
+    proc, uri, log = start_server(tmp_path / "server")
+
+    class ForwardThenKill(TrainerCallback):  # components.runtime.LossForwarder, and the outage
+        def __init__(self, run):
+            self.run = run
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            self.run.log_metrics(logs, step=state.global_step)
+            if state.global_step == 2 and proc.poll() is None:
+                self.run.settle_metrics()  # steps 1 and 2 are on the server
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+
+    teacher, out = tiny_models["llama-tied"], tmp_path / "corrected"
+    settings = TeacherCorrectionConfig(max_steps=6, micro_batch_size=2, global_batch_size=4, warmup_steps=2,
+                                       save_steps=2, logging_steps=1, learning_rate=1e-3)  # fmt: skip
+    try:
+        wait_healthy(proc, uri, log)
+        tracker = Tracker(uri, experiment=EXPERIMENT, pipeline_run="kfp-run-killed")
+        logs = caplog.at_level(logging.INFO, logger="secateurs.tracking")
+        with logs, tracker.step("correct-teacher", student="killed") as run:
+            report = train.correct_teacher(teacher, tiny_data, out, settings, [ForwardThenKill(run)])
+            run.record(out)
+    finally:
+        stop_server(proc)
+    assert proc.returncode == -signal.SIGKILL  # killed mid-run, not stopped at the end
+    assert report["steps"] == 6
+    assert read_manifest(out)["step"] == "correct-teacher"
+    assert parameter_count(load_model(out)) == parameter_count(teacher)
+
+    said = [r.getMessage() for r in caplog.records if r.getMessage().startswith("mlflow: step correct-teacher: ")]
+    assert len(said) == 1 and "\n" not in said[0], said
+    assert said[0].startswith("mlflow: step correct-teacher: could not log ")
+    assert "metric values that failed earlier" in said[0] and "log model teacher-corrected" in said[0]
+    assert "end the run of step correct-teacher" in said[0] and "ConnectionError: [Errno 111]" in said[0]
+    # Tracking's own warnings are one line each, and the async logger's 400-character ERROR lines are not repeated.
+    assert not [r for r in caplog.records if r.name.startswith("mlflow.utils.async_logging")]
+    # What got through before the kill is in the store: the loss of steps 1 and 2, and nothing after.
+    proc, uri, log = start_server(tmp_path / "server")
+    try:
+        restarted = MlflowClient(wait_healthy(proc, uri, log))
+        assert [m.step for m in restarted.get_metric_history(run.run_id, "loss")] == [1, 2]
+        assert restarted.get_run(run.run_id).info.status == "RUNNING"  # its end was not logged either
+    finally:
+        stop_server(proc)
+
+
+def test_one_parameter_count_for_a_model_and_its_checkpoint(tiny_models):
+    from secateurs.checkpoint import load_model
+    from secateurs.families import parameter_count
+
+    for case, path in tiny_models.items():
+        model = load_model(path)
+        assert parameter_count(path) == parameter_count(str(path)) == parameter_count(model), case
+        # The state dict lists a tied embedding twice; the count has it once, as the safetensors file does.
+        listed = sum(t.numel() for t in model.state_dict().values())
+        assert (parameter_count(model) < listed) == model.config.tie_word_embeddings, case
+
+
+def test_lineage_command_prints_the_chain(recorded, server):
+    from typer.testing import CliRunner
+
+    from secateurs.cli import app
+
+    result = CliRunner().invoke(app, ["lineage", recorded["distill"].model_id, "--tracking-uri", server],
+                                env={"COLUMNS": "400"})  # fmt: skip
+    assert result.exit_code == 0, result.output
+    rows = [line.split() for line in result.output.splitlines() if line.strip()]
+    assert rows[0] == ["model", "step", "id", "parameters", "shape", "registered", "uri"]
+    assert rows[1][:3] == ["width", "distill", recorded["distill"].model_id]
+    assert f"{EXPERIMENT}-width/1" in rows[1]
+    assert rows[2][:4] == ["<-", "width-pruned", "prune", recorded["prune"].model_id]
+    assert rows[3][:4] == ["<-", "teacher", "import-model", recorded["import-model"].model_id]
+    assert len(rows) == 4

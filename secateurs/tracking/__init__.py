@@ -28,9 +28,7 @@ from secateurs.tracking.backend import (
     HTTP_DEFAULTS,
     MAX_DATASET_DIGEST_LENGTH,
     MAX_KEY_LENGTH,
-    MAX_METRICS_PER_BATCH,
     MAX_PARAM_VALUE_LENGTH,
-    MAX_PARAMS_PER_BATCH,
     MAX_TAG_VALUE_LENGTH,
     TrackingUnreachable,
     check_reachable,
@@ -38,7 +36,7 @@ from secateurs.tracking.backend import (
     mlflow_key,
     resolve_tracking_uri,
 )
-from secateurs.tracking.lineage import format_lineage, lineage
+from secateurs.tracking.lineage import format_lineage, lineage, lineage_table
 from secateurs.tracking.recording import (
     PARENT_INPUTS,
     SHAPE_KEYS,
@@ -64,7 +62,6 @@ from secateurs.tracking.runs import (
     TAG_ROLE,
     StepRun,
     Tracker,
-    record_step,
 )
 
 __all__ = [
@@ -72,8 +69,6 @@ __all__ = [
     "HTTP_DEFAULTS",
     "MAX_DATASET_DIGEST_LENGTH",
     "MAX_KEY_LENGTH",
-    "MAX_METRICS_PER_BATCH",
-    "MAX_PARAMS_PER_BATCH",
     "MAX_PARAM_VALUE_LENGTH",
     "MAX_TAG_VALUE_LENGTH",
     "MLFLOW_PARENT_RUN_ID",
@@ -101,8 +96,8 @@ __all__ = [
     "format_lineage",
     "is_rank_zero",
     "lineage",
+    "lineage_table",
     "mlflow_key",
-    "record_step",
     "resolve_tracking_uri",
     "split_report",
 ]

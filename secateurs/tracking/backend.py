@@ -3,8 +3,9 @@
 - `resolve_tracking_uri`: the URI to use (argument, `MLFLOW_TRACKING_URI`, or SQLite under the run directory);
   the file store is refused with the fix in the message.
 - `check_reachable`: before any compute, `/health` of a server or the SQLite file's directory.
-- `_tracking_errors` / `_is_connection_error` / `_describe`: what the guard in `Tracker._guarded` catches, whether
-  it means the server is down, and the one line it logs.
+- `Guard`: through which every MLflow call goes, so that tracking never stops a step; `_tracking_errors` /
+  `_is_connection_error` / `_describe`: what it catches, whether that means the server is down, and the one line
+  it logs.
 - MLflow's server-side limits, and `mlflow_key`, which makes any name a key MLflow accepts.
 
 mlflow is imported inside the functions that use it, so `secateurs` imports without it.
@@ -12,16 +13,21 @@ mlflow is imported inside the functions that use it, so `secateurs` imports with
 
 from __future__ import annotations
 
+import logging
 import os
 import posixpath
 import re
-from collections.abc import Iterator
+import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any, Self
 from urllib.parse import urlparse
 
-# MLflow's server-side limits (mlflow/utils/validation.py in 3.17).
-MAX_PARAMS_PER_BATCH = 100
-MAX_METRICS_PER_BATCH = 1000
+from secateurs.errors import exception_chain
+
+log = logging.getLogger(__package__)
+
+# MLflow's server-side limits (mlflow/utils/validation.py in 3.17); `log_batch` splits batches itself.
 MAX_KEY_LENGTH = 250
 MAX_PARAM_VALUE_LENGTH = 6000
 MAX_TAG_VALUE_LENGTH = 8000
@@ -144,6 +150,68 @@ def mlflow_key(name: str) -> str:
     return _truncate(key, MAX_KEY_LENGTH)
 
 
+class Failure(str):
+    """One line of `Guard.failures`, "mlflow: could not <what> (<reason>)", that keeps its two parts."""
+
+    what: str
+    reason: str
+
+    def __new__(cls, what: str, reason: str) -> Self:
+        line = super().__new__(cls, f"mlflow: could not {what} ({reason})")
+        line.what, line.reason = what, reason
+        return line
+
+
+class Guard:
+    """Calls MLflow so that tracking never stops a step: on a tracking error it logs one warning line
+    ("mlflow: could not log metrics step 120 (ConnectionError: ...)"), records it in `failures`, and returns None.
+
+    After a connection error, non-essential calls (training metrics) are skipped without a network round trip for
+    `cooldown_s`; essential ones (runs, models, the final report) always try. HTTP retries and timeouts are
+    shortened (`HTTP_DEFAULTS`, unless set) so that an outage costs seconds per call.
+    """
+
+    def __init__(self, cooldown_s: float) -> None:
+        self.cooldown_s = cooldown_s
+        self.failures: list[Failure] = []
+        self.down_until = 0.0
+        self._warned_skip_until = 0.0
+        _quiet_async_failures()
+
+    def __call__(
+        self, what: str, fn: Callable[..., Any], *args: Any, essential: bool = True, **kwargs: Any
+    ) -> Any:
+        now = time.monotonic()
+        if not essential and now < self.down_until:
+            failure = Failure(what, "server unreachable, skipped")
+            self.failures.append(failure)
+            if now >= self._warned_skip_until:
+                log.warning("%s; skipping training metrics for up to %.0f s", failure, self.down_until - now)
+                self._warned_skip_until = self.down_until
+            return None
+        try:
+            return fn(*args, **kwargs)
+        except _tracking_errors() as exc:
+            if _is_connection_error(exc):
+                self.down_until = time.monotonic() + self.cooldown_s
+            failure = Failure(what, _describe(exc))
+            self.failures.append(failure)
+            log.warning(failure)
+            return None
+
+
+def _quiet_async_failures() -> None:
+    """MLflow's async logging logs each failed batch at ERROR with the whole 400-character exception; the guard
+    reports the same failure in its one line, so those records are dropped."""
+    queue_log = logging.getLogger("mlflow.utils.async_logging.async_logging_queue")
+    if _drop_failed_batch not in queue_log.filters:
+        queue_log.addFilter(_drop_failed_batch)
+
+
+def _drop_failed_batch(record: logging.LogRecord) -> bool:
+    return "Failed to log run data" not in record.getMessage()
+
+
 def _tracking_errors() -> tuple[type[BaseException], ...]:
     """Errors that mean 'tracking failed', not 'our code is wrong' (a TypeError still propagates)."""
     import requests
@@ -159,18 +227,10 @@ def _tracking_errors() -> tuple[type[BaseException], ...]:
     return errors
 
 
-def _chain(exc: BaseException) -> Iterator[BaseException]:
-    seen = set()
-    while exc is not None and id(exc) not in seen:
-        seen.add(id(exc))
-        yield exc
-        exc = exc.__cause__ or exc.__context__
-
-
 def _is_connection_error(exc: BaseException) -> bool:
     import requests
 
-    for e in _chain(exc):
+    for e in exception_chain(exc):
         if isinstance(e, (requests.ConnectionError, requests.Timeout, ConnectionError, TimeoutError)):
             return True
         if any(
@@ -187,7 +247,7 @@ def _describe(exc: BaseException) -> str:
     buries the reason ("[Errno 111] Connection refused") after 300 characters of URL and retry state: name the
     cause's type and pull the reason and the URL out.
     """
-    chain = list(_chain(exc))
+    chain = list(exception_chain(exc))
     cause = chain[0]
     if type(cause).__module__.startswith("mlflow"):
         cause = next((e for e in chain[1:] if not type(e).__module__.startswith("mlflow")), cause)

@@ -5,10 +5,11 @@ to the teacher, following the `secateurs.parent_model_id` tags that `ModelRecord
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import re
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from secateurs.manifest import content_hash
 from secateurs.tracking.backend import resolve_tracking_uri
@@ -21,6 +22,9 @@ from secateurs.tracking.recording import (
     TAG_URI,
 )
 from secateurs.tracking.runs import MLFLOW_PARENT_RUN_ID
+
+if TYPE_CHECKING:
+    from rich.table import Table
 
 
 def lineage(
@@ -70,28 +74,36 @@ def lineage(
     return chain
 
 
-def format_lineage(chain: list[dict[str, Any]]) -> str:
-    """A table of a `lineage` chain, newest first, one model per line, each made from the one below it."""
-    if not chain:
-        return "(no recorded models)"
-    rows = [("", "model", "step", "id", "parameters", "shape", "registered", "uri")]
+def lineage_table(chain: list[dict[str, Any]]) -> Table:
+    """A `lineage` chain as a rich Table: newest first, one model per row, each made from the one below it."""
+    from rich.table import Table
+    from rich.text import Text
+
+    table = Table("", "model", "step", "id", "parameters", "shape", "registered", "uri", box=None)
     for i, m in enumerate(chain):
         params = m.get("params") or {}
-        parameters = params.get("parameters", "")
-        rows.append(
-            (
-                "" if i == 0 else "<-",
-                m.get("name") or "",
-                m.get("step") or "",
-                m.get("model_id") or "",
-                _human_count(parameters) if parameters else "",
-                params.get("shape", ""),
-                m.get("registered") or "",
-                m.get("uri") or "",
-            )
+        parameters = params.get("parameters")
+        row = (
+            "<-" if i else "",
+            m.get("name"),
+            m.get("step"),
+            m.get("model_id"),
+            parameters and _human_count(parameters),
+            params.get("shape"),
+            m.get("registered"),
+            m.get("uri"),
         )
-    widths = [max(len(str(r[c])) for r in rows) for c in range(len(rows[0]))]
-    return "\n".join("  ".join(str(v).ljust(w) for v, w in zip(r, widths)).rstrip() for r in rows)
+        table.add_row(*(Text(cell or "") for cell in row))  # Text: a name or URI is not rich markup
+    return table
+
+
+def format_lineage(chain: list[dict[str, Any]]) -> str:
+    """`lineage_table` as plain text, unwrapped, for logs and tests."""
+    from rich.console import Console
+
+    console = Console(file=io.StringIO(), width=10_000, color_system=None)
+    console.print(lineage_table(chain))
+    return "\n".join(line.rstrip() for line in console.file.getvalue().splitlines())
 
 
 def _resolve_model(client: Any, ref: str) -> Any:

@@ -1,12 +1,13 @@
 """MLflow runs of a secateurs pipeline: one parent run per pipeline run, one nested run per step.
 
 - `Tracker`: the pipeline run, found or created (the KFP plugin's `MLFLOW_RUN_ID`, the run tagged with the
-  pipeline run id, or its own), and `_guarded`, through which every MLflow call goes: on a connection or MLflow
-  error it logs one warning line ("mlflow: could not log metrics step 120 (ConnectionError: ...)"), records it in
-  `Tracker.failures` and carries on. Metrics that failed are retried once when the step ends. HTTP retries and
-  timeouts are shortened (unless set) so an outage costs seconds, and after a connection error training metrics
-  are skipped for `cooldown_s`.
-- `StepRun`: one step's run; params, metrics and tags, and (from `ModelRecorder`) its manifest.
+  pipeline run id, or its own). Every MLflow call goes through its `Guard` (see `secateurs.tracking.backend`):
+  tracking never stops a step.
+- `StepRun`: one step's run; params, metrics and tags, and (from `ModelRecorder`) its manifest. Training metrics
+  go through MLflow's async logging, one batch in flight: the next call reads its outcome, so a failure is
+  recorded one logging interval late and the training loop never waits on the network while the server answers.
+  Metrics that failed are retried once when the step ends; what still could not be logged is then said in one
+  warning line.
 - Only rank 0 logs (`RANK`, else `LOCAL_RANK`); other ranks get a tracker that does nothing.
 - Runs are ended only by whoever created them: a step run that the KFP MLflow plugin created (`MLFLOW_RUN_ID`)
   is used as is and left to the plugin to close.
@@ -25,22 +26,18 @@ import contextlib
 import logging
 import os
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from secateurs.manifest import MANIFEST, read_manifest
 from secateurs.tracking.backend import (
     HTTP_DEFAULTS,
-    MAX_METRICS_PER_BATCH,
     MAX_PARAM_VALUE_LENGTH,
-    MAX_PARAMS_PER_BATCH,
     MAX_TAG_VALUE_LENGTH,
-    _describe,
-    _is_connection_error,
+    Failure,
+    Guard,
     _set_global_tracking_uri,
     _sqlite_path,
-    _tracking_errors,
     _truncate,
     is_rank_zero,
     mlflow_key,
@@ -51,7 +48,6 @@ from secateurs.tracking.recording import (
     TAG_STEP,
     TAG_STUDENT,
     ModelRecorder,
-    StepRecord,
     _as_number,
     _param_text,
     flatten,
@@ -87,7 +83,7 @@ class Tracker:
         pipeline_run: identifier shared by all steps of one pipeline run.
         run_name: name of the parent run when this tracker creates it.
         cooldown_s: after a connection error, training metrics are skipped (and recorded as not logged) for
-            this long instead of each paying the HTTP retries again.
+            this long instead of each paying the HTTP retries again (see `Guard`).
     """
 
     def __init__(
@@ -105,14 +101,13 @@ class Tracker:
             raise ValueError(f"pipeline_run={pipeline_run!r} must not contain a single quote")
         self.experiment_name = experiment
         self.pipeline_run = pipeline_run
-        self.cooldown_s = cooldown_s
-        self.failures: list[str] = []
+        self.guard = Guard(cooldown_s)
+        self._guarded = self.guard  # every MLflow call goes through it
+        self.failures: list[Failure] = self.guard.failures
         self.experiment_id: str | None = None
         self.parent_run_id: str | None = None
         self._task_run_id: str | None = None  # a step run created by the KFP plugin
         self._owns_parent = False
-        self._down_until = 0.0
-        self._warned_skip_until = 0.0
         self.active = is_rank_zero()
         if not self.active:
             return
@@ -215,8 +210,7 @@ class Tracker:
             run._flush_pending()
             if run.run_id and run._owned:
                 self._guarded(f"end the run of step {name}", self.client.set_terminated, run.run_id, status)
-            if run.failures:
-                log.warning("mlflow: step %s: %d tracking call(s) failed, see above", name, len(run.failures))
+            run._say_what_was_lost()
 
     def _open_step(self, name: str, student: str | None) -> StepRun:
         if not self.active:
@@ -269,40 +263,11 @@ class Tracker:
         """What could not be logged, one line each ('' when everything was)."""
         return "\n".join(self.failures)
 
-    # ------------------------------------------------------------------------------------------------- guard
-    def _guarded(
-        self, what: str, fn: Callable[..., Any], *args: Any, essential: bool = True, **kwargs: Any
-    ) -> Any:
-        """Call `fn`; on a tracking error warn, record `what` in `failures` and return None.
-
-        Non-essential calls (training metrics) are skipped without a network round trip while the server is
-        known to be down; essential ones (runs, models, the final report) always try.
-        """
-        now = time.monotonic()
-        if not essential and now < self._down_until:
-            message = f"mlflow: could not {what} (server unreachable, skipped)"
-            self.failures.append(message)
-            if now >= self._warned_skip_until:
-                log.warning("%s; skipping training metrics for up to %.0f s", message, self._down_until - now)
-                self._warned_skip_until = self._down_until
-            return None
-        try:
-            return fn(*args, **kwargs)
-        except _tracking_errors() as exc:
-            if _is_connection_error(exc):
-                self._down_until = time.monotonic() + self.cooldown_s
-            message = f"mlflow: could not {what} ({_describe(exc)})"
-            self.failures.append(message)
-            log.warning(message)
-            return None
-
     def _set_tags(self, run_id: str, tags: Mapping[str, str]) -> None:
         from mlflow.entities import RunTag
 
-        self.client.log_batch(
-            run_id,
-            tags=[RunTag(mlflow_key(k), _truncate(str(v), MAX_TAG_VALUE_LENGTH)) for k, v in tags.items()],
-        )
+        tags = [RunTag(mlflow_key(k), _truncate(str(v), MAX_TAG_VALUE_LENGTH)) for k, v in tags.items()]
+        self.client.log_batch(run_id, tags=tags, synchronous=True)
 
     # ------------------------------------------------------------------------------------------------ lookups
     def find_model(self, sha256: str) -> Any | None:
@@ -331,11 +296,12 @@ class StepRun(ModelRecorder):
         self.name = name
         self.student = student
         self._owned = owned
-        self._pending: list[tuple[str, list]] = []  # (failure message, metrics) to retry at the end
+        self._in_flight: tuple[str, list, Any] | None = None  # (what, metrics, RunOperations) sent async
+        self._pending: list[tuple[Failure, list]] = []  # (failure, metrics) to retry at the end
         self._first_failure = len(tracker.failures)
 
     @property
-    def failures(self) -> list[str]:
+    def failures(self) -> list[Failure]:
         """The tracker's failures since this step started."""
         return self.tracker.failures[self._first_failure :]
 
@@ -345,7 +311,8 @@ class StepRun(ModelRecorder):
 
     # ---------------------------------------------------------------------------------------- params, metrics
     def log_params(self, params: Mapping[str, Any], prefix: str = "") -> None:
-        """Log params: nested mappings flattened to dotted keys, 100 a call, values cut to MLflow's limit."""
+        """Log params: nested mappings flattened to dotted keys, values cut to MLflow's limit (`log_batch`
+        sends them 100 a request)."""
         if not self.active:
             return
         from mlflow.entities import Param
@@ -354,10 +321,10 @@ class StepRun(ModelRecorder):
             Param(mlflow_key(key), _truncate(_param_text(value), MAX_PARAM_VALUE_LENGTH))
             for key, value in flatten(params, prefix).items()
         ]
-        for i in range(0, len(flat), MAX_PARAMS_PER_BATCH):
-            batch = flat[i : i + MAX_PARAMS_PER_BATCH]
+        if flat:
+            what = f"log {len(flat)} param{'s' if len(flat) > 1 else ''}"
             self.tracker._guarded(
-                f"log params {batch[0].key}..", self.tracker.client.log_batch, self.run_id, params=batch
+                what, self.tracker.client.log_batch, self.run_id, params=flat, synchronous=True
             )
 
     def log_metrics(
@@ -382,55 +349,76 @@ class StepRun(ModelRecorder):
         self._send_metrics(batch, "metrics" + (f" step {step}" if step is not None else ""))
 
     def _send_metrics(self, batch: list, what: str) -> None:
-        for i in range(0, len(batch), MAX_METRICS_PER_BATCH):
-            chunk = batch[i : i + MAX_METRICS_PER_BATCH]
-            before = len(self.tracker.failures)
-            self.tracker._guarded(
-                f"log {what}", self.tracker.client.log_batch, self.run_id, metrics=chunk, essential=False
-            )
-            if len(self.tracker.failures) > before:
-                self._pending.append((self.tracker.failures[-1], chunk))
+        """Hand `batch` to MLflow's async logging once the previous batch is settled; skipped (and kept for the
+        retry) while the server is known to be down."""
+        if not batch:
+            return
+        self.settle_metrics()
+        before = len(self.tracker.failures)
+        operations = self.tracker._guarded(
+            f"log {what}",
+            self.tracker.client.log_batch,
+            self.run_id,
+            metrics=batch,
+            synchronous=False,
+            essential=False,
+        )
+        if operations is not None:
+            self._in_flight = (what, batch, operations)
+        elif len(self.tracker.failures) > before:
+            self._pending.append((self.tracker.failures[-1], batch))
+
+    def settle_metrics(self) -> None:
+        """Wait for the batch in flight (sent one logging interval ago, so usually done) and record its outcome."""
+        if self._in_flight is None:
+            return
+        (what, batch, operations), self._in_flight = self._in_flight, None
+        before = len(self.tracker.failures)
+        self.tracker._guarded(f"log {what}", _wait, operations)
+        if len(self.tracker.failures) > before:
+            self._pending.append((self.tracker.failures[-1], batch))
 
     def _flush_pending(self) -> None:
-        """Retry metrics that failed during the step; drop their failure lines when they get through."""
-        if not self.active or not self._pending:
+        """Settle the batch in flight, then retry the metrics that failed during the step, once; drop their
+        failure lines when they get through."""
+        if not self.active:
             return
-        pending, self._pending = self._pending, []
-        self.tracker._down_until = 0.0  # one more try, whatever the cooldown says
-        metrics = [m for _, chunk in pending for m in chunk]
-        for i in range(0, len(metrics), MAX_METRICS_PER_BATCH):
-            sent = self.tracker._guarded(
-                f"log {len(metrics)} metric values that failed earlier in step {self.name}",
-                lambda chunk: self.tracker.client.log_batch(self.run_id, metrics=chunk) or True,
-                metrics[i : i + MAX_METRICS_PER_BATCH],
+        self.settle_metrics()
+        if not self._pending:
+            return
+        self.tracker.guard.down_until = 0.0  # one more try, whatever the cooldown says
+        metrics = [m for _, batch in self._pending for m in batch]
+        what = f"log {len(metrics)} metric value{'s' if len(metrics) > 1 else ''} that failed earlier"
+        client = self.tracker.client
+        if self.tracker._guarded(
+            what, lambda: client.log_batch(self.run_id, metrics=metrics, synchronous=True) or True
+        ):
+            for failure, _ in self._pending:
+                with contextlib.suppress(ValueError):
+                    self.tracker.failures.remove(failure)
+            log.info(
+                "mlflow: logged %d metric values that had failed earlier in step %s", len(metrics), self.name
             )
-            if not sent:
-                return
-        for message, _ in pending:
-            with contextlib.suppress(ValueError):
-                self.tracker.failures.remove(message)
-        log.info(
-            "mlflow: logged %d metric values that had failed earlier in step %s", len(metrics), self.name
-        )
+            self._pending = []
+
+    def _say_what_was_lost(self) -> None:
+        """One warning line naming everything this step could not log, and why (the last reason)."""
+        retried = {id(failure) for failure, _ in self._pending}
+        lost = [f for f in self.failures if id(f) not in retried]
+        if lost:
+            whats = ", ".join(dict.fromkeys(f.what for f in lost))
+            log.warning("mlflow: step %s: could not %s (%s)", self.name, whats, lost[-1].reason)
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
         if self.active:
             self.tracker._guarded("set run tags", self.tracker._set_tags, self.run_id, tags)
 
 
-def record_step(
-    tracker: Tracker,
-    step: str,
-    out_dir: str | Path,
-    student: str | None = None,
-    **record_kwargs: Any,
-) -> StepRecord:
-    """Open the run of `step`, log the manifest of `out_dir` into it (see `StepRun.record`), end it.
-
-    For steps with nothing to log while they run. Raises ValueError (before logging) if out_dir has no
-    manifest.
-    """
-    if not read_manifest(out_dir):
-        raise ValueError(f"{out_dir} has no {MANIFEST}: not an artifact written by a secateurs step")
-    with tracker.step(step, student) as run:
-        return run.record(out_dir, **record_kwargs)
+def _wait(operations: Any) -> None:
+    """Wait for MLflow async logging operations, raising a failed one's own exception: `RunOperations.wait()`
+    raises a new MlflowException that has lost the cause (ConnectionError, timeout) the guard needs."""
+    futures = getattr(operations, "_operation_futures", None)
+    if futures is None:
+        operations.wait()
+    for future in futures or ():
+        future.result()
