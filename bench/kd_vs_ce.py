@@ -68,10 +68,11 @@ def main() -> None:
     args = parser.parse_args()
     batch = args.global_batch or args.micro_batch
 
-    from secateurs import importance, prune, train
+    from secateurs import prune, train
     from secateurs.checkpoint import import_model, load_model
     from secateurs.config import DataConfig, DistillConfig, ImportanceConfig, TeacherCorrectionConfig
     from secateurs.data import load_packed, prepare_data
+    from secateurs.evaluate import validation_loss
     from secateurs.recipe import prune_student, random_init
 
     work = Path(args.work or tempfile.mkdtemp(prefix="kd-vs-ce-"))
@@ -85,7 +86,7 @@ def main() -> None:
         prepare_data(teacher, data, settings)
     held_out = load_packed(data)[0]["validation"]
     val = held_out.spread(args.val_sequences) if args.val_spread else held_out.head(args.val_sequences)
-    teacher_loss = {"original": importance.validation_loss(load_model(teacher), val)}
+    teacher_loss = {"original": validation_loss(load_model(teacher), val)}
     tag, correction = "", None
     if args.correct_steps:
         tag = f"-corrected{args.correct_steps}"
@@ -99,7 +100,7 @@ def main() -> None:
     chain = prune_student(teacher, data, work / f"chain{tag}", prune.PruneTarget(**WIDTH), scoring, correction,
                           prune_from=args.prune_from, name="width")  # fmt: skip
     if args.correct_steps:
-        teacher_loss["corrected"] = importance.validation_loss(load_model(chain.teacher), val)
+        teacher_loss["corrected"] = validation_loss(load_model(chain.teacher), val)
     print(f"teacher validation loss: {teacher_loss}", flush=True)
     teacher, width = chain.teacher, chain.student
     random_dir = random_init(width, work / f"chain{tag}" / f"random-init-from{args.prune_from}", seed=0)
@@ -120,9 +121,9 @@ def main() -> None:
             train.distill(teacher, student, data, out, settings)
             checkpoints = Path(f"{out}.checkpoints")
             for step in range(args.eval_every, args.steps, args.eval_every):
-                loss = importance.validation_loss(load_model(checkpoints / f"checkpoint-{step}"), val)
+                loss = validation_loss(load_model(checkpoints / f"checkpoint-{step}"), val)
                 rows.append({"seed": seed, "method": method, "step": step, "validation_loss": loss})
-            loss = importance.validation_loss(load_model(out), val)
+            loss = validation_loss(load_model(out), val)
             rows.append({"seed": seed, "method": method, "step": args.steps, "validation_loss": loss})
             shutil.rmtree(checkpoints)  # optimizer state: ~0.8 GB per checkpoint of the 67M student
             print(json.dumps(rows[-1]), flush=True)

@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 from secateurs.checkpoint import load_model, load_tokenizer
 from secateurs.config import ImportanceConfig
 from secateurs.data import check_matches, load_packed
+from secateurs.evaluate import validation_loss
 from secateurs.families import Shape, decoder_layers, family_of
 from secateurs.manifest import atomic_output, read_manifest, write_manifest
 
@@ -186,22 +187,6 @@ def collect_activation_scores(model, input_ids: torch.Tensor, batch_size: int = 
     scores["hidden"] = hidden + acc["final_norm"].sqrt()
     block_influence = (1 - cos["sum"] / cos["count"]).tolist()
     return {k: v.cpu() for k, v in scores.items()}, block_influence
-
-
-@torch.inference_mode()
-def validation_loss(model, input_ids: torch.Tensor, batch_size: int = 8) -> float:
-    """Mean next-token cross-entropy over every predicted token of the sequences."""
-    device = next(model.parameters()).device
-    total, count = 0.0, 0
-    for start in range(0, len(input_ids), batch_size):
-        batch = input_ids[start : start + batch_size].to(device)
-        logits = model(input_ids=batch, use_cache=False).logits
-        loss = F.cross_entropy(
-            logits[:, :-1].flatten(0, 1).float(), batch[:, 1:].flatten(), reduction="sum"
-        )
-        total += loss.item()
-        count += batch[:, 1:].numel()
-    return total / count
 
 
 @contextmanager

@@ -1,5 +1,5 @@
-"""Evaluation: validation loss against a plain loop, the built-in last-word task, local and lm-eval task files,
-and the errors that must come before any model is loaded."""
+"""Evaluation: validation loss against a plain loop, the built-in last-word task, local and lm-eval task files
+scored through lm-eval against plain forward passes, and the errors that must come before any model is loaded."""
 
 from __future__ import annotations
 
@@ -93,6 +93,22 @@ def direct_loglikelihood(model, tokenizer, context: str, continuation: str) -> f
     return sum(logprobs[i - 1, whole[i]].item() for i in range(len(context_ids), len(whole)))
 
 
+def reference_scores(model, tokenizer, pairs: list[tuple[str, str]]) -> list[tuple[float, bool]]:
+    """The plain computation lm-eval must reproduce, per (context, continuation): one unpadded forward pass over
+    the tokens of context + continuation, the sum of the log-softmax at the continuation's tokens, and whether
+    the argmax is each of them."""
+    scores = []
+    with torch.no_grad():
+        for context, continuation in pairs:
+            n = len(tokenizer(context)["input_ids"])
+            whole = tokenizer(context + continuation)["input_ids"]
+            logits = model(input_ids=torch.tensor([whole])).logits[0, n - 1 : -1].float()
+            target = torch.tensor(whole[n:])
+            ll = torch.log_softmax(logits, dim=-1).gather(1, target[:, None]).sum().item()
+            scores.append((ll, bool((logits.argmax(-1) == target).all())))
+    return scores
+
+
 def test_validation_loss_and_perplexity_match_a_plain_loop(tiny_models, eval_data, tmp_path):
     out = tmp_path / "metrics"
     metrics = evaluate.run(tiny_models["qwen3"], eval_data, out, EvaluateConfig(batch_size=1, max_sequences=5, limit=4))
@@ -128,9 +144,9 @@ def test_lambada_docs_items_are_deterministic_and_shared_by_models_of_one_tokeni
     assert len(a) >= 20
     text = load_tokenizer(tiny_models["llama-tied"]).decode(validation.flatten().tolist())
     for item in a:
-        passage = f"{item.context} {item.target}."
+        passage = f"{item['context']} {item['target']}."
         assert 100 <= len(passage) <= 200
-        assert item.target.isalpha() and len(item.target) >= 3
+        assert item["target"].isalpha() and len(item["target"]) >= 3
         # The passage is real validation text once line breaks and indentation are folded.
         assert passage in " ".join(text.replace("|", " ").split())
     # A smaller n is an evenly spaced subset, in order.
@@ -152,48 +168,79 @@ def test_real_model_beats_random_weights_on_lambada_docs(smollm2_dir, tiny_model
     assert real["validation_loss"] < rand["validation_loss"] - 3
     assert r["perplexity"] == math.exp(-r["log_likelihood"])
 
-    # A hit is exact greedy decoding: generate() reproduces the target's tokens exactly when an item is scored a hit.
+    # A hit is exact greedy decoding: acc is the share of items whose target's tokens generate() reproduces.
     model, tokenizer = load_model(smollm2_dir), load_tokenizer(smollm2_dir)
     validation = load_packed(eval_data)[0]["validation"].head(None)
-    requests = [item.request for item in evaluate.lambada_docs_items(validation, tokenizer, n=20)][:4]
-    for request, (_, hit) in zip(requests, evaluate.score_requests(model, requests, batch_size=1)):
+    hits = 0
+    for item in evaluate.lambada_docs_items(validation, tokenizer, n=20):
+        context = tokenizer(item["context"])["input_ids"]
+        target = tokenizer(item["context"] + " " + item["target"])["input_ids"][len(context) :]
         generated = model.generate(
-            torch.tensor([request.context]),
-            max_new_tokens=len(request.continuation),
-            do_sample=False,
-            pad_token_id=tokenizer.eos_token_id,
-        )[0, len(request.context) :]
-        assert (generated.tolist() == request.continuation) == hit
+            torch.tensor([context]), max_new_tokens=len(target), do_sample=False, pad_token_id=tokenizer.eos_token_id
+        )[0, len(context) :]
+        hits += generated.tolist() == target
+    assert r["acc"] == hits / 20
 
 
-def test_local_multiple_choice_task_matches_a_direct_computation(tiny_models, eval_data, tmp_path):
+@pytest.mark.parametrize("batch_size", [1, 4])  # 4: lm-eval pads the shorter continuations of a batch
+def test_local_multiple_choice_task_matches_a_direct_computation(tiny_models, eval_data, tmp_path, batch_size):
     ours, _ = mc_task_files(tmp_path)
     model_dir = tiny_models["mistral"]
-    metrics = evaluate.run(model_dir, eval_data, tmp_path / "out", EvaluateConfig(tasks=[str(ours)], batch_size=1, max_sequences=1))
+    settings = EvaluateConfig(tasks=[str(ours)], batch_size=batch_size, max_sequences=1)
+    metrics = evaluate.run(model_dir, eval_data, tmp_path / "out", settings)
 
     model, tokenizer = load_model(model_dir), load_tokenizer(model_dir)
-    tasks = evaluate.resolve_tasks([str(ours)])
-    evaluate.build_items(tasks[0], tokenizer, None, None)
-    requests = [r for item in tasks[0].items for r in item.requests]
-    scored = [ll for ll, _ in evaluate.score_requests(model, requests, batch_size=1)]
     acc = acc_norm = 0
-    k = 0
     with torch.no_grad():
         for item in MC_ITEMS:
             ll = [direct_loglikelihood(model, tokenizer, item["question"], " " + c) for c in item["options"]]
-            assert scored[k : k + len(ll)] == ll
-            k += len(ll)
             norm = [x / len(c) for x, c in zip(ll, item["options"])]
             acc += ll.index(max(ll)) == item["label"]
             acc_norm += norm.index(max(norm)) == item["label"]
     assert metrics["tasks"]["facts"] == {"acc": acc / 3, "acc_norm": acc_norm / 3, "n": 3}
 
-    # Padding does not change the scores beyond float noise.
-    batched = [ll for ll, _ in evaluate.score_requests(model, requests, batch_size=4)]
-    torch.testing.assert_close(torch.tensor(batched), torch.tensor(scored), rtol=1e-5, atol=1e-4)
+
+@pytest.mark.parametrize("batch_size", [1, 4])  # 4: lm-eval right-pads a batch and sorts it by length
+def test_last_word_tasks_through_lm_eval_match_a_plain_forward_pass(tiny_models, eval_data, tmp_path, batch_size):
+    model_dir = tiny_models["llama-untied"]
+    model, tokenizer = load_model(model_dir), load_tokenizer(model_dir)
+    validation = load_packed(eval_data)[0]["validation"].head(None)
+    lambada = evaluate.lambada_docs_items(validation, tokenizer, n=12)
+    # A random model never guesses a lambada-docs word. In a local task, every other target is the model's own
+    # greedy continuation (two tokens), so accuracy is neither 0 nor 1 and a wrong greedy check shows.
+    items = [{"text": item["context"], "word": " " + item["target"]} for item in lambada]
+    for item in items[1::2]:
+        ids = tokenizer(item["text"])["input_ids"]
+        greedy = model.generate(
+            torch.tensor([ids]), max_new_tokens=2, do_sample=False, pad_token_id=tokenizer.eos_token_id
+        )[0, len(ids) :]
+        own = tokenizer.decode(greedy)
+        if own.strip():
+            item["word"] = own
+    (tmp_path / "own.jsonl").write_text("".join(json.dumps(item) + "\n" for item in items))
+    task_file = tmp_path / "own.yaml"
+    task_file.write_text(
+        "type: last_word\njsonl: own.jsonl\ncontext_field: text\nanswer_field: word\ntarget_delimiter: ''\n"
+    )
+    settings = EvaluateConfig(tasks=["lambada-docs", str(task_file)], batch_size=batch_size, max_sequences=1, limit=12)
+    metrics = evaluate.run(model_dir, eval_data, tmp_path / "out", settings)
+
+    pairs = {
+        "lambada-docs": [(item["context"], " " + item["target"]) for item in lambada],
+        "own": [(item["text"], item["word"]) for item in items],
+    }
+    for name, task_pairs in pairs.items():
+        scores = reference_scores(model, tokenizer, task_pairs)
+        acc, ll = sum(hit for _, hit in scores) / len(scores), sum(s for s, _ in scores) / len(scores)
+        got = metrics["tasks"][name]
+        assert got["n"] == len(scores) == 12
+        assert got["acc"] == pytest.approx(acc, abs=1e-6)
+        assert got["log_likelihood"] == pytest.approx(ll, abs=1e-6)
+        assert got["perplexity"] == math.exp(-got["log_likelihood"])
+    assert 0 < metrics["tasks"]["own"]["acc"] < 1
 
 
-def test_lm_eval_task_file_agrees_with_our_scoring(tiny_models, eval_data, tmp_path):
+def test_lm_eval_task_file_agrees_with_the_generated_one(tiny_models, eval_data, tmp_path):
     pytest.importorskip("lm_eval", reason="lm-eval (the eval extra) is not installed")
     ours, theirs = mc_task_files(tmp_path)
     metrics = evaluate.run(tiny_models["qwen2"], eval_data, tmp_path / "out", EvaluateConfig(tasks=[str(ours), str(theirs)], max_sequences=1))
@@ -212,6 +259,8 @@ def test_task_errors_come_before_any_model_load(unloadable_model, eval_data, tmp
             "unknown task 'foo': built-in tasks: lambada-docs; or a path to a task YAML; or an lm-eval task name "
             "(lm-eval not installed"
         )
+        with pytest.raises(evaluate.EvaluationError, match=r"scored by lm-eval, which is not installed: pip install"):
+            evaluate.run(unloadable_model, eval_data, out, EvaluateConfig(tasks=["lambada-docs"]))
     with pytest.raises(evaluate.EvaluationError, match="task file .*missing.yaml does not exist"):
         evaluate.run(unloadable_model, eval_data, out, EvaluateConfig(tasks=[str(tmp_path / "missing.yaml")]))
     bad = tmp_path / "bad.yaml"

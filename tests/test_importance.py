@@ -12,7 +12,7 @@ from secateurs import importance
 from secateurs.checkpoint import load_model
 from secateurs.config import ImportanceConfig
 from secateurs.data import DataError, load_packed
-
+from secateurs.evaluate import validation_loss
 
 
 def aggregate(x: torch.Tensor) -> torch.Tensor:
@@ -70,12 +70,12 @@ def test_depth_scan_equals_loss_of_model_without_layers(tiny_models, tiny_data, 
     # or two documents).
     assert len(dd["validation"]) == 16
     val = dd["validation"].sequences([0, 4, 8, 12])
-    base = importance.validation_loss(model, val)
+    base = validation_loss(model, val)
     assert depth["base_loss"] == pytest.approx(base, rel=1e-6)
     # Removing layers 1 and 2 by building the shallower model directly.
     with importance.without_layers(model, {1, 2}):
         assert len(model.model.layers) == 2
-        loss = importance.validation_loss(model, val)
+        loss = validation_loss(model, val)
     assert len(model.model.layers) == 4
     assert depth["contiguous_block_loss_increase"]["2"][1] == pytest.approx(loss - base, rel=1e-5)
     assert len(depth["single_layer_loss_increase"]) == 4

@@ -16,6 +16,7 @@ from secateurs import importance, prune
 from secateurs.checkpoint import load_model
 from secateurs.config import DataConfig, ImportanceConfig
 from secateurs.data import load_packed, prepare_data
+from secateurs.evaluate import validation_loss
 from secateurs.prune import PruneTarget
 
 WIDTH = PruneTarget(hidden_size=384, ffn_hidden_size=1024, num_attention_heads=6)
@@ -62,10 +63,10 @@ def test_half_size_students_are_language_models(name, smollm2_students, smollm2_
     dd, _ = load_packed(smollm2_data)
     val = dd["validation"].head(8)
     pruned = load_model(path)
-    loss = importance.validation_loss(pruned, val)
+    loss = validation_loss(pruned, val)
     torch.manual_seed(0)
     random_init = AutoModelForCausalLM.from_config(pruned.config).eval()
-    random_loss = importance.validation_loss(random_init, val)
+    random_loss = validation_loss(random_init, val)
     print(f"{name}: {report['parameters_after']:,} parameters, validation loss {loss:.3f} (random init {random_loss:.3f})")
     assert math.isfinite(loss) and loss < random_loss - 1.0
     if name == "depth":
@@ -109,11 +110,11 @@ def test_kd_gives_the_lowest_validation_loss_and_random_init_the_highest(smollm2
     ce = dict(common, learning_rate=2.5e-4, min_learning_rate=2.5e-5, ce_alpha=1.0)
     runs = {"kd": (width, DistillConfig(**common)), "ce": (width, DistillConfig(**ce)),
             "random-init kd": (random_dir, DistillConfig(**common))}
-    result = {"teacher": importance.validation_loss(load_model(smollm2_dir), val),
-              "corrected teacher": importance.validation_loss(load_model(teacher), val)}
+    result = {"teacher": validation_loss(load_model(smollm2_dir), val),
+              "corrected teacher": validation_loss(load_model(teacher), val)}
     for name, (student, settings) in runs.items():
         train.distill(teacher, student, data, tmp_path / name, settings)
-        result[name] = importance.validation_loss(load_model(tmp_path / name), val)
+        result[name] = validation_loss(load_model(tmp_path / name), val)
         shutil.rmtree(f"{tmp_path / name}.checkpoints")
     print("validation loss after 20 steps: " + ", ".join(f"{k} {v:.3f}" for k, v in result.items()))
     assert result["corrected teacher"] < result["teacher"] - 0.5
