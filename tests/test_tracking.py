@@ -17,7 +17,6 @@ import socket
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -25,6 +24,7 @@ import pytest
 mlflow = pytest.importorskip("mlflow", reason="mlflow is in the `pipeline` extra")
 requests = pytest.importorskip("requests")
 
+from conftest import MlflowServer, free_port
 from mlflow import MlflowClient
 
 from secateurs.manifest import content_hash, write_manifest
@@ -49,12 +49,6 @@ PIPELINE_RUN = "kfp-run-0001"
 SEQ_LEN = 16
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(autouse=True)
 def clean_env(monkeypatch):
     for key in (
@@ -73,62 +67,18 @@ def clean_env(monkeypatch):
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
 
 
-def start_server(root: Path) -> tuple[subprocess.Popen, str, Path]:
-    """A real MLflow tracking server on a free port of 127.0.0.1, in its own process group: (process, URI, log)."""
-    port = free_port()
-    command = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port)]
-    command += ["--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}", "--workers", "1"]
-    command += ["--artifacts-destination", str(root / "artifacts")]
-    # The server's job runner (GenAI evaluation jobs) is unused here and more than doubles its start time.
-    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", "MLFLOW_DISABLE_TELEMETRY": "true"}
-    with open(root / "server.log", "w") as log_file:
-        proc = subprocess.Popen(
-            command, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True, env=env
-        )
-    return proc, f"http://127.0.0.1:{port}", root / "server.log"
-
-
-def stop_server(proc: subprocess.Popen) -> None:
-    if proc.poll() is not None:
-        return
-    os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(timeout=3)  # it waits for idle keep-alive connections; nothing to save
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-
-
-def wait_healthy(proc: subprocess.Popen, uri: str, log: Path) -> str:
-    """`uri` once the server's `/health` answers."""
-    deadline = time.monotonic() + 180
-    while True:
-        if proc.poll() is not None:
-            raise RuntimeError(f"mlflow server exited: {log.read_text()[-2000:]}")
-        try:
-            if requests.get(f"{uri}/health", timeout=2).status_code == 200:
-                return uri
-        except requests.RequestException:
-            pass
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"mlflow server did not answer /health: {log.read_text()[-2000:]}")
-        time.sleep(0.5)
-
-
 @pytest.fixture(scope="module")
 def server_process(tmp_path_factory):
     """The module's server, stopped at the end of the module."""
-    proc, uri, log = start_server(tmp_path_factory.mktemp("mlflow-server"))
-    try:
-        yield proc, uri, log
-    finally:
-        stop_server(proc)
+    server = MlflowServer(tmp_path_factory.mktemp("mlflow-server"))
+    yield server
+    server.stop()
 
 
 @pytest.fixture(scope="module")
 def server(server_process):
     """The server's URI once `/health` answers."""
-    return wait_healthy(*server_process)
+    return server_process.wait()
 
 
 class Outage:
@@ -676,7 +626,8 @@ def test_the_server_killed_during_training(tmp_path, tiny_models, tiny_data, cap
     from secateurs.manifest import read_manifest
 
     (tmp_path / "server").mkdir()
-    proc, uri, log = start_server(tmp_path / "server")
+    server = MlflowServer(tmp_path / "server")
+    proc = server.proc
 
     class ForwardThenKill(TrainerCallback):  # components.runtime.LossForwarder, and the outage
         def __init__(self, run):
@@ -693,14 +644,14 @@ def test_the_server_killed_during_training(tmp_path, tiny_models, tiny_data, cap
     settings = TeacherCorrectionConfig(max_steps=6, micro_batch_size=2, global_batch_size=4, warmup_steps=2,
                                        save_steps=2, logging_steps=1, learning_rate=1e-3)  # fmt: skip
     try:
-        wait_healthy(proc, uri, log)
-        tracker = Tracker(uri, experiment=EXPERIMENT, pipeline_run="kfp-run-killed")
+        tracker = Tracker(server.wait(), experiment=EXPERIMENT, pipeline_run="kfp-run-killed")
         logs = caplog.at_level(logging.INFO, logger="secateurs.tracking")
         with logs, tracker.step("correct-teacher", student="killed") as run:
             report = train.correct_teacher(teacher, tiny_data, out, settings, [ForwardThenKill(run)])
             run.record(out)
     finally:
-        stop_server(proc)
+        if proc.poll() is None:
+            server.stop()
     assert proc.returncode == -signal.SIGKILL  # killed mid-run, not stopped at the end
     assert report["steps"] == 6
     assert read_manifest(out)["step"] == "correct-teacher"
@@ -714,13 +665,13 @@ def test_the_server_killed_during_training(tmp_path, tiny_models, tiny_data, cap
     # Tracking's own warnings are one line each, and the async logger's 400-character ERROR lines are not repeated.
     assert not [r for r in caplog.records if r.name.startswith("mlflow.utils.async_logging")]
     # What got through before the kill is in the store: the loss of steps 1 and 2, and nothing after.
-    proc, uri, log = start_server(tmp_path / "server")
+    again = MlflowServer(tmp_path / "server")
     try:
-        restarted = MlflowClient(wait_healthy(proc, uri, log))
+        restarted = MlflowClient(again.wait())
         assert [m.step for m in restarted.get_metric_history(run.run_id, "loss")] == [1, 2]
         assert restarted.get_run(run.run_id).info.status == "RUNNING"  # its end was not logged either
     finally:
-        stop_server(proc)
+        again.stop()
 
 
 def test_one_parameter_count_for_a_model_and_its_checkpoint(tiny_models):

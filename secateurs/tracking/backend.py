@@ -1,15 +1,5 @@
-"""The MLflow tracking backend: which URI, whether it answers, which errors mean "tracking failed".
-
-- `resolve_tracking_uri`: the URI to use (argument, `MLFLOW_TRACKING_URI`, or SQLite under the run directory);
-  the file store is refused with the fix in the message.
-- `check_reachable`: before any compute, `/health` of a server or the SQLite file's directory.
-- `Guard`: through which every MLflow call goes, so that tracking never stops a step; `_tracking_errors` /
-  `_is_connection_error` / `_describe`: what it catches, whether that means the server is down, and the one line
-  it logs.
-- MLflow's server-side limits, and `mlflow_key`, which makes any name a key MLflow accepts.
-
-mlflow is imported inside the functions that use it, so `secateurs` imports without it.
-"""
+"""The MLflow tracking backend: which URI (`resolve_tracking_uri`), whether it answers (`check_reachable`), and
+`Guard`, through which every MLflow call goes so that tracking never stops a step."""
 
 from __future__ import annotations
 
@@ -26,6 +16,11 @@ from urllib.parse import urlparse
 from secateurs.errors import exception_chain
 
 log = logging.getLogger(__package__)
+# MLflow's async logging logs each failed batch at ERROR with its whole 400-character exception; the guard says the
+# same in one line.
+logging.getLogger("mlflow.utils.async_logging.async_logging_queue").addFilter(
+    lambda record: "Failed to log run data" not in record.getMessage()
+)
 
 # MLflow's server-side limits (mlflow/utils/validation.py in 3.17); `log_batch` splits batches itself.
 MAX_KEY_LENGTH = 250
@@ -176,7 +171,6 @@ class Guard:
         self.failures: list[Failure] = []
         self.down_until = 0.0
         self._warned_skip_until = 0.0
-        _quiet_async_failures()
 
     def __call__(
         self, what: str, fn: Callable[..., Any], *args: Any, essential: bool = True, **kwargs: Any
@@ -198,18 +192,6 @@ class Guard:
             self.failures.append(failure)
             log.warning(failure)
             return None
-
-
-def _quiet_async_failures() -> None:
-    """MLflow's async logging logs each failed batch at ERROR with the whole 400-character exception; the guard
-    reports the same failure in its one line, so those records are dropped."""
-    queue_log = logging.getLogger("mlflow.utils.async_logging.async_logging_queue")
-    if _drop_failed_batch not in queue_log.filters:
-        queue_log.addFilter(_drop_failed_batch)
-
-
-def _drop_failed_batch(record: logging.LogRecord) -> bool:
-    return "Failed to log run data" not in record.getMessage()
 
 
 def _tracking_errors() -> tuple[type[BaseException], ...]:
@@ -260,11 +242,10 @@ def _describe(exc: BaseException) -> str:
 
 
 def _sqlite_path(uri: str) -> Path | None:
-    """The database file of a sqlite:/// URI (SQLAlchemy: three slashes + a relative path, four + an absolute
-    one), or None for other URIs and in-memory databases."""
-    if not uri.startswith("sqlite:///"):
-        return None
-    path = uri.removeprefix("sqlite:///").split("?", 1)[0]
+    """The database file of a sqlite: URI, or None for other URIs and in-memory databases."""
+    from sqlalchemy.engine import make_url
+
+    path = make_url(uri).database if uri.startswith("sqlite:") else None
     return Path(path) if path and path != ":memory:" else None
 
 

@@ -1,22 +1,14 @@
-"""MLflow runs of a secateurs pipeline: one parent run per pipeline run, one nested run per step.
+"""MLflow runs of a secateurs pipeline: `Tracker`, one parent run per pipeline run, and `StepRun`, one nested run
+per step. Only rank 0 logs (`RANK`, else `LOCAL_RANK`): other ranks get a tracker that does nothing. A run is ended
+only by whoever created it: a step run that the KFP MLflow plugin created (`MLFLOW_RUN_ID`) is left to the plugin.
 
-- `Tracker`: the pipeline run, found or created (the KFP plugin's `MLFLOW_RUN_ID`, the run tagged with the
-  pipeline run id, or its own). Every MLflow call goes through its `Guard` (see `secateurs.tracking.backend`):
-  tracking never stops a step.
-- `StepRun`: one step's run; params, metrics and tags, and (from `ModelRecorder`) its manifest. Training metrics
-  go through MLflow's async logging, one batch in flight: the next call reads its outcome, so a failure is
-  recorded one logging interval late and the training loop never waits on the network while the server answers.
-  Metrics that failed are retried once when the step ends; what still could not be logged is then said in one
-  warning line.
-- Only rank 0 logs (`RANK`, else `LOCAL_RANK`); other ranks get a tracker that does nothing.
-- Runs are ended only by whoever created them: a step run that the KFP MLflow plugin created (`MLFLOW_RUN_ID`)
-  is used as is and left to the plugin to close.
-
-A pipeline step uses it in three lines::
+Training metrics go through MLflow's async logging, one batch in flight, whose outcome the next call reads: the
+training loop does not wait on the network, and a failure is recorded one logging interval late. Metrics that
+failed are retried once when the step ends; what still could not be logged is said in one warning line.
 
     tracker = Tracker(tracking_uri, pipeline_run=kfp_run_id)
     with tracker.step("distill", student="width") as run:
-        report = distill.run(..., on_metrics=run.log_metrics)
+        report = train.distill(..., callbacks=[LossForwarder(run)])  # run.log_metrics every logging step
         run.record(out_dir)
 """
 
@@ -28,7 +20,7 @@ import os
 import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Self
 
 from secateurs.tracking.backend import (
     HTTP_DEFAULTS,
@@ -52,9 +44,6 @@ from secateurs.tracking.recording import (
     _param_text,
     flatten,
 )
-
-if TYPE_CHECKING:
-    from typing import Self
 
 log = logging.getLogger(__package__)
 
@@ -81,7 +70,6 @@ class Tracker:
         run_dir: directory of the local run, for the SQLite default `sqlite:///<run_dir>/mlflow.db`.
         experiment: experiment name (ignored when `MLFLOW_EXPERIMENT_ID` or `MLFLOW_RUN_ID` decide it).
         pipeline_run: identifier shared by all steps of one pipeline run.
-        run_name: name of the parent run when this tracker creates it.
         cooldown_s: after a connection error, training metrics are skipped (and recorded as not logged) for
             this long instead of each paying the HTTP retries again (see `Guard`).
     """
@@ -93,7 +81,6 @@ class Tracker:
         run_dir: str | Path | None = None,
         experiment: str = EXPERIMENT,
         pipeline_run: str | None = None,
-        run_name: str | None = None,
         cooldown_s: float = 60.0,
     ) -> None:
         self.uri = resolve_tracking_uri(uri, run_dir)
@@ -119,11 +106,11 @@ class Tracker:
         _set_global_tracking_uri(self.uri)
         registry_uri = os.environ.get("MLFLOW_REGISTRY_URI") or self.uri
         self.client = MlflowClient(tracking_uri=self.uri, registry_uri=registry_uri)
-        if self._guarded("open the pipeline run", self._open_parent, run_name) is None:
+        if self._guarded("open the pipeline run", self._open_parent) is None:
             self.active = False  # failure recorded; the step goes on untracked
 
     # ---------------------------------------------------------------------------------------------- lifecycle
-    def _open_parent(self, run_name: str | None) -> str:
+    def _open_parent(self) -> str:
         env_run = os.environ.get("MLFLOW_RUN_ID")
         if env_run:
             run = self.client.get_run(env_run)
@@ -137,7 +124,7 @@ class Tracker:
         self.experiment_id = os.environ.get("MLFLOW_EXPERIMENT_ID") or self._experiment_id()
         tags = {TAG_ROLE: "pipeline", TAG_CREATED_BY: "secateurs"}
         if self.pipeline_run is None:
-            run = self.client.create_run(self.experiment_id, run_name=run_name, tags=tags)
+            run = self.client.create_run(self.experiment_id, tags=tags)
             self.parent_run_id, self._owns_parent = run.info.run_id, True
             return self.parent_run_id
         found = self._pipeline_runs()
@@ -145,7 +132,7 @@ class Tracker:
             self.parent_run_id = found[0].info.run_id
             return self.parent_run_id
         tags[TAG_PIPELINE_RUN] = self.pipeline_run
-        mine = self.client.create_run(self.experiment_id, run_name=run_name or self.pipeline_run, tags=tags)
+        mine = self.client.create_run(self.experiment_id, run_name=self.pipeline_run, tags=tags)
         # Parallel first steps may each have created one: the earliest wins, the others delete their own.
         winner = self._pipeline_runs()[0].info.run_id
         if winner != mine.info.run_id:
@@ -182,9 +169,7 @@ class Tracker:
         return sorted(runs, key=lambda r: (r.info.start_time, r.info.run_id))
 
     @contextlib.contextmanager
-    def step(
-        self, name: str, student: str | None = None, params: Mapping[str, Any] | None = None
-    ) -> Iterator[StepRun]:
+    def step(self, name: str, student: str | None = None) -> Iterator[StepRun]:
         """Open the run of one step, nested under the pipeline run; end it (if created here) on exit.
 
         The run ends FINISHED, or FAILED when the block raises (the exception propagates). Metrics that could
@@ -194,11 +179,8 @@ class Tracker:
             name: the step (`import-model`, `prepare-data`, `correct-teacher`, `importance`, `prune`,
                 `distill`, `evaluate`, `report`).
             student: the student this step works on, if any.
-            params: params to log right away (flattened like a manifest's config).
         """
         run = self._open_step(name, student)
-        if params:
-            run.log_params(params)
         status = "FAILED"
         try:
             yield run
