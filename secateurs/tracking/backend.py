@@ -103,16 +103,10 @@ def check_reachable(uri: str, timeout: float = 5.0) -> None:
                 f"MLflow tracking server at {uri} is unreachable: {_describe(exc)}"
             ) from exc
         if response.status_code != 200:
-            hint = (
-                " (the server refuses this host name: add it to --allowed-hosts /"
-                " MLFLOW_SERVER_ALLOWED_HOSTS)"
-                if response.status_code == 403
-                else ""
-            )
+            hint = " (the server refuses this host name: add it to --allowed-hosts / MLFLOW_SERVER_ALLOWED_HOSTS)"
             raise TrackingUnreachable(
-                f"MLflow tracking server at {uri} is unreachable: /health answered HTTP "
-                f"{response.status_code}"
-                f"{hint}"
+                f"MLflow tracking server at {uri} is unreachable: /health answered HTTP {response.status_code}"
+                + (hint if response.status_code == 403 else "")
             )
     elif scheme == "sqlite":
         db = _sqlite_path(uri)
