@@ -16,6 +16,8 @@ because KFP ships only the function's source.
 import functools
 
 from kfp import dsl
+from typing import List
+
 from kfp.dsl import Artifact, Dataset, Input, Metrics, Model, Output
 
 
@@ -92,6 +94,65 @@ def prune(
     with step("prune", locals()) as s:
         report = lib.run(model.path, scores.path, pruned.path, s.settings.target())
         s.report = {"parameters": report["parameters_after"]}
+
+
+def search(
+    model: Input[Model],
+    scores: Input[Artifact],
+    dataset: Input[Dataset],
+    settings: str,
+    student: str,
+    tracking_uri: str,
+    pipeline_run: str,
+    candidates: Output[Artifact],
+):
+    """5s. Architecture search: prune every candidate shape under the budget from `scores`, score each, keep the
+    top_k pruned checkpoints."""
+    from secateurs import search as lib
+    from secateurs.components.runtime import step
+
+    with step("search", locals()) as s:
+        report = lib.score_candidates(model.path, scores.path, dataset.path, candidates.path, s.settings)
+        s.report = {"candidates": len(report["candidates"]), "parameter_limit": report["parameter_limit"]}
+
+
+def search_distill(
+    teacher: Input[Model],
+    candidates: Input[Artifact],
+    dataset: Input[Dataset],
+    settings: str,
+    item: str,
+    student: str,
+    tracking_uri: str,
+    pipeline_run: str,
+    scored: Output[Artifact],
+):
+    """5s. Short distillation of one top candidate (`item`: its rank after pruning) and its validation loss."""
+    from secateurs import search as lib
+    from secateurs.components.runtime import step
+
+    with step("search_distill", locals()) as s:
+        score = lib.distill_candidate(teacher.path, candidates.path, int(item), dataset.path, scored.path, s.settings,
+                                      callbacks=s.callbacks)  # fmt: skip
+        s.report = {k: score[k] for k in ("name", "parameters", "pruned_loss", "distilled_loss")}
+
+
+def search_pick(
+    candidates: Input[Artifact],
+    scored: Input[List[Artifact]],
+    student: str,
+    tracking_uri: str,
+    pipeline_run: str,
+    winner: Output[Model],
+):
+    """5s. The candidate with the lowest validation loss after its short distillation: its pruned checkpoint."""
+    from secateurs import search as lib
+    from secateurs.components.runtime import step
+
+    with step("search_pick", locals()) as s:
+        result = lib.pick_winner(candidates.path, [a.path for a in scored], winner.path)
+        s.report = {"winner": result["winner"], "parameters": result["winner_parameters"]}
+    print(lib.format_table(result))
 
 
 def distill(
@@ -171,20 +232,23 @@ def collect(
     table: Output[Artifact],
     previous: Input[Artifact] = None,
     bench: Input[Metrics] = None,
+    search: Input[Model] = None,
 ):
-    """9a. Add one model's row (and its throughput) to the report table built so far.
+    """9a. Add one model's row (and its throughput, or the search that chose its shape) to the report table.
 
     KFP components take a fixed set of inputs, so the rows are gathered by a chain of these small steps.
     """
     import json
     from pathlib import Path
 
-    from secateurs.report import throughput_from_bench
+    from secateurs.report import search_rows, throughput_from_bench
 
     rows = json.loads(Path(previous.path).read_text()) if previous is not None else []
     entry = json.loads(Path(metrics.path).read_text())
     if bench is not None:
         entry["throughput"] = throughput_from_bench(json.loads(Path(bench.path).read_text()))
+    if search is not None:
+        entry["search"] = search_rows(json.loads(Path(search.path, "candidates.json").read_text()))
     with open(table.path, "w") as f:
         json.dump(rows + [entry], f, indent=1)
 
@@ -207,8 +271,8 @@ def report(table: Input[Artifact], tracking_uri: str, pipeline_run: str, compari
     print(format_table(entries))
 
 
-FUNCTIONS = {f.__name__: f for f in (import_model, prepare_data, correct_teacher, importance, prune, distill,
-                                     evaluate, engine, collect, report)}  # fmt: skip
+FUNCTIONS = {f.__name__: f for f in (import_model, prepare_data, correct_teacher, importance, prune, search,
+                                     search_distill, search_pick, distill, evaluate, engine, collect, report)}  # fmt: skip
 
 
 @functools.cache

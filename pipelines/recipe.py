@@ -32,6 +32,7 @@ class Step:
     inputs: dict[str, tuple[str, str]] = field(default_factory=dict)
     params: dict[str, str] = field(default_factory=dict)
     student: str = ""
+    items: list[str] = field(default_factory=list)  # a fan-out step's ParallelFor items
 
 
 def _step(kind: str, inputs=None, params=None, student: str = "", model: str = "") -> Step:
@@ -48,7 +49,9 @@ def recipe(config: PipelineConfig) -> list[Step]:
     3. correct the teacher on that data (if `teacher_correction.enabled`);
     4. score the teacher's units (importance);
     5. for each student, parents before children: prune it from the teacher, or from its parent student's
-       distilled model (scored by its own importance step), and evaluate the pruned model;
+       distilled model (scored by its own importance step), and evaluate the pruned model; a student with
+       `search:` instead has its candidates scored (`search`), the top_k distilled briefly, one task each
+       (`search-distill`, a ParallelFor), and the winner picked (`search-pick`) as its pruned model;
     6. distill it from the (corrected) teacher and evaluate it; evaluate the teacher too;
     7. build and benchmark an engine of the teacher and of each distilled student (if `engine.enabled`);
     8. gather one report row per model and write the report.
@@ -66,13 +69,18 @@ def recipe(config: PipelineConfig) -> list[Step]:
     evaluated = [_evaluate(config, "teacher", "teacher", "", "", teacher, data)]
     distilled = {"teacher": (teacher, steps[-1].key)}  # model name -> (its model output, its importance task)
     parents_of_others = {s.parent for s in config.students}
+    searched = {}  # pruned model name -> the search-pick output that chose it
     for s in config.lineage_order():
         parent_model, parent_scores = distilled[s.parent]
-        steps.append(_step("prune", {"model": parent_model, "scores": (parent_scores, "scores")},
-                           {"settings": s.prune.model_dump_json()}, s.name))  # fmt: skip
-        pruned = (steps[-1].key, "pruned")
-        evaluated.append(_evaluate(config, f"{s.name}-pruned", "pruned", s.parent, s.name, pruned, data))
         settings = s.distill or config.distill
+        if s.search is not None:
+            pruned = _search(steps, config, s, settings, (parent_model, parent_scores), teacher, data)
+            searched[f"{s.name}-pruned"] = pruned
+        else:
+            steps.append(_step("prune", {"model": parent_model, "scores": (parent_scores, "scores")},
+                               {"settings": s.prune.model_dump_json()}, s.name))  # fmt: skip
+            pruned = (steps[-1].key, "pruned")
+        evaluated.append(_evaluate(config, f"{s.name}-pruned", "pruned", s.parent, s.name, pruned, data))
         steps.append(_step("distill", {"teacher": teacher, "model": pruned, "dataset": data},
                            {"settings": settings.model_dump_json()}, s.name))  # fmt: skip
         model = (steps[-1].key, "distilled")
@@ -97,10 +105,27 @@ def recipe(config: PipelineConfig) -> list[Step]:
             inputs["previous"] = (previous, "table")
         if name in engines:
             inputs["bench"] = (engines[name], "bench")
+        if name in searched:
+            inputs["search"] = searched[name]
         steps.append(_step("collect", inputs, model=name))
         previous = steps[-1].key
     steps.append(_step("report", {"table": (previous, "table")}))
     return steps
+
+
+def _search(steps: list[Step], config, s, settings, parent: tuple, teacher, data) -> tuple[str, str]:
+    """Append the search steps of student `s`; returns the winner's output (its pruned checkpoint)."""
+    from secateurs.search import short_distill_settings
+
+    (model, scores), short = parent, short_distill_settings(settings, s.search.tokens, config.data.seq_len)
+    steps.append(_step("search", {"model": model, "scores": (scores, "scores"), "dataset": data},
+                       {"settings": s.search.model_dump_json()}, s.name))  # fmt: skip
+    candidates = (steps[-1].key, "candidates")
+    steps.append(_step("search_distill", {"teacher": teacher, "candidates": candidates, "dataset": data},
+                       {"settings": short.model_dump_json()}, s.name))  # fmt: skip
+    steps[-1].items = [str(i) for i in range(s.search.top_k)]
+    steps.append(_step("search_pick", {"candidates": candidates, "scored": (steps[-1].key, "scored")}, {}, s.name))
+    return steps[-1].key, "winner"
 
 
 def _evaluate(config, name, role, parent, student, model, data) -> tuple[str, Step]:
@@ -150,7 +175,9 @@ def build_pipeline(
 
         def artifact(ref):
             if ref[0] in tasks:
-                return tasks[ref[0]].outputs[ref[1]]
+                output = tasks[ref[0]].outputs[ref[1]]
+                # A fan-out step's outputs reach their reader as one list, gathered over its ParallelFor.
+                return dsl.Collected(output) if STEPS[kinds[ref[0]]].fan_out else output
             if ref not in imports:
                 raise ValueError(f"step input {ref[0]}.{ref[1]} is neither run nor imported")
             kind = getattr(dsl, STEPS[kinds[ref[0]]].outputs[ref[1]])
@@ -170,9 +197,13 @@ def build_pipeline(
             if spec.distributed:
                 kwargs["processes"] = placement.processes_of(step.kind)
                 kwargs["trainjob"] = _trainjob(placement, step.kind, image)
-            task = component(step.kind, image)(**kwargs)
+            if spec.fan_out:
+                with dsl.ParallelFor(step.items) as item:
+                    task = component(step.kind, image)(**kwargs, item=item)
+            else:
+                task = component(step.kind, image)(**kwargs)
             task.set_display_name(step.key)
-            place(task, step.kind, placement)
+            place(task, spec.placed_as or step.kind, placement)
             if step.key in fresh:
                 task.set_caching_options(False)
             tasks[step.key] = task

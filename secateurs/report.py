@@ -46,6 +46,26 @@ class Throughput(BaseModel):
         return (self.backend, self.precision, self.input_len, self.output_len, self.batch)
 
 
+class SearchCandidate(BaseModel):
+    """One candidate shape of an architecture search (secateurs.search), as the report shows it."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: str
+    parameters: int
+    pruned_loss: float = Field(description="validation loss right after pruning")
+    distilled_loss: float | None = Field(None, description="validation loss after the short distillation (top_k only)")
+    winner: bool = False
+
+
+def search_rows(result: dict[str, Any]) -> list[dict[str, Any]]:
+    """The report's candidates of one search result (`candidates.json` of the winner `pick_winner` wrote)."""
+    return [
+        {"name": r["name"], "parameters": r["parameters"], "pruned_loss": r["pruned_loss"],
+         "distilled_loss": r.get("distilled_loss"), "winner": r["name"] == result.get("winner")}
+        for r in result["candidates"]
+    ]  # fmt: skip
+
+
 class ReportEntry(BaseModel):
     """One model of the family."""
 
@@ -58,6 +78,7 @@ class ReportEntry(BaseModel):
     perplexity: float | None = None
     tasks: dict[str, float] = Field(default_factory=dict, description="task name -> accuracy in [0, 1]")
     throughput: list[Throughput] = Field(default_factory=list)
+    search: list[SearchCandidate] = Field(default_factory=list, description="the search that chose a pruned shape")
 
     @property
     def mean_task_score(self) -> float | None:
@@ -159,6 +180,19 @@ def throughput_rows(entries: Sequence[ReportEntry]) -> tuple[list[str], list[lis
     return header, rows
 
 
+def search_tables(entries: Sequence[ReportEntry]) -> list[tuple[str, tuple[list[str], list[list[str]]]]]:
+    """One candidate table per searched model: (title, (header, rows)), largest candidate first."""
+    header = ["candidate", "parameters", "val loss pruned", "val loss short KD", ""]
+    tables = []
+    for e in entries:
+        if e.search:
+            rows = [[c.name, f"{c.parameters:,}", _fmt(c.pruned_loss, 4), _fmt(c.distilled_loss, 4),
+                     "winner" if c.winner else ""]
+                    for c in sorted(e.search, key=lambda c: -c.parameters)]  # fmt: skip
+            tables.append((f"Search: {e.name}", (header, rows)))
+    return tables
+
+
 def _markdown_table(header: list[str], rows: list[list[str]]) -> str:
     # A pipe table is three lines of string joining; a library would add a dependency for nothing.
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
@@ -183,6 +217,7 @@ def format_table(entries: Sequence[ReportEntry | dict[str, Any]]) -> str:
     for title, (header, rows) in (
         ("Models", quality_rows(entries)),
         ("Throughput", throughput_rows(entries)),
+        *search_tables(entries),
     ):
         if not rows:
             continue
@@ -225,6 +260,35 @@ def _plot_quality(entries: Sequence[ReportEntry], path: Path) -> None:
     ax.set_title(f"{label} against size")
     ax.grid(alpha=0.3)
     ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _plot_search(entries: Sequence[ReportEntry], path: Path) -> None:
+    """Validation loss after the short distillation against parameters, one panel per search, winner marked
+    (candidates not distilled: their loss right after pruning, hollow)."""
+    import matplotlib.pyplot as plt
+
+    searched = [e for e in entries if e.search]
+    fig, axes = plt.subplots(1, len(searched), figsize=(6 * len(searched), 4.2), squeeze=False)
+    for ax, e in zip(axes[0], searched):
+        kd = [c for c in e.search if c.distilled_loss is not None]
+        ax.scatter([c.parameters / 1e6 for c in e.search], [c.pruned_loss for c in e.search], facecolors="none",
+                   edgecolors=ROLE_COLORS["pruned"], label="right after pruning")  # fmt: skip
+        ax.scatter([c.parameters / 1e6 for c in kd], [c.distilled_loss for c in kd], color=ROLE_COLORS["distilled"],
+                   label="after the short distillation", zorder=3)  # fmt: skip
+        for c in kd:
+            ax.annotate(c.name, (c.parameters / 1e6, c.distilled_loss), textcoords="offset points", xytext=(5, 3),
+                        fontsize=7, color="0.35")  # fmt: skip
+        for c in (c for c in kd if c.winner):
+            ax.scatter([c.parameters / 1e6], [c.distilled_loss], marker="*", s=260, color="gold", edgecolors="k",
+                       zorder=4, label=f"winner: {c.name}")  # fmt: skip
+        ax.set_title(f"search for {e.name}")
+        ax.set_xlabel("parameters (millions)")
+        ax.set_ylabel("validation loss")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -339,12 +403,16 @@ def write_report(entries: Sequence[ReportEntry | dict[str, Any]], out_dir: str |
     _plot_throughput(entries, paths["throughput_plot"])
     _plot_speedup(entries, paths["speedup_plot"])
 
-    tables = [("Models", quality_rows(entries)), ("Throughput", throughput_rows(entries))]
+    tables = [("Models", quality_rows(entries)), ("Throughput", throughput_rows(entries)), *search_tables(entries)]
     plots = [
         ("Quality against size", "quality_plot"),
         ("Throughput against size", "throughput_plot"),
         ("Speed-up over the teacher", "speedup_plot"),
     ]
+    if any(e.search for e in entries):
+        paths["search_plot"] = out_dir / "search_loss_vs_parameters.png"
+        _plot_search(entries, paths["search_plot"])
+        plots.append(("Search: validation loss against size", "search_plot"))
     md = ["# secateurs: model family report", ""]
     for title, (header, rows) in tables:
         md += [f"## {title}", "", _markdown_table(header, rows) if rows else "_none measured_", ""]

@@ -86,6 +86,7 @@ class ParameterCounter:
         import torch
         from transformers import AutoModelForCausalLM
 
+        self.config = config
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(config)
         # named_parameters() lists a tied lm_head once, under the embedding's name.
@@ -98,6 +99,25 @@ class ParameterCounter:
         unknown += [f"{prefix}{n}" for n in self.layer if n not in LAYER_PARAMETER_AXES]
         if unknown:
             raise SearchError(f"unknown parameter {unknown[0]}: this model's layout is not the one secateurs prunes")
+
+    def loadable(self, shape: Shape) -> bool:
+        """Whether transformers accepts a config of this shape: some families add rules of their own (Llama's
+        config refuses a hidden size that is not a multiple of the query heads, even with an explicit head_dim)."""
+        from secateurs.families import family_of
+        from secateurs.prune import PrunePlan, pruned_config
+
+        # The config prune would write (which layers survive does not change what is validated).
+        plan = PrunePlan(kept_layers=list(range(shape.num_hidden_layers)), hidden=None, shape=shape)
+        config = pruned_config(self.config, plan, family_of(self.config))
+        try:
+            from huggingface_hub.errors import StrictDataclassClassValidationError as Refused
+        except ImportError:  # older hubs: configs without validation
+            return True
+        try:
+            config.validate()
+        except (Refused, ValueError):
+            return False
+        return True
 
     def __call__(self, shape: Shape) -> int:
         size = {"hidden": shape.hidden_size, "ffn": shape.intermediate_size,
@@ -196,7 +216,8 @@ def enumerate_candidates(counter: ParameterCounter, settings: SearchConfig) -> l
     if limit >= source:
         raise SearchError(f"{budget} allows {limit:,.0f} parameters, not fewer than the source's {source:,}: "
                           "nothing to prune")  # fmt: skip
-    counted = [Candidate(shape, counter(shape)) for shape in grid_shapes(counter.source, settings)]
+    counted = [Candidate(shape, counter(shape)) for shape in grid_shapes(counter.source, settings)
+               if counter.loadable(shape)]  # fmt: skip
     under = [c for c in counted if c.parameters <= limit]
     if not under:
         smallest = min(c.parameters for c in counted)
@@ -275,6 +296,10 @@ def score_candidates(
     check_matches(data_config, load_tokenizer(model_dir), where=f"dataset {data_dir}")
     counter = ParameterCounter(config)
     candidates = enumerate_candidates(counter, settings)
+    if len(candidates) < settings.top_k:
+        raise SearchError(f"top_k={settings.top_k} but only {len(candidates)} candidate shapes are within "
+                          f"tolerance={settings.tolerance} under the {_describe_budget(settings)}: lower top_k or "
+                          "raise tolerance")  # fmt: skip
     plans = [prune.plan_pruning(source, scores, depth, c.target(settings.depth_criterion)) for c in candidates]
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -315,12 +340,14 @@ def score_candidates(
 
 def distill_candidate(
     teacher_dir: str | Path, candidates_dir: str | Path, index: int, data_dir: str | Path, out: str | Path,
-    distill: DistillConfig, val_sequences: int = 64, batch_size: int = 8, callbacks=(),
+    distill: DistillConfig, callbacks=(),
 ) -> dict:  # fmt: skip
     """Step 3 for one candidate: distil the `index`-th of the top candidates with `distill` (the short settings,
-    `short_distill_settings`) and score it again. Writes OUT: `score.json` and a manifest; the short-distilled
-    weights and their checkpoints are dropped (the winner's full distillation starts again from its pruned
-    checkpoint)."""
+    `short_distill_settings`) and score it again, on the sequences the search scored it on. Writes OUT:
+    `score.json` and a manifest; the short-distilled weights and their checkpoints are dropped (the winner's full
+    distillation starts again from its pruned checkpoint)."""
+    from secateurs.manifest import read_manifest
+
     import torch
 
     from secateurs import train
@@ -329,6 +356,7 @@ def distill_candidate(
     from secateurs.manifest import atomic_output, write_manifest
 
     listing = json.loads((Path(candidates_dir) / CANDIDATES_FILE).read_text())
+    scoring = SearchConfig.model_validate(read_manifest(candidates_dir)["config"])
     if not 0 <= index < len(listing["top"]):
         raise SearchError(f"candidate index {index} is out of range: the search kept {len(listing['top'])}")
     name = listing["top"][index]
@@ -340,7 +368,7 @@ def distill_candidate(
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = load_model(work, dtype=torch.bfloat16 if device == "cuda" else torch.float32, device=device)
     dd, _ = load_packed(data_dir)
-    loss = validation_loss(model, dd["validation"].spread(val_sequences), batch_size)
+    loss = validation_loss(model, dd["validation"].spread(scoring.val_sequences), scoring.batch_size)
     del model
     shutil.rmtree(work, ignore_errors=True)
     score = {**row, "index": index, "distilled_loss": loss, "distill_steps": report["steps"],
@@ -401,8 +429,7 @@ def run(
     listing = score_candidates(model_dir, importance_dir, data_dir, out / "candidates", settings)
     scored = []
     for i in range(len(listing["top"])):
-        distill_candidate(teacher_dir, out / "candidates", i, data_dir, out / "scored" / str(i), short,
-                          settings.val_sequences, settings.batch_size)  # fmt: skip
+        distill_candidate(teacher_dir, out / "candidates", i, data_dir, out / "scored" / str(i), short)
         scored.append(out / "scored" / str(i))
     return pick_winner(out / "candidates", scored, out / "winner")
 

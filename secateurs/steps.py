@@ -41,6 +41,10 @@ class StepSpec:
         scores_input: its report's numbers also go to the model it read (evaluation).
         engine_image: runs in the image of the configured engine backend rather than the secateurs one.
         distributed: a training step, run under torchrun with one process per GPU (`placement.processes`).
+        placed_as: the step kind whose placement (GPUs, node selection, resources) its tasks take (a search's
+            short distillations run where distillation runs); None: its own.
+        fan_out: one task per item of a `dsl.ParallelFor` (a search's short distillations, one per candidate);
+            its `item` parameter holds the item, and readers of its outputs get them `dsl.Collected`.
     """
 
     kind: str
@@ -59,6 +63,8 @@ class StepSpec:
     scores_input: bool = False
     engine_image: bool = False
     distributed: bool = False
+    placed_as: str | None = None
+    fan_out: bool = False
 
     def task_key(self, student: str = "", model: str = "") -> str:
         """The task key of this step for `student` (and the model it reads), e.g. `distill:width`."""
@@ -92,6 +98,16 @@ STEPS: dict[str, StepSpec] = {
                  "ImportanceConfig", gpu=True, per_student=True),
         StepSpec("prune", "prune", "{name}:{student}", {"model": "Model", "scores": "Artifact"},
                  {"pruned": "Model"}, "PruneConfig", per_student=True, model="{student}-pruned"),
+        # Architecture search (students with `search:`): score the candidates (forward passes, placed like
+        # importance), distil the top_k briefly, one task each (placed like distill), pick the winner, which the
+        # student's distill step then reads as its pruned model.
+        StepSpec("search", "search", "{name}:{student}", {"model": "Model", "scores": "Artifact", "dataset": "Dataset"},
+                 {"candidates": "Artifact"}, "SearchConfig", per_student=True, placed_as="importance"),
+        StepSpec("search_distill", "search-distill", "{name}:{student}",
+                 {"teacher": "Model", "candidates": "Artifact", "dataset": "Dataset"}, {"scored": "Artifact"},
+                 "DistillConfig", params=("item",), per_student=True, placed_as="distill", fan_out=True),
+        StepSpec("search_pick", "search-pick", "{name}:{student}", {"candidates": "Artifact", "scored": "Artifact"},
+                 {"winner": "Model"}, per_student=True, model="{student}-pruned"),
         StepSpec("distill", "distill", "{name}:{student}", {"teacher": "Model", **_DATA}, {"distilled": "Model"},
                  "DistillConfig", params=("processes", "trainjob"), gpu=True, per_student=True, model="{student}",
                  registered=True, distributed=True),
@@ -102,8 +118,8 @@ STEPS: dict[str, StepSpec] = {
                  "EngineConfig", gpu=True, per_student=True, engine_image=True),
         # The report's rows are gathered by a chain of these (a KFP component has a fixed set of inputs).
         StepSpec("collect", "collect", "{name}:{model}",
-                 {"metrics": "Metrics", "previous": "Artifact", "bench": "Metrics"}, {"table": "Artifact"},
-                 optional=("previous", "bench"), tracked=False),
+                 {"metrics": "Metrics", "previous": "Artifact", "bench": "Metrics", "search": "Model"},
+                 {"table": "Artifact"}, optional=("previous", "bench", "search"), tracked=False),
         StepSpec("report", "report", "{name}", {"table": "Artifact"}, {"comparison": "Artifact"}),
     )
 }  # fmt: skip
