@@ -136,13 +136,15 @@ class Outage:
 
 
 # -------------------------------------------------------------------------------------------------- artifacts
-def save_llama(out: Path, seed: int, **shape) -> int:
+def save_llama(out: Path, seed: int, hidden: int, mlp: int, layers: int, heads: int, kv_heads: int) -> int:
     """A tiny random Llama checkpoint with an explicit head_dim; returns its parameter count."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=128, max_position_embeddings=64, head_dim=16, **shape)
+    config = LlamaConfig(vocab_size=128, max_position_embeddings=64, head_dim=16, hidden_size=hidden,
+                         intermediate_size=mlp, num_hidden_layers=layers, num_attention_heads=heads,
+                         num_key_value_heads=kv_heads)  # fmt: skip
     model = LlamaForCausalLM(config)
     model.save_pretrained(out)
     return sum(p.numel() for p in model.parameters())
@@ -163,15 +165,7 @@ def artifacts(tmp_path_factory, server_process, tokenizer_dir):
         for name in ("teacher", "dataset", "importance", "pruned", "distilled", "evaluation")
     }
     counts = {}
-    counts["teacher"] = save_llama(
-        a["teacher"],
-        0,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-    )
+    counts["teacher"] = save_llama(a["teacher"], 0, hidden=64, mlp=128, layers=2, heads=4, kv_heads=2)
     write_manifest(
         a["teacher"],
         "import-model",
@@ -197,15 +191,7 @@ def artifacts(tmp_path_factory, server_process, tokenizer_dir):
         report={"layers_scored": 2},
     )
 
-    counts["pruned"] = save_llama(
-        a["pruned"],
-        1,
-        hidden_size=48,
-        intermediate_size=96,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-    )
+    counts["pruned"] = save_llama(a["pruned"], 1, hidden=48, mlp=96, layers=1, heads=2, kv_heads=1)
     write_manifest(
         a["pruned"],
         "prune",
@@ -214,15 +200,7 @@ def artifacts(tmp_path_factory, server_process, tokenizer_dir):
         report={"kept_layers": [0]},
     )
 
-    counts["distilled"] = save_llama(
-        a["distilled"],
-        2,
-        hidden_size=48,
-        intermediate_size=96,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-    )
+    counts["distilled"] = save_llama(a["distilled"], 2, hidden=48, mlp=96, layers=1, heads=2, kv_heads=1)
     # 150 flattened keys (two log-batch calls) and one value over MLflow's 6000-character limit.
     distill_config = {"optimizer": {f"opt_{i}": i for i in range(150)}, "notes": "x" * 7000, "lr": 1e-4}
     write_manifest(
@@ -451,15 +429,7 @@ def test_student_derived_from_a_student_of_an_earlier_run(recorded, server, arti
     the lineage crosses pipeline runs back to the first teacher."""
     a, counts = artifacts
     derived = tmp_path / "half"
-    n = save_llama(
-        derived,
-        3,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-    )
+    n = save_llama(derived, 3, hidden=32, mlp=64, layers=1, heads=2, kv_heads=1)
     write_manifest(derived, "prune", inputs={"model": a["distilled"]}, config={"target": {"hidden_size": 32}})
     tracker = Tracker(server, experiment=EXPERIMENT, pipeline_run="kfp-run-0002")
     record = record_step(tracker, "prune", derived, student="half")
