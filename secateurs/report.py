@@ -7,7 +7,10 @@ and the throughput `bench_engine` measured) and produces, in one directory: `rep
 - `throughput_vs_parameters.png`: output tokens/s against size, one line per backend and precision, one panel
   per length pair;
 - `speedup.png`: each student's request throughput over the teacher's, at the same backend, precision,
-  lengths and batch (a speed-up is only defined against a measurement made the same way).
+  lengths and batch (a speed-up is only defined against a measurement made the same way);
+- `search_loss_vs_parameters.png`, when a student's shape was searched (secateurs.search): each candidate's
+  validation loss right after pruning and after its short distillation against its size, the winner marked; the
+  candidate table goes with the others.
 
 Guarantees: entries are validated before anything is written; a speed-up is never computed across different
 backends, precisions, lengths or batch sizes.
