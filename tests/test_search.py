@@ -246,3 +246,38 @@ def test_search_student_runs_through_kfp_local(tmp_path, tiny_models, docs_dir):
     report = outputs[("report", "comparison")]
     assert "winner" in Path(report, "report.md").read_text()
     assert Path(report, "search_loss_vs_parameters.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_compiled_search_fans_out_one_gpu_task_per_candidate(tmp_path):
+    """The short distillations compile to a ParallelFor over the top_k ranks, each task placed as distill is; the
+    pick step reads their outputs collected."""
+    pytest.importorskip("kfp")
+    import yaml
+    from kfp import compiler
+
+    from secateurs.config import PipelineConfig
+    from secateurs.pipelines.recipe import build_pipeline
+
+    config = PipelineConfig.model_validate({
+        "teacher": {"source": "meta-llama/Llama-3.1-8B"},
+        "students": [{"name": "auto-4b", "search": {"params": 4.5e9, "top_k": 6, "tokens": 2e8}}],
+        "placement": {"gpus": {"distill": 8, "importance": 1}, "processes": {"distill": 1}},
+    })  # fmt: skip
+    compiler.Compiler().compile(build_pipeline(config), str(tmp_path / "p.yaml"))
+    spec, platform = list(yaml.safe_load_all((tmp_path / "p.yaml").read_text()))
+    loops = {n: t for n, t in spec["root"]["dag"]["tasks"].items() if "parameterIterator" in t}
+    (loop,) = loops.values()
+    assert json.loads(loop["parameterIterator"]["items"]["raw"]) == [str(i) for i in range(6)]
+    inner = spec["components"][loop["componentRef"]["name"]]["dag"]["tasks"]
+    (task,) = inner.values()
+    executor = spec["components"][task["componentRef"]["name"]]["executorLabel"]
+    container = spec["deploymentSpec"]["executors"][executor]["container"]
+    accelerator = container["resources"]["accelerator"]
+    assert (accelerator["resourceType"], int(accelerator["resourceCount"])) == ("nvidia.com/gpu", 8)
+    # The short run: the distill settings over 2e8 tokens at 16 sequences of 4096 tokens a step.
+    settings = json.loads(task["inputs"]["parameters"]["settings"]["runtimeValue"]["constant"])
+    assert settings["max_steps"] == math.ceil(2e8 / (16 * 4096))
+    pick = next(t for t in spec["root"]["dag"]["tasks"].values() if t["taskInfo"]["name"] == "search-pick:auto-4b")
+    assert pick["inputs"]["artifacts"]["scored"]["taskOutputArtifact"]["producerTask"] == next(iter(loops))
+    distill = next(t for t in spec["root"]["dag"]["tasks"].values() if t["taskInfo"]["name"] == "distill:auto-4b")
+    assert distill["inputs"]["artifacts"]["model"]["taskOutputArtifact"]["producerTask"] == "search-pick"
