@@ -214,3 +214,6 @@ def test_training_log_is_a_metric_history_of_the_run(recorded):
     }
     data = [(m.dataset_name, m.value) for m in student.metrics if m.key == "train_share.docs"]
     assert data == [("docs", 1.0)]  # the one source of the blend, whose dataset the model page lists
+    pruned = models["a-pruned"]
+    from_pruning = {m.key for m in pruned.metrics if m.run_id == pruned.source_run_id}
+    assert from_pruning == {"parameters_before", "parameters_after", "parameter_ratio"}  # shapes are params

@@ -6,7 +6,8 @@ A model's page in the MLflow UI tells its story through MLflow's own fields: its
 from which model by which step, taught by which, on which data, with links to those models' pages), its params
 (`parent_model`, `teacher_model`, `training_data` by name, and its shape), "Datasets used" (each data source it
 learned from, through the summary metric `train_share.<source>` logged against that dataset) and "Model versions"
-(the `mlflow.modelVersions` tag). Its metrics are the report's scalars; series and the training log are the run's.
+(the `mlflow.modelVersions` tag). Its metrics are the report's top-level numbers; nested sections, series and the
+training log are the run's.
 
 mlflow is imported inside the functions that use it, so `secateurs` imports without it.
 """
@@ -16,7 +17,7 @@ from __future__ import annotations
 import json
 import time
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -375,8 +376,10 @@ class ModelRecorder:
             record.model_id = self.log_model(
                 uri, sha256, name, path=out_dir, parent=parent, teacher=teacher, **story
             )
-            # Logged with the model id, the report's scalars show on the run and on the model.
-            self._log_report_metrics(numbers, model_id=record.model_id, data_sources=data_sources)
+            # Logged with the model id, the report's top-level numbers show on the run and on the model; its
+            # nested sections (the shapes) are the model's params already, and stay on the run.
+            summary = {k for k, v in report.items() if _as_number(v) is not None}
+            self._log_report_metrics(numbers, record.model_id, summary, data_sources)
             if record.model_id and (register_as or (spec is not None and spec.registered)):
                 registry_name = register_as or f"{self.tracker.experiment_name}-{self.student or name}"
                 record.registered = self.register(
@@ -396,11 +399,15 @@ class ModelRecorder:
         return record
 
     def _log_report_metrics(
-        self, numbers: Mapping[str, Any], model_id: str | None = None, data_sources: Sequence[dict] = ()
+        self,
+        numbers: Mapping[str, Any],
+        model_id: str | None = None,
+        summary: Collection[str] | None = None,
+        data_sources: Sequence[dict] = (),
     ) -> None:
-        """The report's numbers as run metrics; its scalars also as the model's (`model_id`), with one
-        `train_share.<source>` per data source, logged against that source's dataset: MLflow lists the datasets
-        of a model's metrics as the model's "Datasets used"."""
+        """The report's numbers as run metrics; its scalars named in `summary` (default: all) also as the
+        model's (`model_id`), with one `train_share.<source>` per data source, logged against that source's
+        dataset: MLflow lists the datasets of a model's metrics as the model's "Datasets used"."""
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
@@ -409,7 +416,8 @@ class ModelRecorder:
             if isinstance(value, list):  # a series (per epoch, per layer): one value a step, the run's only
                 batch += [Metric(mlflow_key(key), float(v), now, step) for step, v in enumerate(value)]
             else:
-                batch.append(Metric(mlflow_key(key), float(value), now, 0, model_id=model_id))
+                to_model = model_id if summary is None or key in summary else None
+                batch.append(Metric(mlflow_key(key), float(value), now, 0, model_id=to_model))
         for source in data_sources if model_id else ():
             share = source["profile"]["share"].get("train")
             if share is not None:
