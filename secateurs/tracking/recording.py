@@ -302,8 +302,8 @@ class ModelRecorder:
           datasets (context = the input's name), one per source for a dataset made by prepare-data.
         - out_dir with a config.json -> an external LoggedModel named after the step (the registry's
           `StepSpec.model`) whose parent is the input `parent_input` (default: the first of `PARENT_INPUTS` that
-          is a recorded model), with the report's scalars as its metrics and its story on its page (see the
-          module docstring); for a step whose spec says `registered` (distill) it is also registered as
+          is a recorded model), with the report's top-level numbers as its metrics and its story on its page
+          (see the module docstring); for a step whose spec says `registered` (distill) it is also registered as
           `register_as` (default: "<experiment>-<student>").
         - for steps that score their input (`StepSpec.scores_input`: evaluation), the report's numbers also go
           to the model read (the parent input), and onto its registered version as `score.*` tags when it has one.
@@ -349,9 +349,9 @@ class ModelRecorder:
             if model is not None:
                 models[input_name] = model
                 self.log_input_model(model.model_id)
-            elif in_sha and _blend_sources(in_uri):
+            elif in_sha and (sources := _blend_sources(in_uri)):
                 self.log_blend(in_uri, context=input_name)
-                data_sources += _blend_sources(in_uri)
+                data_sources += sources
             elif in_sha and not (Path(in_uri) / "config.json").is_file():
                 self.log_dataset(in_uri, in_sha, input_name, context=input_name)
         record.input_model_ids = {k: m.model_id for k, m in models.items()}
