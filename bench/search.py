@@ -9,7 +9,9 @@ correlation between the three rankings, and whether the short ranking picks the 
     python bench/search.py [--candidates 10] [--short 10] [--long 60] [--seq-len 64] [--batch 4] [--work DIR]
 
 Sized for 2 shared CPU cores: `--measure` distils one candidate for 3 steps and prints the seconds per step, so
-the whole run's time can be estimated before it starts.
+the whole run's time can be estimated before it starts. On a machine whose cores other processes share, run it
+with OMP_NUM_THREADS=1: with torch's default two threads a step here took 10x longer (threads waiting on each
+other) than with one.
 """
 
 from __future__ import annotations
@@ -49,6 +51,8 @@ def main() -> None:
     parser.add_argument("--out", default="bench/results/cpu/search.json")
     args = parser.parse_args()
 
+    import torch
+
     from secateurs import importance, search
     from secateurs.checkpoint import import_model, load_model
     from secateurs.config import DataConfig, DistillConfig, ImportanceConfig, SearchConfig
@@ -72,10 +76,10 @@ def main() -> None:
         top_k=args.candidates, hidden_divisor=64, ffn_divisor=128, val_sequences=args.val_sequences,
     )  # fmt: skip
     candidates = work / f"candidates-{args.seq_len}-{args.candidates}"
-    start = time.perf_counter()
+    start, scoring_s = time.perf_counter(), None  # None: scored by an earlier run (kept in --work)
     if not candidates.exists():
         search.score_candidates(teacher, scores, data, candidates, settings)
-    scoring_s = time.perf_counter() - start
+        scoring_s = round(time.perf_counter() - start, 1)
     listing = json.loads((candidates / search.CANDIDATES_FILE).read_text())
     kd = DistillConfig(micro_batch_size=args.batch, global_batch_size=args.batch, learning_rate=args.lr,
                        min_learning_rate=args.lr / 10, warmup_steps=3, logging_steps=5, save_steps=1000)  # fmt: skip
@@ -114,7 +118,8 @@ def main() -> None:
             "budget": settings.params,
             "tokens_per_step": args.batch * seq_len,
             "validation_sequences": args.val_sequences,
-            "scoring_seconds": round(scoring_s, 1),
+            "scoring_seconds": scoring_s,
+        "torch_threads": torch.get_num_threads(),
             "candidates_scored": len(listing["candidates"]),
         "candidates": rows,
             "spearman": {

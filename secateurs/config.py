@@ -284,6 +284,12 @@ class SearchConfig(Section):
     params: float | None = Field(None, gt=0, description="Budget: the student's total parameter count at most.")
     memory: float | None = Field(None, gt=0, description="Budget: bytes of the student's weights at `precision` at most.")
     precision: Literal["fp32", "bf16", "fp16", "fp8", "int4"] = Field("bf16", description="Bytes per weight of the memory budget (int4: half a byte).")
+    # Puzzle (Nemotron-51B, arXiv 2411.19146) budgets measured throughput rather than parameters.
+    latency: float | None = Field(None, gt=0, description="Budget: output tokens/s the student's engine reaches at least, measured at engine_lengths and engine_batch on a random-weight build of each candidate.")
+    engine_backend: Literal["onnxruntime-genai", "tensorrt-llm"] = Field("onnxruntime-genai", description="Engine backend of the latency budget (the pipeline's engine step uses the same).")
+    engine_precision: str = Field("int4", description="Engine precision of the latency budget.")
+    engine_lengths: str = Field("64:32", description="INPUT:OUTPUT tokens of the latency measurement.")
+    engine_batch: int = Field(4, ge=1, description="Concurrent requests of the latency measurement.")
     # Minitron ranked candidates after ~400 steps (~1.8B tokens) of light distillation (arXiv 2407.14679, Sec. 3).
     tokens: float = Field(1.8e9, ge=1, description="Tokens of the short distillation of each of the top_k candidates.")
     # Model Optimizer's Minitron search keeps its top 10 candidates by parameter count; distilling each costs a run.
@@ -302,8 +308,8 @@ class SearchConfig(Section):
 
     @model_validator(mode="after")
     def _a_budget(self):
-        if self.params is None and self.memory is None:
-            raise ValueError("give a budget: params or memory")
+        if self.params is None and self.memory is None and self.latency is None:
+            raise ValueError("give a budget: params, memory or latency")
         return self
 
 

@@ -82,11 +82,11 @@ class ParameterCounter:
     count exactly as `families.parameter_count` counts the pruned model; tied embeddings count once.
     """
 
-    def __init__(self, config) -> None:
+    def __init__(self, config, model_dir: str | Path | None = None) -> None:
         import torch
         from transformers import AutoModelForCausalLM
 
-        self.config = config
+        self.config, self.model_dir = config, model_dir  # the model dir: its tokenizer, for latency measurements
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(config)
         # named_parameters() lists a tied lm_head once, under the embedding's name.
@@ -131,9 +131,10 @@ class ParameterCounter:
         return root + shape.num_hidden_layers * layer
 
 
-def parameter_limit(settings: SearchConfig) -> float:
-    """The largest parameter count the budget allows (both budgets, when both are given)."""
-    limits = []
+def parameter_limit(settings: SearchConfig, source: int | None = None) -> float:
+    """The largest parameter count the budget allows (both budgets, when both are given; a latency budget alone
+    bounds nothing but `source`, the source's own count)."""
+    limits = [] if source is None else [source - 1]
     if settings.params is not None:
         limits.append(settings.params)
     if settings.memory is not None:
@@ -210,8 +211,8 @@ def enumerate_candidates(counter: ParameterCounter, settings: SearchConfig) -> l
     first (at most `max_candidates`, as Model Optimizer keeps the top candidates by parameter count).
 
     Raises SearchError when the budget is not below the source, or no grid shape meets it."""
-    limit = parameter_limit(settings)
     source = counter(counter.source)
+    limit = parameter_limit(settings, None if settings.latency is None or settings.params or settings.memory else source)
     budget = _describe_budget(settings)
     if limit >= source:
         raise SearchError(f"{budget} allows {limit:,.0f} parameters, not fewer than the source's {source:,}: "
@@ -225,6 +226,8 @@ def enumerate_candidates(counter: ParameterCounter, settings: SearchConfig) -> l
             f"{budget} allows {limit:,.0f} parameters, below the smallest candidate shape ({smallest:,}, with "
             "max_pruning and fixed dimensions as given)"
         )
+    if settings.latency is not None:
+        return _within_latency(under, counter, settings)
     band = [c for c in under if c.parameters >= (1 - settings.tolerance) * limit]
     if not band:
         best = max(under, key=lambda c: c.parameters)
@@ -236,12 +239,89 @@ def enumerate_candidates(counter: ParameterCounter, settings: SearchConfig) -> l
     return band[: settings.max_candidates]
 
 
+def _within_latency(under: list[Candidate], counter: ParameterCounter, settings: SearchConfig) -> list[Candidate]:
+    """The largest shapes under the parameter budget whose measured throughput meets the latency budget: shapes
+    are measured from the largest down (throughput grows as shapes shrink, but not monotonically across width
+    and depth, so each is measured) until `max_candidates` meet it, or every shape was measured."""
+    under = sorted(under, key=lambda c: (-c.parameters, c.name))
+    met = []
+    for candidate in under:
+        if measure_throughput(counter.config, counter.model_dir, candidate.shape, settings) >= settings.latency:
+            met.append(candidate)
+            if len(met) == settings.max_candidates:
+                break
+    if not met:
+        raise SearchError(f"no candidate shape meets the {_describe_budget(settings)}: the fastest of the "
+                          f"{len(under)} measured shapes is below it")  # fmt: skip
+    return met
+
+
+def check_engine(settings: SearchConfig) -> None:
+    """A latency budget needs its engine backend on this machine: one line before any work when it is not."""
+    if settings.latency is None:
+        return
+    from secateurs import engine
+
+    backend = engine.get_backend(settings.engine_backend)
+    if settings.engine_precision not in backend.precisions:
+        raise SearchError(f"engine_precision={settings.engine_precision!r} is not one of {settings.engine_backend}'s: "
+                          f"{', '.join(backend.precisions)}")  # fmt: skip
+    engine.parse_lengths(settings.engine_lengths)
+    try:
+        backend.check_runtime(settings.engine_precision, engine._gpu_capability() if
+                              settings.engine_backend == engine.TensorRTLLM.name else None)  # fmt: skip
+    except engine.BackendUnavailable as e:
+        raise SearchError(f"latency budget: the {settings.engine_backend} engine backend is not available here "
+                          f"({e})") from None  # fmt: skip
+
+
+def measure_throughput(config, model_dir: str | Path, shape: Shape, settings: SearchConfig) -> float:
+    """Median output tokens/s of an engine of `shape` (random weights: speed does not depend on their values) at
+    the settings' lengths and batch, cached by shape and measurement settings under the secateurs cache."""
+    import hashlib
+    import tempfile
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from secateurs import engine
+    from secateurs.checkpoint import load_tokenizer, save_checkpoint
+    from secateurs.families import family_of
+    from secateurs.manifest import cache_dir
+    from secateurs.prune import PrunePlan, pruned_config
+
+    new = pruned_config(config, PrunePlan(kept_layers=list(range(shape.num_hidden_layers)), hidden=None,
+                                          shape=shape), family_of(config))  # fmt: skip
+    key = {"config": new.to_dict(), "backend": settings.engine_backend, "precision": settings.engine_precision,
+           "lengths": settings.engine_lengths, "batch": settings.engine_batch}  # fmt: skip
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    cached = cache_dir() / "search-throughput" / f"{digest}.json"
+    if cached.is_file():
+        return json.loads(cached.read_text())["output_tokens_per_s"]
+    lengths = engine.parse_lengths(settings.engine_lengths)
+    with tempfile.TemporaryDirectory(prefix="search-engine-") as tmp:
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(new, dtype=torch.float32)
+        save_checkpoint(model, load_tokenizer(model_dir), Path(tmp) / "model")
+        engine.build_engine(Path(tmp) / "model", settings.engine_backend, settings.engine_precision,
+                            Path(tmp) / "engine", lengths)  # fmt: skip
+        bench = engine.bench_engine(Path(tmp) / "engine", lengths, batch=settings.engine_batch, repeats=2)
+    speed = min(r["output_tokens_per_s"]["median"] for r in bench["results"])
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    cached.write_text(json.dumps({**key, "shape": shape.as_dict(), "output_tokens_per_s": speed}, indent=1))
+    print(f"search: {Candidate(shape, 0).name} measured at {speed:.1f} output tokens/s")
+    return speed
+
+
 def _describe_budget(settings: SearchConfig) -> str:
     parts = []
     if settings.params is not None:
         parts.append(f"params={settings.params:g}")
     if settings.memory is not None:
         parts.append(f"memory={settings.memory:g} bytes at {settings.precision}")
+    if settings.latency is not None:
+        parts.append(f"latency={settings.latency:g} output tokens/s ({settings.engine_backend} "
+                     f"{settings.engine_precision}, {settings.engine_lengths}, batch {settings.engine_batch})")  # fmt: skip
     return "budget " + " and ".join(parts)
 
 
@@ -294,7 +374,8 @@ def score_candidates(
     prune.check_importance_matches(manifest, model_dir, source)
     dd, data_config = load_packed(data_dir)
     check_matches(data_config, load_tokenizer(model_dir), where=f"dataset {data_dir}")
-    counter = ParameterCounter(config)
+    check_engine(settings)
+    counter = ParameterCounter(config, model_dir)
     candidates = enumerate_candidates(counter, settings)
     if len(candidates) < settings.top_k:
         raise SearchError(f"top_k={settings.top_k} but only {len(candidates)} candidate shapes are within "
@@ -313,6 +394,8 @@ def score_candidates(
         assert parameter_count(pruned) == candidate.parameters, (candidate.name, parameter_count(pruned))
         loss = validation_loss(pruned.to(device), validation, settings.batch_size)
         rows.append(_row(candidate, settings, pruned_loss=loss))
+        if settings.latency is not None:  # measured during enumeration: read from the cache
+            rows[-1]["output_tokens_per_s"] = measure_throughput(config, model_dir, candidate.shape, settings)
         print(f"search: {candidate.name} {candidate.parameters:,} parameters, validation loss {loss:.4f} after pruning")
         del pruned
     del model, state

@@ -127,7 +127,7 @@ def test_a_depth_criterion_the_importance_cannot_serve_fails_before_pruning(tiny
     "raw, message",
     [
         (dict(params=1e6, top_k=0), "top_k"),
-        (dict(top_k=2), "give a budget: params or memory"),
+        (dict(top_k=2), "give a budget: params, memory or latency"),
         (dict(params=1e6, fixed={"num_attention_heads": 6, "num_key_value_heads": 4}),
          "num_attention_heads=6 is not a multiple of num_key_value_heads=4"),
         (dict(params=1e6, max_pruning={"hidden_size": 1.0}), "max_pruning.hidden_size"),
@@ -281,3 +281,47 @@ def test_compiled_search_fans_out_one_gpu_task_per_candidate(tmp_path):
     assert pick["inputs"]["artifacts"]["scored"]["taskOutputArtifact"]["producerTask"] == next(iter(loops))
     distill = next(t for t in spec["root"]["dag"]["tasks"].values() if t["taskInfo"]["name"] == "distill:auto-4b")
     assert distill["inputs"]["artifacts"]["model"]["taskOutputArtifact"]["producerTask"] == "search-pick"
+
+
+# ------------------------------------------------------------------------------------------ latency budget
+def test_latency_budget_keeps_shapes_whose_measured_throughput_meets_it(tiny_models, tiny_importance, tiny_data,
+                                                                         tmp_path, monkeypatch):  # fmt: skip
+    """onnxruntime-genai int4 engines of random-weight candidates, measured once per shape (then cached)."""
+    pytest.importorskip("onnxruntime_genai")
+    monkeypatch.setenv("SECATEURS_CACHE", str(tmp_path / "cache"))
+    model = tiny_models["llama-tied"]
+    counter = search.ParameterCounter(load_model(model).config, model)
+    # Two shapes: 4 query heads as one KV group of 4 or two of 2.
+    fixed = {"hidden_size": 48, "ffn_hidden_size": 64, "num_layers": 3, "num_attention_heads": 4}
+    settings = SearchConfig(latency=1.0, fixed=fixed, engine_lengths="16:8", engine_batch=2)
+    candidates = search.enumerate_candidates(counter, settings)
+    assert {c.shape.num_key_value_heads for c in candidates} == {1, 2}
+    measured = [json.loads(p.read_text()) for p in (tmp_path / "cache" / "search-throughput").glob("*.json")]
+    assert len(measured) == 2
+    for m in measured:
+        assert m["output_tokens_per_s"] >= settings.latency
+        assert m["backend"] == "onnxruntime-genai" and m["precision"] == "int4"
+    # The same shapes again: read from the cache, not built again (the files are not rewritten).
+    stamps = sorted(p.stat().st_mtime_ns for p in (tmp_path / "cache" / "search-throughput").glob("*.json"))
+    fastest = max(m["output_tokens_per_s"] for m in measured)
+    with pytest.raises(search.SearchError, match="no candidate shape meets the budget latency="):
+        search.enumerate_candidates(counter, settings.model_copy(update={"latency": 2 * fastest}))
+    assert sorted(p.stat().st_mtime_ns for p in (tmp_path / "cache" / "search-throughput").glob("*.json")) == stamps
+    # Combined with a parameter budget, the parameter budget bounds the shapes measured.
+    both = settings.model_copy(update={"params": min(c.parameters for c in candidates)})
+    assert [c.parameters for c in search.enumerate_candidates(counter, both)] == [both.params]
+
+
+def test_latency_budget_without_its_engine_backend_fails_before_pruning(tiny_models, tiny_importance, tiny_data,
+                                                                         tmp_path, monkeypatch):  # fmt: skip
+    import secateurs.checkpoint
+
+    monkeypatch.setattr(secateurs.checkpoint, "load_model", lambda *a, **k: pytest.fail("weights were read"))
+    settings = SearchConfig(params=2e6, latency=100.0, engine_backend="tensorrt-llm", engine_precision="bf16")
+    with pytest.raises(search.SearchError, match="latency budget: the tensorrt-llm engine backend is not available"):
+        search.score_candidates(tiny_models["llama-tied"], tiny_importance["llama-tied"], tiny_data, tmp_path / "o",
+                                settings)  # fmt: skip
+    with pytest.raises(search.SearchError, match="engine_precision='fp8' is not one of onnxruntime-genai's"):
+        search.score_candidates(tiny_models["llama-tied"], tiny_importance["llama-tied"], tiny_data, tmp_path / "o",
+                                settings.model_copy(update={"engine_backend": "onnxruntime-genai",
+                                                            "engine_precision": "fp8"}))  # fmt: skip
