@@ -1,4 +1,4 @@
-"""Architecture search: from a parameter or memory budget to the student shape that distils best.
+"""Architecture search: from a parameter, memory or latency budget to the student shape that distils best.
 
 Consumes the model to prune (the teacher, or a parent student), its importance artifact (one importance run serves
 every candidate), the KD teacher and a prepared dataset. Produces a search artifact: `candidates.json` (every
@@ -10,7 +10,9 @@ after pruning is a poor guide):
 1. enumerate shapes on divisor grids, as NVIDIA Model Optimizer's Minitron search does: hidden and MLP widths in
    multiples of a channel divisor, attention as whole KV groups times query heads per group (so GQA stays valid),
    layers; width and depth mixed, each axis pruned at most `max_pruning` of it. The candidates are the shapes whose
-   exact parameter count lies in a band just under the budget (`tolerance`), so the grid does not explode;
+   exact parameter count lies in a band just under the budget (`tolerance`), so the grid does not explode. A
+   latency budget (output tokens/s) is measured: an engine of each shape, with random weights, built and
+   benchmarked by `secateurs.engine` from the largest shape down, each shape measured once (cached);
 2. prune each one from the importance artifact in memory (prune.py's own plan and surgery) and score it by
    validation loss;
 3. distil the best `top_k` for `tokens` tokens each with the run's KD settings (train.distill) and score them again;
