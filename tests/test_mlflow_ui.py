@@ -3,7 +3,8 @@
 A tiny kfp.local run (one width student) records into SQLite as `make demo` does; a real
 `mlflow server` on 127.0.0.1 serves that store, as `mlflow ui --backend-store-uri sqlite:///...` does after the
 demo; headless Chromium loads the UI (a React app: the content exists only once its scripts ran) and hands back
-the rendered DOM, which the tests read as text and links.
+the rendered DOM, which the browser tests read as text and links (they skip without Chromium). The last test
+reads the training log and the model's metrics through the REST API.
 """
 
 from __future__ import annotations
@@ -22,10 +23,6 @@ pytest.importorskip("kfp")
 mlflow = pytest.importorskip("mlflow")
 
 CHROMIUM = next((p for p in map(shutil.which, ("chromium", "chromium-browser", "google-chrome")) if p), None)
-pytestmark = pytest.mark.skipif(
-    CHROMIUM is None,
-    reason="headless Chromium is not installed: `apt-get install chromium` (Debian; .ci/run installs it)",
-)
 STUDENT = "a"
 CHAIN = ["a", "a-pruned", "teacher"]  # the student back to the model it started from
 
@@ -138,10 +135,15 @@ def recorded(server):
 
 @pytest.fixture(scope="module")
 def profile(tmp_path_factory):
+    """Chromium's profile directory for this module; the browser tests skip without Chromium."""
+    if CHROMIUM is None:
+        pytest.skip(
+            "headless Chromium is not installed: `apt-get install chromium` (Debian; .ci/run installs it)"
+        )
     return tmp_path_factory.mktemp("chromium-profile")
 
 
-def test_run_page_links_to_the_model_it_made(server, recorded, profile):
+def test_run_page_links_to_the_model_it_made(profile, server, recorded):
     experiment_id, models, _ = recorded
     student = models[STUDENT]
     page = render(
@@ -156,7 +158,7 @@ def test_run_page_links_to_the_model_it_made(server, recorded, profile):
     assert links.get("teacher") == models["teacher"].model_id
 
 
-def test_student_model_page_tells_where_it_came_from(server, recorded, profile):
+def test_student_model_page_tells_where_it_came_from(profile, server, recorded):
     experiment_id, models, _ = recorded
     page = render(
         f"{server}/#/experiments/{experiment_id}/models/{models[STUDENT].model_id}",
@@ -175,7 +177,7 @@ def test_student_model_page_tells_where_it_came_from(server, recorded, profile):
     assert "log_history" not in page.text
 
 
-def test_parent_links_lead_from_the_student_back_to_the_teacher(server, recorded, profile):
+def test_parent_links_lead_from_the_student_back_to_the_teacher(profile, server, recorded):
     """From the student's page, follow the link to the model it was made from, page after page."""
     experiment_id, models, _ = recorded
     model_id, seen = models[STUDENT].model_id, []
