@@ -133,15 +133,15 @@ class ParameterCounter:
         return root + shape.num_hidden_layers * layer
 
 
-def parameter_limit(settings: SearchConfig, source: int | None = None) -> float:
-    """The largest parameter count the budget allows (both budgets, when both are given; a latency budget alone
-    bounds nothing but `source`, the source's own count)."""
-    limits = [] if source is None else [source - 1]
+def parameter_limit(settings: SearchConfig, source: int) -> float:
+    """The largest parameter count the budget allows (both budgets, when both are given); a latency budget alone
+    bounds only by the source's own count `source`."""
+    limits = []
     if settings.params is not None:
         limits.append(settings.params)
     if settings.memory is not None:
         limits.append(settings.memory / BYTES_PER_PARAMETER[settings.precision])
-    return min(limits)
+    return min(limits) if limits else source - 1
 
 
 def axis_grids(source: Shape, settings: SearchConfig) -> dict[str, list[int]]:
@@ -214,7 +214,7 @@ def enumerate_candidates(counter: ParameterCounter, settings: SearchConfig) -> l
 
     Raises SearchError when the budget is not below the source, or no grid shape meets it."""
     source = counter(counter.source)
-    limit = parameter_limit(settings, None if settings.latency is None or settings.params or settings.memory else source)
+    limit = parameter_limit(settings, source)
     budget = _describe_budget(settings)
     if limit >= source:
         raise SearchError(f"{budget} allows {limit:,.0f} parameters, not fewer than the source's {source:,}: "
@@ -408,7 +408,7 @@ def score_candidates(
     report = {
         "source_shape": source.as_dict(),
         "source_parameters": counter(source),
-        "parameter_limit": parameter_limit(settings),
+        "parameter_limit": parameter_limit(settings, counter(source)),
         "budget": _describe_budget(settings),
         "candidates": rows,
         "top": top,

@@ -310,6 +310,12 @@ def test_latency_budget_keeps_shapes_whose_measured_throughput_meets_it(tiny_mod
     # Combined with a parameter budget, the parameter budget bounds the shapes measured.
     both = settings.model_copy(update={"params": min(c.parameters for c in candidates)})
     assert [c.parameters for c in search.enumerate_candidates(counter, both)] == [both.params]
+    # Through the scoring step: each candidate's row holds its measured throughput, above the budget.
+    report = search.score_candidates(model, tiny_importance["llama-tied"], tiny_data, tmp_path / "s",
+                                     settings.model_copy(update={"top_k": 1, "val_sequences": 4}))  # fmt: skip
+    assert len(report["candidates"]) == 2
+    assert all(r["output_tokens_per_s"] >= settings.latency for r in report["candidates"])
+    assert report["parameter_limit"] == counter(counter.source) - 1
 
 
 def test_latency_budget_without_its_engine_backend_fails_before_pruning(tiny_models, tiny_importance, tiny_data,
