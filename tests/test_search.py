@@ -243,6 +243,11 @@ def test_search_student_runs_through_kfp_local(tmp_path, tiny_models, docs_dir):
     assert len(candidate_runs) == 3 and {r.info.status for r in candidate_runs} == {"FINISHED"}
     losses = sorted(r.data.metrics["distilled_loss"] for r in candidate_runs)
     assert losses == sorted(r["distilled_loss"] for r in distilled)
+    # Lineage: the distilled student, the winner's pruned checkpoint (recorded by search-pick), the teacher.
+    from secateurs.tracking import lineage
+
+    chain = lineage(outputs[("distill:auto", "distilled")], uri=state["tracking_uri"])
+    assert [m["name"] for m in chain] == ["auto", "auto-pruned", "teacher"]
     report = outputs[("report", "comparison")]
     assert "winner" in Path(report, "report.md").read_text()
     assert Path(report, "search_loss_vs_parameters.png").read_bytes()[:4] == b"\x89PNG"
