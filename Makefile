@@ -47,8 +47,11 @@ images-local: setup
 demo-containers: images-local
 	$(BIN)/secateurs run configs/demo-cpu.yaml --run-dir runs/demo-containers --runner container
 
+# make demo DEMO_CONFIG=configs/demo-search-cpu.yaml: the same recipe with the width student found by search.
+DEMO_CONFIG ?= configs/demo-cpu.yaml
+DEMO_RUN ?= $(if $(filter configs/demo-cpu.yaml,$(DEMO_CONFIG)),runs/demo,runs/$(basename $(notdir $(DEMO_CONFIG))))
 demo: setup
-	$(BIN)/secateurs run configs/demo-cpu.yaml --run-dir runs/demo
+	$(BIN)/secateurs run $(DEMO_CONFIG) --run-dir $(DEMO_RUN)
 
 bench: setup
 	$(BIN)/python bench/importance.py
