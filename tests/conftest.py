@@ -136,6 +136,35 @@ def tiny_importance(tmp_path_factory, tiny_models, tiny_data) -> dict[str, Path]
     }
 
 
+@pytest.fixture(scope="session")
+def failed_then_resumed(tmp_path_factory, tiny_models, docs_dir):
+    """One tiny pipeline run (tests/test_pipeline.py's `tiny_config`: students a and b, teacher correction, distill
+    in two processes) that fails at distill:b (injected), then the same command again, which finishes it. Shared:
+    the pipeline tests read its steps and records, the MLflow UI tests render what it recorded.
+
+    Returns:
+        (the run directory, the outputs recorded after the failure).
+    """
+    import typer
+    import yaml
+    from test_pipeline import tiny_config
+
+    from secateurs.pipeline_cli import read_run, recorded_outputs, run_cmd
+
+    config_file = tmp_path_factory.mktemp("config") / "tiny.yaml"
+    config_file.write_text(yaml.safe_dump(tiny_config(tiny_models["llama-tied"], docs_dir)))
+    run_dir = tmp_path_factory.mktemp("runs") / "tiny"
+    mp = pytest.MonkeyPatch()
+    mp.setenv("SECATEURS_FAIL_STEP", "distill:b")
+    with pytest.raises(typer.Exit):
+        run_cmd(config_file, run_dir)
+    mp.undo()
+    _, state = read_run(run_dir)
+    after_failure = recorded_outputs(state)
+    run_cmd(config_file, run_dir)
+    return run_dir, after_failure
+
+
 def free_port() -> int:
     """A TCP port of 127.0.0.1 that nothing listens on right now."""
     import socket

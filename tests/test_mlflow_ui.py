@@ -1,6 +1,7 @@
 """What a person sees in the MLflow UI after a pipeline run, read from pages a real browser rendered.
 
-A tiny kfp.local run (one width student) records into SQLite as `make demo` does; a real
+The tiny kfp.local run the pipeline tests share (conftest's `failed_then_resumed`) records into SQLite as
+`make demo` does; a real
 `mlflow server` on 127.0.0.1 serves that store, as `mlflow ui --backend-store-uri sqlite:///...` does after the
 demo; headless Chromium loads the UI (a React app: the content exists only once its scripts ran) and hands back
 the rendered DOM, which the browser tests read as text and links (they skip without Chromium). The last test
@@ -16,7 +17,6 @@ from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest
-import yaml
 from conftest import MlflowServer
 
 pytest.importorskip("kfp")
@@ -24,7 +24,8 @@ mlflow = pytest.importorskip("mlflow")
 
 CHROMIUM = next((p for p in map(shutil.which, ("chromium", "chromium-browser", "google-chrome")) if p), None)
 STUDENT = "a"
-CHAIN = ["a", "a-pruned", "teacher"]  # the student back to the model it started from
+CHAIN = ["a", "a-pruned", "teacher-corrected", "teacher"]  # the student back to the model it started from
+TEACHER = "teacher-corrected"  # the model that taught the student
 
 
 class Page(HTMLParser):
@@ -91,22 +92,12 @@ def render(url: str, profile: Path, expect: str = "", tries: int = 3) -> Page:
 
 
 @pytest.fixture(scope="module")
-def pipeline_run(tmp_path_factory, tiny_models, docs_dir):
-    """One tiny pipeline run with one student, tracked in its run directory's SQLite store."""
-    from test_pipeline import tiny_config
+def pipeline_run(failed_then_resumed):
+    """The state of the tiny pipeline run the pipeline tests share (conftest): students a and b, a corrected
+    teacher, distillation in two processes, tracked in its run directory's SQLite store."""
+    from secateurs.pipeline_cli import read_run
 
-    from secateurs.pipeline_cli import read_run, run_cmd
-
-    config = tiny_config(tiny_models["llama-tied"], docs_dir)
-    config["students"] = [s for s in config["students"] if s["name"] == STUDENT]
-    # What the pages show, at the least cost: no teacher correction, one process per step.
-    config["teacher_correction"] = {"enabled": False}
-    config["placement"] = {}
-    path = tmp_path_factory.mktemp("ui-config") / "tiny.yaml"
-    path.write_text(yaml.safe_dump(config))
-    run_dir = tmp_path_factory.mktemp("ui-runs") / "tiny"
-    run_cmd(path, run_dir)
-    _, state = read_run(run_dir)
+    _, state = read_run(failed_then_resumed[0])
     return state
 
 
@@ -155,7 +146,7 @@ def test_run_page_links_to_the_model_it_made(profile, server, recorded):
     assert links.get(STUDENT) == student.model_id, page.links
     # The models it read (the pruned student and the teacher) are linked from the same table.
     assert links.get("a-pruned") == models["a-pruned"].model_id
-    assert links.get("teacher") == models["teacher"].model_id
+    assert links.get(TEACHER) == models[TEACHER].model_id
 
 
 def test_student_model_page_tells_where_it_came_from(profile, server, recorded):
@@ -168,7 +159,7 @@ def test_student_model_page_tells_where_it_came_from(profile, server, recorded):
     # Its parent and its teacher, by name, each a link to its page.
     links = page.model_links()
     assert links.get("a-pruned") == models["a-pruned"].model_id, page.text
-    assert links.get("teacher") == models["teacher"].model_id, page.text
+    assert links.get(TEACHER) == models[TEACHER].model_id, page.text
     # The registered version, as MLflow's own "Model versions" field shows it.
     assert re.search(r"Model versions secateurs-a v1\b", page.text), page.text
     # The data it learned from, as MLflow's own "Datasets used" field shows it.

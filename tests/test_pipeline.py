@@ -36,32 +36,6 @@ def tiny_config(teacher, corpus, **extra) -> dict:
     }
 
 
-@pytest.fixture(scope="module")
-def config_file(tmp_path_factory, tiny_models, docs_dir):
-    path = tmp_path_factory.mktemp("config") / "tiny.yaml"
-    path.write_text(yaml.safe_dump(tiny_config(tiny_models["llama-tied"], docs_dir)))
-    return path
-
-
-@pytest.fixture(scope="module")
-def failed_then_resumed(tmp_path_factory, config_file):
-    """One run that fails at distill:b (injected), then the same command again, which finishes it."""
-    import typer
-
-    from secateurs.pipeline_cli import read_run, recorded_outputs, run_cmd
-
-    run_dir = tmp_path_factory.mktemp("runs") / "tiny"
-    mp = pytest.MonkeyPatch()
-    mp.setenv("SECATEURS_FAIL_STEP", "distill:b")
-    with pytest.raises(typer.Exit):
-        run_cmd(config_file, run_dir)
-    mp.undo()
-    _, state = read_run(run_dir)
-    after_failure = recorded_outputs(state)
-    run_cmd(config_file, run_dir)
-    return run_dir, after_failure
-
-
 def _step_runs(run_dir):
     from mlflow import MlflowClient
 
