@@ -87,6 +87,18 @@ def test_image_rules(dockerfile, base):
     assert not [a for w, a in steps if w in ("ENV", "ARG") and secret_names.search(a)]
 
 
+def test_every_package_directory_is_in_the_wheel():
+    """The image installs the wheel, not the checkout: a package directory pyproject does not list would be
+    missing there (and only there; the editable install of `make setup` finds it anyway)."""
+    setuptools = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]
+    listed = set(setuptools["packages"])
+    for package, directory in setuptools["package-dir"].items():
+        for init in sorted((REPO / directory).rglob("__init__.py")):
+            sub = init.parent.relative_to(REPO / directory).parts
+            assert ".".join((package, *sub)) in listed, f"{init.parent} is not in [tool.setuptools] packages"
+    assert {"secateurs", "secateurs.tracking", "secateurs.components", "secateurs.pipelines"} <= listed
+
+
 @pytest.mark.parametrize("dockerfile", DOCKERFILES)
 def test_copied_paths_are_what_pyproject_builds_from_and_in_the_context(dockerfile):
     """Every COPY source is a file the wheel build needs (pyproject, its readme, its package dirs) and is let
