@@ -18,14 +18,14 @@ EXPECTED = (ValueError, ConnectionError, FileNotFoundError, FileExistsError, Per
 def exception_chain(exc: BaseException) -> Iterator[BaseException]:
     """The exception, its causes and contexts, and the last error s3transfer gave up on, each once."""
     seen: set[int] = set()
-    todo: list[BaseException | None] = [exc]
-    while todo:
-        e = todo.pop()
+    pending: list[BaseException | None] = [exc]
+    while pending:
+        e = pending.pop()
         if e is None or id(e) in seen:
             continue
         seen.add(id(e))
         yield e
-        todo += [e.__cause__, e.__context__, getattr(e, "last_exception", None)]
+        pending += [e.__cause__, e.__context__, getattr(e, "last_exception", None)]
 
 
 def first_line(exc: BaseException) -> str:

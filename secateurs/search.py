@@ -531,10 +531,8 @@ def _row(candidate: Candidate, settings: SearchConfig, **losses) -> dict:
 
 def validation_loss(model, input_ids, batch_size: int) -> float:
     """Mean next-token cross-entropy over the sequences (evaluate's, imported when first used)."""
-    try:
-        from secateurs.evaluate import validation_loss as loss
-    except ImportError:  # older layout: it lived in importance
-        from secateurs.importance import validation_loss as loss
+    from secateurs.evaluate import validation_loss as loss
+
     return loss(model, input_ids, batch_size)
 
 
