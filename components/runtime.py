@@ -5,8 +5,8 @@ Imported inside component bodies (they run in the image, or in the local venv un
 kfp-free parts of secateurs only.
 
 Failure injection (for tests and drills): `SECATEURS_FAIL_STEP=distill:width` makes the `distill` step of
-student `width` raise before doing any work (`SECATEURS_FAIL_STEP=prepare-data` for a step without a student;
-several entries are separated by commas). The step's MLflow run ends FAILED, as a real failure's would.
+student `width` raise before doing any work (`SECATEURS_FAIL_STEP=prepare-data` for a step without a student,
+`search-distill:auto/1` for one item of a fan-out step; several entries are separated by commas). The step's MLflow run ends FAILED, as a real failure's would.
 """
 
 from __future__ import annotations
@@ -23,35 +23,40 @@ FAIL_STEP_ENV = "SECATEURS_FAIL_STEP"
 # recipe (`distill:width`, `evaluate:width-pruned`) and the URI of each of its outputs.
 TAG_TASK = "secateurs.task"
 TAG_OUTPUT_PREFIX = "secateurs.kfp_output."
+TAG_ITEM = "secateurs.item"  # the item of a fan-out step's task (`1` of `search-distill:auto/1`)
 
 
 class InjectedFailure(RuntimeError):
     """Raised by a step named in SECATEURS_FAIL_STEP."""
 
 
-def check_injected_failure(step: str, student: str = "") -> None:
-    """Raise InjectedFailure when SECATEURS_FAIL_STEP names this step (and student)."""
+def check_injected_failure(step: str, student: str = "", item: str = "") -> None:
+    """Raise InjectedFailure when SECATEURS_FAIL_STEP names this step (and student; and fan-out item, or none)."""
     wanted = {w.strip() for w in os.environ.get(FAIL_STEP_ENV, "").split(",") if w.strip()}
     me = f"{step}:{student}" if student else step
-    if me in wanted:
+    if me in wanted or (item != "" and f"{me}/{item}" in wanted):
         raise InjectedFailure(f"{FAIL_STEP_ENV}={os.environ[FAIL_STEP_ENV]} stops step {me} before it starts")
 
 
 @contextlib.contextmanager
 def tracked_step(
-    step: str, tracking_uri: str, pipeline_run: str, student: str = "", *, outputs: dict, task: str = ""
+    step: str, tracking_uri: str, pipeline_run: str, student: str = "", *, outputs: dict, task: str = "",
+    item: str = "",
 ) -> Iterator:
     """The MLflow run of one step, nested under the pipeline run `pipeline_run` (see secateurs.tracking).
 
     An empty `tracking_uri` falls back to MLFLOW_TRACKING_URI (set by the KFP MLflow plugin on a cluster).
     On success the run is tagged with the task key (default `step[:student]`) and the URI of every output
-    ({output name: KFP artifact}), which is what `secateurs rerun` imports later.
+    ({output name: KFP artifact}), which is what `secateurs rerun` imports later. A fan-out step's `item` is
+    tagged from the start, so that a failed item is named.
     """
     from secateurs.tracking import Tracker
 
     tracker = Tracker(tracking_uri or None, pipeline_run=pipeline_run or None)
     with tracker.step(step, student=student or None) as run:
-        check_injected_failure(step, student)
+        if item != "":
+            run.set_tags({TAG_ITEM: item})
+        check_injected_failure(step, student, item)
         yield run
         tags = {TAG_OUTPUT_PREFIX + name: artifact.uri for name, artifact in outputs.items()}
         run.set_tags({TAG_TASK: task or (f"{step}:{student}" if student else step), **tags})
@@ -88,8 +93,10 @@ def step(kind: str, args: dict) -> Iterator[StepContext]:
     settings = model.model_validate_json(args["settings"]) if model is not None else None
     outputs = {name: args[name] for name in spec.outputs}
     student = args.get("student", "")
-    task = spec.task_key(student=student, model=args.get("name", ""))
-    with tracked_step(spec.name, args["tracking_uri"], args["pipeline_run"], student, outputs=outputs, task=task) as run:
+    item = args.get("item", "")
+    task = spec.task_key(student=student, model=args.get("name", ""), item=item)
+    with tracked_step(spec.name, args["tracking_uri"], args["pipeline_run"], student, outputs=outputs, task=task,
+                      item=item) as run:  # fmt: skip
         context = StepContext(settings, run)
         yield context
         for artifact in outputs.values():

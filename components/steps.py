@@ -112,7 +112,8 @@ def search(
     from secateurs.components.runtime import step
 
     with step("search", locals()) as s:
-        report = lib.score_candidates(model.path, scores.path, dataset.path, candidates.path, s.settings)
+        report = lib.score_candidates(model.path, scores.path, dataset.path, candidates.path, s.settings,
+                                      record=s.run.item_run)  # fmt: skip
         s.report = {"candidates": len(report["candidates"]), "parameter_limit": report["parameter_limit"]}
 
 
@@ -135,6 +136,9 @@ def search_distill(
         score = lib.distill_candidate(teacher.path, candidates.path, int(item), dataset.path, scored.path, s.settings,
                                       callbacks=s.callbacks)  # fmt: skip
         s.report = {k: score[k] for k in ("name", "parameters", "pruned_loss", "distilled_loss")}
+        # The candidate's own run (made by the search step) gets its loss after the short distillation too.
+        s.run.log_item(score.get("mlflow_run_id"), metrics={k: score[k] for k in ("distilled_loss", "distill_steps",
+                       "distill_tokens")}, tags={"secateurs.search_distill_run": s.run.run_id or ""})  # fmt: skip
 
 
 def search_pick(
@@ -152,6 +156,10 @@ def search_pick(
     with step("search_pick", locals()) as s:
         result = lib.pick_winner(candidates.path, [a.path for a in scored], winner.path)
         s.report = {"winner": result["winner"], "parameters": result["winner_parameters"]}
+        for row in result["candidates"]:  # the ranking after the short distillations, on each candidate's run
+            if "distilled_rank" in row:
+                s.run.log_item(row.get("mlflow_run_id"), metrics={"distilled_rank": row["distilled_rank"]},
+                               tags={"secateurs.search_winner": str(row["name"] == result["winner"]).lower()})  # fmt: skip
     print(lib.format_table(result))
 
 

@@ -148,7 +148,8 @@ def build_pipeline(
         steps: the steps to run (default: the whole `recipe(config)`); inputs from steps not listed must be in
             `imports`.
         imports: (task key, output name) -> URI of an artifact an earlier run produced, brought in with
-            `dsl.importer`.
+            `dsl.importer`; for a fan-out step's output, the list of its items' URIs, brought in by a loop of
+            importers and read `dsl.Collected`, as the fan-out's own outputs are.
         fresh: task keys that must run even if the cache holds their outputs (a rerun's target).
         tracking_uri: the default of the pipeline's `tracking_uri` parameter ("" leaves it to the step's
             MLFLOW_TRACKING_URI, which the chart's defaults ConfigMap sets on a cluster).
@@ -171,20 +172,28 @@ def build_pipeline(
     @dsl.pipeline(name=config.name, description=f"secateurs: {config.teacher.source} -> "
                   f"{', '.join(s.name for s in config.students)}", pipeline_root=pipeline_root)  # fmt: skip
     def pipeline(tracking_uri: str = tracking_uri, pipeline_run: str = ""):
-        tasks = {}
+        tasks, imported = {}, {}  # task key -> its task; (task key, output) -> an imported artifact
 
         def artifact(ref):
             if ref[0] in tasks:
                 output = tasks[ref[0]].outputs[ref[1]]
                 # A fan-out step's outputs reach their reader as one list, gathered over its ParallelFor.
                 return dsl.Collected(output) if STEPS[kinds[ref[0]]].fan_out else output
+            if ref in imported:
+                return imported[ref]
             if ref not in imports:
                 raise ValueError(f"step input {ref[0]}.{ref[1]} is neither run nor imported")
             kind = getattr(dsl, STEPS[kinds[ref[0]]].outputs[ref[1]])
-            imported = dsl.importer(artifact_uri=imports[ref], artifact_class=kind, reimport=False)
-            imported.set_display_name(f"import {ref[0]}.{ref[1]}")
-            tasks[ref] = imported
-            return imported.output
+            if isinstance(imports[ref], list):
+                with dsl.ParallelFor(imports[ref]) as uri:
+                    task = dsl.importer(artifact_uri=uri, artifact_class=kind, reimport=False)
+                    task.set_display_name(f"import {ref[0]}.{ref[1]}")
+                imported[ref] = dsl.Collected(task.output)
+            else:
+                task = dsl.importer(artifact_uri=imports[ref], artifact_class=kind, reimport=False)
+                task.set_display_name(f"import {ref[0]}.{ref[1]}")
+                imported[ref] = task.output
+            return imported[ref]
 
         for step in steps:
             spec = STEPS[step.kind]

@@ -9,7 +9,8 @@ A local run lives in one directory, `runs/<name>` by default:
 
 `rerun RUN --step STEP[:STUDENT]` runs one step again in a new pipeline whose inputs are the artifacts RUN recorded in
 MLflow (brought in with `dsl.importer`); its outputs land in a new directory, so nothing RUN produced changes, and
-its MLflow pipeline run is tagged `secateurs.rerun_of=<RUN's pipeline run>`.
+its MLflow pipeline run is tagged `secateurs.rerun_of=<RUN's pipeline run>`. One task of a fan-out step is rerun
+alone by its item (`--step search-distill:auto/1`: one candidate's short distillation).
 
 Everything that can be checked before compute is: the config, GPUs asked of a machine without one, the MLflow
 and S3 endpoints. kfp is imported inside the functions (the library core runs without it).
@@ -222,8 +223,11 @@ def failed_steps(state: dict) -> list[str]:
     runs = _step_runs(state, status="FAILED")
     if not runs:
         return []
+    from secateurs.components.runtime import TAG_ITEM
+
     latest = runs[0].data.tags
-    return [latest.get(TAG_STEP, "?") + (f":{latest[TAG_STUDENT]}" if latest.get(TAG_STUDENT) else "")]
+    item = f"/{latest[TAG_ITEM]}" if latest.get(TAG_ITEM) else ""
+    return [latest.get(TAG_STEP, "?") + (f":{latest[TAG_STUDENT]}" if latest.get(TAG_STUDENT) else "") + item]
 
 
 def recorded_outputs(state: dict) -> dict[tuple[str, str], str]:
@@ -275,7 +279,8 @@ def read_run(run: Path) -> tuple[PipelineConfig, dict]:
 def rerun_cmd(
     run: Path = typer.Argument(..., help="Run directory of an earlier `secateurs run`."),
     step: str = typer.Option(
-        ..., "--step", help="Task to rerun: STEP[:STUDENT], e.g. distill:width or evaluate:width-pruned."
+        ..., "--step", help="Task to rerun: STEP[:STUDENT][/ITEM], e.g. distill:width, evaluate:width-pruned, or "
+        "search-distill:auto/1 (one candidate of a search).",
     ),
     downstream: bool = typer.Option(False, "--downstream", help="Also rerun every step that depends on it."),
 ):
@@ -285,64 +290,100 @@ def rerun_cmd(
     check_local(cfg)
     from secateurs.pipelines.recipe import build_pipeline
 
-    steps, imports = rerun_plan(cfg, step, downstream, recorded_outputs(state))
+    phases = rerun_phases(cfg, step, downstream)
+    rerun_plan(cfg, *phases[0], recorded_outputs(state))  # an unknown step or a missing input: before any work
     rerun_state = {**state, "pipeline_run": f"{state['pipeline_run']}-rerun-{time.strftime('%Y%m%d-%H%M%S')}"}
-    pipeline = build_pipeline(cfg, steps=steps, imports=imports, fresh={s.key for s in steps},
-                              tracking_uri=state["tracking_uri"])  # fmt: skip
-    _run_locally(
-        pipeline,
-        rerun_state,
-        _local_pipeline_root(cfg, Path(state["run_dir"])),
-        rerun_of=state["pipeline_run"],
-    )
-    produced = recorded_outputs(state)
-    for s in steps:
-        for (key, output), uri in produced.items():
-            if key == s.key:
-                typer.echo(f"{key}.{output}: {uri}")
+    ran = []
+    # Each phase reads what the one before it recorded: a fan-out item rerun alone, then its readers, which import
+    # every item's output (the new one included).
+    for keys, down in phases:
+        steps, imports = rerun_plan(cfg, keys, down, recorded_outputs(state))
+        pipeline = build_pipeline(cfg, steps=steps, imports=imports, fresh={s.key for s in steps},
+                                  tracking_uri=state["tracking_uri"])  # fmt: skip
+        _run_locally(pipeline, rerun_state, _local_pipeline_root(cfg, Path(state["run_dir"])),
+                     rerun_of=state["pipeline_run"])  # fmt: skip
+        ran += [s.key for s in steps]
+    from secateurs.steps import split_item
+
+    for (key, output), uri in recorded_outputs(state).items():
+        if key in ran or split_item(key)[0] in ran:
+            typer.echo(f"{key}.{output}: {uri}")
     typer.echo(
         f"rerun recorded in MLflow as pipeline run {rerun_state['pipeline_run']} ({TAG_RERUN_OF}={state['pipeline_run']})"
     )
 
 
-def rerun_plan(cfg: PipelineConfig, key: str, downstream: bool, recorded: dict[tuple[str, str], str]):
-    """The steps a rerun of task `key` runs and the recorded artifacts it imports.
+def rerun_phases(cfg: PipelineConfig, key: str, downstream: bool) -> list[tuple[set[str], bool]]:
+    """The pipelines a rerun of task `key` runs, in order: (task keys, with what depends on them).
+
+    One pipeline, except for one item of a fan-out step with `downstream`: that item alone, then the steps that read
+    the fan-out's outputs and everything after them (a `dsl.Collected` input gathers one loop's outputs, so the
+    rerun item and the recorded others meet only in a second pipeline that imports them all)."""
+    from secateurs.pipelines.recipe import recipe
+    from secateurs.steps import split_item
+
+    group, item = split_item(key)
+    if not (item and downstream):
+        return [({key}, downstream)]
+    readers = {s.key for s in recipe(cfg) if any(ref[0] == group for ref in s.inputs.values())}
+    return [({key}, False), (readers, True)]
+
+
+def rerun_plan(cfg: PipelineConfig, keys: str | set[str], downstream: bool, recorded: dict[tuple[str, str], str]):
+    """The steps a rerun of tasks `keys` runs and the recorded artifacts it imports.
+
+    A key `STEP:STUDENT/ITEM` is one item of a fan-out step: that step is run over this item alone. An output of a
+    fan-out step that is imported is a list of URIs, one per item, in item order.
 
     Untracked steps (the registry's `tracked=False`: the report's row gathering) record nothing to import: they
     are cheap, so any that a rerun step needs is run again too.
 
     Raises:
-        PipelineError: `key` is not a task of the config's pipeline, or an input was never recorded.
+        PipelineError: a key is not a task of the config's pipeline, or an input was never recorded.
     """
+    import dataclasses
+
     from secateurs.pipelines.recipe import recipe
-    from secateurs.steps import STEPS
+    from secateurs.steps import STEPS, split_item
 
     steps = recipe(cfg)
-    keys = [s.key for s in steps]
-    if key not in keys:
-        raise PipelineError(f"{key!r} is not a step of this pipeline; its steps are: {', '.join(keys)}")
-    chosen = {key}
+    by_key = {s.key: s for s in steps}
+    items: dict[str, list[str]] = {}  # a fan-out step rerun for some of its items only
+    chosen = set()
+    for key in {keys} if isinstance(keys, str) else keys:
+        group, item = split_item(key)
+        step = by_key.get(group)
+        if step is None or (item and item not in step.items):
+            listed = [k for s in steps for k in ([s.key] + [f"{s.key}/{i}" for i in s.items])]
+            raise PipelineError(f"{key!r} is not a step of this pipeline; its steps are: {', '.join(listed)}")
+        chosen.add(group)
+        if item:
+            items.setdefault(group, []).append(item)
     if downstream:
         for s in steps:  # recipe order is topological: one pass reaches every descendant
             if any(ref[0] in chosen for ref in s.inputs.values()):
                 chosen.add(s.key)
-    by_key = {s.key: s for s in steps}
     pending = list(chosen)
     while pending:  # pull in the untracked steps the chosen ones read
         for ref in by_key[pending.pop()].inputs.values():
             if not STEPS[by_key[ref[0]].kind].tracked and ref[0] not in chosen:
                 chosen.add(ref[0])
                 pending.append(ref[0])
-    selected = [s for s in steps if s.key in chosen]
+    selected = [dataclasses.replace(s, items=items[s.key]) if s.key in items else s for s in steps if s.key in chosen]
     imports = {}
     for s in selected:
         for ref in s.inputs.values():
-            if ref[0] not in chosen:
-                if ref not in recorded:
+            if ref[0] in chosen:
+                continue
+            # A fan-out step's output is recorded per item: its reader imports every item's.
+            wanted = [(f"{ref[0]}/{i}", ref[1]) for i in by_key[ref[0]].items] or [ref]
+            for task, output in wanted:
+                if (task, output) not in recorded:
                     raise PipelineError(
-                        f"{s.key} needs {ref[0]}.{ref[1]}, which the run never finished: rerun {ref[0]} first"
+                        f"{s.key} needs {task}.{output}, which the run never finished: rerun {task} first"
                     )
-                imports[ref] = recorded[ref]
+            uris = [recorded[w] for w in wanted]
+            imports[ref] = uris if by_key[ref[0]].items else uris[0]
     return selected, imports
 
 

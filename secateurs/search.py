@@ -345,7 +345,7 @@ def short_distill_settings(distill: DistillConfig, tokens: float, seq_len: int) 
 
 def score_candidates(
     model_dir: str | Path, importance_dir: str | Path, data_dir: str | Path, out: str | Path,
-    settings: SearchConfig, device: str | None = None,
+    settings: SearchConfig, device: str | None = None, record=None,
 ) -> dict:  # fmt: skip
     """Steps 1-2 of the search: enumerate, prune and score every candidate; write the `top_k` pruned.
 
@@ -358,6 +358,9 @@ def score_candidates(
         data_dir: a dataset prepared with its tokenizer; candidates are scored on `val_sequences` of its
             validation split, spread evenly.
         settings: budget, grid and scoring settings (`SearchConfig`).
+        record: called once per candidate as `record(name, params=..., metrics=...)` with its shape, budget
+            figures and loss after pruning (the pipeline step's `StepRun.item_run`: a nested MLflow run per
+            candidate); what it returns is kept as the candidate's `mlflow_run_id`, for the steps that add to it.
     """
     import torch
 
@@ -405,10 +408,19 @@ def score_candidates(
     for rank, i in enumerate(order):
         rows[i]["pruned_rank"] = rank
     top = [rows[i]["name"] for i in order[: settings.top_k]]
+    limit = parameter_limit(settings, counter(source))
+    for row in rows:
+        row["budget_share"] = row["parameters"] / limit
+        if record is not None:
+            figures = ("parameters", "weight_bytes", "budget_share", "pruned_loss", "pruned_rank", "output_tokens_per_s")
+            row["mlflow_run_id"] = record(
+                row["name"], params={"shape": row["shape"], "budget": _describe_budget(settings)},
+                metrics={k: row[k] for k in figures if k in row},
+            )  # fmt: skip
     report = {
         "source_shape": source.as_dict(),
         "source_parameters": counter(source),
-        "parameter_limit": parameter_limit(settings, counter(source)),
+        "parameter_limit": limit,
         "budget": _describe_budget(settings),
         "candidates": rows,
         "top": top,
@@ -431,14 +443,12 @@ def distill_candidate(
     `short_distill_settings`) and score it again, on the sequences the search scored it on. Writes OUT:
     `score.json` and a manifest; the short-distilled weights and their checkpoints are dropped (the winner's full
     distillation starts again from its pruned checkpoint)."""
-    from secateurs.manifest import read_manifest
-
     import torch
 
     from secateurs import train
     from secateurs.checkpoint import load_model
     from secateurs.data import load_packed
-    from secateurs.manifest import atomic_output, write_manifest
+    from secateurs.manifest import atomic_output, read_manifest, write_manifest
 
     listing = json.loads((Path(candidates_dir) / CANDIDATES_FILE).read_text())
     scoring = SearchConfig.model_validate(read_manifest(candidates_dir)["config"])

@@ -44,7 +44,9 @@ class StepSpec:
         placed_as: the step kind whose placement (GPUs, node selection, resources) its tasks take (a search's
             short distillations run where distillation runs); None: its own.
         fan_out: one task per item of a `dsl.ParallelFor` (a search's short distillations, one per candidate);
-            its `item` parameter holds the item, and readers of its outputs get them `dsl.Collected`.
+            its `item` parameter holds the item, and readers of its outputs get them `dsl.Collected`. Each item's
+            task has a key of its own, the step's key and `/<item>` (`search-distill:auto/1`), so that it is
+            recorded, and can be rerun, alone.
     """
 
     kind: str
@@ -66,11 +68,13 @@ class StepSpec:
     placed_as: str | None = None
     fan_out: bool = False
 
-    def task_key(self, student: str = "", model: str = "") -> str:
-        """The task key of this step for `student` (and the model it reads), e.g. `distill:width`."""
+    def task_key(self, student: str = "", model: str = "", item: str = "") -> str:
+        """The task key of this step for `student` (and the model it reads, and the fan-out item it does), e.g.
+        `distill:width`, `search-distill:auto/1`."""
         key = self.key.replace("{name}", self.name)
         key = key.replace("[:{student}]", f":{student}" if student else "")
-        return key.format(student=student, model=model or student or "teacher")
+        key = key.format(student=student, model=model or student or "teacher")
+        return f"{key}/{item}" if self.fan_out and item != "" else key
 
     def settings_model(self):
         """The pydantic model of this step's options (imported here: `secateurs.config` imports this module)."""
@@ -129,9 +133,16 @@ GPU_STEPS: tuple[str, ...] = tuple(k for k, s in STEPS.items() if s.gpu)
 TRAINING_STEPS: tuple[str, ...] = tuple(k for k, s in STEPS.items() if s.distributed)
 
 
+def split_item(key: str) -> tuple[str, str]:
+    """A task key split into the step's key and its fan-out item: `search-distill:auto/1` -> (`search-distill:auto`,
+    `1`); ("distill:a", "") for a key without one."""
+    group, _, item = key.partition("/")
+    return group, item
+
+
 def output_type(kind: str, output: str) -> ArtifactType:
     """The artifact type of output `output` of step kind `kind`."""
     return STEPS[kind].outputs[output]
 
 
-__all__ = ["BY_NAME", "GPU_STEPS", "STEPS", "TRAINING_STEPS", "StepSpec", "output_type"]
+__all__ = ["BY_NAME", "GPU_STEPS", "STEPS", "TRAINING_STEPS", "StepSpec", "output_type", "split_item"]

@@ -198,12 +198,15 @@ def test_search_end_to_end_picks_the_lowest_loss_after_short_distillation(tiny_m
 
 
 # ------------------------------------------------------------------------------------------ the pipeline step
-def test_search_student_runs_through_kfp_local(tmp_path, tiny_models, docs_dir):
-    """A student given by a budget: the search step, three short distillations (one ParallelFor task each), the
-    winner (the lowest loss after them) distilled as the student; MLflow holds one run per distilled candidate."""
+@pytest.fixture(scope="module")
+def searched(tmp_path_factory, tiny_models, docs_dir):
+    """A pipeline run whose student is given by a budget (top_k 3 of 5 candidates), through kfp.local.
+
+    Returns:
+        (the run directory, its state, the outputs recorded right after it).
+    """
     pytest.importorskip("kfp")
     import yaml
-    from mlflow import MlflowClient
 
     from secateurs.pipeline_cli import read_run, recorded_outputs, run_cmd
 
@@ -221,28 +224,67 @@ def test_search_student_runs_through_kfp_local(tmp_path, tiny_models, docs_dir):
                                                  "ffn_divisor": 32, "val_sequences": 8}}],  # fmt: skip
         "evaluate": {"tasks": ["lambada-docs"], "batch_size": 8, "max_sequences": 8, "limit": 8},
     }
-    path = tmp_path / "search.yaml"
+    path = tmp_path_factory.mktemp("config") / "search.yaml"
     path.write_text(yaml.safe_dump(config))
-    run_cmd(path, tmp_path / "run")
+    run_dir = tmp_path_factory.mktemp("runs") / "search"
+    run_cmd(path, run_dir)
+    _, state = read_run(run_dir)
+    return run_dir, state, recorded_outputs(state)
 
-    _, state = read_run(tmp_path / "run")
-    outputs = recorded_outputs(state)
+
+def _runs(state, role: str, pipeline_run: str | None = None) -> list:
+    """The MLflow runs of `role` (step, item) of the run's pipeline run (or of `pipeline_run`)."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=state["tracking_uri"])
+    experiment = client.get_experiment_by_name("secateurs")
+    return client.search_runs([experiment.experiment_id], max_results=1000, filter_string=(
+        f"tags.`secateurs.role` = '{role}' AND tags.`secateurs.pipeline_run` = '{pipeline_run or state['pipeline_run']}'"
+    ))  # fmt: skip
+
+
+def test_search_student_runs_through_kfp_local(searched):
+    """A student given by a budget: the search step, three short distillations (one ParallelFor task each), the
+    winner (the lowest loss after them) distilled as the student; MLflow holds one nested run per candidate (shape,
+    budget figures, both losses) and one step run per distilled candidate."""
+    _, state, outputs = searched
     winner = json.loads(Path(outputs[("search-pick:auto", "winner")], "candidates.json").read_text())
     distilled = [r for r in winner["candidates"] if r.get("distilled_loss") is not None]
     assert len(winner["candidates"]) == 5 and len(distilled) == 3
     assert sorted(r["index"] for r in distilled) == [0, 1, 2]
     assert winner["winner"] == min(distilled, key=lambda r: r["distilled_loss"])["name"]
+    # Each short distillation is a task of its own, recorded under its item's key.
+    assert {k for k in outputs if k[0].startswith("search-distill")} == {
+        (f"search-distill:auto/{i}", "scored") for i in range(3)
+    }
     # The student distilled with the full budget is the winner's shape.
     student = load_model(outputs[("distill:auto", "distilled")])
     assert Shape.of(student.config).as_dict() == winner["winner_shape"]
 
-    client = MlflowClient(tracking_uri=state["tracking_uri"])
-    experiment = client.get_experiment_by_name("secateurs")
-    runs = client.search_runs([experiment.experiment_id], max_results=1000)
-    candidate_runs = [r for r in runs if r.data.tags.get("secateurs.step") == "search-distill"]
-    assert len(candidate_runs) == 3 and {r.info.status for r in candidate_runs} == {"FINISHED"}
-    losses = sorted(r.data.metrics["distilled_loss"] for r in candidate_runs)
-    assert losses == sorted(r["distilled_loss"] for r in distilled)
+    steps = [r for r in _runs(state, "step") if r.data.tags.get("secateurs.step") == "search-distill"]
+    assert len(steps) == 3 and {r.info.status for r in steps} == {"FINISHED"}
+    assert sorted(r.data.tags["secateurs.task"] for r in steps) == [f"search-distill:auto/{i}" for i in range(3)]
+    assert sorted(r.data.metrics["distilled_loss"] for r in steps) == sorted(r["distilled_loss"] for r in distilled)
+    # One run per candidate, nested in the search step's run, with its shape, budget figures and losses.
+    (search_step,) = [r for r in _runs(state, "step") if r.data.tags.get("secateurs.step") == "search"]
+    candidates = {r.info.run_name: r for r in _runs(state, "item")}
+    assert set(candidates) == {r["name"] for r in winner["candidates"]}
+    limit = winner["parameter_limit"]
+    for row in winner["candidates"]:
+        run = candidates[row["name"]]
+        assert run.info.run_id == row["mlflow_run_id"] and run.info.status == "FINISHED"
+        assert run.data.tags["mlflow.parentRunId"] == search_step.info.run_id
+        assert json.loads(run.data.params["shape.hidden_size"]) == row["shape"]["hidden_size"]
+        assert run.data.params["budget"] == winner["budget"]
+        assert run.data.metrics["parameters"] == row["parameters"]
+        assert run.data.metrics["budget_share"] == pytest.approx(row["parameters"] / limit) and row["parameters"] <= limit
+        assert run.data.metrics["pruned_loss"] == pytest.approx(row["pruned_loss"])
+        if row.get("distilled_loss") is None:
+            assert "distilled_loss" not in run.data.metrics and "secateurs.search_winner" not in run.data.tags
+        else:
+            assert run.data.metrics["distilled_loss"] == pytest.approx(row["distilled_loss"])
+            assert run.data.metrics["distilled_rank"] == row["distilled_rank"]
+            assert run.data.tags["secateurs.search_winner"] == str(row["name"] == winner["winner"]).lower()
     # Lineage: the distilled student, the winner's pruned checkpoint (recorded by search-pick), the teacher.
     from secateurs.tracking import lineage
 
@@ -251,6 +293,81 @@ def test_search_student_runs_through_kfp_local(tmp_path, tiny_models, docs_dir):
     report = outputs[("report", "comparison")]
     assert "winner" in Path(report, "report.md").read_text()
     assert Path(report, "search_loss_vs_parameters.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_rerun_of_one_candidate_leaves_the_others_and_the_winner_lineage_intact(searched):
+    """`secateurs rerun --step search-distill:auto/1` redoes that candidate's short distillation alone (the same
+    loss again, into a new artifact); with --downstream, the pick then reads it with the others' recorded ones."""
+    from mlflow import MlflowClient
+
+    from secateurs.manifest import content_hash
+    from secateurs.pipeline_cli import PipelineError, read_run, recorded_outputs, rerun_cmd, rerun_phases, rerun_plan
+    from secateurs.tracking import lineage
+
+    run_dir, state, _ = searched
+    cfg, _ = read_run(run_dir)
+    before = recorded_outputs(state)
+    hashes = {k: content_hash(v) for k, v in before.items() if k[0].startswith("search")}
+    old = json.loads(Path(before[("search-distill:auto/1", "scored")], "score.json").read_text())
+
+    rerun_cmd(run_dir, "search-distill:auto/1", downstream=False)
+
+    after = recorded_outputs(state)
+    new_uri = after[("search-distill:auto/1", "scored")]
+    assert new_uri != before[("search-distill:auto/1", "scored")]
+    assert {k: v for k, v in after.items() if k[0] != "search-distill:auto/1"} == {
+        k: v for k, v in before.items() if k[0] != "search-distill:auto/1"
+    }
+    assert {k: content_hash(before[k]) for k in hashes} == hashes  # no artifact of the run changed
+    new = json.loads(Path(new_uri, "score.json").read_text())
+    assert new["name"] == old["name"] and new["distilled_loss"] == old["distilled_loss"]
+    # One task ran, under a rerun pipeline run; the candidate's own run now holds both short-KD losses.
+    client = MlflowClient(tracking_uri=state["tracking_uri"])
+    experiment = client.get_experiment_by_name("secateurs")
+    (rerun,) = client.search_runs([experiment.experiment_id],
+                                  filter_string=f"tags.`secateurs.rerun_of` = '{state['pipeline_run']}'")  # fmt: skip
+    rerun_id = rerun.data.tags["secateurs.pipeline_run"]
+    assert [r.data.tags["secateurs.task"] for r in _runs(state, "step", rerun_id)] == ["search-distill:auto/1"]
+    history = client.get_metric_history(old["mlflow_run_id"], "distilled_loss")
+    assert [m.value for m in history] == pytest.approx([old["distilled_loss"]] * 2)
+    # The winner's lineage is what it was.
+    chain = lineage(after[("distill:auto", "distilled")], uri=state["tracking_uri"])
+    assert [m["name"] for m in chain] == ["auto", "auto-pruned", "teacher"]
+
+    # With --downstream: the candidate alone, then the pick (reading the three recorded scores, the new one among
+    # them) and all after it. The same winner, and the same student distilled from it.
+    rerun_cmd(run_dir, "search-distill:auto/1", downstream=True)
+    now = recorded_outputs(state)
+    picked, first = now[("search-pick:auto", "winner")], before[("search-pick:auto", "winner")]
+    assert picked != first and now[("search-distill:auto/0", "scored")] == before[("search-distill:auto/0", "scored")]
+    result, original = (json.loads(Path(p, "candidates.json").read_text()) for p in (picked, first))
+    assert result["winner"] == original["winner"] and result["candidates"] == original["candidates"]
+    student, earlier = now[("distill:auto", "distilled")], before[("distill:auto", "distilled")]
+    assert student != earlier
+    assert Path(student, "model.safetensors").read_bytes() == Path(earlier, "model.safetensors").read_bytes()
+    chain = lineage(student, uri=state["tracking_uri"])
+    assert [m["name"] for m in chain] == ["auto", "auto-pruned", "teacher"]
+    assert chain[1]["uri"] == picked
+
+    # The plans behind it, and their refusals.
+    assert rerun_phases(cfg, "search-distill:auto/1", True) == [
+        ({"search-distill:auto/1"}, False), ({"search-pick:auto"}, True)
+    ]
+    assert rerun_phases(cfg, "search-distill:auto", True) == [({"search-distill:auto"}, True)]
+    steps, imports = rerun_plan(cfg, {"search-pick:auto"}, True, recorded_outputs(state))
+    assert imports[("search-distill:auto", "scored")] == [
+        recorded_outputs(state)[(f"search-distill:auto/{i}", "scored")] for i in range(3)
+    ]
+    assert {"search-pick:auto", "distill:auto", "report"} <= {s.key for s in steps}
+    (one,), _ = rerun_plan(cfg, "search-distill:auto/2", False, before)
+    assert (one.key, one.items) == ("search-distill:auto", ["2"])
+    with pytest.raises(PipelineError, match="'search-distill:auto/7' is not a step of this pipeline.*"
+                                            "search-distill:auto/0, search-distill:auto/1"):  # fmt: skip
+        rerun_plan(cfg, "search-distill:auto/7", False, before)
+    missing = {k: v for k, v in before.items() if k[0] != "search-distill:auto/2"}
+    with pytest.raises(PipelineError, match="search-pick:auto needs search-distill:auto/2.scored, which the run "
+                                            "never finished: rerun search-distill:auto/2 first"):  # fmt: skip
+        rerun_plan(cfg, "search-pick:auto", False, missing)
 
 
 def test_compiled_search_fans_out_one_gpu_task_per_candidate(tmp_path):
@@ -336,3 +453,4 @@ def test_latency_budget_without_its_engine_backend_fails_before_pruning(tiny_mod
         search.score_candidates(tiny_models["llama-tied"], tiny_importance["llama-tied"], tiny_data, tmp_path / "o",
                                 settings.model_copy(update={"engine_backend": "onnxruntime-genai",
                                                             "engine_precision": "fp8"}))  # fmt: skip
+

@@ -49,7 +49,7 @@ log = logging.getLogger(__package__)
 
 EXPERIMENT = "secateurs"
 
-TAG_ROLE = "secateurs.role"  # "pipeline" on parent runs, "step" on step runs
+TAG_ROLE = "secateurs.role"  # "pipeline" on parent runs, "step" on step runs, "item" on runs nested in a step
 TAG_CREATED_BY = "secateurs.created_by"  # on runs secateurs created (and therefore may end)
 TAG_PIPELINE_RUN = "secateurs.pipeline_run"
 MLFLOW_PARENT_RUN_ID = "mlflow.parentRunId"  # MLflow's own nested-run tag
@@ -394,6 +394,46 @@ class StepRun(ModelRecorder):
     def set_tags(self, tags: Mapping[str, Any]) -> None:
         if self.active:
             self.tracker._guarded("set run tags", self.tracker._set_tags, self.run_id, tags)
+
+    # ---------------------------------------------------------------------------------------- nested item runs
+    def item_run(self, name: str, *, params: Mapping[str, Any] | None = None,
+                 metrics: Mapping[str, Any] | None = None, tags: Mapping[str, Any] | None = None) -> str | None:  # fmt: skip
+        """A run nested under this step's run for one of the things it weighs (a search candidate), holding its
+        params, metrics and tags, ended FINISHED at once; later steps add to it with `log_item`. Its id, or None
+        when tracking is off or MLflow refused it."""
+        if not self.active:
+            return None
+        client = self.tracker.client
+        tags = {TAG_ROLE: "item", TAG_STEP: self.name, MLFLOW_PARENT_RUN_ID: self.run_id,
+                TAG_CREATED_BY: "secateurs", **({TAG_STUDENT: self.student} if self.student else {}),
+                **({TAG_PIPELINE_RUN: self.tracker.pipeline_run} if self.tracker.pipeline_run else {}), **(tags or {})}  # fmt: skip
+        run = self.tracker._guarded(f"open the run of {name}", client.create_run, self.tracker.experiment_id,
+                                    run_name=name, tags={mlflow_key(k): str(v) for k, v in tags.items()})  # fmt: skip
+        if run is None:
+            return None
+        self.log_item(run.info.run_id, params=params, metrics=metrics)
+        self.tracker._guarded(f"end the run of {name}", client.set_terminated, run.info.run_id, "FINISHED")
+        return run.info.run_id
+
+    def log_item(self, run_id: str | None, *, params: Mapping[str, Any] | None = None,
+                 metrics: Mapping[str, Any] | None = None, tags: Mapping[str, Any] | None = None) -> None:  # fmt: skip
+        """Add params, metrics (numbers only) and tags to an item run (`item_run`), e.g. a candidate's loss after
+        its short distillation, logged by the step that distils it."""
+        if not self.active or run_id is None:
+            return
+        from mlflow.entities import Metric, Param, RunTag
+
+        now = int(time.time() * 1000)
+        numbers = {k: _as_number(v) for k, v in flatten(metrics or {}).items()}
+        batch = {
+            "params": [Param(mlflow_key(k), _truncate(_param_text(v), MAX_PARAM_VALUE_LENGTH))
+                       for k, v in flatten(params or {}).items()],
+            "metrics": [Metric(mlflow_key(k), v, now, 0) for k, v in numbers.items() if v is not None],
+            "tags": [RunTag(mlflow_key(k), _truncate(str(v), MAX_TAG_VALUE_LENGTH)) for k, v in (tags or {}).items()],
+        }  # fmt: skip
+        if any(batch.values()):
+            self.tracker._guarded(f"log to item run {run_id}", self.tracker.client.log_batch, run_id, **batch,
+                                  synchronous=True)  # fmt: skip
 
 
 def _wait(operations: Any) -> None:
