@@ -7,9 +7,10 @@ inputs and outputs, GPU or not, image) comes from the step registry, `secateurs.
 
 Task keys name the steps for people and for `secateurs rerun`: `import-model`, `prepare-data`,
 `correct-teacher`, `importance` (of the teacher) and `importance:<student>` (of a distilled student that other
-students are pruned from), `prune:<student>`, `distill:<student>`, `evaluate:teacher`,
-`evaluate:<student>-pruned`, `evaluate:<student>`, `engine:teacher`, `engine:<student>`, `collect:<model>`,
-`report`.
+students are pruned from), `prune:<student>`, `search:<student>`, `search-distill:<student>/<i>` (the i-th
+candidate's short distillation: one task of a ParallelFor), `search-pick:<student>`, `distill:<student>`,
+`evaluate:teacher`, `evaluate:<student>-pruned`, `evaluate:<student>`, `engine:teacher`, `engine:<student>`,
+`collect:<model>`, `report`.
 """
 
 # No `from __future__ import annotations`: KFP reads the pipeline function's parameter types at run time.
@@ -33,6 +34,7 @@ class Step:
     params: dict[str, str] = field(default_factory=dict)
     student: str = ""
     items: list[str] = field(default_factory=list)  # a fan-out step's ParallelFor items
+    engine_backend: str = ""  # the engine backend it builds with, whose image it runs in (registry `engine_image`)
 
 
 def _step(kind: str, inputs=None, params=None, student: str = "", model: str = "") -> Step:
@@ -97,6 +99,7 @@ def recipe(config: PipelineConfig) -> list[Step]:
             student = "" if name == "teacher" else name
             steps.append(_step("engine", {"model": model, "dataset": data},
                                {"settings": config.engine.model_dump_json()}, student))  # fmt: skip
+            steps[-1].engine_backend = config.engine.backend
             engines[name] = steps[-1].key
     previous = None
     for name, step in evaluated:
@@ -120,6 +123,8 @@ def _search(steps: list[Step], config, s, settings, parent: tuple, teacher, data
     (model, scores), short = parent, short_distill_settings(settings, s.search.tokens, config.data.seq_len)
     steps.append(_step("search", {"model": model, "scores": (scores, "scores"), "dataset": data},
                        {"settings": s.search.model_dump_json()}, s.name))  # fmt: skip
+    if s.search.latency is not None:  # its candidates' engines are built and measured in that backend's image
+        steps[-1].engine_backend = s.search.engine_backend
     candidates = (steps[-1].key, "candidates")
     steps.append(_step("search_distill", {"teacher": teacher, "candidates": candidates, "dataset": data},
                        {"settings": short.model_dump_json()}, s.name))  # fmt: skip
@@ -202,7 +207,7 @@ def build_pipeline(
                 kwargs |= {"tracking_uri": tracking_uri, "pipeline_run": pipeline_run}
             if spec.per_student:
                 kwargs.setdefault("student", step.student)
-            image = images[spec.image(config.engine.backend)]
+            image = images[spec.image(step.engine_backend)]
             if spec.distributed:
                 kwargs["processes"] = placement.processes_of(step.kind)
                 kwargs["trainjob"] = _trainjob(placement, step.kind, image)

@@ -358,6 +358,17 @@ class PipelineConfig(Section):
         return self
 
     @model_validator(mode="after")
+    def _latency_backend_has_a_gpu(self):
+        """A TensorRT-LLM latency budget builds engines in the search step, which then needs a GPU (it is placed
+        like importance)."""
+        for i, s in enumerate(self.students):
+            if s.search is not None and s.search.latency is not None and s.search.engine_backend == "tensorrt-llm" \
+                    and not self.placement.gpus.importance:  # fmt: skip
+                raise ValueError(f"students[{i}].search.engine_backend=tensorrt-llm builds engines on a GPU, but the "
+                                 "search step has none: set placement.gpus.importance (the search is placed like it)")  # fmt: skip
+        return self
+
+    @model_validator(mode="after")
     def _fits_processes(self):
         """Each training step's settings against the processes placement gives it (before anything runs)."""
         runs = [("teacher_correction", "correct_teacher", self.teacher_correction)] if self.teacher_correction.enabled else []

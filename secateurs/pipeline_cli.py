@@ -103,6 +103,14 @@ def check_local(cfg: PipelineConfig) -> None:
         )
     if cfg.tracking.uri:
         tracking.check_reachable(tracking.resolve_tracking_uri(cfg.tracking.uri))
+    from secateurs.search import SearchError, check_engine
+
+    for s in cfg.students:  # a latency budget's engine backend, before the steps that precede the search
+        if s.search is not None:
+            try:
+                check_engine(s.search)
+            except SearchError as e:
+                raise PipelineError(f"student {s.name}: {e}") from None
     sources = [(f"data.sources[{i}]" if cfg.data.sources else "data.source", s.source)
                for i, s in enumerate(cfg.data.blend())]  # fmt: skip
     for where, uri in [("teacher.source", cfg.teacher.source), *sources]:
@@ -279,8 +287,8 @@ def read_run(run: Path) -> tuple[PipelineConfig, dict]:
 def rerun_cmd(
     run: Path = typer.Argument(..., help="Run directory of an earlier `secateurs run`."),
     step: str = typer.Option(
-        ..., "--step", help="Task to rerun: STEP[:STUDENT][/ITEM], e.g. distill:width, evaluate:width-pruned, or "
-        "search-distill:auto/1 (one candidate of a search).",
+        ..., "--step", help="Task to rerun, by its key: distill:width, evaluate:width-pruned, search-distill:auto/1 (one "
+        "candidate of a search: the key of its step, a slash and the item).",
     ),
     downstream: bool = typer.Option(False, "--downstream", help="Also rerun every step that depends on it."),
 ):

@@ -102,7 +102,8 @@ class PlacementConfig(_Section):
     )
     tensorrt_llm_image: str | None = Field(
         None,
-        description="Image of the engine steps when engine.backend is tensorrt-llm (default: "
+        description="Image of the steps that build TensorRT-LLM engines: the engine steps when engine.backend is "
+        "tensorrt-llm, a search whose latency budget uses it (default: "
         f"$SECATEURS_TENSORRT_LLM_IMAGE, else {DEFAULT_IMAGES['tensorrt-llm']}).",
     )
     defaults_config_map: str | None = Field(

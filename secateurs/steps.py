@@ -39,7 +39,8 @@ class StepSpec:
         model: name of the MLflow LoggedModel its model output becomes (None: its output is not a model).
         registered: that model is also registered as a new version in the model registry.
         scores_input: its report's numbers also go to the model it read (evaluation).
-        engine_image: runs in the image of the configured engine backend rather than the secateurs one.
+        engine_image: runs in the image of the engine backend it builds with rather than the secateurs one (the
+            engine step: the pipeline's `engine.backend`; a search: its latency budget's `engine_backend`).
         distributed: a training step, run under torchrun with one process per GPU (`placement.processes`).
         placed_as: the step kind whose placement (GPUs, node selection, resources) its tasks take (a search's
             short distillations run where distillation runs); None: its own.
@@ -83,7 +84,7 @@ class StepSpec:
         return getattr(config, self.settings) if self.settings else None
 
     def image(self, engine_backend: str) -> Image:
-        """Which image the step runs in, given the pipeline's engine backend."""
+        """Which image the step runs in, given the engine backend it builds with ("" for none)."""
         return "tensorrt-llm" if self.engine_image and engine_backend == "tensorrt-llm" else "secateurs"
 
 
@@ -103,10 +104,12 @@ STEPS: dict[str, StepSpec] = {
         StepSpec("prune", "prune", "{name}:{student}", {"model": "Model", "scores": "Artifact"},
                  {"pruned": "Model"}, "PruneConfig", per_student=True, model="{student}-pruned"),
         # Architecture search (students with `search:`): score the candidates (forward passes, placed like
-        # importance), distil the top_k briefly, one task each (placed like distill), pick the winner, which the
-        # student's distill step then reads as its pruned model.
+        # importance; a latency budget builds engines, in its backend's image), distil the top_k briefly, one task
+        # each (placed like distill), pick the winner, which the student's distill step then reads as its pruned
+        # model.
         StepSpec("search", "search", "{name}:{student}", {"model": "Model", "scores": "Artifact", "dataset": "Dataset"},
-                 {"candidates": "Artifact"}, "SearchConfig", per_student=True, placed_as="importance"),
+                 {"candidates": "Artifact"}, "SearchConfig", per_student=True, placed_as="importance",
+                 engine_image=True),
         StepSpec("search_distill", "search-distill", "{name}:{student}",
                  {"teacher": "Model", "candidates": "Artifact", "dataset": "Dataset"}, {"scored": "Artifact"},
                  "DistillConfig", params=("item",), per_student=True, placed_as="distill", fan_out=True),

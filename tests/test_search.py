@@ -405,6 +405,65 @@ def test_compiled_search_fans_out_one_gpu_task_per_candidate(tmp_path):
     assert distill["inputs"]["artifacts"]["model"]["taskOutputArtifact"]["producerTask"] == "search-pick"
 
 
+def test_a_tensorrt_llm_latency_search_runs_in_its_image_on_a_gpu(tmp_path):
+    """The search step builds its candidates' engines in the image of its latency budget's backend (the
+    TensorRT-LLM one, on the importance step's GPU); a search by parameters stays in the secateurs image; a
+    TensorRT-LLM latency budget without a GPU for the search is refused when the config is read."""
+    pytest.importorskip("kfp")
+    import yaml
+    from kfp import compiler
+
+    from secateurs.config import PipelineConfig
+    from secateurs.pipelines.recipe import build_pipeline
+
+    raw = {
+        "teacher": {"source": "meta-llama/Llama-3.1-8B"},
+        "students": [
+            {"name": "fast", "search": {"params": 6e9, "latency": 2000, "engine_backend": "tensorrt-llm",
+                                        "engine_precision": "fp8"}},
+            {"name": "small", "search": {"params": 4.5e9}},
+        ],
+        "placement": {"gpus": {"distill": 8, "importance": 1}, "processes": {"distill": 1}},
+    }  # fmt: skip
+    config = PipelineConfig.model_validate(raw)
+    compiler.Compiler().compile(build_pipeline(config), str(tmp_path / "p.yaml"))
+    spec = next(yaml.safe_load_all((tmp_path / "p.yaml").read_text()))
+    images = config.placement.resolved_images()
+    by_task = {t["taskInfo"]["name"]: t for t in spec["root"]["dag"]["tasks"].values()}
+
+    def image(task):
+        executor = spec["components"][by_task[task]["componentRef"]["name"]]["executorLabel"]
+        return spec["deploymentSpec"]["executors"][executor]["container"]
+
+    assert image("search:fast")["image"] == images["tensorrt-llm"] != images["secateurs"]
+    assert image("search:fast")["resources"]["accelerator"]["resourceType"] == "nvidia.com/gpu"
+    assert image("search:small")["image"] == images["secateurs"]
+    raw["placement"]["gpus"] = {"distill": 8}
+    with pytest.raises(ValidationError, match=r"students\[0\].search.engine_backend=tensorrt-llm builds engines on "
+                                              "a GPU, but the search step has none: set placement.gpus.importance"):  # fmt: skip
+        PipelineConfig.model_validate(raw)
+
+
+def test_a_local_run_refuses_a_latency_budget_its_engine_cannot_measure(tmp_path, tiny_models, docs_dir, capsys):
+    """Checked with the rest of a local run's inputs: before the first step, not when the search step starts."""
+    import typer
+    import yaml
+
+    from secateurs.pipeline_cli import run_cmd
+
+    config = {
+        "name": "bad-latency", "teacher": {"source": str(tiny_models["llama-tied"])}, "data": {"source": str(docs_dir)},
+        "students": [{"name": "auto", "search": {"params": 1e6, "latency": 10, "engine_precision": "fp8"}}],
+    }  # fmt: skip
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(config))
+    with pytest.raises(typer.Exit):
+        run_cmd(tmp_path / "c.yaml", tmp_path / "run")
+    assert capsys.readouterr().err.strip() == (
+        "error: student auto: engine_precision='fp8' is not one of onnxruntime-genai's: int4, fp32, fp16"
+    )
+    assert not (tmp_path / "run").exists()
+
+
 # ------------------------------------------------------------------------------------------ latency budget
 def test_latency_budget_keeps_shapes_whose_measured_throughput_meets_it(tiny_models, tiny_importance, tiny_data,
                                                                          tmp_path, monkeypatch):  # fmt: skip
