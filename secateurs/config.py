@@ -286,8 +286,8 @@ class SearchConfig(Section):
     precision: Literal["fp32", "bf16", "fp16", "fp8", "int4"] = Field("bf16", description="Bytes per weight of the memory budget (int4: half a byte).")
     # Puzzle (Nemotron-51B, arXiv 2411.19146) budgets measured throughput rather than parameters.
     latency: float | None = Field(None, gt=0, description="Budget: output tokens/s the student's engine reaches at least, measured at engine_lengths and engine_batch on a random-weight build of each candidate.")
-    engine_backend: Literal["onnxruntime-genai", "tensorrt-llm"] = Field("onnxruntime-genai", description="Engine backend of the latency budget (the pipeline's engine step uses the same).")
-    engine_precision: str = Field("int4", description="Engine precision of the latency budget.")
+    engine_backend: Literal["onnxruntime-genai", "tensorrt-llm"] = Field("onnxruntime-genai", description="Engine backend of the latency budget (in a pipeline config: engine.backend, the default).")
+    engine_precision: str = Field("int4", description="Engine precision of the latency budget (in a pipeline config: engine.precision unless given).")
     engine_lengths: str = Field("64:32", description="INPUT:OUTPUT tokens of the latency measurement.")
     engine_batch: int = Field(4, ge=1, description="Concurrent requests of the latency measurement.")
     # Minitron ranked candidates after ~400 steps (~1.8B tokens) of light distillation (arXiv 2407.14679, Sec. 3).
@@ -358,14 +358,26 @@ class PipelineConfig(Section):
         return self
 
     @model_validator(mode="after")
-    def _latency_backend_has_a_gpu(self):
-        """A TensorRT-LLM latency budget builds engines in the search step, which then needs a GPU (it is placed
-        like importance)."""
+    def _latency_budget_engine(self):
+        """A latency budget is measured on the backend the pipeline's engines use: a search's engine backend and
+        precision default to `engine`'s, and another backend is refused. TensorRT-LLM builds engines on a GPU, so
+        a search measured with it needs one (it is placed like importance)."""
         for i, s in enumerate(self.students):
-            if s.search is not None and s.search.latency is not None and s.search.engine_backend == "tensorrt-llm" \
-                    and not self.placement.gpus.importance:  # fmt: skip
-                raise ValueError(f"students[{i}].search.engine_backend=tensorrt-llm builds engines on a GPU, but the "
-                                 "search step has none: set placement.gpus.importance (the search is placed like it)")  # fmt: skip
+            if s.search is None or s.search.latency is None:
+                continue
+            given = s.search.model_fields_set
+            if "engine_backend" in given and s.search.engine_backend != self.engine.backend:
+                raise ValueError(f"students[{i}].search.engine_backend={s.search.engine_backend} but "
+                                 f"engine.backend={self.engine.backend}: a latency budget is measured on the "
+                                 "backend the pipeline's engines use")  # fmt: skip
+            update = {"engine_backend": self.engine.backend}
+            if "engine_precision" not in given:
+                update["engine_precision"] = self.engine.precision
+            s.search = s.search.model_copy(update=update)
+            if s.search.engine_backend == "tensorrt-llm" and not self.placement.gpus.importance:
+                raise ValueError(f"students[{i}].search measures latency with tensorrt-llm, which builds engines on "
+                                 "a GPU, but the search step has none: set placement.gpus.importance (the search "
+                                 "is placed like it)")  # fmt: skip
         return self
 
     @model_validator(mode="after")

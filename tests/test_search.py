@@ -407,8 +407,9 @@ def test_compiled_search_fans_out_one_gpu_task_per_candidate(tmp_path):
 
 def test_a_tensorrt_llm_latency_search_runs_in_its_image_on_a_gpu(tmp_path):
     """The search step builds its candidates' engines in the image of its latency budget's backend (the
-    TensorRT-LLM one, on the importance step's GPU); a search by parameters stays in the secateurs image; a
-    TensorRT-LLM latency budget without a GPU for the search is refused when the config is read."""
+    TensorRT-LLM one, on the importance step's GPU); a search by parameters stays in the secateurs image. Refused
+    when the config is read: a TensorRT-LLM latency budget without a GPU for the search, a latency budget measured
+    on another backend than the pipeline's engines."""
     pytest.importorskip("kfp")
     import yaml
     from kfp import compiler
@@ -419,13 +420,16 @@ def test_a_tensorrt_llm_latency_search_runs_in_its_image_on_a_gpu(tmp_path):
     raw = {
         "teacher": {"source": "meta-llama/Llama-3.1-8B"},
         "students": [
-            {"name": "fast", "search": {"params": 6e9, "latency": 2000, "engine_backend": "tensorrt-llm",
-                                        "engine_precision": "fp8"}},
+            {"name": "fast", "search": {"params": 6e9, "latency": 2000}},
             {"name": "small", "search": {"params": 4.5e9}},
         ],
-        "placement": {"gpus": {"distill": 8, "importance": 1}, "processes": {"distill": 1}},
+        "engine": {"enabled": True, "backend": "tensorrt-llm", "precision": "fp8"},
+        "placement": {"gpus": {"distill": 8, "importance": 1, "engine": 1}, "processes": {"distill": 1}},
     }  # fmt: skip
     config = PipelineConfig.model_validate(raw)
+    # Measured on the backend and at the precision the pipeline's engines use.
+    assert (config.students[0].search.engine_backend, config.students[0].search.engine_precision) == (
+        "tensorrt-llm", "fp8")  # fmt: skip
     compiler.Compiler().compile(build_pipeline(config), str(tmp_path / "p.yaml"))
     spec = next(yaml.safe_load_all((tmp_path / "p.yaml").read_text()))
     images = config.placement.resolved_images()
@@ -438,9 +442,13 @@ def test_a_tensorrt_llm_latency_search_runs_in_its_image_on_a_gpu(tmp_path):
     assert image("search:fast")["image"] == images["tensorrt-llm"] != images["secateurs"]
     assert image("search:fast")["resources"]["accelerator"]["resourceType"] == "nvidia.com/gpu"
     assert image("search:small")["image"] == images["secateurs"]
-    raw["placement"]["gpus"] = {"distill": 8}
-    with pytest.raises(ValidationError, match=r"students\[0\].search.engine_backend=tensorrt-llm builds engines on "
-                                              "a GPU, but the search step has none: set placement.gpus.importance"):  # fmt: skip
+    raw["placement"]["gpus"] = {"distill": 8, "engine": 1}
+    with pytest.raises(ValidationError, match=r"students\[0\].search measures latency with tensorrt-llm, which builds "
+                                              "engines on a GPU, but the search step has none"):  # fmt: skip
+        PipelineConfig.model_validate(raw)
+    raw["students"][0]["search"]["engine_backend"] = "onnxruntime-genai"
+    with pytest.raises(ValidationError, match=r"students\[0\].search.engine_backend=onnxruntime-genai but "
+                                              "engine.backend=tensorrt-llm: a latency budget is measured on"):  # fmt: skip
         PipelineConfig.model_validate(raw)
 
 
