@@ -635,6 +635,8 @@ def test_the_server_killed_during_training(tmp_path, tiny_models, tiny_data, cap
     assert said[0].startswith("mlflow: step correct-teacher: could not log ")
     assert "metric values that failed earlier" in said[0] and "log model teacher-corrected" in said[0]
     assert "end the run of step correct-teacher" in said[0] and "ConnectionError: [Errno 111]" in said[0]
+    # The last calls found the server down with one probe each, not MLflow's HTTP retries (bench/tracking_outage.py).
+    assert said[0].endswith("; not tried)")
     # Tracking's own warnings are one line each, and the async logger's 400-character ERROR lines are not repeated.
     assert all("\n" not in r.getMessage() for r in caplog.records if r.name == "secateurs.tracking")
     assert not [r for r in caplog.records if r.name.startswith("mlflow.utils.async_logging")]
@@ -667,3 +669,24 @@ def test_lineage_command_prints_the_chain(recorded, server):
     assert rows[2][:4] == ["<-", "width-pruned", "prune", recorded["prune"].model_id]
     assert rows[3][:4] == ["<-", "teacher", "import-model", recorded["import-model"].model_id]
     assert len(rows) == 4
+
+
+def test_guard_tries_essential_calls_during_an_outage_only_when_the_probe_finds_the_server():
+    """After a connection error (a real refused connection), an essential call asks the probe first: while it says
+    down, the call is not made and fails with its reason; once the server answers, calls go through again."""
+    import requests
+
+    from secateurs.tracking.backend import Guard, health_probe
+
+    uri = f"http://127.0.0.1:{free_port()}"
+    probe = health_probe(uri, timeout=2)
+    guard = Guard(60.0, probe=lambda: state["probe"])
+    state = {"probe": probe()}
+    assert state["probe"].startswith("ConnectionError: [Errno 111]")
+    assert guard("open a run", requests.get, uri, timeout=2) is None  # the real error: the server is now down
+    made = []
+    assert guard("end a run", made.append, 1) is None and made == []
+    assert guard.failures[-1] == f"mlflow: could not end a run ({state['probe']}; not tried)"
+    state["probe"] = None  # it answers again
+    assert guard("end a run", lambda: made.append(2) or "ok") == "ok" and made == [2]
+    assert health_probe("sqlite:///x.db") is None  # a file store has no outage to wait out

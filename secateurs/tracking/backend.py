@@ -94,20 +94,11 @@ def check_reachable(uri: str, timeout: float = 5.0) -> None:
     """
     scheme = urlparse(uri).scheme
     if scheme in ("http", "https"):
-        import requests
-
-        try:
-            response = requests.get(uri.rstrip("/") + "/health", timeout=timeout)
-        except requests.RequestException as exc:
-            raise TrackingUnreachable(
-                f"MLflow tracking server at {uri} is unreachable: {_describe(exc)}"
-            ) from exc
-        if response.status_code != 200:
+        reason = health_probe(uri, timeout)()
+        if reason is not None:
             hint = " (the server refuses this host name: add it to --allowed-hosts / MLFLOW_SERVER_ALLOWED_HOSTS)"
-            raise TrackingUnreachable(
-                f"MLflow tracking server at {uri} is unreachable: /health answered HTTP {response.status_code}"
-                + (hint if response.status_code == 403 else "")
-            )
+            raise TrackingUnreachable(f"MLflow tracking server at {uri} is unreachable: {reason}"
+                                      + (hint if reason.endswith("HTTP 403") else ""))  # fmt: skip
     elif scheme == "sqlite":
         db = _sqlite_path(uri)
         if db is None:
@@ -118,6 +109,24 @@ def check_reachable(uri: str, timeout: float = 5.0) -> None:
             raise TrackingUnreachable(f"MLflow SQLite store {uri} is unusable: {_describe(exc)}") from exc
         if not os.access(db.parent, os.W_OK):
             raise TrackingUnreachable(f"MLflow SQLite store {uri} is unusable: {db.parent} is not writable")
+
+
+def health_probe(uri: str, timeout: float = 2.0) -> Callable[[], str | None] | None:
+    """For `Guard`: one GET of an HTTP tracking server's `/health`, no retries; returns why it failed, or None.
+    None for other stores (a SQLite file has no outage to wait out)."""
+    if urlparse(uri).scheme not in ("http", "https"):
+        return None
+
+    def probe() -> str | None:
+        import requests
+
+        try:
+            response = requests.get(uri.rstrip("/") + "/health", timeout=timeout)
+        except requests.RequestException as exc:
+            return _describe(exc)
+        return None if response.status_code == 200 else f"/health answered HTTP {response.status_code}"
+
+    return probe
 
 
 def is_rank_zero() -> bool:
@@ -156,12 +165,19 @@ class Guard:
     ("mlflow: could not log metrics step 120 (ConnectionError: ...)"), records it in `failures`, and returns None.
 
     After a connection error, non-essential calls (training metrics) are skipped without a network round trip for
-    `cooldown_s`; essential ones (runs, models, the final report) always try. HTTP retries and timeouts are
-    shortened (`HTTP_DEFAULTS`, unless set) so that an outage costs seconds per call.
+    `cooldown_s`; essential ones (runs, models, the final report) are tried when `probe` (one request to the
+    server's health endpoint, no retries) finds the server back, and otherwise fail at once: without it each would
+    pay MLflow's HTTP retries, several seconds, and a step's end makes a dozen such calls. HTTP retries and
+    timeouts are shortened (`HTTP_DEFAULTS`, unless set) so that the first call of an outage costs seconds.
+
+    Args:
+        cooldown_s: how long after a connection error the server is taken to be down.
+        probe: returns why the server is unreachable, or None when it answers (None: no probe, always try).
     """
 
-    def __init__(self, cooldown_s: float) -> None:
+    def __init__(self, cooldown_s: float, probe: Callable[[], str | None] | None = None) -> None:
         self.cooldown_s = cooldown_s
+        self.probe = probe
         self.failures: list[Failure] = []
         self.down_until = 0.0
         self._warned_skip_until = 0.0
@@ -177,6 +193,14 @@ class Guard:
                 log.warning("%s; skipping training metrics for up to %.0f s", failure, self.down_until - now)
                 self._warned_skip_until = self.down_until
             return None
+        if now < self.down_until and self.probe is not None:
+            reason = self.probe()
+            if reason is not None:
+                self.down_until = time.monotonic() + self.cooldown_s
+                failure = Failure(what, f"{reason}; not tried")
+                self.failures.append(failure)
+                log.warning(failure)
+                return None
         try:
             return fn(*args, **kwargs)
         except _tracking_errors() as exc:

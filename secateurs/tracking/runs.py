@@ -31,6 +31,7 @@ from secateurs.tracking.backend import (
     _set_global_tracking_uri,
     _sqlite_path,
     _truncate,
+    health_probe,
     is_rank_zero,
     mlflow_key,
     resolve_tracking_uri,
@@ -88,7 +89,7 @@ class Tracker:
             raise ValueError(f"pipeline_run={pipeline_run!r} must not contain a single quote")
         self.experiment_name = experiment
         self.pipeline_run = pipeline_run
-        self.guard = Guard(cooldown_s)
+        self.guard = Guard(cooldown_s, probe=health_probe(self.uri))
         self._guarded = self.guard  # every MLflow call goes through it
         self.failures: list[Failure] = self.guard.failures
         self.experiment_id: str | None = None
