@@ -310,11 +310,9 @@ def rerun_cmd(
                                   tracking_uri=state["tracking_uri"])  # fmt: skip
         _run_locally(pipeline, rerun_state, _local_pipeline_root(cfg, Path(state["run_dir"])),
                      rerun_of=state["pipeline_run"])  # fmt: skip
-        ran += [s.key for s in steps]
-    from secateurs.steps import split_item
-
+        ran += [k for s in steps for k in ([f"{s.key}/{i}" for i in s.items] or [s.key])]
     for (key, output), uri in recorded_outputs(state).items():
-        if key in ran or split_item(key)[0] in ran:
+        if key in ran:
             typer.echo(f"{key}.{output}: {uri}")
     typer.echo(
         f"rerun recorded in MLflow as pipeline run {rerun_state['pipeline_run']} ({TAG_RERUN_OF}={state['pipeline_run']})"
