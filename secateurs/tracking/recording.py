@@ -97,7 +97,7 @@ class ModelRecorder:
         """
         if not self.active:
             return
-        entity = self.tracker._guarded(f"describe dataset {name}", _dataset_entity, uri, sha256, name)
+        entity = self.tracker.guard(f"describe dataset {name}", _dataset_entity, uri, sha256, name)
         if entity is None:
             return
         from mlflow.entities import DatasetInput, InputTag
@@ -105,7 +105,7 @@ class ModelRecorder:
         tags = [InputTag("mlflow.data.context", context)]
         if sha256:
             tags.append(InputTag(TAG_SHA256, sha256))
-        self.tracker._guarded(
+        self.tracker.guard(
             f"log input dataset {name}",
             self.tracker.client.log_inputs,
             self.run_id,
@@ -123,7 +123,7 @@ class ModelRecorder:
         uri = str(uri or path)
         inputs = []
         for source in _blend_sources(path):
-            entity = self.tracker._guarded(
+            entity = self.tracker.guard(
                 f"describe dataset {source['name']}", _dataset_entity, f"{uri.rstrip('/')}/{source['name']}",
                 source["content_sha256"], source["name"], source["profile"],
             )  # fmt: skip
@@ -134,7 +134,7 @@ class ModelRecorder:
                 ]
                 inputs.append(DatasetInput(entity, tags))
         if inputs:
-            self.tracker._guarded(
+            self.tracker.guard(
                 "log input datasets", self.tracker.client.log_inputs, self.run_id, datasets=inputs
             )
 
@@ -144,7 +144,7 @@ class ModelRecorder:
             return
         from mlflow.entities import LoggedModelInput
 
-        self.tracker._guarded(
+        self.tracker.guard(
             f"log input model {model_id}",
             self.tracker.client.log_inputs,
             self.run_id,
@@ -196,14 +196,14 @@ class ModelRecorder:
         model_tags.update({k: str(v) for k, v in (tags or {}).items()})
         model_tags = {k: _truncate(v, MAX_TAG_VALUE_LENGTH) for k, v in model_tags.items()}
         model_params = {mlflow_key(k): _truncate(v, MAX_PARAM_VALUE_LENGTH) for k, v in model_params.items()}
-        model = self.tracker._guarded(
+        model = self.tracker.guard(
             f"log model {name}", self._create_external_model, name, model_tags, model_params
         )
         if model is None:
             return None
         from mlflow.entities import LoggedModelOutput
 
-        self.tracker._guarded(
+        self.tracker.guard(
             f"log model {name} as output",
             self.tracker.client.log_outputs,
             self.run_id,
@@ -229,7 +229,7 @@ class ModelRecorder:
         if not self.active:
             return
         for p in paths:
-            self.tracker._guarded(
+            self.tracker.guard(
                 f"log artifact {Path(p).name}",
                 self.tracker.client.log_artifact,
                 self.run_id,
@@ -241,11 +241,11 @@ class ModelRecorder:
         """Register a LoggedModel as a new version of registered model `name`; returns "name/version"."""
         if not self.active:
             return None
-        version = self.tracker._guarded(f"register model {name}", self._register, model_id, name, tags or {})
+        version = self.tracker.guard(f"register model {name}", self._register, model_id, name, tags or {})
         if version is None:
             return None
         ref = f"{name}/{version.version}"
-        self.tracker._guarded(f"tag model {model_id}", self._link_version, model_id, name, version.version)
+        self.tracker.guard(f"tag model {model_id}", self._link_version, model_id, name, version.version)
         return ref
 
     def _link_version(self, model_id: str, name: str, version: str | int) -> None:
@@ -466,7 +466,7 @@ class ModelRecorder:
         return tags
 
     def _tag_registered_scores(self, model_id: str, numbers: Mapping[str, Any]) -> None:
-        model = self.tracker._guarded(
+        model = self.tracker.guard(
             f"read model {model_id}", self.tracker.client.get_logged_model, model_id
         )
         ref = model.tags.get(TAG_REGISTERED) if model is not None else None
@@ -475,7 +475,7 @@ class ModelRecorder:
         name, version = ref.rsplit("/", 1)
         for key, value in numbers.items():
             if not isinstance(value, list):
-                self.tracker._guarded(
+                self.tracker.guard(
                     f"tag {ref} with score {key}",
                     self.tracker.client.set_model_version_tag,
                     name,

@@ -89,9 +89,7 @@ class Tracker:
             raise ValueError(f"pipeline_run={pipeline_run!r} must not contain a single quote")
         self.experiment_name = experiment
         self.pipeline_run = pipeline_run
-        self.guard = Guard(cooldown_s, probe=health_probe(self.uri))
-        self._guarded = self.guard  # every MLflow call goes through it
-        self.failures: list[Failure] = self.guard.failures
+        self.guard = Guard(cooldown_s, probe=health_probe(self.uri))  # every MLflow call goes through it
         self.experiment_id: str | None = None
         self.parent_run_id: str | None = None
         self._task_run_id: str | None = None  # a step run created by the KFP plugin
@@ -107,8 +105,13 @@ class Tracker:
         _set_global_tracking_uri(self.uri)
         registry_uri = os.environ.get("MLFLOW_REGISTRY_URI") or self.uri
         self.client = MlflowClient(tracking_uri=self.uri, registry_uri=registry_uri)
-        if self._guarded("open the pipeline run", self._open_parent) is None:
+        if self.guard("open the pipeline run", self._open_parent) is None:
             self.active = False  # failure recorded; the step goes on untracked
+
+    @property
+    def failures(self) -> list[Failure]:
+        """What could not be logged so far, one `Failure` line each."""
+        return self.guard.failures
 
     # ---------------------------------------------------------------------------------------------- lifecycle
     def _open_parent(self) -> str:
@@ -192,7 +195,7 @@ class Tracker:
         finally:
             run._flush_pending()
             if run.run_id and run._owned:
-                self._guarded(f"end the run of step {name}", self.client.set_terminated, run.run_id, status)
+                self.guard(f"end the run of step {name}", self.client.set_terminated, run.run_id, status)
             run._say_what_was_lost()
 
     def _open_step(self, name: str, student: str | None) -> StepRun:
@@ -204,12 +207,12 @@ class Tracker:
         if self.pipeline_run:
             tags[TAG_PIPELINE_RUN] = self.pipeline_run
         if self._task_run_id:
-            self._guarded(f"tag the run of step {name}", self._set_tags, self._task_run_id, tags)
+            self.guard(f"tag the run of step {name}", self._set_tags, self._task_run_id, tags)
             return StepRun(self, self._task_run_id, name, student, owned=False)
         tags[MLFLOW_PARENT_RUN_ID] = self.parent_run_id
         tags[TAG_CREATED_BY] = "secateurs"
         run_name = f"{name}-{student}" if student else name
-        run = self._guarded(
+        run = self.guard(
             f"open the run of step {run_name}",
             self.client.create_run,
             self.experiment_id,
@@ -221,7 +224,7 @@ class Tracker:
     def close(self, status: str = "FINISHED") -> None:
         """End the parent run if this tracker created it for itself (no pipeline_run, no MLFLOW_RUN_ID)."""
         if self.active and self._owns_parent:
-            self._guarded("end the pipeline run", self.client.set_terminated, self.parent_run_id, status)
+            self.guard("end the pipeline run", self.client.set_terminated, self.parent_run_id, status)
             self._owns_parent = False
 
     def finish_pipeline(self, status: str = "FINISHED") -> None:
@@ -231,9 +234,9 @@ class Tracker:
         """
         if not self.active:
             return
-        run = self._guarded("read the pipeline run", self.client.get_run, self.parent_run_id)
+        run = self.guard("read the pipeline run", self.client.get_run, self.parent_run_id)
         if run is not None and run.data.tags.get(TAG_CREATED_BY) == "secateurs":
-            self._guarded("end the pipeline run", self.client.set_terminated, self.parent_run_id, status)
+            self.guard("end the pipeline run", self.client.set_terminated, self.parent_run_id, status)
             self._owns_parent = False
 
     def __enter__(self) -> Self:
@@ -257,7 +260,7 @@ class Tracker:
         """The newest LoggedModel recorded for the artifact with this content hash, or None."""
         if not self.active or not sha256:
             return None
-        models = self._guarded(
+        models = self.guard(
             "search models by content hash",
             self.client.search_logged_models,
             [self.experiment_id],
@@ -306,7 +309,7 @@ class StepRun(ModelRecorder):
         ]
         if flat:
             what = f"log {len(flat)} param{'s' if len(flat) > 1 else ''}"
-            self.tracker._guarded(
+            self.tracker.guard(
                 what, self.tracker.client.log_batch, self.run_id, params=flat, synchronous=True
             )
 
@@ -338,7 +341,7 @@ class StepRun(ModelRecorder):
             return
         self.settle_metrics()
         before = len(self.tracker.failures)
-        operations = self.tracker._guarded(
+        operations = self.tracker.guard(
             f"log {what}",
             self.tracker.client.log_batch,
             self.run_id,
@@ -357,7 +360,7 @@ class StepRun(ModelRecorder):
             return
         (what, batch, operations), self._in_flight = self._in_flight, None
         before = len(self.tracker.failures)
-        self.tracker._guarded(f"log {what}", _wait, operations)
+        self.tracker.guard(f"log {what}", _wait, operations)
         if len(self.tracker.failures) > before:
             self._pending.append((self.tracker.failures[-1], batch))
 
@@ -373,7 +376,7 @@ class StepRun(ModelRecorder):
         metrics = [m for _, batch in self._pending for m in batch]
         what = f"log {len(metrics)} metric value{'s' if len(metrics) > 1 else ''} that failed earlier"
         client = self.tracker.client
-        if self.tracker._guarded(
+        if self.tracker.guard(
             what, lambda: client.log_batch(self.run_id, metrics=metrics, synchronous=True) or True
         ):
             for failure, _ in self._pending:
@@ -394,7 +397,7 @@ class StepRun(ModelRecorder):
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
         if self.active:
-            self.tracker._guarded("set run tags", self.tracker._set_tags, self.run_id, tags)
+            self.tracker.guard("set run tags", self.tracker._set_tags, self.run_id, tags)
 
     # ---------------------------------------------------------------------------------------- nested item runs
     def item_run(self, name: str, *, params: Mapping[str, Any] | None = None,
@@ -408,12 +411,12 @@ class StepRun(ModelRecorder):
         tags = {TAG_ROLE: "item", TAG_STEP: self.name, MLFLOW_PARENT_RUN_ID: self.run_id,
                 TAG_CREATED_BY: "secateurs", **({TAG_STUDENT: self.student} if self.student else {}),
                 **({TAG_PIPELINE_RUN: self.tracker.pipeline_run} if self.tracker.pipeline_run else {}), **(tags or {})}  # fmt: skip
-        run = self.tracker._guarded(f"open the run of {name}", client.create_run, self.tracker.experiment_id,
+        run = self.tracker.guard(f"open the run of {name}", client.create_run, self.tracker.experiment_id,
                                     run_name=name, tags={mlflow_key(k): str(v) for k, v in tags.items()})  # fmt: skip
         if run is None:
             return None
         self.log_item(run.info.run_id, params=params, metrics=metrics)
-        self.tracker._guarded(f"end the run of {name}", client.set_terminated, run.info.run_id, "FINISHED")
+        self.tracker.guard(f"end the run of {name}", client.set_terminated, run.info.run_id, "FINISHED")
         return run.info.run_id
 
     def log_item(self, run_id: str | None, *, params: Mapping[str, Any] | None = None,
@@ -433,7 +436,7 @@ class StepRun(ModelRecorder):
             "tags": [RunTag(mlflow_key(k), _truncate(str(v), MAX_TAG_VALUE_LENGTH)) for k, v in (tags or {}).items()],
         }  # fmt: skip
         if any(batch.values()):
-            self.tracker._guarded(f"log to item run {run_id}", self.tracker.client.log_batch, run_id, **batch,
+            self.tracker.guard(f"log to item run {run_id}", self.tracker.client.log_batch, run_id, **batch,
                                   synchronous=True)  # fmt: skip
 
 
