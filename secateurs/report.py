@@ -9,8 +9,8 @@ and the throughput `bench_engine` measured) and produces, in one directory: `rep
 - `speedup.png`: each student's request throughput over the teacher's, at the same backend, precision,
   lengths and batch (a speed-up is only defined against a measurement made the same way);
 - `search_loss_vs_parameters.png`, when a student's shape was searched (secateurs.search): each candidate's
-  validation loss right after pruning and after its short distillation against its size, the winner marked; the
-  candidate table goes with the others.
+  validation loss right after pruning and after its short distillation against its size (against its measured
+  output tokens/s under a latency budget), the winner marked; the candidate table goes with the others.
 
 Guarantees: entries are validated before anything is written; a speed-up is never computed across different
 backends, precisions, lengths or batch sizes.
@@ -57,6 +57,7 @@ class SearchCandidate(BaseModel):
     parameters: int
     pruned_loss: float = Field(description="validation loss right after pruning")
     distilled_loss: float | None = Field(None, description="validation loss after the short distillation (top_k only)")
+    output_tokens_per_s: float | None = Field(None, description="measured engine throughput (latency budgets only)")
     winner: bool = False
 
 
@@ -64,7 +65,8 @@ def search_rows(result: dict[str, Any]) -> list[dict[str, Any]]:
     """The report's candidates of one search result (`candidates.json` of the winner `pick_winner` wrote)."""
     return [
         {"name": r["name"], "parameters": r["parameters"], "pruned_loss": r["pruned_loss"],
-         "distilled_loss": r.get("distilled_loss"), "winner": r["name"] == result.get("winner")}
+         "distilled_loss": r.get("distilled_loss"), "output_tokens_per_s": r.get("output_tokens_per_s"),
+         "winner": r["name"] == result.get("winner")}
         for r in result["candidates"]
     ]  # fmt: skip
 
@@ -184,16 +186,24 @@ def throughput_rows(entries: Sequence[ReportEntry]) -> tuple[list[str], list[lis
 
 
 def search_tables(entries: Sequence[ReportEntry]) -> list[tuple[str, tuple[list[str], list[list[str]]]]]:
-    """One candidate table per searched model: (title, (header, rows)), largest candidate first."""
-    header = ["candidate", "parameters", "val loss pruned", "val loss short KD", ""]
+    """One candidate table per searched model: (title, (header, rows)), largest candidate first; with the measured
+    output tokens/s under a latency budget."""
     tables = []
     for e in entries:
         if e.search:
-            rows = [[c.name, f"{c.parameters:,}", _fmt(c.pruned_loss, 4), _fmt(c.distilled_loss, 4),
-                     "winner" if c.winner else ""]
+            speed = _measured(e.search)
+            header = ["candidate", "parameters", *(["output tokens/s"] if speed else []), "val loss pruned",
+                      "val loss short KD", ""]  # fmt: skip
+            rows = [[c.name, f"{c.parameters:,}", *([_fmt(c.output_tokens_per_s, 1)] if speed else []),
+                     _fmt(c.pruned_loss, 4), _fmt(c.distilled_loss, 4), "winner" if c.winner else ""]
                     for c in sorted(e.search, key=lambda c: -c.parameters)]  # fmt: skip
             tables.append((f"Search: {e.name}", (header, rows)))
     return tables
+
+
+def _measured(candidates: Sequence[SearchCandidate]) -> bool:
+    """Whether the search measured every candidate's engine (a latency budget)."""
+    return all(c.output_tokens_per_s is not None for c in candidates)
 
 
 def _markdown_table(header: list[str], rows: list[list[str]]) -> str:
@@ -269,26 +279,32 @@ def _plot_quality(entries: Sequence[ReportEntry], path: Path) -> None:
 
 
 def _plot_search(entries: Sequence[ReportEntry], path: Path) -> None:
-    """Validation loss after the short distillation against parameters, one panel per search, winner marked
-    (candidates not distilled: their loss right after pruning, hollow)."""
+    """Validation loss after the short distillation against parameters (against measured output tokens/s under a
+    latency budget), one panel per search, winner marked (candidates not distilled: their loss right after
+    pruning, hollow)."""
     import matplotlib.pyplot as plt
 
     searched = [e for e in entries if e.search]
     fig, axes = plt.subplots(1, len(searched), figsize=(6 * len(searched), 4.2), squeeze=False)
     for ax, e in zip(axes[0], searched):
+        speed = _measured(e.search)
+
+        def x(c):
+            return c.output_tokens_per_s if speed else c.parameters / 1e6
+
         kd = [c for c in e.search if c.distilled_loss is not None]
-        ax.scatter([c.parameters / 1e6 for c in e.search], [c.pruned_loss for c in e.search], facecolors="none",
+        ax.scatter([x(c) for c in e.search], [c.pruned_loss for c in e.search], facecolors="none",
                    edgecolors=ROLE_COLORS["pruned"], label="right after pruning")  # fmt: skip
-        ax.scatter([c.parameters / 1e6 for c in kd], [c.distilled_loss for c in kd], color=ROLE_COLORS["distilled"],
+        ax.scatter([x(c) for c in kd], [c.distilled_loss for c in kd], color=ROLE_COLORS["distilled"],
                    label="after the short distillation", zorder=3)  # fmt: skip
         for c in kd:
-            ax.annotate(c.name, (c.parameters / 1e6, c.distilled_loss), textcoords="offset points", xytext=(5, 3),
-                        fontsize=7, color="0.35")  # fmt: skip
+            ax.annotate(c.name, (x(c), c.distilled_loss), textcoords="offset points", xytext=(5, 3), fontsize=7,
+                        color="0.35")  # fmt: skip
         for c in (c for c in kd if c.winner):
-            ax.scatter([c.parameters / 1e6], [c.distilled_loss], marker="*", s=260, color="gold", edgecolors="k",
-                       zorder=4, label=f"winner: {c.name}")  # fmt: skip
+            ax.scatter([x(c)], [c.distilled_loss], marker="*", s=260, color="gold", edgecolors="k", zorder=4,
+                       label=f"winner: {c.name}")  # fmt: skip
         ax.set_title(f"search for {e.name}")
-        ax.set_xlabel("parameters (millions)")
+        ax.set_xlabel("measured output tokens/s" if speed else "parameters (millions)")
         ax.set_ylabel("validation loss")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)

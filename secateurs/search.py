@@ -548,10 +548,12 @@ def validation_loss(model, input_ids, batch_size: int) -> float:
 
 def format_table(result: dict) -> str:
     """The candidate table: one line per candidate, winner marked, as `secateurs search` and the demo print."""
-    header = f"{'candidate':<28} {'params':>12} {'loss pruned':>12} {'loss KD':>9}  "
+    speed = all("output_tokens_per_s" in r for r in result["candidates"])  # a latency budget measured them
+    header = f"{'candidate':<28} {'params':>12}{' tokens/s' if speed else ''} {'loss pruned':>12} {'loss KD':>9}  "
     lines = [header, "-" * len(header)]
     for r in sorted(result["candidates"], key=lambda r: -r["parameters"]):
         kd = f"{r['distilled_loss']:.4f}" if r.get("distilled_loss") is not None else "-"
+        tps = f" {r['output_tokens_per_s']:>8.1f}" if speed else ""
         mark = "winner" if r["name"] == result.get("winner") else ""
-        lines.append(f"{r['name']:<28} {r['parameters']:>12,} {r['pruned_loss']:>12.4f} {kd:>9}  {mark}")
+        lines.append(f"{r['name']:<28} {r['parameters']:>12,}{tps} {r['pruned_loss']:>12.4f} {kd:>9}  {mark}")
     return "\n".join(lines)

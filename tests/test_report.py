@@ -173,3 +173,33 @@ def test_bad_entries(entries, msg, tmp_path):
     with pytest.raises(ValueError, match=msg):
         write_report(entries, tmp_path / "r")
     assert not (tmp_path / "r").exists()
+
+
+def test_searches_get_their_candidate_tables_and_plot(tmp_path):
+    """A parameter-budget search plots loss against parameters; a latency-budget one against the measured output
+    tokens/s, with that column in its table."""
+    from PIL import Image
+
+    from secateurs.report import search_rows
+
+    def searched(name, speeds):
+        result = {"winner": "h64-f128-a4-kv2-l2", "candidates": [
+            {"name": "h64-f128-a4-kv2-l2", "parameters": 90_000, "pruned_loss": 6.5, "distilled_loss": 4.1},
+            {"name": "h48-f192-a3-kv1-l3", "parameters": 89_000, "pruned_loss": 6.1, "distilled_loss": 4.4},
+            {"name": "h64-f96-a4-kv2-l3", "parameters": 88_000, "pruned_loss": 7.0},
+        ]}  # fmt: skip
+        for row, speed in zip(result["candidates"], speeds or []):
+            row["output_tokens_per_s"] = speed
+        return ReportEntry(name=name, role="pruned", parent="teacher", parameters=90_000, val_loss=6.5,
+                           search=search_rows(result))  # fmt: skip
+
+    teacher = ReportEntry(name="teacher", role="teacher", parameters=180_000, val_loss=3.0)
+    paths = write_report([teacher, searched("by-params-pruned", None), searched("fast-pruned", [310.5, 280.0, 402.25])],
+                         tmp_path / "report")  # fmt: skip
+    md = paths["markdown"].read_text()
+    assert "| candidate | parameters | val loss pruned | val loss short KD |  |" in md
+    assert "| h64-f128-a4-kv2-l2 | 90,000 | 6.5000 | 4.1000 | winner |" in md
+    assert "| candidate | parameters | output tokens/s | val loss pruned | val loss short KD |  |" in md
+    assert "| h64-f96-a4-kv2-l3 | 88,000 | 402.2 | 7.0000 | - |  |" in md
+    with Image.open(paths["search_plot"]) as im:
+        assert im.format == "PNG" and im.size[0] >= 1200  # two panels

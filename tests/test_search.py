@@ -504,6 +504,8 @@ def test_latency_budget_keeps_shapes_whose_measured_throughput_meets_it(tiny_mod
                                      settings.model_copy(update={"top_k": 1, "val_sequences": 4}))  # fmt: skip
     assert len(report["candidates"]) == 2
     assert all(r["output_tokens_per_s"] >= settings.latency for r in report["candidates"])
+    assert search.format_table(report).splitlines()[0].split() == ["candidate", "params", "tokens/s", "loss", "pruned",
+                                                                   "loss", "KD"]  # fmt: skip
     assert report["parameter_limit"] == counter(counter.source) - 1
 
 
