@@ -1,7 +1,8 @@
 """The memory plan: bytes per GPU of every GPU step, worked out from the config before anything runs.
 
 For each training step (teacher correction, and distillation of each student) under its parallelism and process
-count, and for the forward-only steps (importance, evaluation):
+count, and for the forward-only steps (importance, evaluation, and a search's scoring, which holds one candidate
+pruned from the parent beside it: at most the budget's parameters in bf16):
 - weights, gradients and AdamW state of the trained model: fp32, 4 + 4 + 8 bytes a parameter, divided by the
   number of shards (1 under ddp; every process of the run under fsdp);
 - under fsdp, the parameters FSDP2 gathers in bf16 while it computes: the root module's (embeddings, LM head,
@@ -22,7 +23,8 @@ allocator's fragmentation and NCCL's buffers, which this plan does not model.
 The GPU's memory is `placement.gpu_memory`, else read from the node selector's `nvidia.com/gpu.product` label
 (`NVIDIA-H100-80GB-HBM3` -> 80 GiB). Model shapes come from the teacher's config.json (a local checkpoint, the
 Hugging Face cache or hub, or `KNOWN_SHAPES` for the recipe's published models, so that the flagship config plans
-offline) and from each student's pruning target. Pure Python: it imports no torch.
+offline) and from each student's pruning target (a searched student's shape is chosen at run time: its parent's
+bounds it). Pure Python: it imports no torch.
 """
 
 from __future__ import annotations
@@ -108,6 +110,10 @@ def plan(config, shapes: dict[str, Shape] | None = None) -> list[StepPlan]:
         plans.append(_forward("importance", "importance", shapes["teacher"], config.importance.batch_size, seq_len,
                               available, placement))  # fmt: skip
     for s in config.lineage_order():
+        if s.search is not None and placement.gpus.importance:  # the search step is placed like importance
+            plans.append(_search(f"search:{s.name}", s.search, shapes[s.parent], seq_len, available, placement))
+        # A search's short distillations (search-distill) run with the distill settings and placement on a
+        # candidate no larger than the bound `distill:<student>` is planned for: that row covers them.
         if placement.gpus.distill:
             plans.append(_training(f"distill:{s.name}", "distill", s.distill or config.distill, shapes[s.name],
                                    shapes["teacher"], seq_len, placement, available))  # fmt: skip
@@ -152,6 +158,16 @@ def _forward(task, kind, shape: Shape, batch: int, seq_len: int, available, plac
     # No gradients: one layer's activations at a time, and the logits of the batch in fp32.
     step.bytes["activations"] = 2 * tokens * activation_elements(shape)
     step.bytes["logits"] = 4 * tokens * shape.vocab_size
+    return step
+
+
+def _search(task, settings, parent: Shape, seq_len, available, placement) -> StepPlan:
+    """The search step: forward passes of each candidate, pruned in memory from the parent held beside it."""
+    from secateurs.search import parameter_limit
+
+    candidate = min(parent.parameters(), int(parameter_limit(settings, parent.parameters())))
+    step = _forward(task, "importance", parent, settings.batch_size, seq_len, available, placement)
+    step.bytes["candidate"] = 2 * candidate
     return step
 
 
@@ -252,7 +268,7 @@ def refusal(step: StepPlan, config) -> str:
         ways.append(f"more GPUs than {step.gpus * step.nodes} to shard over")
     if step.parallelism != "forward" and not step.checkpointing and step.activations_other < step.bytes["activations"]:
         ways.append(f"gradient_checkpointing: true (activations {step.activations_other / GiB:.1f} GiB)")
-    ways.append("a smaller micro_batch_size")
+    ways.append("a smaller micro_batch_size" if step.parallelism != "forward" else "a smaller batch_size")
     return (
         f"{step.task} needs {step.total / GiB:.1f} GiB per GPU ({parts}) but a {product} GPU has "
         f"{step.available / GiB:.1f} GiB ({HEADROOM:.0%} usable: {HEADROOM * step.available / GiB:.1f}); "
@@ -267,6 +283,7 @@ def format_plan(plans: list[StepPlan], tokens_per_second: float = MEASURED_TOKEN
     from rich.table import Table
 
     columns = ["weights", "gradients", "optimizer", "gathered", "teacher", "activations", "kd chunk", "logits"]
+    columns += ["candidate"] if any("candidate" in s.bytes for s in plans) else []  # a search's
     table = Table(title=f"Memory per GPU (GiB); GPU-hours at {tokens_per_second:,.0f} tokens/s per GPU")
     for name in ["step", "GPUs", "parallelism", *columns, "total", "of", "fits", "other ckpt", "tokens",
                  "GPU-hours", "hours"]:  # fmt: skip

@@ -154,3 +154,35 @@ def test_training_placement_errors_name_the_field(changes, message, tmp_path):
     with pytest.raises(ConfigError) as e:
         load_config(_flagship(tmp_path, **changes))
     assert message in str(e.value)
+
+
+def test_a_search_is_planned_with_a_candidate_beside_its_parent(tmp_path, capsys):
+    """The search step holds the parent (the 8B teacher) and one candidate at most the budget's size, both bf16;
+    on a 24 GiB GPU that does not fit, and the config is refused in one line before anything is compiled."""
+    import typer
+
+    from secateurs.config import PipelineConfig
+    from secateurs.pipeline_cli import compile_cmd
+
+    raw = {
+        "teacher": {"source": "meta-llama/Llama-3.1-8B"},
+        "importance": {"batch_size": 1},
+        "students": [{"name": "auto-4b", "search": {"params": 4.5e9, "batch_size": 4}}],
+        "placement": {"gpus": {"importance": 1}, "gpu_memory": "80Gi"},
+    }  # fmt: skip
+    steps = {s.task: s for s in plan.plan(PipelineConfig.model_validate(raw))}
+    assert list(steps) == ["importance", "search:auto-4b"]
+    search, importance = steps["search:auto-4b"], steps["importance"]
+    assert search.bytes == {**importance.bytes, "activations": search.bytes["activations"],
+                            "logits": 4 * 4 * 4096 * 128256, "candidate": 2 * 4_500_000_000}  # fmt: skip
+    assert search.bytes["weights"] == 2 * 8_030_261_248 and search.fits()
+    raw["placement"]["gpu_memory"] = "24Gi"
+    path = tmp_path / "search.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    with pytest.raises(typer.Exit):
+        compile_cmd(path, tmp_path / "p.yaml", None)
+    err = capsys.readouterr().err.strip()
+    assert err == ("error: search:auto-4b needs 33.7 GiB per GPU (weights 15.0, activations 2.6, logits 7.8, candidate "
+                   "8.4) but a placement.gpu_memory GPU has 24.0 GiB (90% usable: 21.6); what would fit: a smaller "
+                   "batch_size"), err  # fmt: skip
+    assert not (tmp_path / "p.yaml").exists()
