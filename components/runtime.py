@@ -6,7 +6,8 @@ kfp-free parts of secateurs only.
 
 Failure injection (for tests and drills): `SECATEURS_FAIL_STEP=distill:width` makes the `distill` step of
 student `width` raise before doing any work (`SECATEURS_FAIL_STEP=prepare-data` for a step without a student,
-`search-distill:auto/1` for one item of a fan-out step; several entries are separated by commas). The step's MLflow run ends FAILED, as a real failure's would.
+`search-distill:auto/1` for one item of a fan-out step; several entries are separated by commas). The step's
+MLflow run ends FAILED, as a real failure's would.
 """
 
 from __future__ import annotations
