@@ -423,12 +423,19 @@ def _claim_checkpoint_dir(work: Path, identity: dict, digest: str) -> str | None
 
 
 def _last_complete_checkpoint(work: Path) -> str | None:
-    """The newest checkpoint whose trainer_state.json (the Trainer's last write) is whole.
+    """The newest checkpoint that is whole: its trainer_state.json parses and every RNG state in it loads.
 
     A run killed while writing a checkpoint leaves a partial one behind; transformers' `get_last_checkpoint`
     would pick it and the resume would fail, so partial ones are removed (their steps are recomputed) instead.
+    The Trainer writes the model and optimizer state (together, under FSDP), then each process its own
+    `rng_state_<rank>.pth` while the main process writes trainer_state.json, with no barrier between them: a rank
+    killed in its RNG write leaves a truncated file beside a whole trainer state, and resuming from it fails in
+    `torch.load` on that rank.
     """
+    import pickle
+
     from transformers.trainer import TRAINER_STATE_NAME
+    from transformers.trainer_pt_utils import safe_globals
     from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
     by_step = {
@@ -437,8 +444,11 @@ def _last_complete_checkpoint(work: Path) -> str | None:
     for path in (by_step[step] for step in sorted(by_step, reverse=True)):
         try:
             json.loads((path / TRAINER_STATE_NAME).read_text())
+            for rng in path.glob("rng_state*.pth"):
+                with safe_globals():  # loaded as the Trainer's resume loads it (numpy's RNG state allowed)
+                    torch.load(rng, weights_only=True)
             return str(path)
-        except (OSError, ValueError):
+        except (OSError, ValueError, EOFError, RuntimeError, pickle.UnpicklingError):
             warnings.warn(f"removing {path}: incomplete (the run was stopped while writing it)", stacklevel=2)
             shutil.rmtree(path)
     return None

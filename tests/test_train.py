@@ -98,6 +98,14 @@ def test_resume_skips_a_checkpoint_killed_while_being_written(tiny_models, stude
     assert resumed["resumed_from"] == "checkpoint-3" and resumed["steps"] == 6
     assert resumed["final_loss"] == pytest.approx(straight["final_loss"], rel=1e-3)
     assert (checkpoints / "checkpoint-6" / "trainer_state.json").is_file()
+    # As if a process was killed writing its RNG state while the main one wrote the trainer state: the state is
+    # whole, the RNG file cut short.
+    shutil.rmtree(out)
+    rng = checkpoints / "checkpoint-6" / "rng_state.pth"
+    rng.write_bytes(rng.read_bytes()[: rng.stat().st_size // 2])
+    with pytest.warns(UserWarning, match="checkpoint-6: incomplete"):
+        again = train.distill(teacher, student, tiny_data, out, settings)
+    assert again["resumed_from"] == "checkpoint-3" and again["final_loss"] == resumed["final_loss"]
 
 
 def test_a_resumed_run_reads_the_sequences_the_uninterrupted_run_reads_after_the_same_step(
