@@ -33,9 +33,11 @@ class InjectedFailure(RuntimeError):
 
 def check_injected_failure(step: str, student: str = "", item: str = "") -> None:
     """Raise InjectedFailure when SECATEURS_FAIL_STEP names this step (and student; and fan-out item, or none)."""
+    from secateurs.steps import item_key
+
     wanted = {w.strip() for w in os.environ.get(FAIL_STEP_ENV, "").split(",") if w.strip()}
     me = f"{step}:{student}" if student else step
-    if me in wanted or (item != "" and f"{me}/{item}" in wanted):
+    if me in wanted or (item != "" and item_key(me, item) in wanted):
         raise InjectedFailure(f"{FAIL_STEP_ENV}={os.environ[FAIL_STEP_ENV]} stops step {me} before it starts")
 
 

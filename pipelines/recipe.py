@@ -36,11 +36,19 @@ class Step:
     items: list[str] = field(default_factory=list)  # a fan-out step's ParallelFor items
     engine_backend: str = ""  # the engine backend it builds with, whose image it runs in (registry `engine_image`)
 
+    @property
+    def task_keys(self) -> list[str]:
+        """The keys its tasks are recorded under: one per item for a fan-out step, else its own key."""
+        from secateurs.steps import item_key
 
-def _step(kind: str, inputs=None, params=None, student: str = "", model: str = "") -> Step:
+        return [item_key(self.key, i) for i in self.items] or [self.key]
+
+
+def _step(kind: str, inputs=None, params=None, student: str = "", model: str = "",
+          engine_backend: str = "") -> Step:  # fmt: skip
     """A task of step `kind`, keyed by the registry's pattern (`model`: the model it reads, for evaluation)."""
     key = STEPS[kind].task_key(student=student, model=model)
-    return Step(key, kind, inputs or {}, params or {}, student)
+    return Step(key, kind, inputs or {}, params or {}, student, engine_backend=engine_backend)
 
 
 def recipe(config: PipelineConfig) -> list[Step]:
@@ -97,9 +105,8 @@ def recipe(config: PipelineConfig) -> list[Step]:
     if config.engine.enabled:
         for name, (model, _) in distilled.items():
             student = "" if name == "teacher" else name
-            steps.append(_step("engine", {"model": model, "dataset": data},
-                               {"settings": config.engine.model_dump_json()}, student))  # fmt: skip
-            steps[-1].engine_backend = config.engine.backend
+            steps.append(_step("engine", {"model": model, "dataset": data}, {"settings": config.engine.model_dump_json()},
+                               student, engine_backend=config.engine.backend))  # fmt: skip
             engines[name] = steps[-1].key
     previous = None
     for name, step in evaluated:
@@ -121,10 +128,10 @@ def _search(steps: list[Step], config, s, settings, parent: tuple, teacher, data
     from secateurs.search import short_distill_settings
 
     (model, scores), short = parent, short_distill_settings(settings, s.search.tokens, config.data.seq_len)
+    # A latency budget's candidates are built and measured as engines, in that backend's image.
+    backend = s.search.engine_backend if s.search.latency is not None else ""
     steps.append(_step("search", {"model": model, "scores": (scores, "scores"), "dataset": data},
-                       {"settings": s.search.model_dump_json()}, s.name))  # fmt: skip
-    if s.search.latency is not None:  # its candidates' engines are built and measured in that backend's image
-        steps[-1].engine_backend = s.search.engine_backend
+                       {"settings": s.search.model_dump_json()}, s.name, engine_backend=backend))  # fmt: skip
     candidates = (steps[-1].key, "candidates")
     steps.append(_step("search_distill", {"teacher": teacher, "candidates": candidates, "dataset": data},
                        {"settings": short.model_dump_json()}, s.name))  # fmt: skip

@@ -299,18 +299,18 @@ def rerun_cmd(
     from secateurs.pipelines.recipe import build_pipeline
 
     phases = rerun_phases(cfg, step, downstream)
-    rerun_plan(cfg, *phases[0], recorded_outputs(state))  # an unknown step or a missing input: before any work
+    first = rerun_plan(cfg, *phases[0], recorded_outputs(state))  # a bad step or a missing input: before any work
     rerun_state = {**state, "pipeline_run": f"{state['pipeline_run']}-rerun-{time.strftime('%Y%m%d-%H%M%S')}"}
     ran = []
-    # Each phase reads what the one before it recorded: a fan-out item rerun alone, then its readers, which import
-    # every item's output (the new one included).
-    for keys, down in phases:
-        steps, imports = rerun_plan(cfg, keys, down, recorded_outputs(state))
+    for i, (keys, down) in enumerate(phases):
+        # A later phase reads what the one before it recorded: a fan-out item rerun alone, then its readers,
+        # which import every item's output (the new one included).
+        steps, imports = first if i == 0 else rerun_plan(cfg, keys, down, recorded_outputs(state))
         pipeline = build_pipeline(cfg, steps=steps, imports=imports, fresh={s.key for s in steps},
                                   tracking_uri=state["tracking_uri"])  # fmt: skip
         _run_locally(pipeline, rerun_state, _local_pipeline_root(cfg, Path(state["run_dir"])),
                      rerun_of=state["pipeline_run"])  # fmt: skip
-        ran += [k for s in steps for k in ([f"{s.key}/{i}" for i in s.items] or [s.key])]
+        ran += [k for s in steps for k in s.task_keys]
     for (key, output), uri in recorded_outputs(state).items():
         if key in ran:
             typer.echo(f"{key}.{output}: {uri}")
@@ -360,7 +360,7 @@ def rerun_plan(cfg: PipelineConfig, keys: str | set[str], downstream: bool, reco
         group, item = split_item(key)
         step = by_key.get(group)
         if step is None or (item and item not in step.items):
-            listed = [k for s in steps for k in ([s.key] + [f"{s.key}/{i}" for i in s.items])]
+            listed = [k for s in steps for k in dict.fromkeys([s.key, *s.task_keys])]
             raise PipelineError(f"{key!r} is not a step of this pipeline; its steps are: {', '.join(listed)}")
         chosen.add(group)
         if item:
@@ -382,7 +382,7 @@ def rerun_plan(cfg: PipelineConfig, keys: str | set[str], downstream: bool, reco
             if ref[0] in chosen:
                 continue
             # A fan-out step's output is recorded per item: its reader imports every item's.
-            wanted = [(f"{ref[0]}/{i}", ref[1]) for i in by_key[ref[0]].items] or [ref]
+            wanted = [(key, ref[1]) for key in by_key[ref[0]].task_keys]
             for task, output in wanted:
                 if (task, output) not in recorded:
                     raise PipelineError(

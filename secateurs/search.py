@@ -367,6 +367,7 @@ def score_candidates(
     from secateurs import prune
     from secateurs.checkpoint import check_checkpoint_dir, load_model, load_tokenizer
     from secateurs.data import check_matches, load_packed
+    from secateurs.evaluate import validation_loss
     from secateurs.families import family_of, parameter_count
     from secateurs.importance import load_importance
     from secateurs.manifest import atomic_output, write_manifest
@@ -408,18 +409,19 @@ def score_candidates(
     for rank, i in enumerate(order):
         rows[i]["pruned_rank"] = rank
     top = [rows[i]["name"] for i in order[: settings.top_k]]
-    limit = parameter_limit(settings, counter(source))
+    source_parameters = counter(source)
+    limit = parameter_limit(settings, source_parameters)
+    figures = ("parameters", "weight_bytes", "budget_share", "pruned_loss", "pruned_rank", "output_tokens_per_s")
     for row in rows:
         row["budget_share"] = row["parameters"] / limit
         if record is not None:
-            figures = ("parameters", "weight_bytes", "budget_share", "pruned_loss", "pruned_rank", "output_tokens_per_s")
             row["mlflow_run_id"] = record(
                 row["name"], params={"shape": row["shape"], "budget": _describe_budget(settings)},
                 metrics={k: row[k] for k in figures if k in row},
             )  # fmt: skip
     report = {
         "source_shape": source.as_dict(),
-        "source_parameters": counter(source),
+        "source_parameters": source_parameters,
         "parameter_limit": limit,
         "budget": _describe_budget(settings),
         "candidates": rows,
@@ -448,6 +450,7 @@ def distill_candidate(
     from secateurs import train
     from secateurs.checkpoint import load_model
     from secateurs.data import load_packed
+    from secateurs.evaluate import validation_loss
     from secateurs.manifest import atomic_output, read_manifest, write_manifest
 
     listing = json.loads((Path(candidates_dir) / CANDIDATES_FILE).read_text())
@@ -537,13 +540,6 @@ def _row(candidate: Candidate, settings: SearchConfig, **losses) -> dict:
         "weight_bytes": int(candidate.parameters * BYTES_PER_PARAMETER[settings.precision]),
         **losses,
     }
-
-
-def validation_loss(model, input_ids, batch_size: int) -> float:
-    """Mean next-token cross-entropy over the sequences (evaluate's, imported when first used)."""
-    from secateurs.evaluate import validation_loss as loss
-
-    return loss(model, input_ids, batch_size)
 
 
 def format_table(result: dict) -> str:

@@ -75,7 +75,7 @@ class StepSpec:
         key = self.key.replace("{name}", self.name)
         key = key.replace("[:{student}]", f":{student}" if student else "")
         key = key.format(student=student, model=model or student or "teacher")
-        return f"{key}/{item}" if self.fan_out and item != "" else key
+        return item_key(key, item) if self.fan_out and item != "" else key
 
     def settings_model(self):
         """The pydantic model of this step's options (imported here: `secateurs.config` imports this module)."""
@@ -136,6 +136,11 @@ GPU_STEPS: tuple[str, ...] = tuple(k for k, s in STEPS.items() if s.gpu)
 TRAINING_STEPS: tuple[str, ...] = tuple(k for k, s in STEPS.items() if s.distributed)
 
 
+def item_key(key: str, item: str) -> str:
+    """The task key of one item of a fan-out step's task: (`search-distill:auto`, `1`) -> `search-distill:auto/1`."""
+    return f"{key}/{item}"
+
+
 def split_item(key: str) -> tuple[str, str]:
     """A task key split into the step's key and its fan-out item: `search-distill:auto/1` -> (`search-distill:auto`,
     `1`); ("distill:a", "") for a key without one."""
@@ -148,4 +153,4 @@ def output_type(kind: str, output: str) -> ArtifactType:
     return STEPS[kind].outputs[output]
 
 
-__all__ = ["BY_NAME", "GPU_STEPS", "STEPS", "TRAINING_STEPS", "StepSpec", "output_type", "split_item"]
+__all__ = ["BY_NAME", "GPU_STEPS", "STEPS", "TRAINING_STEPS", "StepSpec", "item_key", "output_type", "split_item"]

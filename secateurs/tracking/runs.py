@@ -201,11 +201,7 @@ class Tracker:
     def _open_step(self, name: str, student: str | None) -> StepRun:
         if not self.active:
             return StepRun(self, None, name, student, owned=False)
-        tags = {TAG_ROLE: "step", TAG_STEP: name}
-        if student:
-            tags[TAG_STUDENT] = student
-        if self.pipeline_run:
-            tags[TAG_PIPELINE_RUN] = self.pipeline_run
+        tags = self._run_tags("step", name, student)
         if self._task_run_id:
             self.guard(f"tag the run of step {name}", self._set_tags, self._task_run_id, tags)
             return StepRun(self, self._task_run_id, name, student, owned=False)
@@ -220,6 +216,15 @@ class Tracker:
             tags=tags,
         )
         return StepRun(self, run.info.run_id if run else None, name, student, owned=run is not None)
+
+    def _run_tags(self, role: str, step: str, student: str | None) -> dict[str, str]:
+        """The tags that place a run: its role, its step, its student and its pipeline run."""
+        tags = {TAG_ROLE: role, TAG_STEP: step}
+        if student:
+            tags[TAG_STUDENT] = student
+        if self.pipeline_run:
+            tags[TAG_PIPELINE_RUN] = self.pipeline_run
+        return tags
 
     def close(self, status: str = "FINISHED") -> None:
         """End the parent run if this tracker created it for itself (no pipeline_run, no MLFLOW_RUN_ID)."""
@@ -250,10 +255,7 @@ class Tracker:
         return "\n".join(self.failures)
 
     def _set_tags(self, run_id: str, tags: Mapping[str, str]) -> None:
-        from mlflow.entities import RunTag
-
-        tags = [RunTag(mlflow_key(k), _truncate(str(v), MAX_TAG_VALUE_LENGTH)) for k, v in tags.items()]
-        self.client.log_batch(run_id, tags=tags, synchronous=True)
+        self.client.log_batch(run_id, tags=_tags(tags), synchronous=True)
 
     # ------------------------------------------------------------------------------------------------ lookups
     def find_model(self, sha256: str) -> Any | None:
@@ -301,12 +303,7 @@ class StepRun(ModelRecorder):
         sends them 100 a request)."""
         if not self.active:
             return
-        from mlflow.entities import Param
-
-        flat = [
-            Param(mlflow_key(key), _truncate(_param_text(value), MAX_PARAM_VALUE_LENGTH))
-            for key, value in flatten(params, prefix).items()
-        ]
+        flat = _params(params, prefix)
         if flat:
             what = f"log {len(flat)} param{'s' if len(flat) > 1 else ''}"
             self.tracker.guard(
@@ -324,15 +321,8 @@ class StepRun(ModelRecorder):
         """
         if not self.active:
             return
-        from mlflow.entities import Metric
-
-        now = int(time.time() * 1000)
-        batch = []
-        for key, value in flatten(metrics).items():
-            number = _as_number(value)
-            if number is not None:
-                batch.append(Metric(mlflow_key(key), number, now, step or 0, model_id=model_id))
-        self._send_metrics(batch, "metrics" + (f" step {step}" if step is not None else ""))
+        what = "metrics" + (f" step {step}" if step is not None else "")
+        self._send_metrics(_metrics(metrics, step or 0, model_id), what)
 
     def _send_metrics(self, batch: list, what: str) -> None:
         """Hand `batch` to MLflow's async logging once the previous batch is settled; skipped (and kept for the
@@ -408,14 +398,13 @@ class StepRun(ModelRecorder):
         if not self.active:
             return None
         client = self.tracker.client
-        tags = {TAG_ROLE: "item", TAG_STEP: self.name, MLFLOW_PARENT_RUN_ID: self.run_id,
-                TAG_CREATED_BY: "secateurs", **({TAG_STUDENT: self.student} if self.student else {}),
-                **({TAG_PIPELINE_RUN: self.tracker.pipeline_run} if self.tracker.pipeline_run else {}), **(tags or {})}  # fmt: skip
+        placed = {**self.tracker._run_tags("item", self.name, self.student), MLFLOW_PARENT_RUN_ID: self.run_id,
+                  TAG_CREATED_BY: "secateurs"}  # fmt: skip
         run = self.tracker.guard(f"open the run of {name}", client.create_run, self.tracker.experiment_id,
-                                    run_name=name, tags={mlflow_key(k): str(v) for k, v in tags.items()})  # fmt: skip
+                                 run_name=name, tags=placed)  # fmt: skip
         if run is None:
             return None
-        self.log_item(run.info.run_id, params=params, metrics=metrics)
+        self.log_item(run.info.run_id, params=params, metrics=metrics, tags=tags)
         self.tracker.guard(f"end the run of {name}", client.set_terminated, run.info.run_id, "FINISHED")
         return run.info.run_id
 
@@ -425,19 +414,34 @@ class StepRun(ModelRecorder):
         its short distillation, logged by the step that distils it."""
         if not self.active or run_id is None:
             return
-        from mlflow.entities import Metric, Param, RunTag
-
-        now = int(time.time() * 1000)
-        numbers = {k: _as_number(v) for k, v in flatten(metrics or {}).items()}
-        batch = {
-            "params": [Param(mlflow_key(k), _truncate(_param_text(v), MAX_PARAM_VALUE_LENGTH))
-                       for k, v in flatten(params or {}).items()],
-            "metrics": [Metric(mlflow_key(k), v, now, 0) for k, v in numbers.items() if v is not None],
-            "tags": [RunTag(mlflow_key(k), _truncate(str(v), MAX_TAG_VALUE_LENGTH)) for k, v in (tags or {}).items()],
-        }  # fmt: skip
+        batch = {"params": _params(params or {}), "metrics": _metrics(metrics or {}), "tags": _tags(tags or {})}
         if any(batch.values()):
             self.tracker.guard(f"log to item run {run_id}", self.tracker.client.log_batch, run_id, **batch,
-                                  synchronous=True)  # fmt: skip
+                               synchronous=True)  # fmt: skip
+
+
+def _params(params: Mapping[str, Any], prefix: str = "") -> list:
+    """MLflow Params: nested mappings flattened to dotted keys, values cut to MLflow's limit."""
+    from mlflow.entities import Param
+
+    return [Param(mlflow_key(k), _truncate(_param_text(v), MAX_PARAM_VALUE_LENGTH))
+            for k, v in flatten(params, prefix).items()]  # fmt: skip
+
+
+def _metrics(metrics: Mapping[str, Any], step: int = 0, model_id: str | None = None) -> list:
+    """MLflow Metrics at `step`, now: the numbers among the flattened values (see `StepRun.log_metrics`)."""
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    numbers = {k: _as_number(v) for k, v in flatten(metrics).items()}
+    return [Metric(mlflow_key(k), v, now, step, model_id=model_id) for k, v in numbers.items() if v is not None]
+
+
+def _tags(tags: Mapping[str, Any]) -> list:
+    """MLflow RunTags, values cut to MLflow's limit."""
+    from mlflow.entities import RunTag
+
+    return [RunTag(mlflow_key(k), _truncate(str(v), MAX_TAG_VALUE_LENGTH)) for k, v in tags.items()]
 
 
 def _wait(operations: Any) -> None:
