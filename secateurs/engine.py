@@ -24,7 +24,9 @@ model's context, a missing runtime) raises before any expensive work and leaves 
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import importlib.metadata
 import importlib.util
 import json
 import os
@@ -149,6 +151,30 @@ def _model_config(model_dir: Path) -> dict[str, Any]:
     if not f.is_file():
         raise ValueError(f"{model_dir} is not a Hugging Face checkpoint (no config.json)")
     return json.loads(f.read_text())
+
+
+def hardware_identity(backend: str) -> dict[str, Any]:
+    """What a throughput measurement on `backend` depends on besides the model: the device (GPU name and driver
+    for TensorRT-LLM; CPU model and core count otherwise) and the runtime's version."""
+    import platform
+
+    import torch
+
+    if backend == TensorRTLLM.name and torch.cuda.is_available():
+        device = {"gpu": torch.cuda.get_device_name(), "capability": list(torch.cuda.get_device_capability()),
+                  "cuda": torch.version.cuda}  # fmt: skip
+    else:
+        cpu = platform.processor()
+        with contextlib.suppress(OSError):
+            cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                        if line.startswith("model name")), cpu)  # fmt: skip
+        device = {"cpu": cpu, "machine": platform.machine(), "cores": len(os.sched_getaffinity(0))}
+    runtime = {"tensorrt-llm": "tensorrt_llm", "onnxruntime-genai": "onnxruntime-genai"}.get(backend, backend)
+    try:
+        version = importlib.metadata.version(runtime)
+    except importlib.metadata.PackageNotFoundError:
+        version = None
+    return {**device, "runtime": f"{runtime} {version}"}
 
 
 def _gpu_capability() -> tuple[int, int] | None:
@@ -489,14 +515,24 @@ class TensorRTLLM:
         return results
 
 
-def _calibration_batches(dataset_dir: Path, samples: int, seq_len: int):
-    """Up to `samples` sequences [1, seq_len] from the validation split of a secateurs dataset."""
-    import datasets
-    import torch
+def check_calibration(dataset: str | Path, model_dir: str | Path) -> None:
+    """Refuse, before the model is loaded, a calibration dataset that `load_packed` cannot open or that was
+    tokenized with another tokenizer than the model's."""
+    from secateurs.checkpoint import load_tokenizer
+    from secateurs.data import check_matches, load_packed
 
-    split = datasets.load_from_disk(str(dataset_dir))["validation"]
-    rows = split.select(range(min(samples, len(split))))["input_ids"]
-    return [torch.tensor(r[:seq_len]).unsqueeze(0) for r in rows]
+    _, data_config = load_packed(dataset)
+    check_matches(data_config, load_tokenizer(model_dir), where=f"calibration dataset {dataset}")
+
+
+def _calibration_batches(dataset: str | Path, samples: int, seq_len: int):
+    """Up to `samples` sequences [1, seq_len] spread over the validation split of a dataset that `secateurs
+    prepare-data` made (token shards + index, local or on S3), read through `data.load_packed` as every other
+    step reads it."""
+    from secateurs.data import load_packed
+
+    dataset_splits, _ = load_packed(dataset)
+    return [row[:seq_len].unsqueeze(0) for row in dataset_splits["validation"].spread(samples)]
 
 
 BACKENDS: dict[str, OnnxRuntimeGenAI | TensorRTLLM] = {b.name: b for b in (OnnxRuntimeGenAI(), TensorRTLLM())}
@@ -582,10 +618,11 @@ def build_engine(
     """
     model_dir = Path(model_dir).absolute()
     calib = Path(calib_dataset).absolute() if calib_dataset is not None else None
-    config = validate_build(model_dir, backend, precision, lengths)
     engine = get_backend(backend)
-    if isinstance(engine, TensorRTLLM):
+    if isinstance(engine, TensorRTLLM) and precision == "fp8":
         engine.quantize_config(model_dir, precision, calib)  # fp8 without calibration data fails here
+        check_calibration(calib, model_dir)  # and with data it cannot read, before the GPU is asked for
+    config = validate_build(model_dir, backend, precision, lengths)
     start = time.perf_counter()
     with atomic_output(out_dir, overwrite=overwrite) as tmp:
         report = engine.build(model_dir, tmp, precision, calib_dataset=calib)

@@ -347,6 +347,27 @@ def test_trtllm_quantize_config(tmp_path):
         trt.quantize_config(tmp_path, "fp8", None)
 
 
+def test_fp8_calibration_reads_the_dataset_prepare_data_made(tiny_data, tiny_models):
+    """The calibration set is sequences of the validation split, spread over it, read through `load_packed`
+    as every step reads a prepared dataset (token shards + index), cut to the calibration length."""
+    from secateurs.data import load_packed
+
+    batches = engine._calibration_batches(tiny_data, 5, 16)
+    expected = load_packed(tiny_data)[0]["validation"].spread(5)
+    assert len(batches) == 5
+    for batch, row in zip(batches, expected):
+        assert batch.shape == (1, 16) and batch.dtype == torch.int64
+        assert torch.equal(batch[0], row[:16])
+    engine.check_calibration(tiny_data, tiny_models["llama-tied"])
+
+
+def test_fp8_calibration_refuses_a_dataset_it_cannot_use_before_the_build(tmp_path, tiny_models):
+    """fp8 engines: a calibration directory that is not a prepared dataset is refused before any model loads."""
+    with pytest.raises(ValueError, match="is not a dataset made by `secateurs prepare-data`"):
+        build_engine(tiny_models["llama-tied"], "tensorrt-llm", "fp8", tmp_path / "engine", calib_dataset=tmp_path)
+    assert not (tmp_path / "engine").exists()
+
+
 def test_trtllm_bench_dataset_lines(models):
     prompts = synthetic_prompts(models["plain"], 49152, 3, 16, seed=0)
     lines = TensorRTLLM.dataset_lines(prompts, 8)
