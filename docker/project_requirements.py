@@ -70,17 +70,27 @@ def split_owned(requirements: list[str], owned: list[str]) -> tuple[list[str], l
     return to_install, constraints
 
 
+def installed_distributions() -> list[str]:
+    """Every distribution installed in this interpreter, except pip's own tooling: an image that must run the
+    stack its vendor tested (TensorRT-LLM's) owns all of them, so nothing the project brings can replace one."""
+    names = {canonicalize_name(d.metadata["Name"]) for d in importlib.metadata.distributions() if d.metadata["Name"]}
+    return sorted(names - {"pip", "setuptools", "wheel"})
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("pyproject", type=Path)
     parser.add_argument("--extras", default="", help="comma-separated optional extras, e.g. pipeline,engine")
-    parser.add_argument("--image-owns", default="", help="comma-separated distributions the base image owns")
+    parser.add_argument("--image-owns", default="", help="comma-separated distributions the base image owns, or "
+                        "'*' for every distribution installed in it")
     parser.add_argument("--requirements", type=Path, required=True, help="where to write the requirements")
     parser.add_argument("--constraints", type=Path, required=True, help="where to write the constraints")
     args = parser.parse_args(argv)
 
     extras = [e for e in args.extras.split(",") if e]
     owned = [o for o in args.image_owns.split(",") if o]
+    if owned == ["*"]:
+        owned = installed_distributions()
     try:
         to_install, constraints = split_owned(project_requirements(args.pyproject, extras), owned)
     except ValueError as error:

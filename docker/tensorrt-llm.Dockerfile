@@ -16,17 +16,19 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 
 WORKDIR /opt/secateurs
 
-# TensorRT-LLM 1.2.1 is built and tested against the torch, transformers and ModelOpt versions this image
-# ships; the image keeps them (constraints) and the project's requirements on them are dropped, because the
-# project's own pins (e.g. transformers 5) would otherwise replace them. Everything else the `pipeline` extra
-# needs (kfp for the component executor, mlflow, boto3) is installed normally.
+# TensorRT-LLM 1.2.1 is built and tested against every package this image ships (torch, transformers, ModelOpt,
+# and also datasets 3.1, protobuf, requests, urllib3, ...). The image owns all of them (`--image-owns '*'`): each
+# is held at its installed version (constraints) and the project's own requirements on them are dropped (our
+# datasets>=4 among them: the engine step reads token shards with numpy, not datasets). What is still missing
+# (kfp for the component executor, mlflow, boto3) is installed within those pins, or the build fails; and
+# `pip check` fails it on any conflict pip would only warn about.
 COPY pyproject.toml docker/project_requirements.py ./
 RUN --mount=type=bind,source=docker/wheels,target=/wheels \
     set -- /wheels/*.whl; if [ -e "$1" ]; then export PIP_NO_INDEX=1 PIP_FIND_LINKS=/wheels; fi \
-    && python3 project_requirements.py pyproject.toml --extras pipeline \
-        --image-owns tensorrt-llm,tensorrt,torch,transformers,tokenizers,accelerate,safetensors,nvidia-modelopt,numpy \
+    && python3 project_requirements.py pyproject.toml --extras pipeline --image-owns '*' \
         --requirements /tmp/requirements.txt --constraints /tmp/constraints.txt \
     && pip install --no-cache-dir -c /tmp/constraints.txt -r /tmp/requirements.txt \
+    && pip check \
     && rm /tmp/requirements.txt /tmp/constraints.txt
 
 COPY README.md ./
@@ -36,7 +38,7 @@ COPY pipelines ./pipelines
 RUN --mount=type=bind,source=docker/wheels,target=/wheels \
     set -- /wheels/*.whl; if [ -e "$1" ]; then export PIP_NO_INDEX=1 PIP_FIND_LINKS=/wheels; fi \
     && pip install --no-cache-dir --no-deps . \
-    && python3 -c "import secateurs, mlflow, kfp"
+    && python3 -c "import secateurs, secateurs.engine, secateurs.data, mlflow, kfp"
 
 RUN useradd --no-log-init --uid 10001 --gid 0 --create-home --home-dir /home/secateurs secateurs \
     && mkdir -p "$HF_HOME" \

@@ -52,6 +52,15 @@ def test_the_cli_runs_in_the_image_as_its_non_root_user(image):
     _podman("run", "--rm", image, "python", "-c", "import secateurs, mlflow, boto3, kfp, psycopg2")
 
 
+def test_a_c_compiler_and_writable_compile_caches_for_an_arbitrary_uid(image):
+    """torch.compile on CUDA: Triton builds its launcher with the system C compiler and writes its cache, and
+    Inductor writes its own; a pod with an arbitrary uid in group 0 and a read-only root can do all three."""
+    script = ('printf "int main(void){return 0;}" > /tmp/t.c && cc /tmp/t.c -o /tmp/t && /tmp/t'
+              ' && touch "$TRITON_CACHE_DIR/w" "$TORCHINDUCTOR_CACHE_DIR/w" && echo ok')
+    done = _podman("run", "--rm", "--read-only", "--tmpfs", "/tmp", "--user", "123456:0", image, "bash", "-c", script)
+    assert done.stdout.strip() == "ok", done.stderr
+
+
 def test_the_tensorrt_llm_image_s_project_layer_resolves(image):
     _podman("run", "--rm", "localhost/secateurs-tensorrt-llm-layer:cpu", "python", "-c",
             "import secateurs, mlflow, kfp; from secateurs.components import steps")  # fmt: skip

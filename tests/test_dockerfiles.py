@@ -87,6 +87,46 @@ def test_image_rules(dockerfile, base):
     assert not [a for w, a in steps if w in ("ENV", "ARG") and secret_names.search(a)]
 
 
+def test_the_training_image_has_a_c_compiler_and_writable_compile_caches():
+    """Triton needs `cc` at the first compiled step (the pytorch *-runtime bases have none, pytorch#116696), and
+    Triton's and Inductor's caches must be writable by the image's user and group 0 (arbitrary uids)."""
+    steps = instructions("docker/Dockerfile")
+    users = [i for i, (w, _) in enumerate(steps) if w == "USER"]
+    compiler = next(i for i, (w, a) in enumerate(steps) if w == "RUN" and "apt-get install" in a)
+    assert compiler < users[-1] and "command -v cc" in steps[compiler][1]
+    assert {"gcc", "libc6-dev"} <= set(steps[compiler][1].split())
+    env = " ".join(a for w, a in steps if w == "ENV")
+    for name in ("TRITON_CACHE_DIR", "TORCHINDUCTOR_CACHE_DIR"):
+        assert re.search(rf"{name}=/var/cache/secateurs/\S+", env), name
+        assert any(w == "RUN" and f'"${name}"' in a and "chmod -R g=u /var/cache/secateurs" in a for w, a in steps)
+
+
+def test_the_tensorrt_llm_image_keeps_every_pin_of_its_base_and_checks_them():
+    """Every distribution of NVIDIA's image is held at its version, and `pip check` fails the build on any
+    conflict the install leaves (pip itself only warns)."""
+    steps = instructions("docker/tensorrt-llm.Dockerfile")
+    install = next(a for w, a in steps if w == "RUN" and "-r /tmp/requirements.txt" in a)
+    assert "--image-owns '*'" in install
+    assert install.index("-r /tmp/requirements.txt") < install.index("&& pip check")
+
+
+def test_project_requirements_owns_everything_installed(tmp_path):
+    """`--image-owns '*'`: each installed distribution (but pip's tooling) is a constraint at its version, and the
+    project's requirements on installed distributions are dropped."""
+    requirements, constraints = tmp_path / "requirements.txt", tmp_path / "constraints.txt"
+    subprocess.run([sys.executable, str(REPO / "docker" / "project_requirements.py"), str(REPO / "pyproject.toml"),
+                    "--extras", "pipeline", "--image-owns", "*", "--requirements", str(requirements),
+                    "--constraints", str(constraints)], check=True, capture_output=True, text=True)  # fmt: skip
+    from packaging.utils import canonicalize_name
+
+    installed = {canonicalize_name(d.metadata["Name"]): d.version for d in importlib.metadata.distributions()}
+    expected = sorted(f"{name}=={version}" for name, version in installed.items()
+                      if name not in ("pip", "setuptools", "wheel"))  # fmt: skip
+    assert sorted(constraints.read_text().splitlines()) == expected
+    assert "torch==" + importlib.metadata.version("torch") in expected
+    assert requirements.read_text() == ""  # this environment has every requirement of the project installed
+
+
 def test_every_package_directory_is_in_the_wheel():
     """The image installs the wheel, not the checkout: a package directory pyproject does not list would be
     missing there (and only there; the editable install of `make setup` finds it anyway)."""
