@@ -84,11 +84,12 @@ class ParameterCounter:
     count exactly as `families.parameter_count` counts the pruned model; tied embeddings count once.
     """
 
-    def __init__(self, config, model_dir: str | Path | None = None) -> None:
+    def __init__(self, config, model_dir: str | Path | None = None, data_dir: str | Path | None = None) -> None:
         import torch
         from transformers import AutoModelForCausalLM
 
-        self.config, self.model_dir = config, model_dir  # the model dir: its tokenizer, for latency measurements
+        # For latency measurements: the model dir's tokenizer, and the dataset an fp8 engine calibrates on.
+        self.config, self.model_dir, self.data_dir = config, model_dir, data_dir
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(config)
         # named_parameters() lists a tied lm_head once, under the embedding's name.
@@ -248,7 +249,8 @@ def _within_latency(under: list[Candidate], counter: ParameterCounter, settings:
     under = sorted(under, key=lambda c: (-c.parameters, c.name))
     met = []
     for candidate in under:
-        if measure_throughput(counter.config, counter.model_dir, candidate.shape, settings) >= settings.latency:
+        speed = measure_throughput(counter.config, counter.model_dir, candidate.shape, settings, counter.data_dir)
+        if speed >= settings.latency:
             met.append(candidate)
             if len(met) == settings.max_candidates:
                 break
@@ -277,9 +279,13 @@ def check_engine(settings: SearchConfig) -> None:
                           f"({e})") from None  # fmt: skip
 
 
-def measure_throughput(config, model_dir: str | Path, shape: Shape, settings: SearchConfig) -> float:
+def measure_throughput(
+    config, model_dir: str | Path, shape: Shape, settings: SearchConfig, calib_dataset: str | Path | None = None
+) -> float:
     """Median output tokens/s of an engine of `shape` (random weights: speed does not depend on their values) at
-    the settings' lengths and batch, cached by shape and measurement settings under the secateurs cache."""
+    the settings' lengths and batch, cached by shape, measurement settings and the hardware and runtime measured
+    on, under the secateurs cache (which may be a volume that machines of several kinds share). An fp8 engine is
+    calibrated on `calib_dataset` (its values do not change the speed, but TensorRT-LLM's fp8 build needs them)."""
     import hashlib
     import tempfile
 
@@ -295,7 +301,8 @@ def measure_throughput(config, model_dir: str | Path, shape: Shape, settings: Se
     new = pruned_config(config, PrunePlan(kept_layers=list(range(shape.num_hidden_layers)), hidden=None,
                                           shape=shape), family_of(config))  # fmt: skip
     key = {"config": new.to_dict(), "backend": settings.engine_backend, "precision": settings.engine_precision,
-           "lengths": settings.engine_lengths, "batch": settings.engine_batch}  # fmt: skip
+           "lengths": settings.engine_lengths, "batch": settings.engine_batch,
+           "hardware": engine.hardware_identity(settings.engine_backend)}  # fmt: skip
     digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
     cached = cache_dir() / "search-throughput" / f"{digest}.json"
     if cached.is_file():
@@ -306,7 +313,7 @@ def measure_throughput(config, model_dir: str | Path, shape: Shape, settings: Se
         model = AutoModelForCausalLM.from_config(new, dtype=torch.float32)
         save_checkpoint(model, load_tokenizer(model_dir), Path(tmp) / "model")
         engine.build_engine(Path(tmp) / "model", settings.engine_backend, settings.engine_precision,
-                            Path(tmp) / "engine", lengths)  # fmt: skip
+                            Path(tmp) / "engine", lengths, calib_dataset=calib_dataset)  # fmt: skip
         bench = engine.bench_engine(Path(tmp) / "engine", lengths, batch=settings.engine_batch, repeats=2)
     speed = min(r["output_tokens_per_s"]["median"] for r in bench["results"])
     cached.parent.mkdir(parents=True, exist_ok=True)
@@ -381,7 +388,7 @@ def score_candidates(
     dd, data_config = load_packed(data_dir)
     check_matches(data_config, load_tokenizer(model_dir), where=f"dataset {data_dir}")
     check_engine(settings)
-    counter = ParameterCounter(config, model_dir)
+    counter = ParameterCounter(config, model_dir, data_dir)
     candidates = enumerate_candidates(counter, settings)
     if len(candidates) < settings.top_k:
         raise SearchError(f"top_k={settings.top_k} but only {len(candidates)} candidate shapes are within "
@@ -401,7 +408,7 @@ def score_candidates(
         loss = validation_loss(pruned.to(device), validation, settings.batch_size)
         rows.append(_row(candidate, settings, pruned_loss=loss))
         if settings.latency is not None:  # measured during enumeration: read from the cache
-            rows[-1]["output_tokens_per_s"] = measure_throughput(config, model_dir, candidate.shape, settings)
+            rows[-1]["output_tokens_per_s"] = measure_throughput(config, model_dir, candidate.shape, settings, data_dir)
         print(f"search: {candidate.name} {candidate.parameters:,} parameters, validation loss {loss:.4f} after pruning")
         del pruned
     del model, state

@@ -12,7 +12,7 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from secateurs import prune, search
+from secateurs import engine, prune, search
 from secateurs.checkpoint import load_model
 from secateurs.config import DistillConfig, SearchConfig
 from secateurs.families import Shape, family_of, parameter_count
@@ -405,6 +405,54 @@ def test_compiled_search_fans_out_one_gpu_task_per_candidate(tmp_path):
     assert distill["inputs"]["artifacts"]["model"]["taskOutputArtifact"]["producerTask"] == "search-pick"
 
 
+def test_the_rerun_of_one_candidate_compiles_without_an_importer_in_a_loop(tmp_path):
+    """The pipelines of `rerun --step search-distill:auto-4b/1 --downstream`, compiled: no importer task in a
+    for-loop DAG (the KFP 2.17 driver gathers a loop's outputs from container tasks only: `CollectInputs` in
+    backend/src/v2/driver/resolve.go). The pick reads the recorded items, in item order, from a loop of container
+    tasks; the other recorded inputs are imported once each, outside any loop."""
+    pytest.importorskip("kfp")
+    import yaml
+    from kfp import compiler
+
+    from secateurs.config import PipelineConfig
+    from secateurs.pipeline_cli import rerun_phases, rerun_plan
+    from secateurs.pipelines.recipe import build_pipeline, recipe
+    from secateurs.steps import STEPS
+
+    config = PipelineConfig.model_validate({
+        "teacher": {"source": "meta-llama/Llama-3.1-8B"},
+        "students": [{"name": "auto-4b", "search": {"params": 4.5e9, "top_k": 3, "tokens": 2e8}}],
+        "placement": {"gpus": {"distill": 8, "importance": 1}, "processes": {"distill": 1}},
+    })  # fmt: skip
+
+    def executor(task) -> dict:  # of `spec`, the last compiled; {} for a DAG's task
+        label = spec["components"][task["componentRef"]["name"]].get("executorLabel")
+        return spec["deploymentSpec"]["executors"].get(label, {})
+
+    recorded = {(key, output): f"s3://runs/root/{key}/{output}" for s in recipe(config) for key in s.task_keys
+                for output in STEPS[s.kind].outputs}  # fmt: skip
+    phases = rerun_phases(config, "search-distill:auto-4b/1", True)
+    assert len(phases) == 2
+    for i, (keys, downstream) in enumerate(phases):
+        steps, imports = rerun_plan(config, keys, downstream, recorded)
+        compiler.Compiler().compile(build_pipeline(config, steps=steps, imports=imports), str(tmp_path / f"{i}.yaml"))
+        spec = next(yaml.safe_load_all((tmp_path / f"{i}.yaml").read_text()))
+        loops = [c["dag"]["tasks"] for name, c in spec["components"].items() if name.startswith("comp-for-loop")]
+        assert loops, i
+        for tasks in loops:
+            assert all("importer" not in executor(t) for t in tasks.values()), i
+        importers = [t for t in spec["root"]["dag"]["tasks"].values() if "importer" in executor(t)]
+        assert len(importers) == len({ref for ref, uri in imports.items() if isinstance(uri, str)}), i
+    # The second phase: the pick's scored items come from a loop of `recorded` tasks over the three recorded URIs.
+    loop = next(t for t in spec["root"]["dag"]["tasks"].values() if "parameterIterator" in t)
+    assert json.loads(loop["parameterIterator"]["items"]["raw"]) == [
+        recorded[(f"search-distill:auto-4b/{i}", "scored")] for i in range(3)]  # fmt: skip
+    (inner,) = spec["components"][loop["componentRef"]["name"]]["dag"]["tasks"].values()
+    assert "container" in executor(inner) and inner["taskInfo"]["name"] == "import search-distill:auto-4b.scored"
+    pick = next(t for t in spec["root"]["dag"]["tasks"].values() if t["taskInfo"]["name"] == "search-pick:auto-4b")
+    assert pick["inputs"]["artifacts"]["scored"]["taskOutputArtifact"]["producerTask"] == loop["taskInfo"]["name"]
+
+
 def test_a_tensorrt_llm_latency_search_runs_in_its_image_on_a_gpu(tmp_path):
     """The search step builds its candidates' engines in the image of its latency budget's backend (the
     TensorRT-LLM one, on the importance step's GPU); a search by parameters stays in the secateurs image. Refused
@@ -507,6 +555,34 @@ def test_latency_budget_keeps_shapes_whose_measured_throughput_meets_it(tiny_mod
     assert search.format_table(report).splitlines()[0].split() == ["candidate", "params", "tokens/s", "loss", "pruned",
                                                                    "loss", "KD"]  # fmt: skip
     assert report["parameter_limit"] == counter(counter.source) - 1
+    # Measured on this machine's CPU and runtime: another machine (a GPU kind sharing the cache volume) measures
+    # again rather than reading figures taken elsewhere.
+    assert all(m["hardware"] == engine.hardware_identity("onnxruntime-genai") for m in measured)
+    assert measured[0]["hardware"]["cores"] >= 1 and measured[0]["hardware"]["runtime"].startswith("onnxruntime-genai 0.")
+    monkeypatch.setattr(engine, "hardware_identity", lambda backend: {"cpu": "another", "runtime": backend})
+    search.enumerate_candidates(counter, settings)
+    assert len(list((tmp_path / "cache" / "search-throughput").glob("*.json"))) == 4
+
+
+def test_fp8_latency_search_calibrates_its_engines_on_the_search_data(tiny_models, tiny_importance, tiny_data,
+                                                                      tmp_path, monkeypatch):  # fmt: skip
+    """TensorRT-LLM's fp8 build needs calibration data: the candidates' engines get the search's dataset. Only the
+    GPU-bound pieces (the runtime check and ModelOpt's build) stand in for what needs a GPU."""
+    monkeypatch.setenv("SECATEURS_CACHE", str(tmp_path / "cache"))
+    built = []
+
+    def build(self, model_dir, out_dir, precision, calib_dataset=None, **_):
+        built.append((precision, calib_dataset))
+        raise RuntimeError("no GPU here")
+
+    monkeypatch.setattr(engine.TensorRTLLM, "check_runtime", lambda self, precision, capability: None)
+    monkeypatch.setattr(engine.TensorRTLLM, "build", build)
+    settings = SearchConfig(latency=1.0, engine_backend="tensorrt-llm", engine_precision="fp8", engine_lengths="16:8",
+                            fixed={"hidden_size": 48, "ffn_hidden_size": 64, "num_layers": 3, "num_attention_heads": 4})
+    with pytest.raises(RuntimeError, match="no GPU here"):
+        search.score_candidates(tiny_models["llama-tied"], tiny_importance["llama-tied"], tiny_data, tmp_path / "o",
+                                settings)  # fmt: skip
+    assert built == [("fp8", Path(tiny_data).absolute())]
 
 
 def test_latency_budget_without_its_engine_backend_fails_before_pruning(tiny_models, tiny_importance, tiny_data,
