@@ -58,7 +58,9 @@ def _model_options(model_cls, exclude: tuple[str, ...] = (), include: tuple[str,
             if f.is_required():
                 default, kind, into = typer.Argument(..., help=f.description), inspect.Parameter.POSITIONAL_OR_KEYWORD, arguments
             else:
-                default = typer.Option(f.default, "--" + name.replace("_", "-"), help=f.description)
+                # A list default is shown in the form the option is read in (`lambada-docs`, not the Python repr
+                # that typer would hand back as the value); an option left out takes the model's own default.
+                default = typer.Option(_shown(f.default), "--" + name.replace("_", "-"), help=f.description)
                 kind, into = inspect.Parameter.KEYWORD_ONLY, options
             into.append(inspect.Parameter(name, kind, annotation=option_type(f.annotation), default=default))
         from_file = inspect.Parameter(
@@ -66,10 +68,17 @@ def _model_options(model_cls, exclude: tuple[str, ...] = (), include: tuple[str,
             default=typer.Option(None, "--settings", help="JSON or YAML file of these settings (the config "
                                  "section); options given as well override it."),
         )  # fmt: skip
-        params = arguments + own + options + [from_file]
+        # typer hands the command's context to a parameter annotated typer.Context.
+        context = inspect.Parameter(CONTEXT, inspect.Parameter.KEYWORD_ONLY, annotation=typer.Context)
+        params = arguments + own + options + [from_file, context]
 
         def wrapper(*args, **kwargs):
+            # Only the options given on the command line: the rest take the model's defaults, or the file's values
+            # (an option given equal to its default still overrides the file). The context records each one's source.
+            context = kwargs.pop(CONTEXT)
             values = {n: kwargs.pop(n) for n in fields}
+            values = {n: v for n, v in values.items()
+                      if getattr(context.get_parameter_source(n), "name", "DEFAULT") not in ("DEFAULT", "DEFAULT_MAP")}  # fmt: skip
             for n in listed & {n for n, v in values.items() if isinstance(v, str)}:
                 v = values[n]
                 values[n] = json.loads(v) if v.lstrip().startswith("[") else [x for x in v.split(",") if x]
@@ -77,9 +86,8 @@ def _model_options(model_cls, exclude: tuple[str, ...] = (), include: tuple[str,
             if settings_file is not None:
                 import yaml
 
-                given = {n: v for n, v in values.items() if v != fields[n].default}
                 values = {**{n: v for n, v in (yaml.safe_load(settings_file.read_text()) or {}).items()
-                             if n in fields}, **given}  # fmt: skip
+                             if n in fields}, **values}  # fmt: skip
             try:
                 settings = model_cls(**values)
             except ValidationError as e:
@@ -91,6 +99,17 @@ def _model_options(model_cls, exclude: tuple[str, ...] = (), include: tuple[str,
         return wrapper
 
     return decorate
+
+
+CONTEXT = "_command_context"
+
+
+def _shown(default):
+    """A field's default as its option reads it: a list of plain values comma-separated, other lists as JSON."""
+    if isinstance(default, (list, tuple)):
+        plain = all(isinstance(x, (str, int, float)) and "," not in str(x) for x in default)
+        return ",".join(str(x) for x in default) if plain and default else json.dumps(default)
+    return default
 
 
 def _main_process() -> bool:

@@ -20,3 +20,30 @@ def test_help_of_every_command():
         result = runner.invoke(app, args)
         assert result.exit_code == 0, f"secateurs {' '.join(args)}: {result.output}{result.exception!r}"
         assert "Usage:" in result.output and "Traceback" not in result.output
+
+
+def test_a_step_runs_with_its_defaults_and_an_option_overrides_the_settings_file(tiny_models, tiny_data, tmp_path):
+    """`evaluate` with only its required options: its list-valued default (`--tasks lambada-docs`) is the model's
+    own, not typer's rendering of it. An option given equal to its default still overrides `--settings`."""
+    import json
+
+    from secateurs.config import EvaluateConfig
+    from secateurs.manifest import read_manifest
+
+    runner = CliRunner()
+    model = str(tiny_models["llama-tied"])
+    assert "[default: lambada-docs]" in " ".join(runner.invoke(app, ["evaluate", "--help"], terminal_width=200).output.split())
+    out = tmp_path / "defaults"
+    result = runner.invoke(app, ["evaluate", "--model", model, "--data", str(tiny_data), "--out", str(out)])
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    assert read_manifest(out)["config"] == EvaluateConfig().model_dump()
+    assert "lambada-docs" in json.loads((out / "metrics.json").read_text())["tasks"]
+
+    settings = tmp_path / "evaluate.yaml"
+    settings.write_text("tasks: [lambada-docs]\nbatch_size: 2\nmax_sequences: 3\nlimit: 4\n")
+    out = tmp_path / "overridden"
+    result = runner.invoke(app, ["evaluate", "--model", model, "--data", str(tiny_data), "--out", str(out),
+                                 "--settings", str(settings), "--batch-size", "8", "--tasks", "lambada-docs"])
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    config = read_manifest(out)["config"]
+    assert (config["batch_size"], config["max_sequences"], config["limit"]) == (8, 3, 4)
