@@ -7,6 +7,9 @@ tracked body shares lives once, in `secateurs.components.runtime.step`: it valid
 JSON of its config section) with the registry's settings model, opens the step's MLflow run, records every
 output and copies the report into the artifacts' metadata.
 
+Besides the steps, `recorded` publishes again an output that an earlier run recorded (how a rerun brings in a
+fan-out step's items).
+
 `component(kind, image)` turns a function into a component that runs in `image`; nothing is installed when a
 step starts. Under kfp.local they run in the current environment instead. Imports live inside the bodies
 because KFP ships only the function's source.
@@ -279,6 +282,17 @@ def report(table: Input[Artifact], tracking_uri: str, pipeline_run: str, compari
     print(format_table(entries))
 
 
+def recorded(uri: str, artifact: Output[Artifact]):
+    """An output that an earlier run recorded at `uri`, published again as this task's: how a rerun brings in the
+    items of a fan-out step's output, inside a ParallelFor (`secateurs.pipelines.recipe.build_pipeline` says why
+    not with `dsl.importer`). Not a step: nothing is tracked, so a later rerun still imports the recorded item."""
+    import shutil
+
+    from secateurs.storage import localize
+
+    shutil.copytree(localize(uri), artifact.path, dirs_exist_ok=True)
+
+
 FUNCTIONS = {f.__name__: f for f in (import_model, prepare_data, correct_teacher, importance, prune, search,
                                      search_distill, search_pick, distill, evaluate, engine, collect, report)}  # fmt: skip
 
@@ -291,3 +305,9 @@ def component(kind: str, image: str):
     holds secateurs and its dependencies.
     """
     return dsl.component(FUNCTIONS[kind], base_image=image, packages_to_install=[], install_kfp_package=False)
+
+
+@functools.cache
+def recorded_component(image: str):
+    """The `recorded` component, running in `image`."""
+    return dsl.component(recorded, base_image=image, packages_to_install=[], install_kfp_package=False)

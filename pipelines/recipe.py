@@ -160,8 +160,8 @@ def build_pipeline(
         steps: the steps to run (default: the whole `recipe(config)`); inputs from steps not listed must be in
             `imports`.
         imports: (task key, output name) -> URI of an artifact an earlier run produced, brought in with
-            `dsl.importer`; for a fan-out step's output, the list of its items' URIs, brought in by a loop of
-            importers and read `dsl.Collected`, as the fan-out's own outputs are.
+            `dsl.importer`; for a fan-out step's output, the list of its items' URIs, each copied by a `recorded`
+            task of a ParallelFor and read `dsl.Collected`, as the fan-out's own outputs are.
         fresh: task keys that must run even if the cache holds their outputs (a rerun's target).
         tracking_uri: the default of the pipeline's `tracking_uri` parameter ("" leaves it to the step's
             MLFLOW_TRACKING_URI, which the chart's defaults ConfigMap sets on a cluster).
@@ -172,7 +172,7 @@ def build_pipeline(
     """
     from kfp import dsl
 
-    from secateurs.components.steps import component
+    from secateurs.components.steps import component, recorded_component
 
     every = recipe(config)
     steps = every if steps is None else steps
@@ -195,13 +195,18 @@ def build_pipeline(
                 return imported[ref]
             if ref not in imports:
                 raise ValueError(f"step input {ref[0]}.{ref[1]} is neither run nor imported")
-            kind = getattr(dsl, STEPS[kinds[ref[0]]].outputs[ref[1]])
             if isinstance(imports[ref], list):
+                # A fan-out step's items, gathered as its own outputs are: a ParallelFor of container tasks that
+                # republish one recorded item each. Not of importers: the KFP backend's driver gathers a loop's
+                # outputs from container executions only (backend/src/v2/driver/resolve.go, CollectInputs, 2.17.0
+                # line 940); an importer's (system.ImporterExecution) sends it to a task that does not exist.
                 with dsl.ParallelFor(imports[ref]) as uri:
-                    task = dsl.importer(artifact_uri=uri, artifact_class=kind, reimport=False)
+                    task = recorded_component(images["secateurs"])(uri=uri)
                     task.set_display_name(f"import {ref[0]}.{ref[1]}")
-                imported[ref] = dsl.Collected(task.output)
+                    place(task, "", placement)
+                imported[ref] = dsl.Collected(task.outputs["artifact"])
             else:
+                kind = getattr(dsl, STEPS[kinds[ref[0]]].outputs[ref[1]])
                 task = dsl.importer(artifact_uri=imports[ref], artifact_class=kind, reimport=False)
                 task.set_display_name(f"import {ref[0]}.{ref[1]}")
                 imported[ref] = task.output
@@ -224,7 +229,8 @@ def build_pipeline(
             else:
                 task = component(step.kind, image)(**kwargs)
             task.set_display_name(step.key)
-            place(task, spec.placed_as or step.kind, placement)
+            place(task, spec.placed_as or step.kind, placement,
+                  watcher=spec.distributed and placement.nodes_of(step.kind) > 1)  # fmt: skip
             if step.key in fresh:
                 task.set_caching_options(False)
             tasks[step.key] = task
@@ -244,15 +250,24 @@ def _trainjob(placement: PlacementConfig, kind: str, image: str) -> str:
     return json.dumps(dataclasses.asdict(JobPlacement.of(placement, kind, image)))
 
 
-def place(task, kind: str, placement: PlacementConfig) -> None:
+# What the pod of a multi-node step asks for: it stages the inputs on the cache volume, creates the TrainJob and
+# streams rank 0's log, in one Python process that imports secateurs (torch included, about 1 GB resident). The
+# job's pods get the step's GPUs and placement.resources (secateurs.trainjob), so the watcher can land on any node.
+WATCHER_RESOURCES = {"cpu_request": "1", "memory_request": "4G"}
+
+
+def place(task, kind: str, placement: PlacementConfig, watcher: bool = False) -> None:
     """Every cluster setting of one task: GPUs, resources, node selection, the defaults ConfigMap, secrets,
     volumes, retries, caching.
 
     kfp.local ignores the Kubernetes ones (with a warning); GPUs are requested only by the registry's GPU steps.
+    `kind` "" is a task of no step (a rerun's `recorded` one): no GPU and no resources. A `watcher` (a step that
+    runs on several nodes as a TrainJob and only watches it) gets no GPU, node selector, toleration or /dev/shm,
+    and `WATCHER_RESOURCES` instead of the step's: an N-node job then needs N GPU nodes, not N + 1.
     """
     from kfp import kubernetes
 
-    gpus = getattr(placement.gpus, kind, 0) if STEPS[kind].gpu else 0
+    gpus = getattr(placement.gpus, kind, 0) if kind and STEPS[kind].gpu and not watcher else 0
     if gpus:
         task.set_accelerator_type("nvidia.com/gpu").set_accelerator_limit(gpus)
         for label, value in placement.node_selector.items():
@@ -263,9 +278,9 @@ def place(task, kind: str, placement: PlacementConfig) -> None:
             kubernetes.empty_dir_mount(task, volume_name="shm", mount_path="/dev/shm", medium="Memory",
                                        size_limit=placement.shm_size)  # fmt: skip
     resources = placement.resources.get(kind)
-    if resources is not None:
-        for setting, value in resources.model_dump(exclude_none=True).items():
-            getattr(task, f"set_{setting}")(value)
+    resources = WATCHER_RESOURCES if watcher else resources.model_dump(exclude_none=True) if resources else {}
+    for setting, value in resources.items():
+        getattr(task, f"set_{setting}")(value)
     from_secrets = {env for secret in placement.secrets for env in secret.env.values()}
     if placement.defaults_config_map:
         # Every key optional: the chart writes some only when they are set. A variable a Secret fills is left to

@@ -2,8 +2,10 @@
 
 The job runs the same command as one node does (`torchrun -m secateurs distill ...`, torchrun reading its node
 count, node rank and rendezvous from the PET_* variables that the `torch-distributed` runtime sets in every pod),
-in the same image, with the step's node selector, tolerations, secrets, /dev/shm and cache volume. Its pods cannot
-see the KFP step's artifact paths, so the step stages its inputs on the shared cache volume
+in the same image, with the step's GPUs, CPU and memory (`placement.resources`), node selector, tolerations,
+secrets, /dev/shm and cache volume; the KFP step's own pod only stages, creates and watches, so it asks for no GPU
+and little CPU and memory (`secateurs.pipelines.recipe.place`). The job's pods cannot see the KFP step's artifact
+paths, so the step stages its inputs on the shared cache volume
 (`<cache>/trainjobs/<job>/`), the job writes its output there, and the step copies it to its own output path once
 the job has completed (nothing is published from a failed job). The job is named after the run's identity (inputs'
 content hashes and settings, as the checkpoints are), so a retried step finds its job: a running one is watched
@@ -29,6 +31,10 @@ JOBSET_NAME = "jobset.sigs.k8s.io/jobset-name"
 REPLICATED_JOB = "jobset.sigs.k8s.io/replicatedjob-name"
 COMPLETION_INDEX = "batch.kubernetes.io/job-completion-index"
 NAMESPACE_FILE = "/var/run/secrets/kubernetes.io/serviceaccount/namespace"
+# `placement.resources` fields as Kubernetes ResourceRequirements entries (the settings KFP's set_cpu_request,
+# set_memory_limit, ... give a task): a multi-node step's pods get them instead of the pod that watches the job.
+RESOURCE_FIELDS = {"cpu_request": ("requests", "cpu"), "cpu_limit": ("limits", "cpu"),
+                   "memory_request": ("requests", "memory"), "memory_limit": ("limits", "memory")}  # fmt: skip
 
 
 class TrainJobError(RuntimeError):
@@ -49,18 +55,25 @@ class JobPlacement:
     tolerations: list[dict] = field(default_factory=list)
     secrets: list[dict] = field(default_factory=list)  # {"name": Secret, "env": {key: VARIABLE}}
     shm_size: str | None = None
+    requests: dict[str, str] = field(default_factory=dict)  # per node, e.g. {"cpu": "32", "memory": "512G"}
+    limits: dict[str, str] = field(default_factory=dict)  # per node, besides the GPUs
     pending_timeout: int = 1800
     poll_seconds: float = 10.0
 
     @classmethod
     def of(cls, placement, kind: str, image: str) -> JobPlacement:
-        cache = placement.cache_volume
+        cache, resources = placement.cache_volume, {"requests": {}, "limits": {}}
+        given = placement.resources.get(kind)
+        for setting, value in (given.model_dump(exclude_none=True) if given else {}).items():
+            where, name = RESOURCE_FIELDS[setting]
+            resources[where][name] = value
         return cls(
             image=image, nodes=placement.nodes_of(kind), gpus_per_node=getattr(placement.gpus, kind),
             processes_per_node=placement.processes_of(kind), cache_pvc=cache.pvc, cache_mount=cache.mount_path,
             node_selector=dict(placement.node_selector),
             tolerations=[t.model_dump(exclude_none=True) for t in placement.tolerations],
             secrets=[s.model_dump() for s in placement.secrets], shm_size=placement.shm_size,
+            requests=resources["requests"], limits=resources["limits"],
             pending_timeout=placement.trainjob_pending_timeout,
         )  # fmt: skip
 
@@ -141,6 +154,14 @@ def trainjob_manifest(name: str, step: str, inputs: dict[str, str], out: str, se
     )
     # The patch reaches the runtime's "node" replicated job: JobSet -> ReplicatedJob -> Job -> Pod.
     pod_template = m.TrainerV1alpha1PodTemplatePatch(spec=pod)
+    # Every rank loads the checkpoints on the host before they reach its GPU: the step's CPU and memory
+    # (placement.resources) are each node's, beside the GPU limit (a GPU's request defaults to its limit).
+    quantity = m.IoK8sApimachineryPkgApiResourceQuantity
+    limits = {**job.limits, "nvidia.com/gpu": str(job.gpus_per_node)}
+    resources = m.IoK8sApiCoreV1ResourceRequirements(
+        requests={k: quantity(actual_instance=v) for k, v in job.requests.items()} or None,
+        limits={k: quantity(actual_instance=v) for k, v in limits.items()},
+    )
     node = m.TrainerV1alpha1ReplicatedJobPatch(
         name="node", template=m.TrainerV1alpha1JobTemplatePatch(spec=m.TrainerV1alpha1JobSpecPatch(template=pod_template))
     )
@@ -156,10 +177,8 @@ def trainjob_manifest(name: str, step: str, inputs: dict[str, str], out: str, se
             runtime_ref=m.TrainerV1alpha1RuntimeRef(name=RUNTIME, kind="ClusterTrainingRuntime", api_group=GROUP),
             trainer=m.TrainerV1alpha1Trainer(
                 image=job.image, command=command, env=env, num_nodes=job.nodes,
-                num_proc_per_node=job.processes_per_node,
-                resources_per_node=m.IoK8sApiCoreV1ResourceRequirements(limits={
-                    "nvidia.com/gpu": m.IoK8sApimachineryPkgApiResourceQuantity(actual_instance=str(job.gpus_per_node))}),
-            ),  # fmt: skip
+                num_proc_per_node=job.processes_per_node, resources_per_node=resources,
+            ),
             runtime_patches=[patch],
         ),
     )

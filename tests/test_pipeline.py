@@ -279,6 +279,67 @@ def test_four_nodes_hand_distillation_to_a_trainjob(tmp_path, monkeypatch):
     assert params["correct-teacher"]["trainjob"]["runtimeValue"]["constant"] == ""
 
 
+@pytest.fixture(scope="module")
+def two_nodes(tmp_path_factory, monkeypatch_module):
+    """The flagship compiled with its distillations on 2 nodes each: the config and the spec's tasks."""
+    from secateurs.config import load_config
+    from secateurs.pipeline_cli import compile_pipeline
+
+    for k, v in IMAGES.items():
+        monkeypatch_module.setenv(k, v)
+    config = load_config(FLAGSHIP)
+    config.placement.nodes = {"distill": 2}
+    docs = list(yaml.safe_load_all(compile_pipeline(config, tmp_path_factory.mktemp("two") / "p.yaml").read_text()))
+    return config, _tasks(docs[0], docs[1])
+
+
+def test_a_multi_node_step_holds_no_gpu_node_while_it_watches_its_trainjob(two_nodes):
+    """The KFP pod of a 2-node distillation only creates and watches the TrainJob: no GPU, node selector,
+    toleration or /dev/shm, and small requests (else a 2-node pool waits for a third node); teacher correction,
+    on one node, keeps its node's GPUs and resources."""
+    from secateurs.pipelines.recipe import WATCHER_RESOURCES
+
+    config, tasks = two_nodes
+    distills = {name: t for name, t in tasks.items() if name.startswith("distill:")}
+    assert sorted(distills) == ["distill:depth", "distill:width"]
+    for name, (_, container, k8s) in distills.items():
+        resources = container.get("resources", {})
+        assert "accelerator" not in resources, name
+        assert not {"nodeSelector", "tolerations", "emptyDirMounts"} & set(k8s), name
+        assert {k: v for k, v in resources.items() if k.startswith("resource")} == {
+            "resourceCpuRequest": WATCHER_RESOURCES["cpu_request"],
+            "resourceMemoryRequest": WATCHER_RESOURCES["memory_request"]}, name  # fmt: skip
+        # It still stages the inputs on the cache volume and reads the S3 and MLflow secrets.
+        assert [m["constant"] for m in k8s["pvcMount"]] == ["secateurs-cache"] and k8s["secretAsEnv"], name
+    _, container, k8s = tasks["correct-teacher"]
+    resources, wanted = container["resources"], config.placement.resources["correct_teacher"]
+    assert int(resources["accelerator"]["resourceCount"]) == config.placement.gpus.correct_teacher
+    assert resources["resourceMemoryRequest"] == wanted.memory_request
+    assert k8s["nodeSelector"]["labels"] == config.placement.node_selector
+
+
+def test_the_trainjob_of_a_multi_node_step_carries_the_step_resources(two_nodes):
+    """The TrainJob that the compiled distill task creates (from the JobPlacement in its spec) asks for the GPUs
+    and placement.resources on every node, and is valid against Kubeflow Trainer v2.3.0's CRD schema."""
+    import jsonschema
+    from k8s_api import trainjob_schema
+
+    from secateurs.trainjob import JobPlacement, trainjob_manifest
+
+    config, tasks = two_nodes
+    task, _, _ = tasks["distill:width"]
+    job = JobPlacement(**json.loads(task["inputs"]["parameters"]["trainjob"]["runtimeValue"]["constant"]))
+    manifest = trainjob_manifest("secateurs-distill-0123456789ab", "distill", {"teacher": "/cache/t"}, "/cache/o",
+                                 "/cache/s.json", job)  # fmt: skip
+    jsonschema.validate(manifest, trainjob_schema())
+    wanted = config.placement.resources["distill"]
+    assert manifest["spec"]["trainer"]["numNodes"] == 2
+    assert manifest["spec"]["trainer"]["resourcesPerNode"] == {
+        "requests": {"cpu": wanted.cpu_request, "memory": wanted.memory_request},
+        "limits": {"memory": wanted.memory_limit, "nvidia.com/gpu": str(config.placement.gpus.distill)},
+    }
+
+
 def test_components_declare_the_registry_inputs_and_outputs():
     """A lightweight component's interface is its Python signature (KFP ships the source); it must be the
     registry's, artifact types included."""
