@@ -38,6 +38,8 @@ from secateurs.prune import PruneTarget
 SETTINGS = dict(max_steps=6, micro_batch_size=2, global_batch_size=4, warmup_steps=2, save_steps=3,
                 logging_steps=1, learning_rate=1e-3, min_learning_rate=1e-4, intermediate_loss=True)  # fmt: skip
 LOSS_RTOL, WEIGHT_ATOL = 1e-3, 1e-4  # why: the module docstring
+# Under fsdp the two processes run a step's 4 sequences as micro-batches of 1, two each, accumulated.
+FSDP_MICRO_BATCH = {"micro_batch_size": 1}
 # A run's whole time is bounded: a hung rendezvous fails the test instead of hanging the suite.
 TIMEOUT = 600
 
@@ -89,6 +91,16 @@ def single(tiny_models, student, tiny_data, tmp_path_factory):
     return out
 
 
+@pytest.fixture(scope="module")
+def single_by_ones(tiny_models, student, tiny_data, tmp_path_factory):
+    """The reference of the fsdp run that accumulates: one process, four micro-batches of 1 accumulated per step.
+    (Not `single`: the intermediate loss is rescaled a micro-batch at a time, so its gradient depends on how the
+    batch is cut.)"""
+    out = tmp_path_factory.mktemp("single-by-ones") / "distilled"
+    train.distill(tiny_models["llama-untied"], student, tiny_data, out, DistillConfig(**SETTINGS | FSDP_MICRO_BATCH))
+    return out
+
+
 def _assert_same_run(out: Path, reference: Path, processes: int, parallelism: str) -> None:
     report, expected = _report(out), _report(reference)
     assert (report["processes"], report["parallelism"]) == (processes, parallelism)
@@ -104,15 +116,77 @@ def _assert_same_run(out: Path, reference: Path, processes: int, parallelism: st
     assert outliers <= 1e-5 * gaps.numel() and gaps.max() <= SETTINGS["learning_rate"] * SETTINGS["max_steps"]
 
 
+# Run under torchrun: the step as its command runs it, with each process noting, for each of its micro-batches (a
+# call of the Trainer's `training_step`: forward and backward), how many gradient reduce-scatters it ran.
+_COUNTED_STEP = """
+import json, os, sys
+import torch.distributed as dist
+from transformers import Trainer
+from secateurs.cli import main
+
+counts, reductions = [], [0]
+
+def counting(real):
+    def counted(*args, **kwargs):
+        reductions[0] += 1
+        return real(*args, **kwargs)
+    return counted
+
+for name in ("reduce_scatter_single", "reduce_scatter_tensor"):  # what FSDP2 calls, by torch release
+    if hasattr(dist, name):
+        setattr(dist, name, counting(getattr(dist, name)))
+training_step = Trainer.training_step
+
+from torch.distributed.fsdp import FSDPModule
+_srgs = FSDPModule.set_requires_gradient_sync
+def _logged(self, flag, **kw):
+    counts.append(("srgs", type(self).__name__, flag))
+    return _srgs(self, flag, **kw)
+FSDPModule.set_requires_gradient_sync = _logged
+
+def counted_step(self, *args, **kwargs):
+    counts.append(("step", self.accelerator.is_fsdp2, self.args.gradient_accumulation_steps, str(self.accelerator.distributed_type), type(args[0]).__name__))
+    before = reductions[0]
+    try:
+        return training_step(self, *args, **kwargs)
+    finally:
+        counts.append(reductions[0] - before)
+
+Trainer.training_step = counted_step
+trace, sys.argv[1:] = sys.argv[1], sys.argv[2:]
+try:
+    main()
+finally:
+    with open(os.path.join(trace, "rank-%s.json" % os.environ["RANK"]), "w") as f:
+        json.dump(counts, f)
+"""
+
+
 @pytest.mark.parametrize("parallelism", ["ddp", "fsdp"])
-def test_two_processes_train_as_one(parallelism, tiny_models, student, tiny_data, single, tmp_path):
-    out = tmp_path / "distilled"
-    cmd = _torchrun(2) + ["--master-addr=127.0.0.1", f"--master-port={_free_port()}"]
-    done = subprocess.run(cmd + _command(tiny_models["llama-untied"], student, tiny_data, out, parallelism),
-                          env=_env(), capture_output=True, text=True, timeout=TIMEOUT)  # fmt: skip
+def test_two_processes_train_as_one(parallelism, tiny_models, student, tiny_data, request, tmp_path):
+    """Under fsdp a step is 4 micro-batches of 1, 2 a process accumulated (FSDP_MICRO_BATCH), and every one of
+    them reduce-scatters its gradients as its backward ends: no process holds the whole model's unsharded
+    gradients through a step (sync_each_batch; train.py)."""
+    out, trace = tmp_path / "distilled", tmp_path / "trace"
+    trace.mkdir()
+    script = tmp_path / "counted.py"
+    script.write_text(_COUNTED_STEP)
+    overrides = FSDP_MICRO_BATCH if parallelism == "fsdp" else {}
+    reference = request.getfixturevalue("single_by_ones" if overrides else "single")
+    cmd = _torchrun(2) + ["--master-addr=127.0.0.1", f"--master-port={_free_port()}", str(script), str(trace)]
+    # The script stands for `-m secateurs`.
+    command = _command(tiny_models["llama-untied"], student, tiny_data, out, parallelism, **overrides)[2:]
+    done = subprocess.run(cmd + command, env=_env(), capture_output=True, text=True, timeout=TIMEOUT)
     assert done.returncode == 0, done.stderr[-3000:]
-    _assert_same_run(out, single, 2, parallelism)
-    if parallelism == "fsdp":  # each process wrote its own shard of the weights and of the optimizer state
+    _assert_same_run(out, reference, 2, parallelism)
+    if parallelism == "fsdp":
+        micro_batches = SETTINGS["max_steps"] * SETTINGS["global_batch_size"] // (2 * overrides["micro_batch_size"])
+        for rank in (0, 1):
+            counts = json.loads((trace / f"rank-{rank}.json").read_text()); print("COUNTS", rank, counts[:12])
+            # The same reduce-scatters (one a parameter group) after every micro-batch; accelerate's no_sync would
+            # leave all but each step's last with none.
+            assert len(counts) == micro_batches and counts[0] > 0 and set(counts) == {counts[0]}, counts
+        # each process wrote its own shard of the weights and of the optimizer state
         checkpoint = Path(_report(out)["checkpoint_dir"]) / "checkpoint-6"
         assert {p.name for p in checkpoint.iterdir()} >= {"pytorch_model_fsdp_0", "optimizer_0"}
         assert not (checkpoint / "model.safetensors").exists()
@@ -260,7 +334,7 @@ def test_a_two_node_trainjob_is_valid_against_the_trainer_crd():
     jsonschema.validate(manifest, trainjob_schema())
     trainer = manifest["spec"]["trainer"]
     assert (trainer["numNodes"], trainer["numProcPerNode"], trainer["resourcesPerNode"]) == (
-        4, 8, {"limits": {"nvidia.com/gpu": "8"}})  # fmt: skip
+        4, 8, {"requests": {"cpu": "32", "memory": "512G"}, "limits": {"memory": "1000G", "nvidia.com/gpu": "8"}})  # fmt: skip
     assert manifest["spec"]["runtimeRef"] == {"apiGroup": "trainer.kubeflow.org", "kind": "ClusterTrainingRuntime",
                                               "name": "torch-distributed"}  # fmt: skip
     pod = manifest["spec"]["runtimePatches"][0]["trainingRuntimeSpec"]["template"]["spec"]["replicatedJobs"][0]
