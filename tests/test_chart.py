@@ -277,6 +277,22 @@ def test_defaults_configmap(default_manifests, production_manifests):
     assert sorted(find(production_manifests, "ConfigMap", "secateurs-defaults")["data"]) == sorted(DEFAULTS_KEYS)
 
 
+def test_kfp_launcher_configmap_says_how_to_reach_the_s3_pipeline_root(helm, default_manifests):
+    """The ConfigMap KFP's driver and launcher read (backend/src/v2/config/env.go, s3.go at 2.17): the default
+    root, and the `s3` provider with the endpoint host, SSL, region, path style and the credentials' Secret."""
+    assert not [m for m in default_manifests if m["metadata"]["name"] == "kfp-launcher"]
+    manifests = render(helm, "-f", str(PRODUCTION_VALUES), "--set", "pipeline.launcherConfig.create=true",
+                       "--set", "s3.forcePathStyle=true", "--set", "s3.endpointUrl=http://minio.storage:9000")  # fmt: skip
+    data = find(manifests, "ConfigMap", "kfp-launcher")["data"]
+    assert data["defaultPipelineRoot"] == "s3://ml-artifacts/secateurs/pipeline-root"
+    assert yaml.safe_load(data["providers"]) == {"s3": {"default": {
+        "endpoint": "minio.storage:9000", "disableSSL": True, "region": "eu-west-1", "forcePathStyle": True,
+        "credentials": {"fromEnv": False, "secretRef": {"secretName": "secateurs-s3", "accessKeyKey": "AWS_ACCESS_KEY_ID",
+                                                        "secretKeyKey": "AWS_SECRET_ACCESS_KEY"}}}}}  # fmt: skip
+    result = run_helm(helm, "template", RELEASE, str(CHART), "--set", "pipeline.launcherConfig.create=true")
+    assert result.returncode != 0 and "pipeline.launcherConfig.create=true needs s3.existingSecret" in result.stderr
+
+
 @pytest.mark.parametrize("manifests_fixture", ["default_manifests", "production_manifests"])
 def test_pods_run_hardened(manifests_fixture, request):
     specs = pod_specs(request.getfixturevalue(manifests_fixture))
