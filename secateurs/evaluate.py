@@ -46,7 +46,6 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from secateurs.checkpoint import check_checkpoint_dir, load_model, load_tokenizer
@@ -62,9 +61,14 @@ from secateurs.lm_tasks import (
     read_task_file,
     write_task,
 )
+from secateurs.losses import IGNORE_INDEX, _logits_fp32
 from secateurs.manifest import atomic_output, write_manifest
 
 METRICS_FILE = "metrics.json"
+# Positions whose logits `validation_loss` forms at once: one [2048, V] fp32 buffer, 1 GiB at a 128k vocabulary
+# (the KD loss's default chunk, `DistillConfig.kd_chunk_size`, which ran as fast as full logits on an H200). The
+# memory plan counts this chunk (`secateurs.plan.LOSS_CHUNK_TOKENS` repeats the number: the plan imports no torch).
+LOSS_CHUNK_TOKENS = 2048
 BUILTIN_TASKS = ("lambada-docs",)
 _INSTALL = "pip install 'secateurs[eval]'"
 
@@ -154,17 +158,69 @@ def read_metrics(path: str | Path) -> dict:
 
 
 @torch.inference_mode()
-def validation_loss(model, input_ids: torch.Tensor, batch_size: int = 8, progress: str | None = None) -> float:
-    """Mean next-token cross-entropy over every predicted token of the sequences; PROGRESS names a progress bar."""
+def validation_loss(
+    model,
+    input_ids: torch.Tensor,
+    batch_size: int = 8,
+    progress: str | None = None,
+    chunk_tokens: int = LOSS_CHUNK_TOKENS,
+) -> float:
+    """Mean next-token cross-entropy over every predicted token of the sequences, in nats.
+
+    The loss is formed from the final hidden states through the LM head `chunk_tokens` positions at a time, as the
+    chunked KD loss does (`secateurs.losses`): at a batch of 8 x 8192 tokens and a 128k vocabulary the
+    [batch, seq, vocab] logits are 16 GiB in bf16 and 32 GiB in fp32, and a plain `cross_entropy` on them holds
+    four such copies (the logits, their shifted flat copy, its fp32 copy, the log-softmax). Here one
+    [chunk_tokens, vocab] fp32 buffer exists at a time (1 GiB at 2048 tokens), beside the [batch, seq, hidden]
+    final hidden states. The supported families apply the LM head alone (no bias, no logit scaling or
+    soft-capping), so `lm_head(h)` is exactly the model's logits.
+
+    Args:
+        model: a causal LM of a supported family (`model.model` the decoder, `model.lm_head` the head).
+        input_ids: [sequences, seq_len] token ids (a tensor, or a `PackedSplit` that slices like one).
+        batch_size: sequences per forward pass.
+        progress: name of a progress bar; None shows none.
+        chunk_tokens: positions whose logits are formed at once.
+    Returns:
+        The sum over every position but each sequence's last of the cross-entropy against the next token, divided
+        by the number of those positions (`sequences x (seq_len - 1)`).
+    """
+    if chunk_tokens < 1:
+        raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
     device = next(model.parameters()).device
-    total, count = 0.0, 0
+    weight = model.lm_head.weight  # [V, H]
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    count = 0
     for start in tqdm(range(0, len(input_ids), batch_size), desc=progress, disable=progress is None, unit="batch"):
-        batch = input_ids[start : start + batch_size].to(device)
-        logits = model(input_ids=batch, use_cache=False).logits
-        loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), batch[:, 1:].flatten(), reduction="sum")
-        total += loss.item()
+        batch = input_ids[start : start + batch_size].to(device)  # [B, S]
+        hidden = model.model(input_ids=batch, use_cache=False).last_hidden_state  # [B, S, H]
+        # Position s predicts token s + 1; each sequence's last position predicts nothing. The flat view leaves the
+        # hidden states uncopied, so those B positions ride along in the chunks and are masked out of the sum.
+        hidden = hidden.flatten(0, 1)  # [B * S, H], a view
+        targets = torch.full_like(batch, IGNORE_INDEX)
+        targets[:, :-1] = batch[:, 1:]
+        targets = targets.flatten()  # [B * S]
+        for first in range(0, hidden.shape[0], chunk_tokens):
+            logits = _logits_fp32(hidden[first : first + chunk_tokens], weight)  # [c, V] fp32
+            total += _cross_entropy_sum(logits, targets[first : first + chunk_tokens])
+            del logits
         count += batch[:, 1:].numel()
-    return total / count
+    return total.item() / count
+
+
+def _cross_entropy_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """`F.cross_entropy(logits, targets, reduction="sum", ignore_index=IGNORE_INDEX)` in fp64, without its
+    [c, V] log-softmax: `logsumexp(logits) - logits[target]` per position, the log-sum-exp taken in place.
+
+    Args:
+        logits: [c, V] fp32; consumed (overwritten).
+        targets: [c] token ids, IGNORE_INDEX where a position has none.
+    """
+    picked = logits.gather(1, targets.clamp_min(0).unsqueeze(1)).squeeze(1)  # [c]
+    peak = logits.amax(1, keepdim=True)  # [c, 1]
+    log_sum_exp = logits.sub_(peak).exp_().sum(1).log_().add_(peak.squeeze(1))  # [c]
+    per_position = torch.where(targets != IGNORE_INDEX, log_sum_exp - picked, 0.0)
+    return per_position.sum(dtype=torch.float64)
 
 
 # --------------------------------------------------------------------------------------------- task resolution

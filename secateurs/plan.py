@@ -8,6 +8,13 @@ pruned from the parent beside it: at most the budget's parameters in bf16):
 - under fsdp, the parameters FSDP2 gathers in bf16 while it computes: the root module's (embeddings, LM head,
   final norm: it keeps them whole from forward to backward) and two decoder layers' (the one computing, the one
   prefetched);
+- the gradients' communication buffers ("grad reduce"). Under fsdp the gradients are reduce-scattered every
+  micro-batch in fp32 (`secateurs.train`: accelerate's `sync_each_batch`, `reduce_dtype` float32), so what exists
+  beside the sharded fp32 gradients is one FSDP unit's worth at a time: its unsharded bf16 gradients (2 bytes a
+  parameter), the fp32 reduce-scatter input FSDP2 copies them into (4) and the fp32 output, one shard's (4 / shards),
+  counted for the largest unit, a decoder layer or the LM head (accelerate >= 1.14 gives the embeddings and
+  [final norm, LM head] units of their own). Under ddp with more than one process, DDP's reducer keeps its
+  buckets, a second fp32 copy of every gradient (`gradient_as_bucket_view` is off);
 - the frozen teacher of distillation, replicated in bf16 (`secateurs.train` says why it is not sharded), and its
   forward pass's transient activations (one layer's at a time, and its final hidden states);
 - activations of one micro-batch in bf16, with gradient checkpointing (every layer's input, plus one layer's
@@ -15,10 +22,22 @@ pruned from the parent beside it: at most the budget's parameters in bf16):
   tensors a Llama-family layer keeps for backward: two norm inputs and outputs (4h), queries and attention
   output (2 heads x head_dim), keys and values (2 kv x head_dim), and the MLP's gate, up, activation and product
   (4 ffn); attention itself is SDPA's fused kernel, which keeps no sequence x sequence matrix;
-- the loss's logits in fp32 (logits, their softmax and their gradient: 3 x 4 bytes a vocabulary entry) for a KD
-  chunk of `kd_chunk_size` tokens, or for the whole micro-batch in teacher correction's plain LM loss.
-A step fits when the sum is at most 90% of the GPU's memory: the rest is the CUDA context, the caching
-allocator's fragmentation and NCCL's buffers, which this plan does not model.
+- every copy of the logits that exists: in training, fp32 logits, their softmax and their gradient (3 x 4 bytes a
+  vocabulary entry) for a KD chunk of `kd_chunk_size` tokens, or for the whole micro-batch in teacher
+  correction's plain LM loss; in the forward steps, the validation loss's one fp32 chunk of `LOSS_CHUNK_TOKENS`
+  positions (`secateurs.evaluate.validation_loss`, which the importance depth scan and a search's scoring call
+  too); and in evaluation, also lm-eval's batch: bf16 logits and their fp32 log-softmax (2 + 4 bytes) of
+  `batch_size` requests padded to the longest, assumed at most `LM_EVAL_CONTEXT_TOKENS` tokens. Loss and tasks run
+  one after the other, so the larger of the two counts;
+- the process's runtime ("runtime"): the CUDA context, cuBLAS workspaces and, with more than one process, NCCL's
+  buffers, as the constants below.
+A step fits when the sum is at most `HEADROOM` of the GPU's memory: the rest is left to the caching allocator's
+fragmentation.
+
+What is measured and what is assumed: every term but the runtime is counted from the shapes and settings, not
+measured; the runtime constants, the allocator's share and lm-eval's context length are assumptions, each with its
+source below. On a GPU, the activation and KD-chunk terms came out below the measured step (README), so the plan is
+a floor. The GPU-hours are worked at a measured throughput (`MEASURED_TOKENS_PER_SECOND`) unless one is given.
 
 The GPU's memory is `placement.gpu_memory`, else read from the node selector's `nvidia.com/gpu.product` label
 (`NVIDIA-H100-80GB-HBM3` -> 80 GiB). Model shapes come from the teacher's config.json (a local checkpoint, the
@@ -38,7 +57,34 @@ from types import SimpleNamespace
 from secateurs.families import Shape
 
 GiB = 2**30
-HEADROOM = 0.9  # the share of a GPU's memory a step may plan to use
+MiB = 2**20
+
+# What a GPU process holds beside its tensors: assumed, not measured by secateurs, each from the source named.
+# The CUDA context with PyTorch's kernels loaded (lazily, CUDA_MODULE_LOADING=LAZY, the default since CUDA 11.7):
+# commonly reported at 0.5-1 GiB on an H100 (nvidia-smi's per-process memory minus torch.cuda.memory_reserved()),
+# not measured here; the upper end.
+CUDA_CONTEXT = 1 * GiB
+# cuBLAS and cuBLASLt workspaces, one of each per (handle, stream): 32 MiB each on Hopper (PyTorch's default
+# CUBLAS_WORKSPACE_CONFIG on sm90 is ":4096:8", 8 x 4 MiB, aten/src/ATen/cuda/CublasHandlePool.cpp; its cuBLASLt
+# workspace is 32 MiB from compute capability 9, pytorch#120925), for two pairs: the forward pass's thread and
+# autograd's backward thread.
+CUBLAS_WORKSPACES = 2 * (32 + 32) * MiB
+# NCCL's device buffers for the one communicator of a training step of more than one process: NCCL_BUFFSIZE
+# (4 MiB by default, NCCL's environment-variable docs) for each channel, peer and protocol, with up to 32 channels
+# over NVLink, plus NVLink SHARP buffers on NVSwitch H100 systems (NeMo-Framework-Launcher PR #127 turns NVLS off
+# to save memory). NVIDIA/nccl issue #864 reports about 1.6 GB for one communicator that has run an all-reduce.
+NCCL_BUFFERS = 16 * 10**8
+# The share of a GPU's memory a step may plan to use. The rest is the caching allocator's fragmentation, blocks
+# reserved but not allocated (PyTorch's CUDA memory-management notes; `expandable_segments` lowers it): an assumed
+# 10%, not measured for these steps.
+HEADROOM = 0.9
+# Positions of the validation loss's fp32 logits chunk: `secateurs.evaluate.LOSS_CHUNK_TOKENS` (a test keeps the
+# two equal; this module imports no torch).
+LOSS_CHUNK_TOKENS = 2048
+# The longest request of an lm-eval batch, which pads the batch: an assumption about the tasks. A 5-shot MMLU
+# prompt runs to a few thousand tokens in its longest subjects; lambada-docs passages, hellaswag and winogrande
+# items are hundreds. Tasks with longer prompts need more memory, or a smaller `evaluate.batch_size`.
+LM_EVAL_CONTEXT_TOKENS = 4096
 # Shapes of the recipe's published models (their config.json), for planning without the hub.
 KNOWN_SHAPES = {
     "meta-llama/Llama-3.1-8B": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
@@ -136,6 +182,8 @@ def _training(task, kind, settings, shape: Shape, teacher: Shape | None, seq_len
     step.bytes["optimizer"] = 8 * n // shards
     if settings.parallelism == "fsdp":
         step.bytes["gathered"] = 2 * (shape.root_parameters() + 2 * shape.layer_parameters())
+    if buffers := gradient_buffers(shape, settings.parallelism, shards, gpus * nodes):
+        step.bytes["grad reduce"] = buffers
     tokens = settings.micro_batch_size * seq_len
     with_ckpt, without = activations(shape, tokens)
     if teacher is not None:
@@ -147,6 +195,7 @@ def _training(task, kind, settings, shape: Shape, teacher: Shape | None, seq_len
     step.activations_other = without if settings.gradient_checkpointing else with_ckpt
     logit_tokens = min(settings.kd_chunk_size, tokens) if teacher is not None else tokens
     step.bytes["kd chunk" if teacher is not None else "logits"] = 3 * 4 * logit_tokens * shape.vocab_size
+    step.bytes["runtime"] = runtime_bytes(gpus * nodes)
     step.tokens = settings.max_steps * settings.global_batch_size * seq_len
     return step
 
@@ -155,9 +204,14 @@ def _forward(task, kind, shape: Shape, batch: int, seq_len: int, available, plac
     step = StepPlan(task, kind, max(1, getattr(placement.gpus, kind)), 1, "forward", available=available)
     tokens = batch * seq_len
     step.bytes["weights"] = 2 * shape.parameters()
-    # No gradients: one layer's activations at a time, and the logits of the batch in fp32.
+    # No gradients: one layer's activations at a time, and the validation loss's one fp32 chunk of logits.
     step.bytes["activations"] = 2 * tokens * activation_elements(shape)
-    step.bytes["logits"] = 4 * tokens * shape.vocab_size
+    step.bytes["logits"] = 4 * min(LOSS_CHUNK_TOKENS, tokens) * shape.vocab_size
+    if kind == "evaluate":
+        # Then lm-eval scores the tasks: bf16 logits and their fp32 log-softmax of a whole padded batch.
+        task_logits = (2 + 4) * batch * min(seq_len, LM_EVAL_CONTEXT_TOKENS) * shape.vocab_size
+        step.bytes["logits"] = max(step.bytes["logits"], task_logits)
+    step.bytes["runtime"] = runtime_bytes(1)
     return step
 
 
@@ -169,6 +223,20 @@ def _search(task, settings, parent: Shape, seq_len, available, placement) -> Ste
     step = _forward(task, "importance", parent, settings.batch_size, seq_len, available, placement)
     step.bytes["candidate"] = 2 * candidate
     return step
+
+
+def gradient_buffers(shape: Shape, parallelism: str, shards: int, processes: int) -> int:
+    """Bytes of the gradients' communication buffers on one GPU (the module docstring says what they hold)."""
+    if parallelism == "fsdp":
+        # The largest FSDP unit: a decoder layer, or [final norm, LM head] (the embeddings, when tied).
+        unit = max(shape.layer_parameters(), shape.vocab_size * shape.hidden_size + shape.hidden_size)
+        return (2 + 4) * unit + 4 * unit // shards
+    return 4 * shape.parameters() if processes > 1 else 0  # DDP's buckets; one process runs without DDP
+
+
+def runtime_bytes(processes: int) -> int:
+    """The CUDA context, cuBLAS workspaces and, with more than one process, NCCL's buffers (assumed constants)."""
+    return CUDA_CONTEXT + CUBLAS_WORKSPACES + (NCCL_BUFFERS if processes > 1 else 0)
 
 
 def activations(shape: Shape, tokens: int) -> tuple[int, int]:
@@ -278,12 +346,14 @@ def refusal(step: StepPlan, config) -> str:
 
 def format_plan(plans: list[StepPlan], tokens_per_second: float = MEASURED_TOKENS_PER_SECOND) -> str:
     """The plan as a table (GiB per GPU), with the tokens each step reads and its GPU-hours at `tokens_per_second`
-    per GPU."""
+    per GPU, followed by which terms are counted from the shapes, which are assumed, and which are measured."""
     from rich.console import Console
     from rich.table import Table
 
-    columns = ["weights", "gradients", "optimizer", "gathered", "teacher", "activations", "kd chunk", "logits"]
+    columns = ["weights", "gradients", "optimizer", "gathered", "grad reduce", "teacher", "activations", "kd chunk",
+               "logits"]  # fmt: skip
     columns += ["candidate"] if any("candidate" in s.bytes for s in plans) else []  # a search's
+    columns += ["runtime"]
     table = Table(title=f"Memory per GPU (GiB); GPU-hours at {tokens_per_second:,.0f} tokens/s per GPU")
     for name in ["step", "GPUs", "parallelism", *columns, "total", "of", "fits", "other ckpt", "tokens",
                  "GPU-hours", "hours"]:  # fmt: skip
@@ -299,7 +369,28 @@ def format_plan(plans: list[StepPlan], tokens_per_second: float = MEASURED_TOKEN
             f"{gpu_hours:,.0f}" if s.tokens else "-",
             f"{gpu_hours / (s.gpus * s.nodes):,.1f}" if s.tokens else "-",
         )  # fmt: skip
-    console = Console(width=200, record=True)
+    console = Console(width=220, record=True)
     with console.capture() as captured:
         console.print(table)
-    return captured.get()
+    return captured.get() + "\n".join(sources(tokens_per_second)) + "\n"
+
+
+def sources(tokens_per_second: float = MEASURED_TOKENS_PER_SECOND) -> list[str]:
+    """What the plan's numbers rest on, for the table's foot: counted from the shapes, assumed, or measured."""
+    if tokens_per_second == MEASURED_TOKENS_PER_SECOND:
+        throughput = f"{tokens_per_second:,.0f} tokens/s per GPU (distillation on one H200, bench/results/gpu)"
+    else:
+        throughput = None
+    return [
+        (
+            "counted from the shapes and settings: every column but runtime; a floor (on an H200 the distillation "
+            "step's activations and KD chunk took more than counted, README)"
+        ),
+        (
+            f"assumed: runtime = CUDA context {CUDA_CONTEXT / GiB:.1f} GiB + cuBLAS workspaces "
+            f"{CUBLAS_WORKSPACES / MiB:.0f} MiB (+ NCCL buffers {NCCL_BUFFERS / GiB:.1f} GiB with more than one "
+            f"process); allocator fragmentation {1 - HEADROOM:.0%} (a step fits in {HEADROOM:.0%} of the GPU); "
+            f"lm-eval batches of at most {LM_EVAL_CONTEXT_TOKENS} tokens"
+        ),
+        f"measured: {throughput}" if throughput else "measured: nothing (the GPU-hours' throughput was given)",
+    ]

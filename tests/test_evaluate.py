@@ -11,6 +11,7 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import tiny_config
 
 from secateurs import evaluate
 from secateurs.checkpoint import CheckpointError, check_checkpoint_dir, load_model, load_tokenizer
@@ -123,7 +124,7 @@ def test_validation_loss_and_perplexity_match_a_plain_loop(tiny_models, eval_dat
             logits = model(input_ids=seq[None]).logits[0]
             total += F.cross_entropy(logits[:-1], seq[1:], reduction="sum").item()
             count += len(seq) - 1
-    assert metrics["validation_loss"] == total / count
+    assert metrics["validation_loss"] == pytest.approx(total / count, abs=1e-6)  # chunked: another summation order
     assert metrics["perplexity"] == math.exp(metrics["validation_loss"])
     assert metrics["validation_tokens"] == count == 5 * 127
     assert metrics["validation_sequences"] == 5
@@ -134,6 +135,70 @@ def test_validation_loss_and_perplexity_match_a_plain_loop(tiny_models, eval_dat
     assert manifest["step"] == "evaluate"
     assert set(manifest["inputs"]) == {"model", "data"}
     assert manifest["report"] == metrics
+
+
+@pytest.fixture(scope="module")
+def llama_128k():
+    """A tiny Llama with Llama 3's 128,256-entry vocabulary, untied: at 4 x 128 tokens its fp32 logits (263 MB) are
+    hundreds of times its hidden states (131 KB), so the logits decide the peak memory of a validation loss."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(tiny_config("llama-untied", 128_256), dtype=torch.float32).eval()
+    return model, torch.randint(0, 128_256, (4, 128), generator=torch.Generator().manual_seed(1))
+
+
+def _peak_cpu_bytes(fn) -> int:
+    """The most bytes that FN's CPU tensors held at once, from torch's profiler: every allocation and free it
+    made, in order, summed."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = sorted(
+        (e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"
+    )
+    assert events, "the profiler recorded no allocation"
+    held = peak = 0
+    for _, nbytes in events:
+        held += nbytes
+        peak = max(peak, held)
+    return peak
+
+
+def test_validation_loss_holds_one_chunk_of_logits_at_a_128k_vocabulary(llama_128k):
+    """Peak memory of `validation_loss` (beyond the weights, which exist before it) stays within 10% above one
+    [chunk_tokens, vocab] fp32 chunk: the hidden states and one layer's activations are the rest. The whole
+    batch's fp32 logits are 8 chunks, and plain cross_entropy on them holds about three times that."""
+    model, ids = llama_128k
+    chunk_tokens, vocab = 64, model.config.vocab_size
+    chunk = 4 * chunk_tokens * vocab  # 32.8 MB
+    assert 4 * ids.numel() * vocab == 8 * chunk
+    peak = _peak_cpu_bytes(lambda: evaluate.validation_loss(model, ids, batch_size=4, chunk_tokens=chunk_tokens))
+    assert chunk <= peak <= 1.1 * chunk, (peak, chunk)
+
+
+def test_validation_loss_equals_full_logits_cross_entropy(llama_128k):
+    """Chunked from the hidden states equals cross_entropy over the full fp32 logits (the computation before the
+    chunking), to 1e-6 nats; here with a short last batch and chunks that straddle sequences."""
+    model, ids = llama_128k
+    batch_size, chunk_tokens = 3, 100
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for start in range(0, len(ids), batch_size):
+            batch = ids[start : start + batch_size]
+            logits = model(input_ids=batch, use_cache=False).logits
+            total += F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), batch[:, 1:].flatten(), reduction="sum")
+            count += batch[:, 1:].numel()
+    reference = total.item() / count
+    loss = evaluate.validation_loss(model, ids, batch_size=batch_size, chunk_tokens=chunk_tokens)
+    assert loss == pytest.approx(reference, abs=1e-6)
+
+
+def test_the_plan_counts_the_validation_loss_s_chunk():
+    from secateurs import plan
+
+    assert plan.LOSS_CHUNK_TOKENS == evaluate.LOSS_CHUNK_TOKENS
 
 
 def test_lambada_docs_items_are_deterministic_and_shared_by_models_of_one_tokenizer(tiny_models, eval_data):

@@ -61,22 +61,66 @@ def test_flagship_plan_worked_by_hand():
     tokens = 8192
     activations = 32 * 2 * tokens * 3072 + 2 * tokens * (4 * 3072 + 2 * 32 * 128 + 2 * 8 * 128 + 4 * 9216)
     teacher_transient = 2 * tokens * (4 * 4096 + 2 * 32 * 128 + 2 * 8 * 128 + 4 * 14336 + 4096)
+    # The largest FSDP unit is [final norm, LM head], larger than a decoder layer at a 128k vocabulary. Reduced
+    # every micro-batch in fp32: its bf16 unsharded gradients, the fp32 reduce-scatter input and one fp32 shard.
+    head_unit = 128256 * 3072 + 3072
+    assert head_unit > layer
+    eight_processes = plan.CUDA_CONTEXT + plan.CUBLAS_WORKSPACES + plan.NCCL_BUFFERS
     assert width.bytes == {
         "weights": 4 * student // 8,
         "gradients": 4 * student // 8,
         "optimizer": 8 * student // 8,
         "gathered": 2 * (root + 2 * layer),
+        "grad reduce": 2 * head_unit + 4 * head_unit + 4 * head_unit // 8,
         "teacher": 2 * teacher,
         "activations": activations + teacher_transient,
         "kd chunk": 3 * 4 * 2048 * 128256,
+        "runtime": eight_processes,
     }
-    assert 31 * GiB < width.total < 32 * GiB and width.available == 80 * GiB and width.fits()
-    # 20,000 steps of 1152 x 8192 tokens.
-    assert width.tokens == 20_000 * 1152 * 8192
-    # The 8B teacher's own correction: 16 bytes a parameter over 8 shards, full logits of the 8192-token batch.
+    # Not the full unsharded gradients that accumulating across micro-batches without a reduction would keep.
+    assert width.bytes["grad reduce"] < 2 * student
+    assert width.available == 80 * GiB and width.fits()
+    # The budget the config sets: max_steps x 1152 x 8192 tokens.
+    assert width.tokens == config.distill.max_steps * 1152 * 8192
+    # The 8B teacher's own correction: 16 bytes a parameter over 8 shards, full logits of the 8192-token batch,
+    # and its [final norm, LM head] unit's gradients reduced in fp32.
     correct = steps["correct-teacher"]
+    teacher_head = 128256 * 4096 + 4096
     assert correct.bytes["optimizer"] == 8 * teacher // 8 and correct.bytes["logits"] == 12 * tokens * 128256
+    assert correct.bytes["grad reduce"] == 6 * teacher_head + 4 * teacher_head // 8
+    assert correct.bytes["runtime"] == eight_processes
     assert correct.fits()
+
+
+def test_forward_steps_count_the_logits_that_remain():
+    """Importance (its depth scan) and evaluation compute the validation loss one fp32 chunk of logits at a time
+    (`evaluate.validation_loss`), not the whole batch's; evaluation's lm-eval tasks then hold a padded batch's
+    bf16 logits and fp32 log-softmax, at the assumed longest request. One process: no NCCL."""
+    config = load_config(FLAGSHIP)
+    steps = {s.task: s for s in plan.plan(config)}
+    importance, evaluate = steps["importance"], steps["evaluate"]
+    assert importance.bytes["logits"] == 4 * plan.LOSS_CHUNK_TOKENS * 128256  # 1 GiB
+    batch = config.importance.batch_size * 8192
+    assert importance.bytes["logits"] * batch // plan.LOSS_CHUNK_TOKENS == 4 * batch * 128256  # a 32nd of before
+    task_tokens = config.evaluate.batch_size * min(8192, plan.LM_EVAL_CONTEXT_TOKENS)
+    assert evaluate.bytes["logits"] == (2 + 4) * task_tokens * 128256
+    for step in (importance, evaluate):
+        assert step.bytes["runtime"] == plan.CUDA_CONTEXT + plan.CUBLAS_WORKSPACES
+        assert "grad reduce" not in step.bytes and step.fits()
+
+
+def test_gradient_buffers_by_parallelism():
+    """fsdp: the largest unit's buffers, a decoder layer when the vocabulary is small; ddp over several processes:
+    DDP's buckets, a second fp32 copy of the gradients; one process runs without DDP and has none."""
+    small_vocab = plan.Shape(hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=8,
+                             num_key_value_heads=2, head_dim=16, vocab_size=100, tie_word_embeddings=False)  # fmt: skip
+    layer = small_vocab.layer_parameters()
+    assert layer > 100 * 64 + 64
+    assert plan.gradient_buffers(small_vocab, "fsdp", 4, 4) == 6 * layer + 4 * layer // 4
+    assert plan.gradient_buffers(small_vocab, "ddp", 1, 8) == 4 * small_vocab.parameters()
+    assert plan.gradient_buffers(small_vocab, "ddp", 1, 1) == 0
+    assert plan.runtime_bytes(1) == plan.CUDA_CONTEXT + plan.CUBLAS_WORKSPACES
+    assert plan.runtime_bytes(16) == plan.runtime_bytes(1) + plan.NCCL_BUFFERS
 
 
 def test_plan_command_prints_the_table_and_fits(capsys):
@@ -84,7 +128,14 @@ def test_plan_command_prints_the_table_and_fits(capsys):
 
     plan_cmd(FLAGSHIP, 10680.0)
     out = capsys.readouterr().out
-    assert "distill:width" in out and "188.74B" in out and out.strip().endswith("every step fits its GPUs")
+    tokens = load_config(FLAGSHIP).distill.max_steps * 1152 * 8192
+    assert "distill:width" in out and f"{tokens / 1e9:.2f}B" in out and out.strip().endswith("every step fits its GPUs")
+    # The table's foot says what is counted, what is assumed (with the constants) and what is measured.
+    lines = out.splitlines()
+    assert lines[-4].startswith("counted from the shapes and settings: every column but runtime")
+    assert lines[-3].startswith(f"assumed: runtime = CUDA context {plan.CUDA_CONTEXT / GiB:.1f} GiB")
+    assert f"allocator fragmentation {1 - plan.HEADROOM:.0%}" in lines[-3]
+    assert lines[-2] == "measured: 10,680 tokens/s per GPU (distillation on one H200, bench/results/gpu)"
 
 
 def _flagship(tmp_path, **changes) -> Path:
@@ -114,10 +165,15 @@ def test_a_config_that_cannot_fit_is_refused_in_one_line(command, tmp_path, caps
     with pytest.raises(typer.Exit):
         call()
     err = capsys.readouterr().err.strip()
+    # ddp over 8 processes: the whole fp32 state on every GPU, and DDP's buckets, a second copy of the gradients.
+    width = {s.task: s for s in plan.plan(load_config(path))}["distill:width"]
+    n = 4_512_746_496
+    assert [width.bytes[k] for k in ("weights", "gradients", "optimizer", "grad reduce")] == [4 * n, 4 * n, 8 * n, 4 * n]
+    assert "gathered" not in width.bytes and width.total > 0.9 * 80 * GiB
+    parts = ", ".join(f"{k} {v / GiB:.1f}" for k, v in width.bytes.items())
     assert err.startswith(
-        "error: distill:width needs 88.9 GiB per GPU (weights 16.8, gradients 16.8, optimizer 33.6, teacher 15.0, "
-        "activations 3.8, kd chunk 2.9) but a NVIDIA-H100-80GB-HBM3 GPU has 80.0 GiB (90% usable: 72.0); "
-        "what would fit: parallelism: fsdp"
+        f"error: distill:width needs {width.total / GiB:.1f} GiB per GPU ({parts}) but a NVIDIA-H100-80GB-HBM3 GPU "
+        "has 80.0 GiB (90% usable: 72.0); what would fit: parallelism: fsdp"
     ), err
     assert "\n" not in err and not (tmp_path / "p.yaml").exists()
 
@@ -174,7 +230,7 @@ def test_a_search_is_planned_with_a_candidate_beside_its_parent(tmp_path, capsys
     assert list(steps) == ["importance", "search:auto-4b"]
     search, importance = steps["search:auto-4b"], steps["importance"]
     assert search.bytes == {**importance.bytes, "activations": search.bytes["activations"],
-                            "logits": 4 * 4 * 4096 * 128256, "candidate": 2 * 4_500_000_000}  # fmt: skip
+                            "logits": 4 * plan.LOSS_CHUNK_TOKENS * 128256, "candidate": 2 * 4_500_000_000}  # fmt: skip
     assert search.bytes["weights"] == 2 * 8_030_261_248 and search.fits()
     raw["placement"]["gpu_memory"] = "24Gi"
     path = tmp_path / "search.yaml"
@@ -182,7 +238,7 @@ def test_a_search_is_planned_with_a_candidate_beside_its_parent(tmp_path, capsys
     with pytest.raises(typer.Exit):
         compile_cmd(path, tmp_path / "p.yaml", None)
     err = capsys.readouterr().err.strip()
-    assert err == ("error: search:auto-4b needs 33.7 GiB per GPU (weights 15.0, activations 2.6, logits 7.8, candidate "
-                   "8.4) but a placement.gpu_memory GPU has 24.0 GiB (90% usable: 21.6); what would fit: a smaller "
-                   "batch_size"), err  # fmt: skip
+    parts = ", ".join(f"{k} {v / GiB:.1f}" for k, v in search.bytes.items())
+    assert err == (f"error: search:auto-4b needs {search.total / GiB:.1f} GiB per GPU ({parts}) but a "
+                   "placement.gpu_memory GPU has 24.0 GiB (90% usable: 21.6); what would fit: a smaller batch_size"), err  # fmt: skip
     assert not (tmp_path / "p.yaml").exists()
