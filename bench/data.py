@@ -3,7 +3,8 @@
 1. Peak RSS of `secateurs prepare-data` at `--small` and `--large` tokens of generated text (documents of sentences
    drawn from python-docs), and at their geometric mean to show where it levels off. Goal: large / small <= 1.2.
    The previous format's preparation (`--baseline`, a git revision run from a temporary worktree) is measured the
-   same way, to show what it replaced.
+   same way, to show what it replaced. The same two sizes again as one `.txt` file (the same documents as
+   blank-line separated paragraphs), the case where a whole file used to be one document. Goal: large / small <= 1.2.
 2. Tokens per second of `prepare-data` against a plain `datasets` map of the same tokenizer over the same text, with
    the same number of processes. Goal: >= 0.9x.
 3. Training input: seconds per step spent reading batches from the shards (the Trainer's own dataloader) against the
@@ -14,6 +15,7 @@
 Then the time and disk for 94B tokens follow from the measured rate.
 
     python bench/data.py [--small 2e6] [--large 2e7] [--procs 1,2] [--baseline 1c71c21] [--out runs/bench/data.json]
+    python bench/data.py --only peak-rss [--baseline '']   # 1. alone
 """
 
 from __future__ import annotations
@@ -45,6 +47,14 @@ def corpus(path: Path, tokens: float, tokenizer) -> Path:
             text = " ".join(rng.choices(sentences, k=rng.randint(2, 40)))
             f.write(json.dumps({"text": text}) + "\n")
             written += len(text)
+    return path
+
+
+def text_file(jsonl: Path, path: Path) -> Path:
+    """The documents of a `corpus` as one .txt file of blank-line separated paragraphs (a directory holding it)."""
+    path.mkdir()
+    with open(jsonl) as src, open(path / "corpus.txt", "w") as f:
+        f.writelines(json.loads(line)["text"] + "\n\n" for line in src)
     return path
 
 
@@ -149,8 +159,10 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=2048)
     parser.add_argument("--baseline", default="1c71c21", help="revision with the previous format ('' skips it)")
     parser.add_argument("--tokenizer", default=None, help="tokenizer dir (default: SmolLM2-135M's, imported)")
-    parser.add_argument("--out", default="runs/bench/data.json")
+    parser.add_argument("--out", default=None, help="results (default: runs/bench/data.json, or data-<only>.json)")
+    parser.add_argument("--only", choices=["peak-rss"], help="measure only this (1.)")
     args = parser.parse_args()
+    args.out = args.out or f"runs/bench/data{'-' + args.only if args.only else ''}.json"
 
     from secateurs.checkpoint import import_model, load_tokenizer
 
@@ -165,7 +177,20 @@ def main() -> None:
         texts = {size: corpus(tmp / f"{size}.jsonl", n, tok) for size, n in sizes.items()}
         env = {**os.environ, "PYTHONPATH": str(ROOT)}
 
-        # 1. Peak memory against the corpus size, one tokenizer process.
+        # 1. Peak memory against the corpus size, one tokenizer process: the documents as paragraphs of one .txt
+        # file, then as many documents (a .jsonl file).
+        one_file = {}
+        for size in ("small", "large"):
+            source = text_file(texts[size], tmp / f"txt-{size}")
+            one_file[size] = measured(prepare_cmd(tokenizer, source, tmp / f"rss-txt-{size}", 1, args.seq_len), env)
+            report = json.loads((tmp / f"rss-txt-{size}" / "secateurs.json").read_text())["report"]
+            one_file[size].update(tokens=report["sources"][f"txt-{size}"]["tokens"], documents=report["documents"])
+            print(f"prepare-data, one .txt file, {size}: {one_file[size]['peak_rss_mib']:.0f} MiB peak, "
+                  f"{one_file[size]['tokens']:,} tokens in {one_file[size]['documents']:,} paragraphs, "
+                  f"{one_file[size]['seconds']:.1f} s")  # fmt: skip
+        one_file["ratio"] = one_file["large"]["peak_rss_mib"] / one_file["small"]["peak_rss_mib"]
+        results["peak_rss_one_text_file"] = one_file
+        print(f"peak RSS large/small, one .txt file: x{one_file['ratio']:.2f} (goal <= 1.2)")
         rss = {}
         for size, text in texts.items():
             rss[size] = measured(prepare_cmd(tokenizer, text, tmp / f"rss-{size}", 1, args.seq_len), env)
@@ -186,6 +211,10 @@ def main() -> None:
         results["peak_rss"] = rss
         print(f"peak RSS large/small: x{rss['ratio']:.2f} (goal <= 1.2)"
               + (f"; baseline x{rss['baseline_ratio']:.2f}" if args.baseline else ""))  # fmt: skip
+        if args.only == "peak-rss":
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.out).write_text(json.dumps(results, indent=1))
+            return
 
         # 2. Throughput against a plain datasets map, same processes, over the large corpus.
         throughput = {}

@@ -56,6 +56,8 @@ class DataSource(Section):
     name: str | None = Field(None, description="Name in the dataset and in MLflow (default: from the source).")
     text_field: str = Field("text", description="Column holding the text.")
     hub_config: str | None = Field(None, description="Hub dataset configuration name.")
+    # datasets' text builder names this `sample_by`; a blank line is where prose (and python-docs) breaks.
+    sample_by: Literal["paragraph", "line"] = Field("paragraph", description="Documents of a .txt file: blank-line separated paragraphs, or lines. Either is cut at 65,536 characters, so a file is read in bounded pieces, whatever its size.")
 
     @model_validator(mode="before")
     @classmethod
@@ -67,6 +69,8 @@ class DataConfig(Section):
     source: str = Field("python-docs", description="Hub dataset name, local .txt/.jsonl/.parquet file or dir, s3:// URI, python-docs, or a dataset already made by prepare-data (one source; `sources` blends several).")
     hub_config: str | None = Field(None, description="Hub dataset configuration name.")
     text_field: str = Field("text", description="Column holding the text.")
+    # datasets' text builder names this `sample_by`; a blank line is where prose (and python-docs) breaks.
+    sample_by: Literal["paragraph", "line"] = Field("paragraph", description="Documents of a .txt file: blank-line separated paragraphs, or lines. Either is cut at 65,536 characters, so a file is read in bounded pieces, whatever its size.")
     sources: list[DataSource] | None = Field(None, description="A weighted blend of sources, instead of `source`.")
     # 8192 in the Llama-3.1-Minitron recipe; small models and CPU demos use less.
     seq_len: int = Field(4096, ge=2, description="Tokens per packed sequence.")
@@ -83,7 +87,7 @@ class DataConfig(Section):
     @model_validator(mode="after")
     def _one_way_to_name_sources(self):
         if self.sources is not None:
-            shorthand = {"source", "hub_config", "text_field"} & self.model_fields_set
+            shorthand = {"source", "hub_config", "text_field", "sample_by"} & self.model_fields_set
             if shorthand:
                 raise ValueError(f"give either sources or {'/'.join(sorted(shorthand))}, not both")
             if not self.sources:
@@ -97,7 +101,8 @@ class DataConfig(Section):
 
     def blend(self) -> list[DataSource]:
         """The sources to prepare, each named (one of weight 1 for the `source` shorthand)."""
-        sources = self.sources or [DataSource(source=self.source, text_field=self.text_field, hub_config=self.hub_config)]
+        sources = self.sources or [DataSource(source=self.source, text_field=self.text_field, hub_config=self.hub_config,
+                                              sample_by=self.sample_by)]  # fmt: skip
         return [s.model_copy(update={"name": n}) for s, n in zip(sources, self.source_names(sources))]
 
     def source_names(self, sources: list[DataSource] | None = None) -> list[str]:

@@ -3,8 +3,10 @@
 `prepare_data` streams each source of a blend (a hub dataset, local `.txt` / `.jsonl` / `.parquet` files, an
 `s3://` prefix, the built-in offline corpus `python-docs`, or a dataset prepared before), shuffles documents in a
 bounded buffer, tokenizes them in batches (in `num_proc` worker processes), joins them with EOS and packs them into
-sequences of exactly `seq_len` tokens. The sequences go to shard files of raw token ids (`<source>/<split>-NNNNN.bin`,
-the smallest unsigned integer type that holds the vocabulary), listed with their sizes and sha256 in `index.json`.
+sequences of exactly `seq_len` tokens. A `.txt` file's documents are its blank-line separated paragraphs (or its
+lines: `sample_by`), read a line at a time and cut at `MAX_DOCUMENT_CHARS`: a large file is many documents, never
+held whole. The sequences go to shard files of raw token ids (`<source>/<split>-NNNNN.bin`, the smallest unsigned
+integer type that holds the vocabulary), listed with their sizes and sha256 in `index.json`.
 Memory holds one batch of documents and one sequence per split, whatever the corpus size; a preparation killed at
 any point and started again with the same command resumes after its last finished shard and writes the same files.
 
@@ -128,6 +130,44 @@ def tokenizer_identity(tokenizer) -> str:
 
 # ----------------------------------------------------------------------------------------------- sources
 
+# The longest document read from a .txt file. A file with no blank lines (or a huge line) is still read in pieces,
+# and a batch of `batch_documents` such pieces stays ~13 MiB of text (~3M tokens).
+MAX_DOCUMENT_CHARS = 1 << 16
+
+
+def text_file_documents(path: str | Path, sample_by: str = "paragraph") -> Iterator[str]:
+    """The documents of one .txt file, read a line at a time: its blank-line separated paragraphs (SAMPLE_BY
+    "paragraph"; lines of only whitespace count as blank) or its non-blank lines ("line"), each without its final
+    line break, cut at line ends (or inside a line longer than that) into pieces of at most `MAX_DOCUMENT_CHARS`.
+
+    Written here rather than taken from `datasets`' text builder: its `sample_by="document"` reads a file whole,
+    and its `sample_by="paragraph"` keeps a paragraph whole however long, splitting the whole growing remainder
+    again after every 10 MB read, so a file without blank lines is held whole (in quadratic time).
+    """
+    piece: list[str] = []
+    size = 0
+    # Universal newlines, as datasets' builder: "\r\n" and "\r" are read as "\n".
+    with open(path, encoding="utf-8") as f:
+        while line := f.readline(MAX_DOCUMENT_CHARS):
+            blank = not line.strip()
+            # The piece so far ends at a blank line, at a line end when documents are lines, and before a line
+            # that would take it past the limit.
+            if piece and (blank or (sample_by == "line" and piece[-1].endswith("\n"))
+                          or size + len(line) > MAX_DOCUMENT_CHARS):  # fmt: skip
+                yield "".join(piece).removesuffix("\n")
+                piece, size = [], 0
+            if not blank:
+                piece.append(line)
+                size += len(line)
+    if piece:
+        yield "".join(piece).removesuffix("\n")
+
+
+def _text_records(files: list[str], sample_by: str):
+    for path in files:
+        for text in text_file_documents(path, sample_by):
+            yield {"text": text}
+
 
 def _local_files(source: str) -> list[Path] | None:
     """The files of a local source (None when SOURCE is not a local path)."""
@@ -159,11 +199,12 @@ def _s3_documents(src: DataSource):
         raise DataError(f"data source {src.source} mixes formats {sorted(formats)}; use one")
     # A list in gen_kwargs makes each object a shard of the stream, so the shuffle also shuffles their order.
     return datasets.IterableDataset.from_generator(
-        _s3_records, gen_kwargs={"objects": list(objects.values()), "builder": formats.pop()}
+        _s3_records,
+        gen_kwargs={"objects": list(objects.values()), "builder": formats.pop(), "sample_by": src.sample_by},
     )
 
 
-def _s3_records(objects: list[str], builder: str):
+def _s3_records(objects: list[str], builder: str, sample_by: str):
     import tempfile
 
     import datasets
@@ -175,8 +216,10 @@ def _s3_records(objects: list[str], builder: str):
     for uri in objects:
         with tempfile.TemporaryDirectory(dir=cache_dir() / "streams") as tmp:
             path = storage.download(uri, Path(tmp) / "object")
-            kwargs = {"sample_by": "document"} if builder == "text" else {}
-            yield from datasets.load_dataset(builder, data_files=[str(path)], split="train", streaming=True, **kwargs)
+            if builder == "text":
+                yield from _text_records([str(path)], sample_by)
+            else:
+                yield from datasets.load_dataset(builder, data_files=[str(path)], split="train", streaming=True)
 
 
 def _localized(source: str) -> str:
@@ -205,9 +248,12 @@ def documents(src: DataSource, seed: int = 0, shuffle_buffer: int = 0):
         formats = {LOCAL_FORMATS[p.suffix] for p in files}
         if len(formats) != 1:
             raise DataError(f"data source {src.source} mixes formats {sorted(formats)}; use one")
-        builder = formats.pop()
-        kwargs = {"sample_by": "document"} if builder == "text" else {}  # one .txt file is one document
-        ds = datasets.load_dataset(builder, data_files=[str(p) for p in files], split="train", streaming=True, **kwargs)
+        builder, paths = formats.pop(), [str(p) for p in files]
+        if builder == "text":  # each file a shard of the stream (a list in gen_kwargs), as datasets' builders make it
+            kwargs = {"files": paths, "sample_by": src.sample_by}
+            ds = datasets.IterableDataset.from_generator(_text_records, gen_kwargs=kwargs)
+        else:
+            ds = datasets.load_dataset(builder, data_files=paths, split="train", streaming=True)
     else:
         from secateurs.checkpoint import _require_hub
 
