@@ -18,8 +18,12 @@ Under torchrun every process runs this same code; the Trainer splits each global
 teacher is replicated on every process, in bf16 on GPUs, never sharded: it runs a forward pass every micro-batch,
 and sharding it would add an all-gather of all its weights to each of them (16 GB per micro-batch and GPU for an
 8B teacher) to save memory that the plan (`secateurs plan`) shows is there (16 GB of an 80 GB GPU). The chunked
-KD loss reads the student's LM head outside the forward pass; under FSDP2 that still sees whole weights, because
-the LM head stays in the root module, which FSDP2 does not reshard between forward and backward.
+KD loss reads the student's LM head weight outside the forward pass; under FSDP2 that weight is whole only because
+accelerate >= 1.14 (huggingface/accelerate#4015, `fsdp2_prepare_model` in accelerate/utils/fsdp_utils.py) shards
+the final norm and the LM head as one group with `reshard_after_forward=False`, which keeps them gathered from the
+end of forward into backward. Older accelerate left them in the root module with our `reshard_after_forward=True`,
+and torch >= 2.8 (pytorch/pytorch#154704) honours that for the root too: the head would be a shard by then. Hence
+the accelerate pin, checked again in `_check_processes`.
 """
 
 from __future__ import annotations
@@ -142,48 +146,13 @@ def _train(model, ctx: _Context | None, dd, out, settings: TrainingConfig, ident
     Returns:
         The report, and under FSDP the whole weights gathered in the main process (None otherwise).
     """
-    from transformers import TrainingArguments, default_data_collator
+    from transformers import default_data_collator
 
-    # Newer transformers 5.x renamed gradient_checkpointing to activation_checkpointing (the old name warns);
-    # older 5.x releases (the GPU image's 5.17) know only the old one.
-    fields = {f.name for f in dataclasses.fields(TrainingArguments)}
-    checkpointing = "activation_checkpointing" if "activation_checkpointing" in fields else "gradient_checkpointing"
-
-    per_step = settings.micro_batch_size * world
     digest = _digest(identity)
     work = _checkpoints_dir(out, identity["step"], digest)
     if settings.compile_layers:
         compile_decoder_layers(model, *([] if ctx is None else [ctx.teacher]), backend=COMPILE_BACKEND)
-    cuda = torch.cuda.is_available()
-    args = TrainingArguments(
-        output_dir=str(work),
-        max_steps=settings.max_steps,
-        per_device_train_batch_size=settings.micro_batch_size,
-        gradient_accumulation_steps=settings.global_batch_size // per_step,
-        learning_rate=settings.learning_rate,
-        lr_scheduler_type="cosine_with_min_lr",
-        lr_scheduler_kwargs={"min_lr": settings.min_learning_rate},
-        warmup_steps=settings.warmup_steps,
-        weight_decay=settings.weight_decay,
-        max_grad_norm=settings.max_grad_norm,
-        bf16=cuda,
-        # Without it, processes on a machine without a GPU do not form a process group and each trains alone.
-        use_cpu=not cuda,
-        dataloader_pin_memory=cuda,  # pinning is a no-op without an accelerator (and warns)
-        **{checkpointing: settings.gradient_checkpointing},
-        save_strategy="steps",
-        save_steps=settings.save_steps,
-        save_total_limit=settings.save_total_limit or None,
-        logging_steps=settings.logging_steps,
-        logging_nan_inf_filter=False,  # a NaN must reach the divergence check, not be hidden
-        seed=settings.seed,
-        data_seed=settings.seed,
-        report_to=[],
-        dataloader_num_workers=0,
-        disable_tqdm=False,
-        remove_unused_columns=False,
-        **_sharding_arguments(model, settings),
-    )
+    args = _training_arguments(model, settings, work, world, cuda=torch.cuda.is_available())
     # The main process claims the directory (and removes a checkpoint cut short by a kill) before the others look.
     with args.main_process_first(desc="checkpoint directory"):
         last = _claim_checkpoint_dir(work, identity, digest)
@@ -225,6 +194,54 @@ def _train(model, ctx: _Context | None, dd, out, settings: TrainingConfig, ident
     }, weights
 
 
+def _training_arguments(model, settings: TrainingConfig, work: Path, world: int, cuda: bool):
+    """The Trainer's arguments for a run of `world` processes writing its checkpoints to `work`: bf16 compute on
+    GPUs (`cuda`), fp32 on CPU processes."""
+    from transformers import TrainingArguments
+
+    # Newer transformers 5.x renamed gradient_checkpointing to activation_checkpointing (the old name warns);
+    # older 5.x releases (the GPU image's 5.17) know only the old one.
+    fields = {f.name for f in dataclasses.fields(TrainingArguments)}
+    checkpointing = "activation_checkpointing" if "activation_checkpointing" in fields else "gradient_checkpointing"
+    args = TrainingArguments(
+        output_dir=str(work),
+        max_steps=settings.max_steps,
+        per_device_train_batch_size=settings.micro_batch_size,
+        gradient_accumulation_steps=settings.global_batch_size // (settings.micro_batch_size * world),
+        learning_rate=settings.learning_rate,
+        lr_scheduler_type="cosine_with_min_lr",
+        lr_scheduler_kwargs={"min_lr": settings.min_learning_rate},
+        warmup_steps=settings.warmup_steps,
+        weight_decay=settings.weight_decay,
+        max_grad_norm=settings.max_grad_norm,
+        bf16=cuda,
+        # Without it, processes on a machine without a GPU do not form a process group and each trains alone.
+        use_cpu=not cuda,
+        dataloader_pin_memory=cuda,  # pinning is a no-op without an accelerator (and warns)
+        **{checkpointing: settings.gradient_checkpointing},
+        # Non-reentrant recomputation, stated rather than left to transformers' default (the same today: 5.17 and
+        # later pick it when no kwargs are given, modeling_utils.py): the reentrant variant replays a layer in a
+        # nested backward that FSDP2's hooks do not follow (duplicate all-gathers: NVIDIA-NeMo/Automodel#3411).
+        **{f"{checkpointing}_kwargs": {"use_reentrant": False}},
+        save_strategy="steps",
+        save_steps=settings.save_steps,
+        save_total_limit=settings.save_total_limit or None,
+        logging_steps=settings.logging_steps,
+        logging_nan_inf_filter=False,  # a NaN must reach the divergence check, not be hidden
+        seed=settings.seed,
+        data_seed=settings.seed,
+        report_to=[],
+        dataloader_num_workers=0,
+        disable_tqdm=False,
+        remove_unused_columns=False,
+        **_sharding_arguments(model, settings),
+    )
+    if args.fsdp_plugin_args is not None:
+        # TrainingArguments' fsdp_config has no key for it: set on the plugin's arguments it is built from.
+        args.fsdp_plugin_args["mixed_precision_policy"] = _fsdp_mixed_precision(bf16=args.bf16)
+    return args
+
+
 def _check_processes(settings: TrainingConfig) -> int:
     """The number of processes of this run (torchrun's WORLD_SIZE), after checking the settings fit it."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -238,14 +255,35 @@ def _check_processes(settings: TrainingConfig) -> int:
             "parallelism=fsdp shards over processes, and this run has one: start it under "
             "`torchrun --nproc-per-node N` with N > 1, or use parallelism=ddp"
         )
+    if settings.parallelism == "fsdp":
+        _check_accelerate()
     return world
 
 
-def _sharding_arguments(model, settings: TrainingConfig) -> dict:
-    """TrainingArguments for `parallelism=fsdp`: FSDP2 wrapping each decoder layer, sharded checkpoints.
+# The first accelerate whose FSDP2 wrapping keeps the LM head whole after forward (the module docstring says why).
+FSDP_ACCELERATE = "1.14"
 
-    Mixed precision is the Trainer's (bf16 compute on GPUs); the weights the optimizer updates stay fp32 (the
-    model is loaded in fp32). ddp needs nothing: the Trainer wraps the model in DDP when WORLD_SIZE > 1.
+
+def _check_accelerate() -> None:
+    """Refuse, before any model is loaded, an accelerate under which the KD loss would read a shard of the head
+    (pyproject pins it; an image that brings its own accelerate would otherwise fail at the first step)."""
+    import accelerate
+    from packaging.version import Version
+
+    if Version(accelerate.__version__) < Version(FSDP_ACCELERATE):
+        raise TrainingError(
+            f"parallelism=fsdp needs accelerate >= {FSDP_ACCELERATE} (found {accelerate.__version__}): older releases "
+            "shard the LM head after forward, where the distillation loss reads it; upgrade accelerate"
+        )
+
+
+def _sharding_arguments(model, settings: TrainingConfig) -> dict:
+    """TrainingArguments for `parallelism=fsdp`: FSDP2 wrapping each decoder layer, sharded checkpoints, gradients
+    reduced every micro-batch.
+
+    Mixed precision is the Trainer's (bf16 compute on GPUs) with fp32 gradient reduction (`_fsdp_mixed_precision`,
+    set by `_training_arguments`); the weights the optimizer updates stay fp32 (the model is loaded in fp32). ddp
+    needs nothing: the Trainer wraps the model in DDP when WORLD_SIZE > 1.
     """
     if settings.parallelism != "fsdp":
         return {}
@@ -257,7 +295,28 @@ def _sharding_arguments(model, settings: TrainingConfig) -> dict:
         # Each process writes its shard: no process ever holds the whole optimizer state.
         "state_dict_type": "SHARDED_STATE_DICT",
     }
-    return {"fsdp": "full_shard auto_wrap", "fsdp_config": config}
+    # The Trainer runs every micro-batch but a step's last under `accelerator.no_sync` (transformers/trainer.py, the
+    # inner loop of `_inner_training_loop`), which under FSDP2 is `set_requires_gradient_sync(False)` (accelerate's
+    # `Accelerator.no_sync`): each rank would then hold the whole model's unsharded gradients through the step, in
+    # bf16 (2 bytes a parameter: 9 GB for a 4.5B student, 16 GB for the 8B teacher's correction) or twice that in
+    # fp32. sync_each_batch (which the same loop checks first) reduce-scatters after every micro-batch instead, and
+    # FSDP2 adds each result to the fp32 sharded gradient (`foreach_reduce`, torch/distributed/fsdp/_fully_shard/
+    # _fsdp_collectives.py): one reduce-scatter of the gradients per micro-batch, overlapped with the backward.
+    accumulation = {"gradient_accumulation_kwargs": {"sync_each_batch": True}}
+    return {"fsdp": "full_shard auto_wrap", "fsdp_config": config, "accelerator_config": accumulation}
+
+
+def _fsdp_mixed_precision(bf16: bool):
+    """FSDP2's mixed precision policy: compute in bf16 when `bf16`, reduce gradients in fp32.
+
+    For a bf16 run accelerate's own policy is `param_dtype = reduce_dtype = bf16`
+    (`FullyShardedDataParallelPlugin.set_mixed_precision`, accelerate/utils/dataclasses.py), which sums every
+    rank's gradients in bf16 (8 significant bits). Megatron and NeMo reduce and accumulate in fp32; so do we. A
+    policy given to the plugin is kept: `set_mixed_precision` replaces only a missing one (or a dict).
+    """
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    return MixedPrecisionPolicy(param_dtype=torch.bfloat16 if bf16 else None, reduce_dtype=torch.float32)
 
 
 class LMTrainer(Trainer):
@@ -272,10 +331,15 @@ class LMTrainer(Trainer):
             # accelerate turns FSDP on for GPU-like devices only, and silently runs DDP on CPU processes; FSDP2
             # itself shards over gloo on CPU. Turning it on here runs the GPU code path on CPU, so that the
             # sharded path is what the CPU tests exercise.
+            from accelerate.state import PartialState
             from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
 
             self.accelerator.state.fsdp_plugin = FullyShardedDataParallelPlugin(**self.args.fsdp_plugin_args)
             self.accelerator.state.distributed_type = DistributedType.FSDP
+            # Also where AcceleratorState's constructor records it on GPUs (the end of its __init__, accelerate/
+            # state.py): every later AcceleratorState() (the prepared optimizer makes one) copies PartialState's
+            # type over its own, and the training loop would then see MULTI_CPU (no FSDP2 `no_sync`, for one).
+            PartialState().distributed_type = DistributedType.FSDP
             self.is_fsdp_enabled = True
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):

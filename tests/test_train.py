@@ -246,11 +246,13 @@ def test_gradient_checkpointing_is_switched_on_and_keeps_the_losses(tiny_models,
 
     class Seen(TrainerCallback):
         checkpointing = None
+        recompute = None
 
         def on_step_begin(self, args, state, control, model=None, **kwargs):
             Seen.checkpointing = getattr(model, "is_activation_checkpointing", None)
             if Seen.checkpointing is None:  # transformers releases before the rename
                 Seen.checkpointing = model.is_gradient_checkpointing
+            Seen.recompute = getattr(model.model.layers[0], "_gradient_checkpointing_func", None)
 
     settings = dict(FAST, max_steps=3, save_steps=100)
     plain = train.distill(tiny_models["llama-tied"], student, tiny_data, tmp_path / "plain", DistillConfig(**settings),
@@ -261,6 +263,7 @@ def test_gradient_checkpointing_is_switched_on_and_keeps_the_losses(tiny_models,
         recomputed = train.distill(tiny_models["llama-tied"], student, tiny_data, tmp_path / "ckpt",
                                    DistillConfig(**settings, gradient_checkpointing=True), callbacks=[Seen()])
     assert Seen.checkpointing is True
+    assert Seen.recompute.keywords == {"use_reentrant": False}  # what FSDP2 needs (train.py says why)
     want = [h["loss"] for h in plain["log_history"]]
     assert [h["loss"] for h in recomputed["log_history"]] == pytest.approx(want, rel=1e-5)
 
@@ -318,3 +321,51 @@ def test_trainer_kd_loss_and_gradients_equal_stock_forwards(tiny_models, student
     torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6)
     for g_got, g_want in zip(grads_got, grads_want):
         torch.testing.assert_close(g_got, g_want, rtol=1e-4, atol=1e-6)
+
+
+def _tiny_llama():
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1)  # fmt: skip
+    return LlamaForCausalLM(config).to(torch.float32)
+
+
+def test_fsdp_on_gpus_reduces_gradients_every_micro_batch_in_fp32(tmp_path, monkeypatch):
+    """The arguments of a GPU run under fsdp (built here on CPU): every micro-batch's gradients are reduce-scattered
+    at once rather than held unsharded through the step (accelerate's sync_each_batch, which the Trainer's loop
+    reads), and the FSDP2 plugin that accelerate builds from them for a bf16 run computes in bf16 but reduces in
+    fp32 (accelerate's own bf16 policy reduces in bf16). tests/test_distributed.py sees the reductions happen."""
+    import torch
+    import transformers.training_args
+    from accelerate.utils import FullyShardedDataParallelPlugin
+
+    monkeypatch.setattr(transformers.training_args, "is_torch_bf16_gpu_available", lambda: True)
+    settings = DistillConfig(**FAST, parallelism="fsdp")
+    args = train._training_arguments(_tiny_llama(), settings, tmp_path, world=2, cuda=True)
+    assert args.accelerator_config.gradient_accumulation_kwargs == {"sync_each_batch": True}
+    # As accelerate's AcceleratorState does with the Trainer's plugin when mixed precision is on (state.py).
+    plugin = FullyShardedDataParallelPlugin(**args.fsdp_plugin_args)
+    plugin.set_mixed_precision(args.mixed_precision)
+    policy = plugin.mixed_precision_policy
+    assert (args.mixed_precision, policy.param_dtype, policy.reduce_dtype) == ("bf16", torch.bfloat16, torch.float32)
+
+    ddp = train._training_arguments(_tiny_llama(), DistillConfig(**FAST), tmp_path, world=2, cuda=True)
+    assert ddp.accelerator_config.gradient_accumulation_kwargs is None  # ddp reduces once a step, into its buffers
+
+
+def test_fsdp_refuses_an_accelerate_that_shards_the_lm_head_after_forward(monkeypatch):
+    import accelerate
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr(accelerate, "__version__", "1.13.0")
+    with pytest.raises(train.TrainingError) as e:
+        train._check_processes(DistillConfig(**FAST, parallelism="fsdp"))
+    assert str(e.value) == (
+        "parallelism=fsdp needs accelerate >= 1.14 (found 1.13.0): older releases shard the LM head after forward, "
+        "where the distillation loss reads it; upgrade accelerate"
+    )
+    assert train._check_processes(DistillConfig(**FAST)) == 2  # ddp never reads a sharded head
+    monkeypatch.setattr(accelerate, "__version__", "1.14.0")
+    assert train._check_processes(DistillConfig(**FAST, parallelism="fsdp")) == 2
