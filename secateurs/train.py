@@ -81,7 +81,7 @@ def correct_teacher(model_dir, data_dir, out, settings: TeacherCorrectionConfig,
 
     def write():
         with atomic_output(out) as tmp:
-            _save(model, tokenizer, tmp, report, weights)
+            _save(model, tokenizer, tmp, report, weights, settings.save_dtype)
             write_manifest(tmp, "correct-teacher", inputs={"model": model_dir, "data": data_dir},
                            config=settings.model_dump(), report=report)
 
@@ -129,7 +129,7 @@ def distill(teacher_dir, student_dir, data_dir, out, settings: DistillConfig, ca
 
     def write():
         with atomic_output(out) as tmp:
-            _save(student, student_tok, tmp, report, weights)
+            _save(student, student_tok, tmp, report, weights, settings.save_dtype)
             write_manifest(
                 tmp, "distill", inputs={"teacher": teacher_dir, "model": student_dir, "data": data_dir},
                 config=settings.model_dump(), report=report,
@@ -536,8 +536,9 @@ def _on_main_process(write) -> None:
             torch.distributed.barrier()
 
 
-def _save(model, tokenizer, out: Path, report: dict, weights: dict | None = None) -> None:
-    """The trained model as a stock checkpoint; `weights`: its gathered state dict when it is sharded."""
+def _save(model, tokenizer, out: Path, report: dict, weights: dict | None = None, save_dtype: str = "float32") -> None:
+    """The trained model as a stock checkpoint in `save_dtype`; `weights`: its gathered state dict when it is
+    sharded."""
     from secateurs.checkpoint import save_checkpoint
 
     model.config.use_cache = True
@@ -545,7 +546,7 @@ def _save(model, tokenizer, out: Path, report: dict, weights: dict | None = None
         delattr(model, PROJECTIONS)
     if weights is not None:
         model = _unsharded(model.config, weights)
-    save_checkpoint(model.to(torch.float32), tokenizer, out)
+    save_checkpoint(model.to(getattr(torch, save_dtype)), tokenizer, out)
     (out / "train_log.json").write_text(json.dumps(report.get("log_history", []), indent=1))
 
 

@@ -28,3 +28,6 @@ def test_flagship_states_the_paper_s_token_budget():
         tokens = distill.max_steps * distill.global_batch_size * config.data.seq_len
         assert abs(tokens / 94e9 - 1) <= 0.10, (student.name, tokens)
     assert config.evaluate.max_sequences is not None
+    # Trained outputs in the run's dtype (bf16 on GPUs), not fp32: 16 GB for the corrected teacher, not 32.
+    assert config.teacher_correction.save_dtype == "bfloat16"
+    assert {(s.distill or config.distill).save_dtype for s in config.students} == {"bfloat16"}

@@ -173,6 +173,19 @@ def test_distillation_lowers_the_kd_loss_and_writes_a_stock_checkpoint(tiny_mode
 def test_teacher_correction(tiny_models, tiny_data, tmp_path):
     report = train.correct_teacher(tiny_models["qwen3"], tiny_data, tmp_path / "t", TeacherCorrectionConfig(**FAST))
     assert report["steps"] == 6 and report["tokens_seen"] == 6 * 4 * 32
+    # save_dtype: the same training, written in bf16: each tensor is the fp32 run's rounded to bf16, and the stock
+    # loader reads the checkpoint as bf16.
+    import torch
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    train.correct_teacher(tiny_models["qwen3"], tiny_data, tmp_path / "b",
+                          TeacherCorrectionConfig(**FAST, save_dtype="bfloat16"))  # fmt: skip
+    fp32, bf16 = load_file(tmp_path / "t" / "model.safetensors"), load_file(tmp_path / "b" / "model.safetensors")
+    assert fp32.keys() == bf16.keys()
+    for name, tensor in fp32.items():
+        assert tensor.dtype == torch.float32 and torch.equal(bf16[name], tensor.to(torch.bfloat16)), name
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "b").dtype == torch.bfloat16
 
 
 def test_bad_inputs_are_refused_before_training(tiny_models, student, tiny_data, tmp_path):
