@@ -198,6 +198,9 @@ class TrainingConfig(Section):
     parallelism: Literal["ddp", "fsdp"] = Field("ddp", description="How state is spread over the processes of a torchrun run: ddp replicates the model, fsdp (FSDP2) shards its parameters, gradients and optimizer state.")
     compile_layers: bool = Field(False, description="torch.compile every decoder layer (the teacher's too when distilling); on an H200 the 8B -> 4B distillation step ran 1.21x faster (bench/results/gpu/compile).")
     seed: int = Field(0, description="Seed for initialisation order and data shuffling.")
+    # Training keeps fp32 master weights; the output need not: an 8B model is 32 GB in fp32, 16 GB in bf16, and
+    # every later step (pruning, distillation's frozen teacher, evaluation, engines) runs it in bf16 on GPUs.
+    save_dtype: Literal["float32", "bfloat16"] = Field("float32", description="dtype of the trained checkpoint written (the weights train in fp32 either way).")
 
     @model_validator(mode="after")
     def _batches(self):
