@@ -36,12 +36,16 @@ def import_model(settings: str, tracking_uri: str, pipeline_run: str, model: Out
 def prepare_data(
     model: Input[Model], settings: str, tracking_uri: str, pipeline_run: str, dataset: Output[Dataset]
 ):
-    """2. Tokenize, pack and split the distillation corpus with the teacher's tokenizer."""
+    """2. Tokenize, pack and split the distillation corpus with the teacher's tokenizer. With a data store (set by
+    the pipeline in the task's environment) the shards go there and `dataset` holds only their index."""
+    import os
+
     from secateurs.components.runtime import step
     from secateurs.data import prepare_data as run_prepare
+    from secateurs.manifest import DATA_STORE_ENV
 
     with step("prepare_data", locals()) as s:
-        s.report = run_prepare(model.path, dataset.path, s.settings)
+        s.report = run_prepare(model.path, dataset.path, s.settings, store=os.environ.get(DATA_STORE_ENV))
 
 
 def correct_teacher(
@@ -125,19 +129,22 @@ def search_distill(
     candidates: Input[Artifact],
     dataset: Input[Dataset],
     settings: str,
+    processes: int,
+    trainjob: str,
     item: str,
     student: str,
     tracking_uri: str,
     pipeline_run: str,
     scored: Output[Artifact],
 ):
-    """5s. Short distillation of one top candidate (`item`: its rank after pruning) and its validation loss."""
+    """5s. Short distillation of one top candidate (`item`: its rank after pruning), run as the distill step runs
+    (`processes`, `trainjob`), and its validation loss, computed by that run on what it wrote."""
     from secateurs import search as lib
     from secateurs.components.runtime import step
 
     with step("search_distill", locals()) as s:
         score = lib.distill_candidate(teacher.path, candidates.path, int(item), dataset.path, scored.path, s.settings,
-                                      callbacks=s.callbacks)  # fmt: skip
+                                      callbacks=s.callbacks, processes=processes, trainjob=trainjob)  # fmt: skip
         s.report = {k: score[k] for k in ("name", "parameters", "pruned_loss", "distilled_loss")}
         # The candidate's own run (made by the search step) gets its loss after the short distillation too.
         s.run.log_item(score.get("mlflow_run_id"), metrics={k: score[k] for k in ("distilled_loss", "distill_steps",

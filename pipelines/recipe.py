@@ -61,7 +61,8 @@ def recipe(config: PipelineConfig) -> list[Step]:
     5. for each student, parents before children: prune it from the teacher, or from its parent student's
        distilled model (scored by its own importance step), and evaluate the pruned model; a student with
        `search:` instead has its candidates scored (`search`), the top_k distilled briefly, one task each
-       (`search-distill`, a ParallelFor), and the winner picked (`search-pick`) as its pruned model;
+       (`search-distill`, a ParallelFor, each run as distill runs: its GPUs, processes and nodes), and the winner
+       picked (`search-pick`) as its pruned model;
     6. distill it from the (corrected) teacher and evaluate it; evaluate the teacher too;
     7. build and benchmark an engine of the teacher and of each distilled student (if `engine.enabled`);
     8. gather one report row per model and write the report.
@@ -173,6 +174,7 @@ def build_pipeline(
     from kfp import dsl
 
     from secateurs.components.steps import component, recorded_component
+    from secateurs.manifest import DATA_STORE_ENV
 
     every = recipe(config)
     steps = every if steps is None else steps
@@ -180,6 +182,7 @@ def build_pipeline(
     kinds = {s.key: s.kind for s in every}  # the producers of imported inputs too
     images = config.placement.resolved_images()
     placement = config.placement
+    store = data_store(config, pipeline_root)
 
     @dsl.pipeline(name=config.name, description=f"secateurs: {config.teacher.source} -> "
                   f"{', '.join(s.name for s in config.students)}", pipeline_root=pipeline_root)  # fmt: skip
@@ -220,22 +223,41 @@ def build_pipeline(
             if spec.per_student:
                 kwargs.setdefault("student", step.student)
             image = images[spec.image(step.engine_backend)]
+            placed = spec.placed_as or step.kind  # a search's short distillations: placed and run as distill
             if spec.distributed:
-                kwargs["processes"] = placement.processes_of(step.kind)
-                kwargs["trainjob"] = _trainjob(placement, step.kind, image)
+                kwargs["processes"] = placement.processes_of(placed)
+                kwargs["trainjob"] = _trainjob(placement, placed, image)
             if spec.fan_out:
                 with dsl.ParallelFor(step.items) as item:
                     task = component(step.kind, image)(**kwargs, item=item)
             else:
                 task = component(step.kind, image)(**kwargs)
             task.set_display_name(step.key)
-            place(task, spec.placed_as or step.kind, placement,
-                  watcher=spec.distributed and placement.nodes_of(step.kind) > 1)  # fmt: skip
+            place(task, placed, placement, watcher=spec.distributed and placement.nodes_of(placed) > 1)
+            if step.kind == "prepare_data" and store:
+                task.set_env_variable(DATA_STORE_ENV, store)
             if step.key in fresh:
                 task.set_caching_options(False)
             tasks[step.key] = task
 
     return pipeline
+
+
+def data_store(config: PipelineConfig, pipeline_root: str | None = None) -> str | None:
+    """Where prepare-data publishes the token shards (its artifact then carries their index only, and no step
+    downloads them as a KFP input, which the launcher does in full, into the pod's disk, before the step starts):
+    `placement.data_store`, else `datasets` on the cache volume (read in place by every step), else `datasets`
+    under an `s3://` pipeline root (fetched into each node's cache once); None for neither (a local run: the
+    shards stay in the artifact)."""
+    placement = config.placement
+    if placement.data_store:
+        return placement.data_store
+    if placement.cache_volume is not None:
+        return f"{placement.cache_volume.mount_path.rstrip('/')}/datasets"
+    root = pipeline_root or config.tracking.pipeline_root
+    if root and root.startswith("s3://"):
+        return f"{root.rstrip('/')}/datasets"
+    return None
 
 
 def _trainjob(placement: PlacementConfig, kind: str, image: str) -> str:

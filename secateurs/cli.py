@@ -165,12 +165,17 @@ def import_model_cmd(
 def prepare_data_cmd(
     tokenizer: Path = typer.Option(..., "--tokenizer", help="Directory holding the model's tokenizer."),
     out: Path = typer.Option(..., "--out"),
+    store: Optional[str] = typer.Option(
+        None, "--store", envvar="SECATEURS_DATA_STORE",  # secateurs.manifest.DATA_STORE_ENV
+        help="Publish the shards under <store>/<digest>/ (a shared directory or an s3:// prefix, reused when "
+        "already there) and write to --out only their index and manifest.",
+    ),
     settings: DataConfig = None,
 ):
     """Tokenize, pack and split a text corpus."""
     from secateurs.data import prepare_data
 
-    _print_report(prepare_data(tokenizer, out, settings))
+    _print_report(prepare_data(tokenizer, out, settings, store=store or None))
 
 
 @app.command("importance")

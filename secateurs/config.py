@@ -227,6 +227,7 @@ class DistillConfig(TrainingConfig):
     temperature: float = Field(1.0, gt=0, description="Softmax temperature; the KL term is multiplied by T^2 (recipe: 1).")
     top_k: int | None = Field(None, ge=1, description="Keep only the K largest teacher logits per token (recipe: ~1024), both sides renormalised.")
     ce_alpha: float = Field(0.0, ge=0, le=1, description="Weight of a cross-entropy term: (1-a) KD + a CE (recipe: 0).")
+    validation_sequences: int | None = Field(None, ge=1, description="After training, the validation loss of the written student over N sequences spread over the held-out split, in the report (how a search scores its candidates, inside the run that trained them).")
     intermediate_loss: bool = Field(False, description="Add cosine losses between hidden states (for students with many layers cut).")
     layer_pairs: list[tuple[int, int]] | None = Field(None, description="(student layer, teacher layer) pairs; default: losses.default_layer_mapping.")
     kd_chunk_size: int = Field(2048, ge=1, description="Tokens per chunk of the fused LM-head + KL loss (2048: as fast as full logits on an H200 at 41% of their extra memory, bench/results/gpu/compile).")

@@ -14,11 +14,18 @@ Validation is held out by whole documents: a document goes to validation when va
 `val_fraction` of the source's tokens read so far, so no document is split between the two and the held-out share
 is exact to within one document.
 
-Readers (`load_packed`) memory-map the shards. A split is a map-style dataset over the blend: each source gets
-its weight's share of the split's sequences (a source whose share exceeds its size repeats, a smaller share takes a
-seeded sample), interleaved evenly, so any stretch of the split holds the sources in proportion. The Trainer's
-sampler shuffles and shards that index over the processes; each shard's sha256 is checked the first time a process
-reads it.
+With a store (a directory on a volume every step mounts, or an `s3://` prefix) the shards are published once
+under `<store>/<digest>/`, named by what was prepared (a later preparation of the same settings reuses them), and
+the output is a small reference: the manifest and an `index.json` that gives the shards' location and their sizes
+and sha256. A pipeline's dataset artifact then stays a few KB however large the corpus, and no step downloads the
+shards as a KFP input.
+
+Readers (`load_packed`) memory-map the shards: in place, or, for shards on S3, after fetching them once into the
+cache (`storage.localize`: a node fetches only what it lacks, under a file lock). A split is a map-style dataset
+over the blend: each source gets its weight's share of the split's sequences (a source whose share exceeds its
+size repeats, a smaller share takes a seeded sample), interleaved evenly, so any stretch of the split holds the
+sources in proportion. The Trainer's sampler shuffles and shards that index over the processes; each shard's
+sha256 is checked the first time a process reads it.
 """
 
 from __future__ import annotations
@@ -39,7 +46,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from secateurs.config import DataConfig, DataSource
-from secateurs.manifest import CHECKPOINTS_ENV, publish, read_manifest, write_manifest
+from secateurs.manifest import CHECKPOINTS_ENV, MANIFEST, publish, read_manifest, write_manifest
 
 if TYPE_CHECKING:
     import torch
@@ -464,16 +471,21 @@ class _Plan:
     shard_sequences: int
 
 
-def prepare_data(tokenizer_dir: str | Path, out: str | Path, settings: DataConfig) -> dict:
+def prepare_data(tokenizer_dir: str | Path, out: str | Path, settings: DataConfig,
+                 store: str | Path | None = None) -> dict:  # fmt: skip
     """Tokenize, pack and split the sources of `settings` with the tokenizer in TOKENIZER_DIR into OUT.
 
     OUT may be a local directory or an `s3://` prefix. The work happens in a directory that survives a kill
-    (`$SECATEURS_CHECKPOINTS/prepare-data-<digest>` when that is set, else `.<out>.partial` beside a local OUT or
-    under the cache for S3) and replaces OUT only once complete.
+    (`$SECATEURS_CHECKPOINTS/prepare-data-<digest>` when that is set, else `.<name>.partial` beside a local
+    destination or under the cache for S3) and replaces its destination only once complete.
 
     Args:
         settings: the sources and their weights, text column, sequence length, token cap, validation fraction,
             seed, shuffle buffer, tokenizer processes and shard size; `DataConfig` says each.
+        store: None to write the shards into OUT; else a directory every reader can reach (a shared volume) or
+            an `s3://` prefix: the shards go to `<store>/<digest[:16]>/` (a complete copy already there, made
+            by the same settings, is reused without reading a source), and OUT receives only the manifest and an
+            index that records their location and sha256.
 
     Returns:
         A report: sequences and tokens per split, documents read, and per source its tokens, content hash and
@@ -486,6 +498,19 @@ def prepare_data(tokenizer_dir: str | Path, out: str | Path, settings: DataConfi
     tokenizer = load_tokenizer(tokenizer_dir)
     identity = tokenizer_identity(tokenizer)
     blend = settings.blend()
+    config = {**settings.model_dump(exclude=_SPEED_SETTINGS), "sources": [s.model_dump() for s in blend],
+              "tokenizer": identity}  # fmt: skip
+    digest = _digest(config)
+    remote = storage.is_s3_uri(str(out))
+    if remote:
+        storage.check_access(str(out))
+    else:
+        out = Path(out).absolute()
+    location = _store_location(store, digest)
+    if location is not None and (stored := _stored(location, digest)) is not None:
+        index, report = stored
+        _write_reference(out, location, index, tokenizer_dir, config, report)
+        return report
     # Every source is opened (and a prepared one checked) before any tokenizing: a missing or empty source, or
     # one tokenized for another model, fails in one line.
     opened = {}
@@ -495,23 +520,16 @@ def prepare_data(tokenizer_dir: str | Path, out: str | Path, settings: DataConfi
             opened[src.name] = _check_prepared(prepared, src, identity, settings.seq_len)
         else:
             opened[src.name] = documents(src, settings.seed, settings.shuffle_buffer)
-    config = {**settings.model_dump(exclude=_SPEED_SETTINGS), "sources": [s.model_dump() for s in blend],
-              "tokenizer": identity}  # fmt: skip
-    digest = hashlib.sha256(json.dumps([FORMAT, config], sort_keys=True).encode()).hexdigest()
-    remote = storage.is_s3_uri(str(out))
-    if remote:
-        storage.check_access(str(out))
-    else:
-        out = Path(out).absolute()
+    shards_to = location or out  # where the finished shards go: the store, or the output itself
     # Where the work survives a kill: on a cluster, the volume the pipeline points SECATEURS_CHECKPOINTS at (a
     # retried pod writes its output to a new path, so the work is found by what it prepares, as training finds its
-    # checkpoints); else beside a local output, or in the cache for an S3 one.
+    # checkpoints); else beside a local destination, or in the cache for an S3 one.
     if os.environ.get(CHECKPOINTS_ENV):
         work = Path(os.environ[CHECKPOINTS_ENV]).absolute() / f"prepare-data-{digest[:16]}"
-    elif remote:
-        work = cache_dir() / "prepare" / hashlib.sha256(str(out).rstrip("/").encode()).hexdigest()[:16]
+    elif storage.is_s3_uri(str(shards_to)):
+        work = cache_dir() / "prepare" / hashlib.sha256(str(shards_to).rstrip("/").encode()).hexdigest()[:16]
     else:
-        work = out.parent / f".{out.name}.partial"
+        work = Path(shards_to).parent / f".{Path(shards_to).name}.partial"
     progress = _read_progress(work, digest)
     plan = _Plan(settings, tokenizer, Path(tokenizer_dir), work, token_dtype(tokenizer),
                  max(1, settings.shard_tokens // settings.seq_len))  # fmt: skip
@@ -526,7 +544,7 @@ def prepare_data(tokenizer_dir: str | Path, out: str | Path, settings: DataConfi
                 continue
             cap = None if total_sequences is None else max(2, int(total_sequences * weight))
             source = opened[src.name]
-            if isinstance(source, Path):
+            if isinstance(source, PackedDataset):
                 summary = _copy_prepared(source, src, plan)
             else:
                 summary = _prepare_source(src, source, cap, plan, progress)
@@ -554,12 +572,94 @@ def prepare_data(tokenizer_dir: str | Path, out: str | Path, settings: DataConfi
     (work / INDEX).write_text(json.dumps(index, indent=1))
     (work / PROGRESS).unlink()
     write_manifest(work, "prepare-data", inputs={"tokenizer": tokenizer_dir}, config=config, report=report)
-    if remote:
-        storage.upload(work, str(out))
+    _publish(work, shards_to)
+    if location is not None:
+        _write_reference(out, location, index, tokenizer_dir, config, report)
+    return report
+
+
+def _digest(config: dict) -> str:
+    """What a preparation makes, as a hash: the format and every setting that changes the shards."""
+    return hashlib.sha256(json.dumps([FORMAT, config], sort_keys=True).encode()).hexdigest()
+
+
+def _publish(work: Path, destination: str | Path) -> None:
+    """Put the finished directory WORK at DESTINATION: renamed into place, or uploaded (manifest last) to S3."""
+    from secateurs import storage
+
+    if storage.is_s3_uri(str(destination)):
+        storage.upload(work, str(destination))
         shutil.rmtree(work)
     else:
-        publish(work, out)
-    return report
+        publish(work, destination)
+
+
+def _store_location(store: str | Path | None, digest: str) -> str | None:
+    """Where a preparation publishes its shards in STORE: `<store>/<digest[:16]>` (None without a store)."""
+    from secateurs import storage
+
+    if store is None or str(store) == "":
+        return None
+    if storage.is_s3_uri(str(store)):
+        storage.check_access(str(store))
+        return f"{str(store).rstrip('/')}/{digest[:16]}"
+    if str(store).startswith("s3:/"):
+        raise DataError(f"data store {store!r} is an S3 URI that was turned into a path; pass it as a string")
+    return str(Path(store).expanduser().absolute() / digest[:16])
+
+
+def _stored(location: str, digest: str) -> tuple[dict, dict] | None:
+    """(index, report) of a complete dataset of DIGEST at LOCATION, else None.
+
+    Complete: its manifest is there (it is written last: renamed with the directory, or uploaded last) and every
+    shard of its index has the size the index gives. The sha256 are left to the readers, which check them
+    anyway: hashing hundreds of GB here would cost as much time as every reuse saves for the next step.
+    """
+    from secateurs import storage
+
+    if storage.is_s3_uri(location):
+        import tempfile
+
+        from secateurs.manifest import cache_dir
+
+        sizes = storage.object_sizes(location, missing_ok=True)
+        if not {MANIFEST, INDEX} <= set(sizes):
+            return None
+        (cache_dir() / "streams").mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=cache_dir() / "streams") as tmp:
+            got = Path(tmp) / "reference"  # the download's ETag record goes beside it, inside tmp
+            for name in (MANIFEST, INDEX):
+                storage.download(f"{location}/{name}", got)
+            manifest, index = read_manifest(got), json.loads((got / INDEX).read_text())
+    else:
+        root = Path(location)
+        if not (root / MANIFEST).is_file() or not (root / INDEX).is_file():
+            return None
+        manifest, index = read_manifest(root), json.loads((root / INDEX).read_text())
+        sizes = {p.relative_to(root).as_posix(): p.stat().st_size for p in root.rglob("*.bin")}
+    if manifest.get("step") != "prepare-data" or _digest(manifest.get("config") or {}) != digest:
+        return None
+    for shard in _shards(index):
+        if sizes.get(shard["file"]) != _shard_bytes(index, shard):
+            return None  # cut short or removed: prepared again, and replaced
+    return index, manifest.get("report") or {}
+
+
+def _write_reference(out: str | Path, location: str, index: dict, tokenizer_dir: str | Path, config: dict,
+                     report: dict) -> None:  # fmt: skip
+    """OUT as a reference to the dataset at LOCATION: the same manifest and index, the index with the location;
+    no shard."""
+    import tempfile
+
+    from secateurs import storage
+    from secateurs.manifest import cache_dir
+
+    parent = cache_dir() if storage.is_s3_uri(str(out)) else Path(out).parent
+    parent.mkdir(parents=True, exist_ok=True)
+    reference = Path(tempfile.mkdtemp(prefix=".reference-", dir=parent))
+    (reference / INDEX).write_text(json.dumps({**index, "location": location}, indent=1))
+    write_manifest(reference, "prepare-data", inputs={"tokenizer": tokenizer_dir}, config=config, report=report)
+    _publish(reference, out)
 
 
 def _read_progress(work: Path, digest: str) -> dict:
@@ -660,8 +760,8 @@ def _prepare_source(src: DataSource, stream, cap: int | None, plan: _Plan, progr
             "shards": shards}  # fmt: skip
 
 
-def _check_prepared(path: Path, src: DataSource, identity: str, seq_len: int) -> Path:
-    """Refuse a prepared dataset that a blend cannot reuse as it is."""
+def _check_prepared(path: Path, src: DataSource, identity: str, seq_len: int) -> PackedDataset:
+    """A prepared dataset that a blend reuses, opened; refused when it cannot be reused as it is."""
     config = read_manifest(path).get("config") or {}
     if config.get("tokenizer") != identity:
         raise DataError(
@@ -670,26 +770,25 @@ def _check_prepared(path: Path, src: DataSource, identity: str, seq_len: int) ->
         )
     if config.get("seq_len") != seq_len:
         raise DataError(f"data source {src.source} has seq_len={config.get('seq_len')}, this blend {seq_len}")
-    PackedDataset(path)  # its index and shard sizes
-    return path
+    return PackedDataset(path)  # its index and shard sizes, wherever its shards are
 
 
-def _copy_prepared(path: Path, src: DataSource, plan: _Plan) -> dict:
+def _copy_prepared(dataset: PackedDataset, src: DataSource, plan: _Plan) -> dict:
     """A prepared dataset as one source of this blend: its shards (checked) linked or copied in, its sources'
     sequences merged (their weights inside it are not kept: the blend weighs it as a whole)."""
-    index = json.loads((path / INDEX).read_text())
+    root, index = dataset.root, dataset.index
     shards: dict[str, list[dict]] = {split: [] for split in SPLITS}
     for sub in index["sources"]:
         for split in SPLITS:
             for shard in sub["shards"][split]:
-                _verify_shard(path, shard)
+                _verify_shard(root, shard)
                 target = plan.work / src.name / f"{sub['name']}-{Path(shard['file']).name}"
                 target.parent.mkdir(parents=True, exist_ok=True)
                 target.unlink(missing_ok=True)
                 try:
-                    os.link(path / shard["file"], target)
+                    os.link(root / shard["file"], target)
                 except OSError:  # another file system
-                    shutil.copyfile(path / shard["file"], target)
+                    shutil.copyfile(root / shard["file"], target)
                 shards[split].append({**shard, "file": target.relative_to(plan.work).as_posix()})
     sources = index["sources"]
     return {"name": src.name, "uri": src.source, "weight": src.weight,
@@ -758,6 +857,40 @@ def blend_index(counts: list[int], weights: list[float], seed: int) -> tuple[np.
 # ----------------------------------------------------------------------------------------------- reading
 
 
+def _shards(index: dict) -> Iterator[dict]:
+    """Every shard an index lists."""
+    for source in index["sources"]:
+        for split in SPLITS:
+            yield from source["shards"][split]
+
+
+def _shard_bytes(index: dict, shard: dict) -> int:
+    return shard["sequences"] * index["seq_len"] * np.dtype(index["dtype"]).itemsize
+
+
+def shard_root(path: Path, index: dict) -> Path:
+    """The local directory that holds the shards of the dataset at PATH (whose index is INDEX): PATH itself, or
+    the store its index names as `location`: a directory (a shared volume), read in place, or an `s3://` prefix,
+    fetched into the cache (only what this machine lacks, one process at a time; the readers check each shard's
+    sha256 before using it).
+
+    Raises:
+        DataError: the location is a directory this machine does not have.
+    """
+    location = index.get("location")
+    if location is None:
+        return path
+    if location.startswith("s3://"):
+        from secateurs import storage
+        from secateurs.manifest import cache_dir
+
+        return storage.localize(location, cache_dir())
+    if not Path(location).is_dir():
+        raise DataError(f"dataset {path} keeps its shards in {location}, which this machine does not have: mount "
+                        f"the volume that holds it (placement.cache_volume), or prepare the data again")  # fmt: skip
+    return Path(location)
+
+
 def _verify_shard(root: Path, shard: dict) -> None:
     with open(root / shard["file"], "rb") as f:
         sha256 = hashlib.file_digest(f, "sha256").hexdigest()
@@ -780,7 +913,7 @@ class PackedSplit:
         for shards in self._shards:
             for shard in shards:
                 path = root / shard["file"]
-                expected = shard["sequences"] * self.seq_len * self.dtype.itemsize
+                expected = _shard_bytes(index, shard)
                 size = path.stat().st_size if path.is_file() else None
                 if size != expected:
                     what = "is missing" if size is None else f"holds {size} bytes, expected {expected}"
@@ -846,7 +979,8 @@ class PackedSplit:
 
 
 class PackedDataset(dict):
-    """A prepared dataset: {"train": PackedSplit, "validation": PackedSplit}, `config` its manifest's config."""
+    """A prepared dataset: {"train": PackedSplit, "validation": PackedSplit}, `config` its manifest's config,
+    `path` its artifact directory and `root` the directory its shards are read from (`shard_root`)."""
 
     def __init__(self, path: str | Path):
         path = Path(path)
@@ -858,15 +992,17 @@ class PackedDataset(dict):
         index = json.loads((path / INDEX).read_text())
         if index.get("format") != FORMAT:
             raise DataError(f"dataset {path} has format {index.get('format')!r}, this secateurs reads {FORMAT!r}")
-        super().__init__({split: PackedSplit(path, index, split) for split in SPLITS})
+        root = shard_root(path, index)
+        super().__init__({split: PackedSplit(root, index, split) for split in SPLITS})
         for split in SPLITS:
             if len(self[split]) == 0:
                 raise DataError(f"dataset {path} has an empty {split} split")
-        self.path, self.index, self.config = path, index, manifest["config"]
+        self.path, self.root, self.index, self.config = path, root, index, manifest["config"]
 
 
 def load_packed(path: str | Path) -> tuple[PackedDataset, dict]:
-    """Open a prepared dataset (a local directory or an `s3://` prefix); returns it and its manifest config."""
+    """Open a prepared dataset (a local directory or an `s3://` prefix, holding its shards or a reference to where
+    they are: `shard_root`); returns it and its manifest config."""
     dataset = PackedDataset(_localized(str(path)))
     return dataset, dataset.config
 

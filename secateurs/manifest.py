@@ -25,6 +25,10 @@ MANIFEST = "secateurs.json"
 # A root for work that must outlive a step's pod (training checkpoints, a preparation's shards): on a cluster, the
 # cache volume. A retried step finds its work there by what it computes, wherever its output now goes.
 CHECKPOINTS_ENV = "SECATEURS_CHECKPOINTS"
+# Where prepare-data publishes a dataset's token shards (a directory on a shared volume, or an `s3://` prefix), so
+# that its artifact carries only their index: set on the prepare-data task by the pipeline (`data_store` in
+# secateurs.pipelines.recipe), read by the component and by `secateurs prepare-data --store`.
+DATA_STORE_ENV = "SECATEURS_DATA_STORE"
 
 
 def cache_dir() -> Path:

@@ -143,6 +143,13 @@ class PlacementConfig(_Section):
     tolerations: list[Toleration] = Field(default_factory=list, description="Tolerations for GPU steps.")
     secrets: list[SecretEnv] = Field(default_factory=list, description="Secrets exposed as env (S3, MLflow).")
     cache_volume: CacheVolume | None = Field(None, description="PVC for download caches and training checkpoints.")
+    data_store: str | None = Field(
+        None,
+        description="Where prepare-data publishes the token shards, so that its dataset artifact holds only their "
+        "index and every step reads them without a KFP download: an absolute path every step mounts, or an "
+        "s3://bucket/prefix (default: <cache_volume.mount_path>/datasets, else <pipeline root>/datasets when the "
+        "run's pipeline root is on S3, else none: the shards stay in the artifact).",
+    )
     # PyTorch data loaders and NCCL use /dev/shm; a container's default is 64 MiB.
     shm_size: str | None = Field(
         "16Gi", description="Memory-backed /dev/shm size for GPU steps (None: leave it)."
@@ -164,6 +171,14 @@ class PlacementConfig(_Section):
             raise ValueError(f"{what} {unknown}; expected some of {list(allowed)}")
         if name != "resources" and any(n < 1 for n in v.values()):
             raise ValueError(f"{name}: every count must be at least 1, got {v}")
+        return v
+
+    @field_validator("data_store")
+    @classmethod
+    def _store(cls, v):
+        if v is not None and not (v.startswith("s3://") or v.startswith("/")):
+            raise ValueError(f"data_store={v!r}: expected an absolute path (on a volume every step mounts) or an "
+                             "s3://bucket/prefix")  # fmt: skip
         return v
 
     @model_validator(mode="after")

@@ -1,8 +1,9 @@
 """The memory plan: bytes per GPU of every GPU step, worked out from the config before anything runs.
 
-For each training step (teacher correction, and distillation of each student) under its parallelism and process
-count, and for the forward-only steps (importance, evaluation, and a search's scoring, which holds one candidate
-pruned from the parent beside it: at most the budget's parameters in bf16):
+For each training step (teacher correction, distillation of each student, and a search's short distillations,
+which run as distillation runs) under its parallelism and process count, and for the forward-only steps
+(importance, evaluation, and a search's scoring, which holds one candidate pruned from the parent beside it: at
+most the budget's parameters in bf16):
 - weights, gradients and AdamW state of the trained model: fp32, 4 + 4 + 8 bytes a parameter, divided by the
   number of shards (1 under ddp; every process of the run under fsdp);
 - under fsdp, the parameters FSDP2 gathers in bf16 while it computes: the root module's (embeddings, LM head,
@@ -158,8 +159,16 @@ def plan(config, shapes: dict[str, Shape] | None = None) -> list[StepPlan]:
     for s in config.lineage_order():
         if s.search is not None and placement.gpus.importance:  # the search step is placed like importance
             plans.append(_search(f"search:{s.name}", s.search, shapes[s.parent], seq_len, available, placement))
-        # A search's short distillations (search-distill) run with the distill settings and placement on a
-        # candidate no larger than the bound `distill:<student>` is planned for: that row covers them.
+        if s.search is not None and placement.gpus.distill:
+            # Its top_k short distillations run as distill runs (its processes, nodes and parallelism: fsdp shards
+            # a candidate over the same GPUs), on a candidate no larger than the bound `distill:<student>` is
+            # planned for; their tokens are top_k short runs.
+            from secateurs.search import short_distill_settings
+
+            short = short_distill_settings(s.distill or config.distill, s.search.tokens, seq_len)
+            plans.append(_training(f"search-distill:{s.name}", "distill", short, shapes[s.name], shapes["teacher"],
+                                   seq_len, placement, available))  # fmt: skip
+            plans[-1].tokens *= s.search.top_k
         if placement.gpus.distill:
             plans.append(_training(f"distill:{s.name}", "distill", s.distill or config.distill, shapes[s.name],
                                    shapes["teacher"], seq_len, placement, available))  # fmt: skip

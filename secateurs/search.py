@@ -15,7 +15,8 @@ after pruning is a poor guide):
    benchmarked by `secateurs.engine` from the largest shape down, each shape measured once (cached);
 2. prune each one from the importance artifact in memory (prune.py's own plan and surgery) and score it by
    validation loss;
-3. distil the best `top_k` for `tokens` tokens each with the run's KD settings (train.distill) and score them again;
+3. distil the best `top_k` for `tokens` tokens each with the run's KD settings, as the distill step runs
+   (`secateurs.launch.train`: in one process, under torchrun, or as a TrainJob), and score them again;
 4. pick the lowest validation loss after that short distillation.
 
 Guarantees: every bad budget, fixed dimension or depth criterion fails in one line before any weight is read; a
@@ -446,18 +447,24 @@ def score_candidates(
 
 def distill_candidate(
     teacher_dir: str | Path, candidates_dir: str | Path, index: int, data_dir: str | Path, out: str | Path,
-    distill: DistillConfig, callbacks=(),
+    distill: DistillConfig, callbacks=(), processes: int = 1, trainjob: str = "",
 ) -> dict:  # fmt: skip
     """Step 3 for one candidate: distil the `index`-th of the top candidates with `distill` (the short settings,
     `short_distill_settings`) and score it again, on the sequences the search scored it on. Writes OUT:
     `score.json` and a manifest; the short-distilled weights and their checkpoints are dropped (the winner's full
-    distillation starts again from its pruned checkpoint)."""
-    import torch
+    distillation starts again from its pruned checkpoint).
 
-    from secateurs import train
-    from secateurs.checkpoint import load_model
-    from secateurs.data import load_packed
-    from secateurs.evaluate import validation_loss
+    The distillation runs as the distill step runs (`secateurs.launch.train`): in this process, under torchrun
+    with `processes` on this node, or as a TrainJob over several nodes, so `parallelism: fsdp` shards a candidate
+    over the same GPUs. The run scores it too (`DistillConfig.validation_sequences`): its main process reads back
+    the student it wrote and computes the validation loss on its GPU, so a TrainJob's watching pod, which holds
+    none, never loads the model.
+
+    Args:
+        processes: training processes on this node (the distill step's `placement.processes`); 1 trains here.
+        trainjob: JSON of a `secateurs.trainjob.JobPlacement` to train on several nodes; "" for this node.
+    """
+    from secateurs import launch
     from secateurs.manifest import atomic_output, read_manifest, write_manifest
 
     listing = json.loads((Path(candidates_dir) / CANDIDATES_FILE).read_text())
@@ -468,16 +475,16 @@ def distill_candidate(
     row = next(r for r in listing["candidates"] if r["name"] == name)
     student = Path(candidates_dir) / "top" / str(index)
     work = Path(f"{Path(out).absolute()}.work")
-    report = train.distill(teacher_dir, student, data_dir, work, distill, callbacks=callbacks)
+    inputs = {"teacher": str(teacher_dir), "student": str(student), "data": str(data_dir)}
+    # Scored by the run that trains it, on the sequences the search scored it on after pruning.
+    distill = distill.model_copy(update={"validation_sequences": scoring.val_sequences})
+    report = launch.train("distill", inputs, str(work), distill, processes, callbacks, trainjob)
     shutil.rmtree(report["checkpoint_dir"], ignore_errors=True)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = load_model(work, dtype=torch.bfloat16 if device == "cuda" else torch.float32, device=device)
-    dd, _ = load_packed(data_dir)
-    loss = validation_loss(model, dd["validation"].spread(scoring.val_sequences), scoring.batch_size)
-    del model
+    loss = report["validation_loss"]
     shutil.rmtree(work, ignore_errors=True)
     score = {**row, "index": index, "distilled_loss": loss, "distill_steps": report["steps"],
-             "distill_tokens": report["tokens_seen"], "distill_final_loss": report["final_loss"]}  # fmt: skip
+             "distill_tokens": report["tokens_seen"], "distill_final_loss": report["final_loss"],
+             "distill_processes": report["processes"]}  # fmt: skip
     print(f"search: {name} validation loss {row['pruned_loss']:.4f} after pruning, {loss:.4f} after "
           f"{report['steps']} steps of KD")  # fmt: skip
     with atomic_output(out) as tmp:

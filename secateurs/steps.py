@@ -41,9 +41,11 @@ class StepSpec:
         scores_input: its report's numbers also go to the model it read (evaluation).
         engine_image: runs in the image of the engine backend it builds with rather than the secateurs one (the
             engine step: the pipeline's `engine.backend`; a search: its latency budget's `engine_backend`).
-        distributed: a training step, run under torchrun with one process per GPU (`placement.processes`).
-        placed_as: the step kind whose placement (GPUs, node selection, resources) its tasks take (a search's
-            short distillations run where distillation runs); None: its own.
+        distributed: a training step, run under torchrun with one process per GPU (`placement.processes`), or as
+            a TrainJob over several nodes (`placement.nodes`): its `processes` and `trainjob` parameters.
+        placed_as: the step kind whose placement (GPUs, node selection, resources, and for a distributed step its
+            processes and nodes) its tasks take (a search's short distillations run as distillation runs); None:
+            its own.
         fan_out: one task per item of a `dsl.ParallelFor` (a search's short distillations, one per candidate);
             its `item` parameter holds the item, and readers of its outputs get them `dsl.Collected`. Each item's
             task has a key of its own, the step's key and `/<item>` (`search-distill:auto/1`), so that it is
@@ -105,14 +107,15 @@ STEPS: dict[str, StepSpec] = {
                  {"pruned": "Model"}, "PruneConfig", per_student=True, model="{student}-pruned"),
         # Architecture search (students with `search:`): score the candidates (forward passes, placed like
         # importance; a latency budget builds engines, in its backend's image), distil the top_k briefly, one task
-        # each (placed like distill), pick the winner, which the student's distill step then reads as its pruned
-        # model.
+        # each (placed like distill, and run as distill runs: its processes, torchrun or a TrainJob), pick the
+        # winner, which the student's distill step then reads as its pruned model.
         StepSpec("search", "search", "{name}:{student}", {"model": "Model", "scores": "Artifact", "dataset": "Dataset"},
                  {"candidates": "Artifact"}, "SearchConfig", per_student=True, placed_as="importance",
                  engine_image=True),
         StepSpec("search_distill", "search-distill", "{name}:{student}",
                  {"teacher": "Model", "candidates": "Artifact", "dataset": "Dataset"}, {"scored": "Artifact"},
-                 "DistillConfig", params=("item",), per_student=True, placed_as="distill", fan_out=True),
+                 "DistillConfig", params=("processes", "trainjob", "item"), per_student=True, placed_as="distill",
+                 distributed=True, fan_out=True),
         StepSpec("search_pick", "search-pick", "{name}:{student}", {"candidates": "Artifact", "scored": "Artifact"},
                  {"winner": "Model"}, per_student=True, model="{student}-pruned"),
         StepSpec("distill", "distill", "{name}:{student}", {"teacher": "Model", **_DATA}, {"distilled": "Model"},
@@ -133,7 +136,8 @@ STEPS: dict[str, StepSpec] = {
 
 BY_NAME: dict[str, StepSpec] = {s.name: s for s in STEPS.values()}
 GPU_STEPS: tuple[str, ...] = tuple(k for k, s in STEPS.items() if s.gpu)
-TRAINING_STEPS: tuple[str, ...] = tuple(k for k, s in STEPS.items() if s.distributed)
+# The kinds `placement.processes` and `placement.nodes` name: the distributed steps placed as themselves.
+TRAINING_STEPS: tuple[str, ...] = tuple(k for k, s in STEPS.items() if s.distributed and s.placed_as is None)
 
 
 def item_key(key: str, item: str) -> str:

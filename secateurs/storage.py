@@ -355,11 +355,21 @@ def list_objects(uri: str, *, client: Any = None) -> dict[str, str]:
     return {rel: f"s3://{bucket}/{obj.key}" for rel, obj in sorted(objects.items())}
 
 
+def object_sizes(uri: str, *, client: Any = None, missing_ok: bool = False) -> dict[str, int]:
+    """The sizes in bytes of the objects `uri` names, by path relative to the prefix (see `list_objects`); {} for
+    nothing there when `missing_ok`."""
+    bucket, key = parse_s3_uri(uri)
+    client = client or s3_client()
+    objects, _ = _remote_objects(client, bucket, key, uri, missing_ok)
+    return {rel: obj.size for rel, obj in sorted(objects.items())}
+
+
 # ------------------------------------------------------------------------------------------ helpers
 
 
-def _remote_objects(client: Any, bucket: str, key: str, uri: str) -> tuple[dict[str, _RemoteObject], bool]:
-    """What `uri` names: ({relative path: object}, is a single object)."""
+def _remote_objects(client: Any, bucket: str, key: str, uri: str,
+                    missing_ok: bool = False) -> tuple[dict[str, _RemoteObject], bool]:  # fmt: skip
+    """What `uri` names: ({relative path: object}, is a single object); ({}, False) for nothing when `missing_ok`."""
     from botocore.exceptions import ClientError
 
     def head_object() -> dict[str, Any] | None:
@@ -389,7 +399,7 @@ def _remote_objects(client: Any, bucket: str, key: str, uri: str) -> tuple[dict[
         return found
 
     objects = _call(f"list {uri}", client, list_prefix)
-    if not objects:
+    if not objects and not missing_ok:
         raise StorageError(f"nothing at {uri}: no object of that name and no objects under it")
     return objects, False
 

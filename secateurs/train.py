@@ -130,6 +130,9 @@ def distill(teacher_dir, student_dir, data_dir, out, settings: DistillConfig, ca
     def write():
         with atomic_output(out) as tmp:
             _save(student, student_tok, tmp, report, weights, settings.save_dtype)
+            if settings.validation_sequences:
+                report["validation_loss"] = _validation_loss(tmp, dd, settings.validation_sequences,
+                                                             settings.micro_batch_size)  # fmt: skip
             write_manifest(
                 tmp, "distill", inputs={"teacher": teacher_dir, "model": student_dir, "data": data_dir},
                 config=settings.model_dump(), report=report,
@@ -534,6 +537,23 @@ def _on_main_process(write) -> None:
     finally:
         if distributed:
             torch.distributed.barrier()
+
+
+def _validation_loss(model_dir: Path, dd, sequences: int, batch_size: int) -> float:
+    """The validation loss of the checkpoint just written to MODEL_DIR over SEQUENCES spread over the held-out
+    split, in the main process: on its GPU in bf16 (fp32 without one). Read back from the checkpoint, so it is the
+    model as written, whether the run was one process, torchrun's or a TrainJob's nodes (whose watching pod holds
+    no GPU to score it afterwards)."""
+    from secateurs.evaluate import validation_loss
+
+    cuda = torch.cuda.is_available()
+    model = load_model(model_dir, dtype=torch.bfloat16 if cuda else torch.float32, device="cuda" if cuda else "cpu")
+    try:
+        return validation_loss(model, dd["validation"].spread(sequences), batch_size)
+    finally:
+        del model
+        if cuda:
+            torch.cuda.empty_cache()
 
 
 def _save(model, tokenizer, out: Path, report: dict, weights: dict | None = None, save_dtype: str = "float32") -> None:

@@ -139,8 +139,9 @@ def tiny_importance(tmp_path_factory, tiny_models, tiny_data) -> dict[str, Path]
 @pytest.fixture(scope="session")
 def failed_then_resumed(tmp_path_factory, tiny_models, docs_dir):
     """One tiny pipeline run (tests/test_pipeline.py's `tiny_config`: students a and b, teacher correction, distill
-    in two processes) that fails at distill:b (injected), then the same command again, which finishes it. Shared:
-    the pipeline tests read its steps and records, the MLflow UI tests render what it recorded.
+    in two processes, the data's shards in a store) that fails at distill:b (injected), then the same command
+    again, which finishes it. Shared: the pipeline tests read its steps and records, the MLflow UI tests render
+    what it recorded.
 
     Returns:
         (the run directory, the outputs recorded after the failure).
@@ -151,8 +152,12 @@ def failed_then_resumed(tmp_path_factory, tiny_models, docs_dir):
 
     from secateurs.pipeline_cli import read_run, recorded_outputs, run_cmd
 
+    config = tiny_config(tiny_models["llama-tied"], docs_dir)
+    # The shards in a store, as on a cluster's cache volume: every step reads them through the run's dataset
+    # artifact, which holds only their index.
+    config["placement"]["data_store"] = str(tmp_path_factory.mktemp("volume") / "datasets")
     config_file = tmp_path_factory.mktemp("config") / "tiny.yaml"
-    config_file.write_text(yaml.safe_dump(tiny_config(tiny_models["llama-tied"], docs_dir)))
+    config_file.write_text(yaml.safe_dump(config))
     run_dir = tmp_path_factory.mktemp("runs") / "tiny"
     mp = pytest.MonkeyPatch()
     mp.setenv("SECATEURS_FAIL_STEP", "distill:b")

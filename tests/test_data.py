@@ -391,3 +391,77 @@ def test_a_published_artifact_is_readable_as_the_umask_allows(tmp_path):
         os.umask(old)
     modes = {p.name: oct(p.stat().st_mode & 0o777) for p in [tmp_path / "artifact", *(tmp_path / "artifact").rglob("*")]}
     assert modes == {"artifact": "0o775", "sub": "0o775", "model.safetensors": "0o664"}
+
+
+def _same_sequences(a, b):
+    """Every sequence of both splits, index by index."""
+    for split in ("train", "validation"):
+        assert len(a[split]) == len(b[split]) > 0, split
+        assert a[split].head(None).tolist() == b[split].head(None).tolist(), split
+
+
+def test_a_dataset_in_a_store_is_a_small_reference_to_shards_read_in_place(tokenizer_dir, docs_dir, tmp_path,
+                                                                          monkeypatch):
+    """With a store on a shared directory (a cluster's cache volume, which every step mounts) the shards are
+    published there once, named by what was prepared, and the output (the KFP artifact) is the manifest and an index
+    with their location and sha256: under 1 MB whatever the corpus, read in place by every reader."""
+    from secateurs import data
+
+    settings = DataConfig(source=str(docs_dir), seq_len=32, val_fraction=0.2, shard_tokens=32 * 200)
+    whole_report = prepare_data(tokenizer_dir, tmp_path / "whole", settings)
+    whole = json.loads((tmp_path / "whole" / "index.json").read_text())
+    store = tmp_path / "volume" / "datasets"
+    report = prepare_data(tokenizer_dir, tmp_path / "artifact", settings, store=store)
+    artifact = tmp_path / "artifact"
+    files = [p for p in artifact.rglob("*") if p.is_file()]
+    assert sorted(p.name for p in files) == ["index.json", "secateurs.json"]
+    assert sum(p.stat().st_size for p in files) < 1 << 20
+    assert sum(p.stat().st_size for p in (tmp_path / "whole").rglob("*.bin")) > 100_000  # what it leaves out
+    # The store holds what a preparation without one writes, under the preparation's digest.
+    (stored,) = store.iterdir()
+    config = json.loads((artifact / "secateurs.json").read_text())["config"]
+    assert stored.name == data._digest(config)[:16] and not list(store.parent.glob(".*"))
+    index = json.loads((artifact / "index.json").read_text())
+    assert index == {**whole, "location": str(stored)}
+    assert json.loads((stored / "index.json").read_text()) == whole
+    assert {k: v for k, v in report.items() if k != "resumed_after_documents"} == \
+        {k: v for k, v in whole_report.items() if k != "resumed_after_documents"}
+    dd = load_packed(artifact)[0]
+    assert dd.root == stored and dd.path == artifact
+    _same_sequences(dd, load_packed(tmp_path / "whole")[0])
+    dd["train"].verify()
+    # A prepared dataset given by reference is a source of a blend as any other.
+    prepare_data(tokenizer_dir, tmp_path / "blend", DataConfig(sources=[str(artifact)], seq_len=32))
+    assert load_packed(tmp_path / "blend")[0]["train"].head(None).tolist() == dd["train"].head(None).tolist()
+
+    # A second preparation of the same settings reuses the store's copy: no source read, no shard rewritten.
+    stamps = {p: p.stat().st_mtime_ns for p in stored.rglob("*")}
+
+    def refused(*args, **kwargs):
+        raise AssertionError("the store's copy was not reused")
+
+    monkeypatch.setattr(data, "_prepare_source", refused)
+    monkeypatch.setattr(data, "documents", refused)
+    assert prepare_data(tokenizer_dir, tmp_path / "again", settings, store=store) == report
+    assert (tmp_path / "again" / "index.json").read_text() == (artifact / "index.json").read_text()
+    assert {p: p.stat().st_mtime_ns for p in stored.rglob("*")} == stamps
+
+    # A shard altered in the store fails its reader in one line, naming it.
+    shard = stored / whole["sources"][0]["shards"]["train"][0]["file"]
+    original = shard.read_bytes()
+    shard.write_bytes(bytes([original[0] ^ 1]) + original[1:])
+    with pytest.raises(DataError, match=rf"^shard {stored}/docs/train-00000.bin was altered after preparation") as e:
+        load_packed(artifact)[0]["train"].verify()
+    assert "\n" not in str(e.value)
+    # One cut short is refused on open, and is not reused: the next preparation writes it again.
+    shard.write_bytes(original[:-2])
+    with pytest.raises(DataError, match=r"train-00000.bin holds .* the dataset is truncated or damaged"):
+        load_packed(artifact)
+    monkeypatch.undo()
+    prepare_data(tokenizer_dir, tmp_path / "again", settings, store=store)
+    assert shard.read_bytes() == original
+    _same_sequences(load_packed(tmp_path / "again")[0], load_packed(tmp_path / "whole")[0])
+    # Where the store is not mounted, the reader says so.
+    stored.rename(tmp_path / "elsewhere")
+    with pytest.raises(DataError, match=rf"keeps its shards in {stored}, which this machine does not have"):
+        load_packed(artifact)

@@ -69,6 +69,28 @@ def test_failure_stops_at_the_injected_step_and_resume_runs_only_the_rest(failed
     assert {r.data.tags["mlflow.parentRunId"] for r in steps} == {parents[0].info.run_id}
 
 
+def test_the_run_s_dataset_artifact_is_an_index_of_the_shards_in_the_store(failed_then_resumed, tiny_models,
+                                                                           docs_dir, tmp_path):
+    """The run's data by reference (conftest: `placement.data_store`): every step above read it from there, and
+    it holds the sequences a preparation without a store makes."""
+    from secateurs.config import DataConfig
+    from secateurs.data import load_packed, prepare_data
+    from secateurs.pipeline_cli import read_run, recorded_outputs
+
+    run_dir, _ = failed_then_resumed
+    cfg, state = read_run(run_dir)
+    dataset = Path(recorded_outputs(state)[("prepare-data", "dataset")])
+    files = [p for p in dataset.rglob("*") if p.is_file()]
+    assert sorted(p.name for p in files) == ["index.json", "secateurs.json"]
+    assert sum(p.stat().st_size for p in files) < 1 << 20
+    location = Path(json.loads((dataset / "index.json").read_text())["location"])
+    assert location.parent == Path(cfg.placement.data_store) and list(location.rglob("*.bin"))
+    prepare_data(tiny_models["llama-tied"], tmp_path / "whole", DataConfig(**tiny_config("", docs_dir)["data"]))
+    by_reference, whole = load_packed(dataset)[0], load_packed(tmp_path / "whole")[0]
+    for split in ("train", "validation"):
+        assert by_reference[split].head(None).tolist() == whole[split].head(None).tolist(), split
+
+
 def test_lineage_of_the_derived_student_reaches_the_teacher(failed_then_resumed):
     from secateurs.pipeline_cli import read_run, recorded_outputs
     from secateurs.tracking import lineage
@@ -231,14 +253,49 @@ def test_compiled_flagship_sets_every_cluster_setting_on_every_task(compiled):
         # The cache volume, and the variables that point into it (a retried training pod resumes from there).
         assert [(m["constant"], m["mountPath"]) for m in k8s["pvcMount"]] == [("secateurs-cache", "/cache")], name
         env = {e["name"]: e["value"] for e in container.get("env", [])}
+        # prepare-data publishes the shards on the volume too: its artifact carries their index only.
+        store = {"SECATEURS_DATA_STORE": "/cache/datasets"} if spec_of.kind == "prepare_data" else {}
         assert env == {"SECATEURS_CACHE": "/cache/secateurs", "HF_HOME": "/cache/huggingface",
-                       "SECATEURS_CHECKPOINTS": "/cache/checkpoints"}, name  # fmt: skip
+                       "SECATEURS_CHECKPOINTS": "/cache/checkpoints", **store}, name  # fmt: skip
         # Requests and limits from placement.resources.
         resources = config.placement.resources.get(spec_of.kind)
         if resources and resources.memory_request:
             assert container["resources"]["resourceMemoryRequest"] == resources.memory_request, name
         assert task["retryPolicy"]["maxRetryCount"] == 2 and task["retryPolicy"]["backoffDuration"] == "60s", name
         assert task["cachingOptions"].get("enableCache") is True, name
+
+
+def test_the_data_store_is_the_cache_volume_else_an_s3_pipeline_root_else_none(tmp_path, monkeypatch):
+    """Where prepare-data publishes the shards (the flagship's cache volume: above): under an `s3://` pipeline root
+    without a volume; `placement.data_store` when set; nowhere for a config with neither (a local run keeps the
+    shards in its artifact). Only the prepare-data task gets it."""
+    from secateurs.config import load_config
+    from secateurs.pipeline_cli import compile_pipeline
+
+    for k, v in IMAGES.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.delenv("SECATEURS_PIPELINE_ROOT", raising=False)
+
+    def stores(config, root=None):
+        spec = next(yaml.safe_load_all(compile_pipeline(config, tmp_path / "p.yaml", root).read_text()))
+        found = {}
+        for name, (_, container, _) in _tasks(spec, {"platforms": {"kubernetes": {"deploymentSpec": {
+                "executors": {}}}}}).items():  # fmt: skip
+            for e in container.get("env", []):
+                if e["name"] == "SECATEURS_DATA_STORE":
+                    found[name] = e["value"]
+        return found
+
+    config = load_config(FLAGSHIP)
+    config.placement.cache_volume = None
+    assert stores(config) == {"prepare-data": "s3://secateurs/pipeline-root/datasets"}
+    assert stores(config, "s3://other/root/") == {"prepare-data": "s3://other/root/datasets"}
+    config.placement.data_store = "s3://corpora/prepared"
+    assert stores(config) == {"prepare-data": "s3://corpora/prepared"}
+    config.placement.data_store, config.tracking.pipeline_root = None, str(tmp_path / "artifacts")
+    assert stores(config) == {}
+    with pytest.raises(ValueError, match="data_store='datasets': expected an absolute path"):
+        type(config.placement).model_validate({"data_store": "datasets"})
 
 
 def test_engine_image_follows_the_engine_backend(tmp_path, monkeypatch):

@@ -453,6 +453,123 @@ def test_the_rerun_of_one_candidate_compiles_without_an_importer_in_a_loop(tmp_p
     assert pick["inputs"]["artifacts"]["scored"]["taskOutputArtifact"]["producerTask"] == loop["taskInfo"]["name"]
 
 
+FLAGSHIP = Path(__file__).resolve().parents[1] / "configs" / "llama31-8b-minitron.yaml"
+
+
+def _flagship_with_search(nodes: dict[str, int] | None = None):
+    """The flagship config with a student found by search (Minitron's 4.5B budget), its distillations on `nodes`."""
+    import yaml
+
+    from secateurs.config import PipelineConfig
+
+    raw = yaml.safe_load(FLAGSHIP.read_text())
+    raw["students"].append({"name": "auto-4b", "search": {"params": 4.5e9, "top_k": 3, "tokens": 2e8}})
+    raw["placement"]["nodes"] = nodes or {}
+    return PipelineConfig.model_validate(raw)
+
+
+def _search_distill_task(config, tmp_path) -> tuple[dict, dict, dict]:
+    """The compiled search-distill task of `config` (inside its ParallelFor): its parameters, its container and
+    its Kubernetes executor config."""
+    import yaml
+
+    from secateurs.pipeline_cli import compile_pipeline
+
+    spec, platform = yaml.safe_load_all(compile_pipeline(config, tmp_path / "p.yaml").read_text())
+    (loop,) = [t for t in spec["root"]["dag"]["tasks"].values() if "parameterIterator" in t]
+    (task,) = spec["components"][loop["componentRef"]["name"]]["dag"]["tasks"].values()
+    assert task["taskInfo"]["name"] == "search-distill:auto-4b"
+    executor = spec["components"][task["componentRef"]["name"]]["executorLabel"]
+    params = {k: v["runtimeValue"]["constant"] for k, v in task["inputs"]["parameters"].items() if "runtimeValue" in v}
+    k8s = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"].get(executor, {})
+    return params, spec["deploymentSpec"]["executors"][executor]["container"], k8s
+
+
+def test_flagship_search_plans_and_compiles_its_distillations_across_the_gpus(tmp_path):
+    """Under the flagship's `parallelism: fsdp` on 8 GPUs a candidate's short distillation cannot run in one
+    process (fsdp needs several, and a 4.5B candidate with AdamW state does not fit one GPU): each search-distill
+    task gets distill's 8 GPUs and resources and runs 8 processes, as distill does, and the plan counts it so: a
+    `search-distill:<student>` row sharded over the 8 GPUs, with the top_k short runs' tokens."""
+    pytest.importorskip("kfp")
+    from secateurs import plan
+
+    config = _flagship_with_search()
+    assert config.distill.parallelism == "fsdp" and config.placement.gpus.distill == 8
+    rows = {row.task: row for row in plan.check(config)}  # refuses a step that does not fit
+    row = rows["search-distill:auto-4b"]
+    assert (row.gpus, row.nodes, row.parallelism) == (8, 1, "fsdp") and row.fits()
+    # Sharded over 8: the student's fp32 weights, gradients and AdamW state an eighth each; the candidate is bounded
+    # by the parent's shape, as the student's own distillation is planned.
+    assert row.bytes == rows["distill:auto-4b"].bytes and row.bytes["optimizer"] == 8 * 8_030_261_248 // 8
+    short = search.short_distill_settings(config.distill, 2e8, 8192)
+    assert row.tokens == 3 * short.max_steps * 1152 * 8192 == 3 * 22 * 1152 * 8192
+
+    params, container, k8s = _search_distill_task(config, tmp_path)
+    assert int(params["processes"]) == 8 and params["trainjob"] == ""
+    settings = DistillConfig.model_validate_json(params["settings"])
+    assert (settings.parallelism, settings.max_steps) == ("fsdp", short.max_steps)
+    resources, wanted = container["resources"], config.placement.resources["distill"]
+    assert (resources["accelerator"]["resourceType"], int(resources["accelerator"]["resourceCount"])) == (
+        "nvidia.com/gpu", 8)  # fmt: skip
+    assert (resources["resourceCpuRequest"], resources["resourceMemoryRequest"]) == (wanted.cpu_request,
+                                                                                     wanted.memory_request)  # fmt: skip
+    assert k8s["nodeSelector"]["labels"] == config.placement.node_selector
+
+
+def test_flagship_search_on_two_nodes_hands_each_distillation_to_a_trainjob(tmp_path):
+    """With distill on 2 nodes, each candidate's short distillation is a TrainJob of 2 nodes x 8 GPUs, as the
+    student's own distillation is, and its KFP pod only watches it (no GPU held while the job runs)."""
+    pytest.importorskip("kfp")
+    from secateurs import plan
+
+    config = _flagship_with_search({"distill": 2})
+    row = {row.task: row for row in plan.check(config)}["search-distill:auto-4b"]
+    assert (row.gpus, row.nodes, row.parallelism) == (8, 2, "fsdp")
+    params, container, k8s = _search_distill_task(config, tmp_path)
+    job = json.loads(params["trainjob"])
+    assert (job["nodes"], job["gpus_per_node"], job["processes_per_node"]) == (2, 8, 8)
+    assert "accelerator" not in container.get("resources", {}) and "nodeSelector" not in k8s
+
+
+def test_the_candidates_of_a_search_are_placed_only_as_distill(tmp_path):
+    """placement.processes and placement.nodes name the training steps placed as themselves: search-distill
+    takes distill's."""
+    from secateurs.config import PipelineConfig
+
+    raw = {"teacher": {"source": "meta-llama/Llama-3.1-8B"}, "placement": {"processes": {"search_distill": 2}}}
+    with pytest.raises(ValidationError, match="processes: not training step"):
+        PipelineConfig.model_validate(raw)
+
+
+def test_a_candidate_distils_and_is_scored_in_two_fsdp_processes(tiny_models, tiny_importance, tiny_data, tmp_path):
+    """One candidate's short distillation under `parallelism: fsdp` in 2 torchrun processes (gloo, CPU): trained
+    as the distill step trains and scored by the run's main process on what it wrote; the Trainer callbacks
+    get the run's logged losses afterwards, and the short-distilled weights and checkpoints are dropped."""
+    model = tiny_models["llama-untied"]
+    teacher = parameter_count(load_model(model))
+    settings = SearchConfig(params=0.9 * teacher, tolerance=0.3, max_candidates=1, top_k=1, hidden_divisor=16,
+                            ffn_divisor=32, val_sequences=8)  # fmt: skip
+    search.score_candidates(model, tiny_importance["llama-untied"], tiny_data, tmp_path / "c", settings)
+    kd = DistillConfig(max_steps=2, micro_batch_size=1, global_batch_size=2, warmup_steps=0, logging_steps=1,
+                       parallelism="fsdp")  # fmt: skip
+
+    class Logged:
+        def __init__(self):
+            self.losses = []
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            self.losses.append((state.global_step, logs["loss"]))
+
+    logged = Logged()
+    score = search.distill_candidate(model, tmp_path / "c", 0, tiny_data, tmp_path / "s", kd, callbacks=[logged],
+                                     processes=2)  # fmt: skip
+    assert (score["distill_processes"], score["distill_steps"], score["distill_tokens"]) == (2, 2, 2 * 2 * 32)
+    assert math.isfinite(score["distilled_loss"]) and score["distilled_loss"] != score["pruned_loss"]
+    assert [step for step, _ in logged.losses] == [1, 2] and logged.losses[-1][1] == score["distill_final_loss"]
+    assert json.loads((tmp_path / "s" / "score.json").read_text()) == score
+    assert not list(tmp_path.glob("s.work*")) and not list(tmp_path.glob("**/*.checkpoints"))
+
+
 def test_a_tensorrt_llm_latency_search_runs_in_its_image_on_a_gpu(tmp_path):
     """The search step builds its candidates' engines in the image of its latency budget's backend (the
     TensorRT-LLM one, on the importance step's GPU); a search by parameters stays in the secateurs image. Refused

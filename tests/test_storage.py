@@ -340,6 +340,65 @@ def test_prepare_data_reads_an_s3_source_and_writes_an_s3_output(bucket, tokeniz
     assert not list((tmp_path / "cache" / "prepare").iterdir())  # the work directory went once uploaded
 
 
+def test_prepare_data_publishes_its_shards_to_an_s3_store_read_through_the_cache(
+    bucket, tokenizer_dir, docs_dir, tmp_path, monkeypatch
+):
+    """A pipeline with an `s3://` root and no cache volume: the shards go to `<root>/datasets/<digest>`, the KFP
+    artifact is their index (under 1 MB), and a reader fetches them into its node's cache once, checked by sha256."""
+    from secateurs import data
+    from secateurs.config import DataConfig
+    from secateurs.data import DataError, load_packed, prepare_data
+
+    monkeypatch.setenv("SECATEURS_CACHE", str(tmp_path / "cache"))
+    settings = DataConfig(source=str(docs_dir), seq_len=32, val_fraction=0.2, shard_tokens=32 * 200)
+    prepare_data(tokenizer_dir, tmp_path / "whole", settings)
+    whole = json.loads((tmp_path / "whole" / "index.json").read_text())
+    store = f"s3://{bucket}/pipeline-root/datasets"
+    report = prepare_data(tokenizer_dir, tmp_path / "artifact", settings, store=store)
+    files = [p for p in (tmp_path / "artifact").rglob("*") if p.is_file()]
+    assert sorted(p.name for p in files) == ["index.json", MANIFEST]
+    assert sum(p.stat().st_size for p in files) < MiB
+    index = json.loads((tmp_path / "artifact" / "index.json").read_text())
+    location = index.pop("location")
+    config = json.loads((tmp_path / "artifact" / MANIFEST).read_text())["config"]
+    assert index == whole and location == f"{store}/{data._digest(config)[:16]}"
+    shards = {shard["file"] for shard in data._shards(whole)}
+    assert set(storage.list_objects(location)) == {"index.json", MANIFEST, *shards}
+    assert not (tmp_path / "cache" / "prepare").exists() or not list((tmp_path / "cache" / "prepare").iterdir())
+
+    dd = load_packed(tmp_path / "artifact")[0]
+    assert dd.root.is_relative_to(tmp_path / "cache" / "s3")
+    here = load_packed(tmp_path / "whole")[0]
+    for split in ("train", "validation"):
+        assert dd[split].head(None).tolist() == here[split].head(None).tolist()
+    dd["train"].verify()
+    # Once per node: a second reader finds the shards in the cache and downloads none.
+    stamps = {p: p.stat().st_mtime_ns for p in dd.root.rglob("*.bin")}
+    assert len(stamps) == len(shards)
+    load_packed(tmp_path / "artifact")[0]["validation"].verify()
+    assert {p: p.stat().st_mtime_ns for p in dd.root.rglob("*.bin")} == stamps
+
+    # A second preparation of the same settings reuses the store's copy: nothing read, nothing uploaded.
+    def refused(*args, **kwargs):
+        raise AssertionError("the store's copy was not reused")
+
+    with monkeypatch.context() as m:
+        m.setattr(data, "_prepare_source", refused)
+        m.setattr(storage, "upload", refused)
+        assert prepare_data(tokenizer_dir, tmp_path / "again", settings, store=store) == report
+    assert (tmp_path / "again" / "index.json").read_text() == (tmp_path / "artifact" / "index.json").read_text()
+
+    # A shard altered in the store reaches the reader (its ETag changed) and fails it in one line.
+    first = whole["sources"][0]["shards"]["train"][0]["file"]
+    bucket_name, key = storage.parse_s3_uri(f"{location}/{first}")
+    body = bytearray((tmp_path / "whole" / first).read_bytes())
+    body[0] ^= 1
+    storage.s3_client().put_object(Bucket=bucket_name, Key=key, Body=bytes(body))
+    with pytest.raises(DataError, match=r"^shard .*/docs/train-00000.bin was altered after preparation") as e:
+        load_packed(tmp_path / "artifact")[0]["train"].verify()
+    assert "\n" not in str(e.value)
+
+
 def test_download_retries_follow_aws_max_attempts(bucket, proxy, tmp_path, monkeypatch):
     payload = os.urandom(100_000)
     storage.s3_client().put_object(Bucket=bucket, Key="obj/shard.bin", Body=payload)

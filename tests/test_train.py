@@ -162,9 +162,16 @@ def test_a_retry_with_another_output_path_resumes_from_secateurs_checkpoints(
 
 def test_distillation_lowers_the_kd_loss_and_writes_a_stock_checkpoint(tiny_models, student, tiny_data, tmp_path):
     report = train.distill(tiny_models["llama-tied"], student, tiny_data, tmp_path / "s",
-                           DistillConfig(**dict(FAST, max_steps=10), intermediate_loss=True))
+                           DistillConfig(**dict(FAST, max_steps=10), intermediate_loss=True, validation_sequences=5))
     losses_ = [h["loss"] for h in report["log_history"]]
     assert losses_[-1] < losses_[0]
+    # validation_sequences: the run scores what it wrote, on sequences spread over the held-out split.
+    from secateurs.checkpoint import load_model
+    from secateurs.data import load_packed
+    from secateurs.evaluate import validation_loss
+
+    written = validation_loss(load_model(tmp_path / "s"), load_packed(tiny_data)[0]["validation"].spread(5), 4)
+    assert report["validation_loss"] == pytest.approx(written, rel=1e-6)
     assert report["layer_pairs"] == [(1, 2), (2, 3)]  # after the cut layer 1, plus the last layer
     manifest = json.loads((tmp_path / "s" / "secateurs.json").read_text())
     assert manifest["step"] == "distill" and manifest["inputs"]["teacher"]["sha256"]
