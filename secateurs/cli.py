@@ -164,7 +164,8 @@ def import_model_cmd(
 @_model_options(DataConfig)
 def prepare_data_cmd(
     tokenizer: Path = typer.Option(..., "--tokenizer", help="Directory holding the model's tokenizer."),
-    out: Path = typer.Option(..., "--out"),
+    # A string: an s3:// prefix read as a Path loses a slash (s3:/bucket/...).
+    out: str = typer.Option(..., "--out", help="Output directory, or an s3://bucket/prefix."),
     store: Optional[str] = typer.Option(
         None, "--store", envvar="SECATEURS_DATA_STORE",  # secateurs.manifest.DATA_STORE_ENV
         help="Publish the shards under <store>/<digest>/ (a shared directory or an s3:// prefix, reused when "

@@ -325,7 +325,16 @@ def test_prepare_data_reads_an_s3_source_and_writes_an_s3_output(bucket, tokeniz
         (corpus / f"part-{part}.jsonl").write_text("\n".join(lines))
     storage.upload(corpus, f"s3://{bucket}/corpus/")
     settings = DataConfig(source=f"s3://{bucket}/corpus/", seq_len=16, shard_tokens=16 * 20, shuffle_buffer=0)
-    report = prepare_data(tokenizer_dir, f"s3://{bucket}/runs/r1/data", settings)
+    # Through the command line as typed: an s3:// --out stays a URI (a Path option made it s3:/bucket/...).
+    from typer.testing import CliRunner
+
+    from secateurs.cli import app
+
+    done = CliRunner().invoke(app, ["prepare-data", "--tokenizer", str(tokenizer_dir), "--out",
+                                    f"s3://{bucket}/runs/r1/data", "--source", settings.source, "--seq-len", "16",
+                                    "--shard-tokens", str(16 * 20), "--shuffle-buffer", "0"])  # fmt: skip
+    assert done.exit_code == 0, done.output
+    report = json.loads(done.stdout[done.stdout.index("{"):])
     local = prepare_data(tokenizer_dir, tmp_path / "local", settings.model_copy(update={"source": str(corpus)}))
     assert report["sources"]["corpus"]["content_sha256"] == local["sources"]["corpus"]["content_sha256"]
     # The corpus was streamed object by object, not mirrored: nothing of it is left in the cache.
