@@ -414,6 +414,12 @@ def plan_cmd(
     tokens_per_second: float = typer.Option(
         None, "--tokens-per-second", help="Training tokens/s per GPU for the GPU-hours (default: measured on an H200)."
     ),
+    traced: bool = typer.Option(
+        False, "--trace", help="Also run each GPU step's own code under fake tensors at the real shapes "
+        "(secateurs.trace) and print its peak per GPU beside the analytic plan's; fails if the trace does not fit."
+    ),
+    json_out: Path = typer.Option(None, "--json", help="With --trace: write [{step, analytic_gib, traced_gib, "
+                                  "capacity_gib, fits}] to this file."),
 ):
     """Bytes per GPU of every GPU step (weights, gradients, optimizer, teacher, activations, KD chunk), the tokens
     each training step reads and its GPU-hours; fails if a step does not fit."""
@@ -425,6 +431,16 @@ def plan_cmd(
         typer.echo(f"{config}: no step asks for a GPU (placement.gpus); nothing to plan")
         return
     typer.echo(plan.format_plan(plans, tokens_per_second or plan.MEASURED_TOKENS_PER_SECOND), nl=False)
+    if traced:
+        from secateurs import trace
+
+        steps = trace.trace_plan(cfg)
+        typer.echo(trace.format_traced(steps), nl=False)
+        if json_out is not None:
+            json_out.write_text(json.dumps(trace.to_json(steps), indent=1) + "\n")
+        for step in steps:
+            if not step.fits():
+                raise PipelineError(trace.refusal(step))
     check_plan(cfg)
     typer.echo("every step fits its GPUs")
 
@@ -527,6 +543,11 @@ def submit_spec(spec: Path, host: str, arguments: dict, run_name: str, experimen
                 f"Kubeflow Pipelines at {host} refused the token (HTTP {status}): set KFP_TOKEN to a valid one"
             ) from None
         text = str(e).splitlines()[0] if str(e) else type(e).__name__
+        try:  # ApiException's first line is only "(400)": the reason is the API's JSON body (google.rpc.Status)
+            body = json.loads(getattr(e, "body", None) or "null")
+            text = body.get("message") or body.get("error_message") or text
+        except (ValueError, AttributeError):
+            pass
         if status is None:
             raise PipelineError(
                 f"Kubeflow Pipelines at {host} is unreachable: {type(e).__name__}: {text}"

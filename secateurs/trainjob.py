@@ -224,7 +224,7 @@ def _wait_gone(custom, namespace: str, name: str, poll: float) -> None:
 
 def _wait(custom, core, namespace: str, name: str, job: JobPlacement) -> None:
     """Until the job completes (return) or fails (raise), streaming rank 0's log once its pod runs."""
-    started, streaming = time.monotonic(), None
+    started, streaming, streamed = time.monotonic(), None, 0
     while True:
         trainjob = _get(custom, namespace, name)
         if trainjob is None:
@@ -245,16 +245,36 @@ def _wait(custom, core, namespace: str, name: str, job: JobPlacement) -> None:
         if not running and time.monotonic() - started > job.pending_timeout:
             custom.delete_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)
             phases = ", ".join(sorted({p.status.phase for p in pods})) or "no pods"
-            raise TrainJobError(
-                f"TrainJob {namespace}/{name} did not start within {job.pending_timeout} s ({phases}); deleted it. "
+            # Say why when the cluster said why (a missing Secret, a missing PVC, no node with free GPUs).
+            why = "; ".join(sorted({r for p in pods if (r := _why_pending(p))})) or (
                 f"Check that {job.nodes} nodes with {job.gpus_per_node} free GPUs match the node selector"
             )
+            raise TrainJobError(
+                f"TrainJob {namespace}/{name} did not start within {job.pending_timeout} s ({phases}); deleted it. {why}"
+            )
         rank0 = [p for p in running if (p.metadata.labels or {}).get(COMPLETION_INDEX) == "0"]
-        if streaming is None and rank0:
+        restarts = sum(c.restart_count or 0 for c in rank0[0].status.container_statuses or []) if rank0 else 0
+        # The runtime restarts a failed node in place (JobSet's default restartPolicy OnFailure): a log stream
+        # ends with its container, so follow the next container's once it has started.
+        if rank0 and (streaming is None or (not streaming.is_alive() and restarts > streamed)):
+            streamed = restarts
             streaming = threading.Thread(target=_stream_log, args=(core, namespace, rank0[0].metadata.name),
                                          daemon=True)  # fmt: skip
             streaming.start()
         time.sleep(job.poll_seconds)
+
+
+def _why_pending(pod) -> str | None:
+    """The reason a pending pod gives: its container's waiting reason (e.g. CreateContainerConfigError: secret
+    "x" not found), else the scheduler's (PodScheduled False, e.g. persistentvolumeclaim "x" not found)."""
+    for container in pod.status.container_statuses or []:
+        waiting = container.state.waiting if container.state else None
+        if waiting is not None and waiting.reason not in (None, "ContainerCreating", "PodInitializing"):
+            return f"{waiting.reason}: {waiting.message}" if waiting.message else waiting.reason
+    for condition in pod.status.conditions or []:
+        if condition.type == "PodScheduled" and condition.status == "False":
+            return f"{condition.reason}: {condition.message}" if condition.message else condition.reason
+    return None
 
 
 def _stream_log(core, namespace: str, pod: str) -> None:

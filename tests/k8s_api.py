@@ -7,7 +7,10 @@ controller copies from JobSet (`Complete` / `Failed`). A created TrainJob is che
 openAPIV3Schema (422 Invalid, as the API server answers) and then really runs: one process per node running the
 job's command with the PET_* variables the torch-distributed runtime sets (PET_NNODES, PET_NPROC_PER_NODE,
 PET_NODE_RANK, PET_MASTER_ADDR, PET_MASTER_PORT), the master being 127.0.0.1 instead of the headless service of
-node 0. Modes: `no_trainer` (the CRD is absent: 404 on its resources), `pending` (pods never start).
+node 0. A node that fails is restarted in place and the job fails only at the Job's backoffLimit, as the runtime's
+JobSet does (notes above `Node`, with the upstream files); a Secret the env references or a PVC that does not
+exist keeps the pods Pending with the reason the kubelet or the scheduler gives. Modes: `no_trainer` (the CRD is
+absent: 404 on its resources), `pending` (no node fits: pods stay Unschedulable).
 """
 
 from __future__ import annotations
@@ -42,25 +45,73 @@ def _now() -> str:
     return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
+def _claims(value) -> list[str]:
+    """Every persistentVolumeClaim.claimName in a manifest (the TrainJob's runtime patches carry the volumes)."""
+    if isinstance(value, dict):
+        found = [value["persistentVolumeClaim"]["claimName"]] if "persistentVolumeClaim" in value else []
+        return found + [c for v in value.values() for c in _claims(v)]
+    if isinstance(value, list):
+        return [c for v in value for c in _claims(v)]
+    return []
+
+
 def _status(code: int, reason: str, message: str, details: dict | None = None) -> dict:
     return {"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure", "message": message,
             "reason": reason, "details": details or {}, "code": code}  # fmt: skip
 
 
-class Node:
-    """One node of a running TrainJob: the job's command in a process."""
+# How a TrainJob of the `torch-distributed` runtime fails and restarts (Kubeflow Trainer v2.3.0, JobSet v0.12.0):
+# - The runtime (kubeflow/trainer v2.3.0 manifests/base/runtimes/torch_distributed.yaml) is one replicated job
+#   "node" with no restartPolicy, no backoffLimit and no JobSet failurePolicy; Trainer's plugins set none either
+#   (no RestartPolicy / BackoffLimit / FailurePolicy in kubeflow/trainer v2.3.0 pkg/ outside generated code).
+# - JobSet's webhook defaults the pod restartPolicy to OnFailure (kubernetes-sigs/jobset v0.12.0
+#   pkg/webhooks/jobset_webhook.go Default, "Default pod restart policy to OnFailure"): a node whose container
+#   exits non-zero is restarted IN PLACE by the kubelet, same pod, same rank and rendezvous, after the kubelet's
+#   crash-loop back-off (10 s, doubled per restart, at most 300 s: kubernetes pkg/kubelet/kubelet.go
+#   backOffPeriod / MaxContainerBackOff). The pod's phase stays Running meanwhile.
+# - The Job's backoffLimit is the batch/v1 default, 6; with OnFailure the Job fails once the restart counts of
+#   its pods add up to it (kubernetes pkg/controller/job/job_controller.go pastBackoffLimitOnFailure), and its
+#   running pods are terminated.
+# - With no failurePolicy, one failed Job fails the JobSet at once, reason FailedJobs, message
+#   "jobset failed due to one or more job failures (first failed job: <name>)" (jobset v0.12.0
+#   pkg/controllers/failure_policy.go executeFailurePolicy, messageWithFirstFailedJob; pkg/constants).
+# - Trainer copies JobSet's Completed / Failed condition onto the TrainJob as Complete / Failed, reason and
+#   message unchanged (kubeflow/trainer v2.3.0 pkg/runtime/framework/plugins/jobset/jobset.go, after
+#   FindStatusCondition(... JobSetCompleted / JobSetFailed)).
+BACKOFF_LIMIT = 6
+CRASH_BACKOFF_S, MAX_CRASH_BACKOFF_S = 10.0, 300.0
 
-    def __init__(self, command: list[str], env: dict[str, str], log: Path):
-        self.log = log
-        with open(log, "wb") as f:
-            self.proc = subprocess.Popen(command, env=env, stdout=f, stderr=subprocess.STDOUT)
+
+class Node:
+    """One node (pod) of a running TrainJob: the job's command in a process, restarted in place on failure."""
+
+    def __init__(self, command: list[str], env: dict[str, str], log: Path, waiting: dict | None = None,
+                 unschedulable: str | None = None):  # fmt: skip
+        self.command, self.env, self.log_stem = command, env, log
+        self.restarts, self.proc, self.restart_at, self.terminated = 0, None, None, False
+        self.waiting, self.unschedulable = waiting, unschedulable  # why the container cannot start, if it cannot
+        if waiting is None and unschedulable is None:
+            self._run()
+
+    @property
+    def log(self) -> Path:
+        """The current container's log (`kubectl logs` shows the current one; a restart starts a new one)."""
+        return self.log_stem.with_name(f"{self.log_stem.stem}-{self.restarts}.log")
+
+    def _run(self) -> None:
+        with open(self.log, "wb") as f:
+            self.proc = subprocess.Popen(self.command, env=self.env, stdout=f, stderr=subprocess.STDOUT)
+
+    def restart(self) -> None:
+        self.restarts, self.restart_at = self.restarts + 1, None
+        self._run()
 
     def kill(self) -> None:
         """SIGKILL to every process of the "container", as the kubelet ends a pod: torchrun's workers too (they
         run in sessions of their own, so the process group alone would leave them training)."""
         import psutil
 
-        if self.proc.poll() is None:
+        if self.proc is not None and self.proc.poll() is None:
             try:
                 processes = psutil.Process(self.proc.pid).children(recursive=True)
             except psutil.NoSuchProcess:
@@ -71,20 +122,55 @@ class Node:
                     p.kill()
                 except psutil.NoSuchProcess:
                     pass
-        self.proc.wait()
+        if self.proc is not None:
+            self.proc.wait()
 
     @property
     def phase(self) -> str:
+        if self.proc is None:
+            return "Failed" if self.terminated else "Pending"
         code = self.proc.poll()
-        return "Running" if code is None else ("Succeeded" if code == 0 else "Failed")
+        if code == 0:
+            return "Succeeded"
+        # A failed container of an OnFailure pod is restarted: the pod stays Running until its Job gives up.
+        return "Failed" if self.terminated else "Running"
+
+
+def _pod_status(node: Node | None) -> dict:
+    """A pod's status as the API shows it: phase, PodScheduled, and the container's state and restart count."""
+    if node is None or node.unschedulable:
+        condition = {"type": "PodScheduled", "status": "False", "reason": "Unschedulable",
+                     "message": node.unschedulable if node else "0/1 nodes are available: 1 Insufficient nvidia.com/gpu."}  # fmt: skip
+        return {"phase": "Pending", "conditions": [condition]}
+    status = {"phase": node.phase, "conditions": [{"type": "PodScheduled", "status": "True"}]}
+    if node.proc is None:
+        state = {"waiting": node.waiting or {"reason": "ContainerCreating"}}
+    elif node.proc.poll() is None:
+        state = {"running": {"startedAt": _now()}}
+    elif node.restart_at is not None and not node.terminated:
+        state = {"waiting": {"reason": "CrashLoopBackOff",
+                             "message": "back-off restarting failed container node"}}  # fmt: skip
+    else:
+        state = {"terminated": {"exitCode": node.proc.returncode,
+                                "reason": "Completed" if node.proc.returncode == 0 else "Error"}}  # fmt: skip
+    status["containerStatuses"] = [{"name": "node", "ready": "running" in state, "restartCount": node.restarts,
+                                    "image": "", "imageID": "", "state": state}]  # fmt: skip
+    return status
 
 
 class KubernetesApi:
-    def __init__(self, workdir: Path, mode: str = "", secrets: dict[str, dict[str, str]] | None = None):
+    def __init__(self, workdir: Path, mode: str = "", secrets: dict[str, dict[str, str]] | None = None,
+                 pvcs: set[str] | frozenset[str] = frozenset(), crash_backoff_s: float = CRASH_BACKOFF_S):  # fmt: skip
+        """`secrets` (name -> data) and `pvcs` (claim names) exist in every namespace; anything else a pod needs is
+        missing, as on a real cluster. `crash_backoff_s` scales the kubelet's crash-loop back-off (10 s real) so
+        that tests of restarts stay fast; every other rule is the real one."""
         import jsonschema
 
         self.validator = jsonschema.Draft7Validator(trainjob_schema())
-        self.workdir, self.mode, self.secrets = Path(workdir), mode, secrets or {}
+        self.workdir, self.mode, self.secrets, self.pvcs = Path(workdir), mode, secrets or {}, set(pvcs)
+        self.crash_backoff_s = crash_backoff_s
+        self.lock = threading.RLock()
+        self.closed = threading.Event()
         self.jobs: dict[tuple[str, str], dict] = {}
         self.nodes: dict[tuple[str, str], list[Node]] = {}
         self.requests: list[tuple[str, str]] = []
@@ -111,10 +197,11 @@ class KubernetesApi:
                 api.requests.append((self.command, url.path))
                 query = {k: v[0] for k, v in parse_qs(url.query).items()}
                 if url.path.startswith(PREFIX):
-                    return api.trainjobs(self, url.path[len(PREFIX):].split("/"), body, query)
+                    with api.lock:
+                        return api.trainjobs(self, url.path[len(PREFIX):].split("/"), body, query)
                 match = re.fullmatch(r"/api/v1/namespaces/([^/]+)/pods(?:/([^/]+)/log)?", url.path)
                 if match and self.command == "GET":
-                    return api.pods(self, match.group(1), match.group(2), query)
+                    return api.pods(self, match.group(1), match.group(2), query)  # locks what it reads
                 self._send(404, _status(404, "NotFound", "the server could not find the requested resource"))
 
             do_GET = do_POST = do_DELETE = _route
@@ -122,6 +209,7 @@ class KubernetesApi:
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        threading.Thread(target=self._controllers, daemon=True).start()
 
     def client(self):
         from kubernetes import client
@@ -172,8 +260,7 @@ class KubernetesApi:
             return h._send(200, {"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success",
                                  "details": {"name": name, "group": "trainer.kubeflow.org", "kind": "trainjobs",
                                              "uid": job["metadata"]["uid"]}})  # fmt: skip
-        self._update_status(key)
-        return h._send(200, job)
+        return h._send(200, job)  # status is kept by the controllers' loop
 
     def _start(self, namespace: str, job: dict) -> None:
         trainer = job["spec"]["trainer"]
@@ -181,38 +268,86 @@ class KubernetesApi:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
-        env = dict(os.environ)
+        env, waiting = dict(os.environ), None
         for var in trainer.get("env", []):
             if "value" in var:
                 env[var["name"]] = var["value"]
-            elif (ref := var.get("valueFrom", {}).get("secretKeyRef")) and ref["name"] in self.secrets:
-                env[var["name"]] = self.secrets[ref["name"]][ref["key"]]
+            elif ref := var.get("valueFrom", {}).get("secretKeyRef"):
+                # The kubelet resolves env from Secrets when it creates the container; a missing Secret or key is
+                # CreateContainerConfigError and the pod stays Pending, retried until the Secret appears
+                # (kubernetes pkg/kubelet/kubelet_pods.go makeEnvironmentVariables: the secret manager's
+                # NotFound, `secret "<name>" not found`, or "couldn't find key <key> in Secret <ns>/<name>";
+                # pkg/kubelet/kuberuntime/kuberuntime_container.go startContainer -> ErrCreateContainerConfig).
+                if ref["name"] not in self.secrets:
+                    message = f'secret "{ref["name"]}" not found'
+                elif ref["key"] not in self.secrets[ref["name"]]:
+                    message = f"couldn't find key {ref['key']} in Secret {namespace}/{ref['name']}"
+                else:
+                    env[var["name"]] = self.secrets[ref["name"]][ref["key"]]
+                    continue
+                if not ref.get("optional"):
+                    waiting = waiting or {"reason": "CreateContainerConfigError", "message": message}
+        # A claim that does not exist keeps the pod unscheduled (Pending, PodScheduled False, Unschedulable): the
+        # scheduler's VolumeBinding plugin refuses it before any node is tried (kubernetes
+        # pkg/scheduler/framework/plugins/volumebinding, `persistentvolumeclaim "<name>" not found`).
+        missing = sorted(set(_claims(job)) - self.pvcs)
+        unschedulable = (
+            f'0/1 nodes are available: persistentvolumeclaim "{missing[0]}" not found. preemption: 0/1 nodes are '
+            "available: 1 Preemption is not helpful for scheduling."
+        ) if missing else None  # fmt: skip
         command = [sys.executable if trainer["command"][0] == "python" else trainer["command"][0], *trainer["command"][1:]]
         name = job["metadata"]["name"]
         self.nodes[(namespace, name)] = [
             Node(command, {**env, "PET_NNODES": str(nodes), "PET_NPROC_PER_NODE": str(trainer.get("numProcPerNode", 1)),
                            "PET_NODE_RANK": str(rank), "PET_MASTER_ADDR": "127.0.0.1", "PET_MASTER_PORT": str(port)},
-                 self.workdir / f"{name}-node-{rank}.log")
+                 self.workdir / f"{name}-node-{rank}.log", waiting=None if unschedulable else waiting,
+                 unschedulable=unschedulable)
             for rank in range(nodes)
         ]  # fmt: skip
 
-    def _update_status(self, key) -> None:
-        job, nodes = self.jobs[key], self.nodes.get(key, [])
-        phases = [n.phase for n in nodes]
-        if nodes and all(p == "Succeeded" for p in phases):
-            condition = {"type": "Complete", "status": "True", "reason": "AllJobsCompleted",
-                         "message": "jobset completed successfully"}  # fmt: skip
-        elif "Failed" in phases:
-            for node in nodes:  # JobSet's failure policy ends the other jobs
-                node.kill()
-            condition = {"type": "Failed", "status": "True", "reason": "FailedJobs",
-                         "message": "jobset failed due to one or more job failures"}  # fmt: skip
-        else:
+    def _controllers(self) -> None:
+        """The kubelet, Job, JobSet and Trainer controllers in one loop (see the notes above Node)."""
+        while not self.closed.wait(0.02):
+            with self.lock:
+                for key in list(self.nodes):
+                    self._reconcile(key)
+
+    def _reconcile(self, key) -> None:
+        job, nodes = self.jobs.get(key), self.nodes.get(key, [])
+        if job is None or not nodes or job["status"].get("conditions"):
             return
+        now = time.monotonic()
+        for node in nodes:
+            if node.proc is None or node.proc.poll() in (None, 0):
+                continue
+            if node.restart_at is None:  # just exited non-zero: the kubelet backs off, then restarts it in place
+                cap = MAX_CRASH_BACKOFF_S / CRASH_BACKOFF_S  # 30 doublings' worth, scaled as the first
+                node.restart_at = now + self.crash_backoff_s * min(2**node.restarts, cap)
+            elif now >= node.restart_at:
+                node.restart()
+                if sum(n.restarts for n in nodes) >= BACKOFF_LIMIT:  # pastBackoffLimitOnFailure
+                    return self._fail(key)
+        if all(n.proc is not None and n.proc.poll() == 0 for n in nodes):
+            self._set_condition(job, {"type": "Complete", "status": "True", "reason": "AllJobsCompleted",
+                                      "message": "jobset completed successfully"})  # fmt: skip
+
+    def _fail(self, key) -> None:
+        """The Job exceeded its backoffLimit: its pods are terminated, the JobSet and so the TrainJob fail."""
+        for node in self.nodes[key]:
+            node.kill()
+            node.terminated = True
+        self._set_condition(self.jobs[key], {
+            "type": "Failed", "status": "True", "reason": "FailedJobs",
+            "message": f"jobset failed due to one or more job failures (first failed job: {key[1]}-node-0)"})  # fmt: skip
+
+    @staticmethod
+    def _set_condition(job: dict, condition: dict) -> None:
         job["status"] = {"conditions": [{**condition, "lastTransitionTime": _now()}]}
 
     def kill_node(self, namespace: str, name: str, rank: int) -> None:
-        self.nodes[(namespace, name)][rank].kill()
+        """SIGKILL to one node's container (as an OOM kill or a lost GPU would): the kubelet restarts it."""
+        with self.lock:
+            self.nodes[(namespace, name)][rank].kill()
 
     # --------------------------------------------------------------------------------------------- pods
     def pods(self, h, namespace: str, pod: str | None, query):
@@ -224,13 +359,15 @@ class KubernetesApi:
                     continue
                 nodes = self.nodes.get((ns, name))
                 for rank in range(job["spec"]["trainer"].get("numNodes", 1)):
-                    phase = nodes[rank].phase if nodes else "Pending"
+                    with self.lock:
+                        status = _pod_status(nodes[rank] if nodes else None)
                     items.append({
                         "metadata": {"name": f"{name}-node-0-{rank}-abcde", "namespace": ns, "labels": {
                             "jobset.sigs.k8s.io/jobset-name": name, "jobset.sigs.k8s.io/replicatedjob-name": "node",
                             "batch.kubernetes.io/job-completion-index": str(rank)}},
-                        "spec": {"containers": [{"name": "node", "image": job["spec"]["trainer"]["image"]}]},
-                        "status": {"phase": phase},
+                        "spec": {"containers": [{"name": "node", "image": job["spec"]["trainer"]["image"]}],
+                                 "restartPolicy": "OnFailure"},
+                        "status": status,
                     })  # fmt: skip
             return h._send(200, {"kind": "PodList", "apiVersion": "v1", "metadata": {"resourceVersion": "1"},
                                  "items": items})  # fmt: skip
@@ -239,8 +376,13 @@ class KubernetesApi:
         if not nodes:
             return h._send(404, _status(404, "NotFound", f'pods "{pod}" not found'))
         node = nodes[int(match.group(2))]
+        with self.lock:
+            proc, log = node.proc, node.log  # the current container; a restart starts another
+        if proc is None:  # waiting to start: the API server answers 400 BadRequest
+            reason = (node.waiting or {}).get("reason", "ContainerCreating")
+            return h._send(400, _status(400, "BadRequest", f'container "node" in pod "{pod}" is waiting to start: {reason}'))
         if query.get("follow") not in ("1", "t", "T", "true", "True", "TRUE"):  # Go's strconv.ParseBool
-            return h._send(200, node.log.read_bytes(), content_type="text/plain")
+            return h._send(200, log.read_bytes(), content_type="text/plain")
         # Followed: the log as it grows, in chunks, until the container ends.
         h.send_response(200)
         h.send_header("Content-Type", "text/plain")
@@ -248,8 +390,8 @@ class KubernetesApi:
         h.end_headers()
         sent = 0
         while True:
-            ended = node.proc.poll() is not None
-            data = node.log.read_bytes()[sent:]
+            ended = proc.poll() is not None
+            data = log.read_bytes()[sent:]
             if data:
                 h.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
                 h.wfile.flush()
@@ -260,6 +402,7 @@ class KubernetesApi:
         h.wfile.write(b"0\r\n\r\n")
 
     def close(self):
+        self.closed.set()
         for nodes in self.nodes.values():
             for node in nodes:
                 node.kill()

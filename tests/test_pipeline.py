@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from kfp_api import KfpApi
 from safetensors.torch import load_file
 
 pytest.importorskip("kfp")
@@ -483,61 +484,10 @@ def test_submit_to_an_unreachable_host_is_one_line(capsys):
     assert "\n" not in err
 
 
-class _KfpApi:
-    """An HTTP server on 127.0.0.1 answering the Kubeflow Pipelines v2beta1 REST calls that `kfp.Client` makes to
-    submit a run (experiments, runs, healthz), recording each request; with `refuse`, it answers 401 to all."""
-
-    def __init__(self, refuse: bool = False):
-        import threading
-        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-
-        self.requests: list[dict] = []
-        api = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args):
-                pass
-
-            def _answer(self):
-                length = int(self.headers.get("Content-Length") or 0)
-                body = json.loads(self.rfile.read(length) or b"null")
-                api.requests.append({"method": self.command, "path": self.path, "body": body,
-                                     "authorization": self.headers.get("Authorization")})  # fmt: skip
-                path = self.path.split("?")[0]
-                if refuse:
-                    status, reply = 401, {"error": "invalid bearer token", "code": 16}
-                elif path.endswith("/healthz"):
-                    status, reply = 200, {"multi_user": False, "tag_name": "2.5.0"}
-                elif path == "/apis/v2beta1/experiments" and self.command == "GET":
-                    status, reply = 200, {}  # no experiment of that name yet
-                elif path == "/apis/v2beta1/experiments":
-                    status, reply = 200, {"experiment_id": "exp-1", "display_name": body["display_name"]}
-                elif path == "/apis/v2beta1/runs" and self.command == "POST":
-                    status, reply = 200, {**body, "run_id": "run-42", "state": "PENDING"}
-                else:
-                    status, reply = 404, {"error": f"no route {path}", "code": 5}
-                data = json.dumps(reply).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            do_GET = do_POST = _answer
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def close(self):
-        self.server.shutdown()
-        self.server.server_close()
-
-
 def test_submit_sends_the_compiled_spec_with_the_token_and_prints_the_run_url(monkeypatch, capsys):
     from secateurs.pipeline_cli import submit_cmd
 
-    api = _KfpApi()
+    api = KfpApi()
     monkeypatch.setenv("KFP_TOKEN", "t0ken")
     demo = Path(__file__).resolve().parents[1] / "configs" / "demo-cpu.yaml"
     try:
@@ -545,11 +495,13 @@ def test_submit_sends_the_compiled_spec_with_the_token_and_prints_the_run_url(mo
     finally:
         api.close()
     # kfp.Client prints its own "Run details: ..." lines first; the last line is ours.
-    assert capsys.readouterr().out.strip().splitlines()[-1] == f"{api.url}/#/runs/details/run-42"
+    (run_id,) = api.runs
+    assert capsys.readouterr().out.strip().splitlines()[-1] == f"{api.url}/#/runs/details/{run_id}"
     runs = [r for r in api.requests if r["method"] == "POST" and r["path"] == "/apis/v2beta1/runs"]
     assert len(runs) == 1 and all(r["authorization"] == "Bearer t0ken" for r in api.requests)
     run = runs[0]["body"]
-    assert run["experiment_id"] == "exp-1"
+    (experiment,) = api.experiments.values()
+    assert run["experiment_id"] == experiment["experiment_id"] and experiment["display_name"] == "secateurs"
     # kfp.Client sends a spec with Kubernetes settings as {pipeline_spec, platform_spec}.
     spec, platform = run["pipeline_spec"]["pipeline_spec"], run["pipeline_spec"]["platform_spec"]
     assert "kubernetes" in platform["platforms"]
@@ -564,7 +516,7 @@ def test_submit_with_a_refused_token_is_one_line(monkeypatch, capsys):
 
     from secateurs.pipeline_cli import submit_cmd
 
-    api = _KfpApi(refuse=True)
+    api = KfpApi(refuse=True)
     monkeypatch.setenv("KFP_TOKEN", "expired")
     demo = Path(__file__).resolve().parents[1] / "configs" / "demo-cpu.yaml"
     try:
@@ -576,13 +528,59 @@ def test_submit_with_a_refused_token_is_one_line(monkeypatch, capsys):
     assert err == f"error: Kubeflow Pipelines at {api.url} refused the token (HTTP 401): set KFP_TOKEN to a valid one"
 
 
+def test_submit_of_a_package_kfp_refuses_is_one_line_with_the_server_s_reason(tmp_path, capsys):
+    """The strict stand-in parses the run's spec with KFP's PipelineSpec proto, as the API server does: a package
+    without a root component is "unknown template format" (HTTP 500, as KFP wraps it), and the one-line error
+    carries that reason rather than ApiException's bare "(500)"."""
+    from secateurs.pipeline_cli import PipelineError, submit_spec
+
+    package = tmp_path / "p.yaml"
+    package.write_text("pipelineInfo:\n  name: not-a-spec\nschemaVersion: 2.1.0\n")
+    api = KfpApi()
+    try:
+        with pytest.raises(PipelineError) as refused:
+            submit_spec(package, api.url, {}, "r", "secateurs", None, True)
+    finally:
+        api.close()
+    assert str(refused.value).startswith(f"Kubeflow Pipelines at {api.url} answered HTTP 500: Failed to create a new run")
+    assert str(refused.value).endswith("InvalidInputError: unknown template format: pipeline spec is invalid")
+    assert api.runs == {}
+
+
+def test_the_kfp_stand_in_refuses_what_the_api_server_refuses():
+    """Unknown fields (grpc-gateway with DiscardUnknown false), a missing run name, and unknown routes get the real
+    status and google.rpc.Status body; the stand-in is no kinder than the server it stands for."""
+    import urllib.error
+    import urllib.request
+
+    api = KfpApi()
+
+    def post(path, body):
+        request = urllib.request.Request(api.url + path, json.dumps(body).encode(), method="POST")
+        try:
+            with urllib.request.urlopen(request) as answer:
+                return answer.status, json.loads(answer.read())
+        except urllib.error.HTTPError as error:
+            return error.code, json.loads(error.read())
+
+    try:
+        assert post("/apis/v2beta1/experiments", {"display_name": "e", "colour": "red"}) == (
+            400, {"code": 3, "message": 'proto: unknown field "colour" in V2beta1Experiment', "details": []})
+        assert post("/apis/v2beta1/runs", {"runtime_config": {"pipelineRoot": 1}})[0] == 400
+        assert post("/apis/v2beta1/runs", {"pipeline_spec": {}})[1]["details"][0]["message"] == (
+            "The run name is empty. Please specify a valid name")
+        assert post("/apis/v2beta1/run", {}) == (404, {"code": 5, "message": "Not Found", "details": []})
+    finally:
+        api.close()
+
+
 @pytest.mark.parametrize("override", [None, "s3://other-bucket/root"])
 def test_submit_sends_the_pipeline_root_and_service_account(monkeypatch, capsys, override):
     """The flagship config's S3 pipeline root and the chart's ServiceAccount reach the created run (and the spec's
     default root); `--pipeline-root` / `--service-account` override them."""
     from secateurs.pipeline_cli import submit_cmd
 
-    api = _KfpApi()
+    api = KfpApi()
     try:
         submit_cmd(FLAGSHIP, api.url, "secateurs", None, override, "sa-override" if override else None)
     finally:

@@ -1,5 +1,5 @@
-"""Upload a compiled secateurs pipeline to Kubeflow Pipelines: the first upload creates the pipeline, each
-later one adds a version.
+"""Upload a compiled secateurs pipeline to Kubeflow Pipelines as version PIPELINE_VERSION of pipeline
+PIPELINE_NAME, creating the pipeline on the first install.
 
 Runs in the chart's upload Job (the secateurs image has kfp). Settings come from the Job's environment:
 KFP_HOST, PIPELINE_NAME, PIPELINE_VERSION, PIPELINE_PACKAGE (path of the compiled YAML), and optionally
@@ -39,9 +39,10 @@ def main() -> None:
 
     pipeline_id = find_pipeline_id(client, name, namespace)
     if pipeline_id is None:
-        pipeline = client.upload_pipeline(package, pipeline_name=name, namespace=namespace)
-        print(f"created pipeline {name} ({pipeline.pipeline_id})")
-        return
+        # KFP creates the pipeline with a first version named after the pipeline (resource_manager.go
+        # CreatePipelineAndPipelineVersion), not after PIPELINE_VERSION: the version is uploaded next, as on upgrade.
+        pipeline_id = client.upload_pipeline(package, pipeline_name=name, namespace=namespace).pipeline_id
+        print(f"created pipeline {name} ({pipeline_id})")
     try:
         uploaded = client.upload_pipeline_version(package, version, pipeline_id=pipeline_id)
     except ApiException as error:
