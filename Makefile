@@ -23,7 +23,13 @@ help:
 	@echo "make bench      run the CPU benchmarks in bench/"
 	@echo "make gpu-check  the prepared CUDA check (run on a GPU machine)"
 
-setup: $(VENV)/.installed
+# helm for tests/test_chart.py, fetched here so that `make test` needs no network (the version is the test's).
+HELM := .cache/helm/helm-v3.17.3
+
+setup: $(VENV)/.installed $(HELM)
+
+$(HELM): | $(VENV)/.installed
+	$(BIN)/python tests/test_chart.py
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)

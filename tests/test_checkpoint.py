@@ -18,7 +18,8 @@ def test_import_from_local_dir_round_trips(tiny_models, tmp_path):
     a = AutoModelForCausalLM.from_pretrained(src)
     b = AutoModelForCausalLM.from_pretrained(tmp_path / "m")
     AutoTokenizer.from_pretrained(tmp_path / "m")
-    for (k, v), (k2, v2) in zip(a.state_dict().items(), b.state_dict().items()):
+    # strict: a tensor missing from either side fails instead of being skipped by zip.
+    for (k, v), (k2, v2) in zip(a.state_dict().items(), b.state_dict().items(), strict=True):
         assert k == k2 and torch.equal(v, v2)
     assert json.loads((tmp_path / "m" / "config.json").read_text())["head_dim"] == 16
 

@@ -379,46 +379,37 @@ def test_trtllm_bench_dataset_lines(models):
         assert list(rec) == ["task_id", "input_ids", "output_tokens"] and len(rec["input_ids"]) == 16
 
 
+def _options(args: list[str]) -> dict[str, str]:
+    """`--flag value` pairs of a command line as a dict; refuses a repeated flag or a flag without its value."""
+    options = {}
+    for flag, value in zip(args[::2], args[1::2], strict=True):
+        assert flag.startswith("--") and not value.startswith("--") and flag not in options, (flag, value)
+        options[flag] = value
+    return options
+
+
 def test_trtllm_bench_command():
-    cmd = TensorRTLLM.bench_command(
-        Path("/e/student-fp8"),
-        "secateurs/student-fp8",
-        Path("/ws"),
-        Path("/ws/dataset.jsonl"),
-        Path("/ws/report-0.json"),
-        batch=64,
-        num_requests=256,
-        warmup=64,
-        max_seq_len=2176,
-    )
-    assert cmd == [
-        "trtllm-bench",
-        "--model",
-        "secateurs/student-fp8",
-        "--model_path",
-        "/e/student-fp8",
-        "--workspace",
-        "/ws",
-        "throughput",
-        "--backend",
-        "pytorch",
-        "--dataset",
-        "/ws/dataset.jsonl",
-        "--concurrency",
-        "64",
-        "--max_batch_size",
-        "64",
-        "--num_requests",
-        "256",
-        "--warmup",
-        "64",
-        "--max_seq_len",
-        "2176",
-        "--eos_id",
-        "-1",
-        "--report_json",
-        "/ws/report-0.json",
-    ]
+    """What the command asks trtllm-bench for (tensorrt_llm is not installed on CPU machines, so its click parser
+    cannot be imported here; the flags are those of `trtllm-bench --help` and `trtllm-bench throughput --help`,
+    TensorRT-LLM 1.2): the engine directory under its name, then a `throughput` run of the PyTorch backend on the
+    dataset, `batch` requests in flight, `num_requests` of them after `warmup`, each generating its full
+    `output_tokens` (no EOS stop: the report's average output length is checked against it), and the JSON report."""
+    engine_dir, workspace = Path("/e/student-fp8"), Path("/ws")
+    cmd = TensorRTLLM.bench_command(engine_dir, "secateurs/student-fp8", workspace, workspace / "dataset.jsonl",
+                                    workspace / "report-0.json", batch=64, num_requests=256, warmup=64,
+                                    max_seq_len=2176)  # fmt: skip
+    assert cmd[0] == "trtllm-bench"
+    split = cmd.index("throughput")  # global options before the subcommand, its own after
+    top, run = _options(cmd[1:split]), _options(cmd[split + 1 :])
+    assert top == {"--model": "secateurs/student-fp8", "--model_path": str(engine_dir), "--workspace": str(workspace)}
+    assert run["--backend"] == "pytorch"
+    assert Path(run["--dataset"]) == workspace / "dataset.jsonl"
+    assert int(run["--concurrency"]) == int(run["--max_batch_size"]) == 64  # batch: all in flight, one batch
+    assert (int(run["--num_requests"]), int(run["--warmup"]), int(run["--max_seq_len"])) == (256, 64, 2176)
+    assert int(run["--eos_id"]) < 0  # no token ends a request early
+    assert Path(run["--report_json"]) == workspace / "report-0.json"
+    assert set(run) == {"--backend", "--dataset", "--concurrency", "--max_batch_size", "--num_requests", "--warmup",
+                        "--max_seq_len", "--eos_id", "--report_json"}  # fmt: skip
 
 
 def _trtllm_report(avg_output_length: float) -> dict:
@@ -476,17 +467,14 @@ def test_trtllm_bf16_build_and_bench(models, tmp_path):
 
 def test_backends_table():
     assert set(engine.BACKENDS) == {"onnxruntime-genai", "tensorrt-llm"}
-    assert OnnxRuntimeGenAI().builder_command(Path("/m"), Path("/o"), "int4", Path("/c"))[1:] == [
-        "-m",
-        "onnxruntime_genai.models.builder",
-        "-i",
-        "/m",
-        "-o",
-        "/o",
-        "-p",
-        "int4",
-        "-e",
-        "cpu",
-        "-c",
-        "/c",
-    ]
+    # The builder's command, read by the builder's own argument parser.
+    builder = pytest.importorskip("onnxruntime_genai.models.builder")
+
+    cmd = OnnxRuntimeGenAI().builder_command(Path("/m"), Path("/o"), "int4", Path("/c"))
+    assert cmd[1:3] == ["-m", "onnxruntime_genai.models.builder"]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(sys, "argv", ["builder", *cmd[3:]])
+        args = builder.get_args()
+    assert (args.input, args.output, args.precision, args.execution_provider, args.cache_dir) == (
+        "/m", "/o", "int4", "cpu", "/c")  # fmt: skip
+    assert args.model_name is None  # a local checkpoint: nothing is fetched from a hub

@@ -248,11 +248,23 @@ def test_chunked_kd_loss_in_bfloat16_tracks_forward_kl_on_bfloat16_logits():
     args = (c["student_hidden"], c["student_weight"], c["teacher_hidden"], c["teacher_weight"])
     chunked = losses.chunked_kd_loss(*args, mask=c["mask"], chunk_size=4)
     plain = losses.forward_kl(args[0] @ args[1].T, args[2] @ args[3].T, mask=c["mask"])
+    # The float64 reference from the same bf16 inputs: what the fp32 accumulation approaches.
+    d = [a.detach().double().requires_grad_(i < 2) for i, a in enumerate(args)]
+    exact = losses.forward_kl(d[0] @ d[1].T, d[2] @ d[3].T, mask=c["mask"])
     assert chunked.dtype == torch.float32
-    torch.testing.assert_close(chunked, plain, rtol=2e-2, atol=1e-3)
-    g_chunked = torch.autograd.grad(chunked, args[1])[0].float()
-    g_plain = torch.autograd.grad(plain, args[1])[0].float()
-    assert (g_chunked - g_plain).norm() / g_plain.norm() < 3e-2
+    # Measured on CPU over seeds 0-7 of make_case: chunked against plain within 2e-7 relative (both form the same
+    # bf16 logits; only the fp32 sums' order differs), against float64 within 1.7e-3 (the logits' bf16 rounding);
+    # gradients within 3.3e-3 of plain's and 6.3e-3 of float64's (relative norm). Bounds: 10x on the loss, 3x on
+    # the rest. A dropped chunk, a wrong mask or temperature moves them by 1e-1 or more. GPU kernels round
+    # differently and were not measured here, so on cuda the loss bound is that of float64.
+    rel = 2e-6 if DEVICE.type == "cpu" else 5e-3
+    assert abs(chunked.item() - plain.item()) <= rel * abs(plain.item())
+    assert abs(chunked.item() - exact.item()) <= 5e-3 * exact.item()
+    g_chunked = torch.autograd.grad(chunked, args[1])[0].double()
+    g_plain = torch.autograd.grad(plain, args[1])[0].double()
+    g_exact = torch.autograd.grad(exact, d[1])[0]
+    assert (g_chunked - g_plain).norm() / g_plain.norm() < 1e-2
+    assert (g_chunked - g_exact).norm() / g_exact.norm() < 2e-2
 
 
 def test_backend_choice():

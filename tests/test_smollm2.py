@@ -84,7 +84,7 @@ def smollm2_wide_data(smollm2_dir, tmp_path_factory):
     return out
 
 
-def test_kd_gives_the_lowest_validation_loss_and_random_init_the_highest(smollm2_dir, smollm2_wide_data, tmp_path):
+def test_pruned_students_beat_random_init_and_kd_keeps_up_with_ce(smollm2_dir, smollm2_wide_data, tmp_path):
     """The recipe in its order on SmolLM2-135M: teacher correction, importance on the corrected teacher, width
     pruning to half, then the same 20 steps three ways: KD from the pruned weights, cross-entropy from the pruned
     weights (at its own best LR), KD from a random init of the same shape. Validation cross-entropy on 64 held-out
@@ -118,6 +118,11 @@ def test_kd_gives_the_lowest_validation_loss_and_random_init_the_highest(smollm2
         shutil.rmtree(f"{tmp_path / name}.checkpoints")
     print("validation loss after 20 steps: " + ", ".join(f"{k} {v:.3f}" for k, v in result.items()))
     assert result["corrected teacher"] < result["teacher"] - 0.5
-    # KD lowest, random init highest. KD at 5e-4 is below cross-entropy at its best LR for each of seeds 0-2
-    # (bench/kd_vs_ce.py: by 0.08, 0.06 and 0.23); pruned weights beat random ones by over 4 nats either way.
-    assert result["kd"] < result["ce"] < result["random-init kd"] - 2.0
+    # Pruned weights beat random ones by over 4 nats either way (measured, seeds 0-2): a 2-nat margin.
+    assert max(result["kd"], result["ce"]) < result["random-init kd"] - 2.0
+    # KD against CE is a claim about the mean over seeds, not about one: the paired difference KD - CE measured
+    # -0.083, -0.058, -0.228 for seeds 0-2 (sd 0.09, as large as its mean -0.12), so a single seed's ordering is
+    # nearly a coin, and the corpus a Python patch version renders changes it. `python bench/kd_vs_ce_paired.py`
+    # holds the ordering over 3 seeds (mean + 2 standard errors < 0). Here only what one seed shows robustly: KD is
+    # not clearly worse than CE (no seed measured it above CE; 0.1 leaves 0.16 to the closest, 1.7 sd).
+    assert result["kd"] < result["ce"] + 0.1
