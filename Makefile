@@ -9,7 +9,7 @@ EXTRAS ?= pipeline,engine,dev
 export TOKENIZERS_PARALLELISM ?= false
 export SECATEURS_CACHE ?= $(CURDIR)/.cache/secateurs
 
-.PHONY: setup test test-containers demo demo-containers images-local bench gpu-check clean help
+.PHONY: setup test test-e2e test-containers demo demo-containers images-local bench gpu-check clean help
 
 include docker/images.mk
 
@@ -17,6 +17,7 @@ help:
 	@echo "make setup      create $(VENV) with secateurs and everything its tests need"
 	@echo "make demo       run the recipe on SmolLM2-135M and the python-docs corpus (CPU, minutes)"
 	@echo "make test       run the test suite"
+	@echo "make test-e2e   the long end-to-end runs (search pipeline through kfp.local, SmolLM2 KD vs CE; minutes)"
 	@echo "make images-local  build the images here with podman, no registry (root; apt: podman buildah runc debootstrap)"
 	@echo "make test-containers  test the images and the pipeline run in them (after make test; minutes)"
 	@echo "make demo-containers  the demo with every step in the image (secateurs run --runner container)"
@@ -41,7 +42,12 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 test: setup
-	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q --durations=10 -m "not containers"
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q --durations=10 -m "not containers and not e2e"
+
+# The long end-to-end runs (the search pipeline and its rerun through kfp.local, SmolLM2's KD-vs-CE training):
+# minutes each, hence apart from `make test`; `.ci/run` runs both.
+test-e2e: setup
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q --durations=10 -m "e2e and not containers"
 
 # The images built here and the pipeline run in them: slow (the first build takes minutes), hence apart.
 test-containers: setup

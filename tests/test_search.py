@@ -243,6 +243,7 @@ def _runs(state, role: str, pipeline_run: str | None = None) -> list:
     ))  # fmt: skip
 
 
+@pytest.mark.e2e  # the search pipeline through kfp.local (minutes): make test-e2e
 def test_search_student_runs_through_kfp_local(searched):
     """A student given by a budget: the search step, three short distillations (one ParallelFor task each), the
     winner (the lowest loss after them) distilled as the student; MLflow holds one nested run per candidate (shape,
@@ -295,6 +296,7 @@ def test_search_student_runs_through_kfp_local(searched):
     assert Path(report, "search_loss_vs_parameters.png").read_bytes()[:4] == b"\x89PNG"
 
 
+@pytest.mark.e2e  # the search pipeline through kfp.local (minutes): make test-e2e
 def test_rerun_of_one_candidate_leaves_the_others_and_the_winner_lineage_intact(searched):
     """`secateurs rerun --step search-distill:auto/1` redoes that candidate's short distillation alone (the same
     loss again, into a new artifact); with --downstream, the pick then reads it with the others' recorded ones."""

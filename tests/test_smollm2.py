@@ -84,6 +84,7 @@ def smollm2_wide_data(smollm2_dir, tmp_path_factory):
     return out
 
 
+@pytest.mark.e2e  # about 5 minutes on 2 cores: make test-e2e
 def test_pruned_students_beat_random_init_and_kd_keeps_up_with_ce(smollm2_dir, smollm2_wide_data, tmp_path):
     """The recipe in its order on SmolLM2-135M: teacher correction, importance on the corrected teacher, width
     pruning to half, then the same 20 steps three ways: KD from the pruned weights, cross-entropy from the pruned
