@@ -47,3 +47,21 @@ def test_a_step_runs_with_its_defaults_and_an_option_overrides_the_settings_file
     assert result.exit_code == 0, result.output + repr(result.exception)
     config = read_manifest(out)["config"]
     assert (config["batch_size"], config["max_sequences"], config["limit"]) == (8, 3, 4)
+
+
+def test_list_options_take_commas_or_json(monkeypatch):
+    """The shapes the README shows for a list-valued option: `--block-sizes 15,18` and the same list as JSON; a list
+    of pairs as JSON (`--layer-pairs '[[3, 7], [5, 11]]'`). The step itself is stubbed: only the parsing is tested."""
+    from secateurs import importance, train
+
+    seen = []
+    monkeypatch.setattr(importance, "run", lambda model, data, out, settings: seen.append(settings.block_sizes) or {})
+    monkeypatch.setattr(train, "distill", lambda *args, **kwargs: seen.append(args[-1].layer_pairs) or {})
+    runner = CliRunner()
+    for shape in ("15,18", "[15, 18]"):
+        result = runner.invoke(app, ["importance", "--model", "m", "--data", "d", "--out", "o", "--block-sizes", shape])
+        assert result.exit_code == 0, result.output + repr(result.exception)
+    result = runner.invoke(app, ["distill", "--teacher", "t", "--student", "s", "--data", "d", "--out", "o",
+                                 "--layer-pairs", "[[3, 7], [5, 11]]"])  # fmt: skip
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    assert seen == [[15, 18], [15, 18], [(3, 7), (5, 11)]]
