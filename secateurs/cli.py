@@ -206,6 +206,13 @@ def prune_cmd(
     """Prune a model to a target shape."""
     from secateurs import prune
 
+    targets = ("hidden_size", "ffn_hidden_size", "num_attention_heads", "num_key_value_heads", "num_layers",
+               "drop_layers")  # fmt: skip
+    if all(getattr(settings, name) is None for name in targets):
+        # The library keeps every unit for an empty target (a lossless copy: the identity the tests check); typed
+        # by hand, that is a forgotten option, not a wish.
+        raise ValueError("no pruning target: give at least one of " + ", ".join(
+            "--" + name.replace("_", "-") for name in targets))  # fmt: skip
     report = prune.run(model, importance, out, settings.target())
     typer.echo(
         f"parameters: {report['parameters_before']:,} -> {report['parameters_after']:,} "

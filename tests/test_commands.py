@@ -104,14 +104,20 @@ def test_importance_with_defaults(tiny_models, tiny_data, tmp_path):
 
 
 def test_prune_with_defaults(tiny_models, tiny_importance, tmp_path):
-    """No target: every unit is kept, the shape is the model's own."""
+    """No target is refused in one line (a forgotten option, not a wish for a copy), before anything is written;
+    one target option with the rest at their defaults prunes that axis alone."""
     out = tmp_path / "pruned"
+    result = CliRunner().invoke(app, ["prune", "--model", str(tiny_models["llama-tied"]), "--importance",
+                                      str(tiny_importance["llama-tied"]), "--out", str(out)])  # fmt: skip
+    assert result.exit_code == 1 and not out.exists()
+    assert result.output.strip() == ("error: no pruning target: give at least one of --hidden-size, --ffn-hidden-size, "
+                                     "--num-attention-heads, --num-key-value-heads, --num-layers, --drop-layers")
     secateurs("prune", "--model", tiny_models["llama-tied"], "--importance", tiny_importance["llama-tied"],
-              "--out", out)  # fmt: skip
+              "--out", out, "--num-layers", "3")  # fmt: skip
     _checkpoint(out)
     original, pruned = (json.loads((p / "config.json").read_text()) for p in (tiny_models["llama-tied"], out))
-    shape = ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads", "num_hidden_layers")
-    assert [pruned[k] for k in shape] == [original[k] for k in shape]
+    shape = ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads")
+    assert [pruned[k] for k in shape] == [original[k] for k in shape] and pruned["num_hidden_layers"] == 3
 
 
 def test_correct_teacher_with_defaults(tiny_models, tiny_data, tmp_path):
