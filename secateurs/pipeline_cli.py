@@ -414,12 +414,14 @@ def plan_cmd(
     tokens_per_second: float = typer.Option(
         None, "--tokens-per-second", help="Training tokens/s per GPU for the GPU-hours (default: measured on an H200)."
     ),
-    traced: bool = typer.Option(
-        False, "--trace", help="Also run each GPU step's own code under fake tensors at the real shapes "
+    # Annotated, so that a direct call (tests, other commands) gets plain defaults, not typer's OptionInfo.
+    traced: Annotated[bool, typer.Option(
+        "--trace", help="Also run each GPU step's own code under fake tensors at the real shapes "
         "(secateurs.trace) and print its peak per GPU beside the analytic plan's; fails if the trace does not fit."
-    ),
-    json_out: Path = typer.Option(None, "--json", help="With --trace: write [{step, analytic_gib, traced_gib, "
-                                  "capacity_gib, fits}] to this file."),
+    )] = False,
+    json_out: Annotated[Path | None, typer.Option(
+        "--json", help="With --trace: write [{step, analytic_gib, traced_gib, capacity_gib, fits}] to this file."
+    )] = None,
 ):
     """Bytes per GPU of every GPU step (weights, gradients, optimizer, teacher, activations, KD chunk), the tokens
     each training step reads and its GPU-hours; fails if a step does not fit."""

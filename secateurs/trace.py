@@ -1,0 +1,482 @@
+"""The traced memory plan: each GPU step's own code run under fake tensors at the config's real shapes.
+
+`secateurs plan CONFIG --trace` builds every model of the config from its config.json alone (no weights) inside
+PyTorch's `FakeTensorMode`, where a tensor has a shape, dtype and device but no storage, and runs the step's own
+code on it:
+- teacher correction: `secateurs.train.LMTrainer.compute_loss`, its backward, for `MICRO_BATCHES` micro-batches of
+  gradient accumulation, then the Trainer's optimizer (`adamw_torch_fused`, transformers' default) step;
+- distillation: `secateurs.train.DistillationTrainer.compute_loss` (frozen bf16 teacher, chunked KD loss, the
+  intermediate loss and its projections where configured), the same accumulation and optimizer step;
+- importance (its depth scan) and evaluation: `secateurs.evaluate.validation_loss` on one batch.
+Peak bytes per GPU and their categories are read by PyTorch's `MemTracker` (one process) or `FSDPMemTracker`
+(fsdp), as torchtitan's memory estimator does (scripts/estimate/estimation.py). Under fsdp the world size is the
+step's processes, formed by a fake process group (`torch.testing._internal.distributed.fake_pg.FakeStore`) whose
+collectives return at once with outputs of the right shapes; FSDP2 is applied as `secateurs.train` asks
+accelerate to (each decoder layer a unit resharded after forward, the final norm and LM head one unit kept
+gathered after forward, bf16 parameters and fp32 gradient reduction), one reduce-scatter per micro-batch
+(`sync_each_batch`). Under ddp the step runs in one process with bf16 autocast, as the Trainer runs it (DDP's
+reducer buckets, a second fp32 copy of the gradients with more than one process, are added from the plan).
+
+What the trace cannot see, and is added from the analytic plan's constants (`secateurs.plan.runtime_bytes`, each
+sourced there) or left to its headroom:
+- the CUDA context and cuBLAS/cuBLASLt workspaces (`plan.CUDA_CONTEXT`, `plan.CUBLAS_WORKSPACES`);
+- NCCL's buffers with more than one process (`plan.NCCL_BUFFERS`);
+- the caching allocator's fragmentation and its 512-byte rounding of CPU tensors (`plan.HEADROOM`; MemTracker
+  rounds CUDA tensors only, torch/distributed/_tools/mem_tracker.py `_WeakRefInfo._calculate_mem_consumed`);
+- kernel workspaces other than cuBLAS's (cuDNN, flash attention's split-KV scratch);
+- attention: the models run with `attn_implementation="sdpa"` on fake CPU tensors, where SDPA dispatches to
+  `_scaled_dot_product_flash_attention_for_cpu` (aten/src/ATen/native/transformers/attention.cpp,
+  `_fused_sdp_choice_cpp`), which like FlashAttention-2 on a GPU keeps the output and a [batch, heads, seq] fp32
+  log-sum-exp for backward and no [seq, seq] matrix; the GPU's flash kernel keeps the same tensors, so no
+  correction is made. `Traced.attention_kernels` records which kernel the trace saw.
+- lm-eval's task scoring in evaluation (a separate library's loop, not traced).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass, field
+from types import SimpleNamespace
+
+import torch
+
+GiB = 2**30
+# Micro-batches of gradient accumulation traced before the optimizer step (the peak often comes at the first step).
+MICRO_BATCHES = 2
+
+
+@dataclass
+class Traced:
+    """Peak bytes of one process, by the tracker's category."""
+
+    peak: int
+    categories: dict[str, int] = field(default_factory=dict)
+    attention_kernels: set[str] = field(default_factory=set)
+    seconds: float = 0.0
+    phases: dict[str, tuple[int, dict[str, int]]] = field(default_factory=dict)  # name -> (peak, categories)
+    peak_phase: str = ""
+
+    @property
+    def largest(self) -> tuple[str, int]:
+        return max(self.categories.items(), key=lambda kv: kv[1])
+
+
+def model_from_config(config: dict, dtype: torch.dtype):
+    """A causal LM of `config` (a config.json's values) with freshly initialised weights in `dtype`, SDPA attention."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    values = dict(config)
+    values.setdefault("model_type", "llama")
+    hf = AutoConfig.for_model(**values)
+    hf._attn_implementation = "sdpa"
+    return AutoModelForCausalLM.from_config(hf, dtype=dtype, attn_implementation="sdpa")
+
+
+# ----------------------------------------------------------------------------------------------- the steps' code
+def training_step(trainer, model, optimizer, batches: list[torch.Tensor], autocast: bool, phase=None) -> None:
+    """What transformers' Trainer does for one optimizer step: each micro-batch's `compute_loss` (the step's own,
+    from `secateurs.train`), scaled by the accumulation and backpropagated, then the optimizer step.
+
+    Args:
+        phase: called with a phase's name ("micro-batch 1", ..., "optimizer") as it ends.
+    """
+    phase = phase or (lambda name: None)
+    for i, ids in enumerate(batches):
+        with torch.autocast("cpu", torch.bfloat16, enabled=autocast):
+            loss = trainer.compute_loss(model, {"input_ids": ids})
+        (loss / len(batches)).backward()
+        del loss
+        phase(f"micro-batch {i + 1}")
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    phase("optimizer")
+
+
+def forward_step(model, batch: torch.Tensor) -> None:
+    """The validation loss (`secateurs.evaluate.validation_loss`) of one batch, as importance and evaluation run it."""
+    from secateurs.evaluate import validation_loss
+
+    try:
+        validation_loss(model, batch, batch_size=len(batch))
+    except Exception as e:  # under fake tensors the final `.item()` has no value to give
+        if "DataDependent" not in type(e).__name__:
+            raise
+
+
+def trainer_for(kind: str, settings, teacher=None, pairs=(), projections=None):
+    """The step's Trainer class with only what its `compute_loss` reads (no data, no accelerate)."""
+    from secateurs.train import DistillationTrainer, LMTrainer, _Context
+
+    cls = DistillationTrainer if kind == "distill" else LMTrainer
+    trainer = cls.__new__(cls)
+    trainer.ctx = _Context(teacher=teacher, pairs=list(pairs), projections=projections) if teacher else None
+    trainer.settings = settings
+    trainer.accelerator = SimpleNamespace(unwrap_model=lambda m: m)
+    return trainer
+
+
+# ------------------------------------------------------------------------------------------------- the tracing
+@contextlib.contextmanager
+def _watched(seen: set[str], fake: bool):
+    """Record which SDPA kernel aten dispatches to (the module docstring says why it matters), and under fake
+    tensors give `nonzero` (the KD loss's kept rows, data-dependent) its largest result: every row kept, which is
+    what packed sequences without padding give; `.item()` (the KD loss's backward reads its incoming gradient) reads 1.""" 
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Watch(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if "attention" in func.__name__:
+                seen.add(func.__name__.split(".")[0])
+            if fake and func is torch.ops.aten.nonzero.default:
+                x = args[0]
+                return torch.empty((x.numel(), x.dim()), dtype=torch.long, device=x.device)
+            if fake and func is torch.ops.aten._local_scalar_dense.default:
+                return 1.0 if args[0].is_floating_point() else 1  # `.item()`: a value is needed, not its bytes
+            return func(*args, **(kwargs or {}))
+
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    # The GPU's kernel: flash attention (on CPU its CPU implementation), never the math fallback that materialises
+    # the [batch, heads, seq, seq] scores; a config flash cannot run fails here rather than planning the fallback.
+    with sdpa_kernel([SDPBackend.FLASH_ATTENTION]), Watch():
+        yield
+
+
+def _memory_tracker():
+    """PyTorch's MemTracker, which installs gradient hooks on every parameter it meets: a frozen teacher's refuse
+    them (they have no gradients), so modules without trainable parameters are tracked without."""
+    from torch.distributed._tools.mem_tracker import MemTracker
+
+    class Tracker(MemTracker):
+        def _track_module_params_and_buffers(self, module, install_grad_hooks=True):
+            trainable = any(p.requires_grad for p in module.parameters())
+            return super()._track_module_params_and_buffers(module, install_grad_hooks and trainable)
+
+    return Tracker()
+
+
+def _snapshot(tracker) -> tuple[int, dict[str, int]]:
+    snap = tracker.get_tracker_snapshot("peak")
+    categories: dict[str, int] = {}
+    for per_device in snap.values():
+        for key, value in per_device.items():
+            name = getattr(key, "value", key)
+            categories[name] = categories.get(name, 0) + value
+    total = categories.pop("Total", sum(categories.values()))
+    return total, {k: v for k, v in categories.items() if v}
+
+
+class _Phases:
+    """The tracker's peak of each phase of a step, the peak restarted from the current memory at each phase's end.
+    Each phase's peak is linear in the number of layers, where the step's peak (the largest of them) need not be:
+    the optimizer's phase grows faster with layers than a micro-batch's."""
+
+    def __init__(self, tracker):
+        self.tracker, self.peaks = tracker, {}
+
+    def __call__(self, name: str) -> None:
+        peak, categories = _snapshot(self.tracker)
+        if "Inputs" in categories:  # FSDPMemTracker's name for what `track_inputs` gave it: the teacher, the batches
+            categories["Teacher + inputs"] = categories.pop("Inputs")
+        self.peaks[name] = (peak, categories)
+        # MemTracker keeps one peak for its whole context; restart it (its private fields, torch 2.13's names).
+        current = self.tracker.get_tracker_snapshot("current")
+        self.tracker._peak_mem_snap = current
+        self.tracker._peak_mem = {dev: snap["Total"] for dev, snap in current.items()}
+        # And let the root module be called again (MemTracker refuses a second iteration otherwise).
+        self.tracker.reset_mod_stats()
+
+    def traced(self, seen, seconds) -> Traced:
+        name = max(self.peaks, key=lambda n: self.peaks[n][0])
+        return Traced(*self.peaks[name], seen, seconds, phases=dict(self.peaks), peak_phase=name)
+
+
+def trace_training(kind: str, student: dict, settings, seq_len: int, teacher: dict | None = None,
+                   bf16: bool = True, fake: bool = True, world: int = 1) -> Traced:  # fmt: skip
+    """Peak bytes of one process of a training step of one process (ddp's arithmetic, no DDP reducer): the step's
+    `compute_loss` over `MICRO_BATCHES` micro-batches, then the optimizer step.
+
+    Args:
+        kind: "correct_teacher" or "distill".
+        student: the trained model's config.json values.
+        settings: its `TeacherCorrectionConfig` / `DistillConfig`.
+        teacher: the frozen teacher's config.json values (distill).
+        bf16: run as on GPUs (bf16 autocast, bf16 teacher); False: as on CPU (fp32).
+        fake: under `FakeTensorMode` (False runs it for real, to measure).
+        world: processes; more than one under `settings.parallelism == "fsdp"` shards the student with FSDP2
+            over a process group of `world` (a fake one when `fake`, else the one already initialised).
+    """
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from secateurs import losses
+
+    start = time.perf_counter()
+    seen: set[str] = set()
+    sharded = settings.parallelism == "fsdp" and world > 1
+    mesh = device_mesh(world, fake) if sharded else None
+    with FakeTensorMode() if fake else contextlib.nullcontext():
+        model = model_from_config(student, torch.float32).train()
+        if settings.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        frozen, pairs, projections = None, [], None
+        if kind == "distill":
+            frozen = model_from_config(teacher, torch.bfloat16 if bf16 else torch.float32).eval().requires_grad_(False)
+            if settings.intermediate_loss:
+                pairs = settings.layer_pairs or losses.default_layer_mapping(
+                    student["num_hidden_layers"], teacher["num_hidden_layers"], None)
+                projections = losses.intermediate_projections(student["hidden_size"], teacher["hidden_size"],
+                                                              len(pairs))  # fmt: skip
+        if sharded:
+            if projections is not None:  # as `secateurs.train.distill` does under fsdp
+                model.add_module("secateurs_kd_projections", projections)
+            shard(model, mesh, bf16)
+        trainer = trainer_for(kind, settings, frozen, pairs, projections)
+        params = list(model.parameters())
+        if projections is not None and not sharded:
+            params += list(projections.parameters())
+        if sharded and fake:
+            optimizer = _LocalAdamW(params, lr=settings.learning_rate)
+        else:
+            optimizer = torch.optim.AdamW(params, lr=settings.learning_rate, fused=True)
+        vocab = student["vocab_size"]
+        batches = [torch.randint(0, vocab, (settings.micro_batch_size, seq_len)) for _ in range(MICRO_BATCHES)]
+        if sharded:
+            from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker
+
+            tracker = FSDPMemTracker(model, optimizer)
+            tracker.track_inputs(tuple(batches))
+            if frozen is not None:  # FSDPMemTracker.track_external is a no-op: the teacher counts as "Inputs"
+                tracker.track_inputs(tuple(frozen.parameters()))
+        else:
+            tracker = _memory_tracker()
+            tracker.track_external(model, optimizer, *batches, *([frozen] if frozen is not None else []))
+        phases = _Phases(tracker)
+        with tracker, _watched(seen, fake):
+            training_step(trainer, model, optimizer, batches, autocast=bf16 and not sharded, phase=phases)
+    return phases.traced(seen, time.perf_counter() - start)
+
+
+class _LocalAdamW(torch.optim.AdamW):
+    """Fused AdamW over each sharded parameter's local shard, for fake tensors only.
+
+    Under fake tensors and a fake process group, the fused AdamW step over FSDP2's DTensor parameters allocates
+    about 16 bytes of every unsharded parameter (measured against 2 gloo processes, tests/test_plan_trace.py), where
+    the same step on real shards allocates only the shard's AdamW state; DTensor runs the fused kernel on the
+    local shards (its pointwise strategy for `_fused_adamw_`, torch/distributed/tensor/_ops/_pointwise_ops.py), so
+    this does so directly."""
+
+    def __init__(self, params, lr: float):
+        self.sharded = list(params)
+        super().__init__([p.to_local().detach() for p in self.sharded], lr=lr, fused=True)  # same storage
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for p, local in zip(self.sharded, self.param_groups[0]["params"]):
+            local.grad = None if p.grad is None else p.grad.to_local()
+        return super().step(closure)
+
+    def zero_grad(self, set_to_none: bool = True):
+        super().zero_grad(set_to_none)
+        for p in self.sharded:
+            p.grad = None
+
+
+def device_mesh(world: int, fake: bool):
+    """A CPU mesh of `world` processes: over a fake process group when `fake` (made outside fake tensors: the mesh
+    reads real ranks)."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    if fake and not dist.is_initialized():
+        from torch.testing._internal.distributed.fake_pg import FakeStore
+
+        dist.init_process_group("fake", rank=0, world_size=world, store=FakeStore())
+    if dist.get_world_size() != world:
+        raise ValueError(f"a process group of {dist.get_world_size()} is initialised; this trace needs {world}")
+    return init_device_mesh("cpu", (world,))
+
+
+def shard(model, mesh, bf16: bool) -> None:
+    """FSDP2 as `secateurs.train` asks accelerate for it: each decoder layer a unit resharded after forward, the
+    final norm and LM head one unit kept whole after forward (accelerate >= 1.14, `fsdp2_prepare_model`), the rest
+    (embeddings) the root; bf16 compute, fp32 gradient reduction (`secateurs.train._fsdp_mixed_precision`)."""
+    from torch.distributed.fsdp import fully_shard
+
+    from secateurs.train import _fsdp_mixed_precision
+
+    policy = _fsdp_mixed_precision(bf16)
+    for layer in model.model.layers:
+        fully_shard(layer, mesh=mesh, mp_policy=policy, reshard_after_forward=True)
+    fully_shard([model.model.norm, model.lm_head], mesh=mesh, mp_policy=policy, reshard_after_forward=False)
+    fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=True)
+
+
+def trace_forward(config: dict, batch: int, seq_len: int, bf16: bool = True, fake: bool = True) -> Traced:
+    """Peak bytes of the validation loss of one batch of `batch` x `seq_len` tokens (importance, evaluation)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    start = time.perf_counter()
+    seen: set[str] = set()
+    with FakeTensorMode() if fake else contextlib.nullcontext():
+        model = model_from_config(config, torch.bfloat16 if bf16 else torch.float32).eval()
+        ids = torch.randint(0, config["vocab_size"], (batch, seq_len))
+        tracker = _memory_tracker()
+        tracker.track_external(model, ids)
+        phases = _Phases(tracker)
+        with tracker, _watched(seen, fake):
+            forward_step(model, ids)
+            phases("forward")
+    return phases.traced(seen, time.perf_counter() - start)
+
+
+# ------------------------------------------------------------------------------------------------ the plan
+@dataclass
+class TracedStep:
+    """One GPU step's traced peak per GPU beside the analytic plan's (`secateurs.plan.StepPlan`)."""
+
+    analytic: object  # plan.StepPlan
+    traced: Traced
+    layers_traced: str  # e.g. "1, 2 of 32 (extrapolated)"
+
+    @property
+    def runtime(self) -> int:
+        return self.analytic.bytes.get("runtime", 0)
+
+    @property
+    def total(self) -> int:
+        """Traced tensors plus what the trace cannot see (the analytic plan's runtime constants)."""
+        return self.traced.peak + self.runtime
+
+    @property
+    def ratio(self) -> float:
+        """Traced tensors over the analytic plan's tensors (both without the runtime)."""
+        return self.traced.peak / max(1, self.analytic.total - self.runtime)
+
+    def fits(self) -> bool:
+        from secateurs.plan import HEADROOM
+
+        return self.analytic.available is None or self.total <= HEADROOM * self.analytic.available
+
+
+def trace_plan(config, extrapolate: bool = True, model_configs: dict[str, dict] | None = None) -> list[TracedStep]:
+    """Trace every GPU step of `config` (a `PipelineConfig`) that `secateurs.plan.plan` plans.
+
+    With `extrapolate`, each step is traced twice with every model's layers cut by the same factor (2L/g and 3L/g
+    of each model's L layers, g their greatest common divisor; whole when g <= 3) and each category extrapolated linearly in the number
+    of layers to the real count: every term (weights, gradients, optimizer state, checkpointed layer inputs,
+    sharded or not) is linear in it, and the trace of a 32-layer 8B step takes minutes on 2 cores where two traces
+    of 2-3 layers take seconds. Without it, the models are traced whole. `model_configs` (model name ->
+    config.json values) replaces the configs made from the teacher's config.json and the students' pruning targets.
+    """
+    from secateurs import plan
+
+    shapes = plan.shapes_of(config)
+    configs = {name: dict(plan.teacher_config(config.teacher.source), **shape.as_dict())
+               for name, shape in shapes.items()}  # fmt: skip
+    configs.update(model_configs or {})
+    seq_len = config.data.seq_len
+    students = {s.name: s for s in config.lineage_order()}
+    steps = []
+    for analytic in plan.plan(config, shapes):
+        task = analytic.task
+        if task.startswith("search"):
+            continue  # not traced yet: the search's candidate scoring and short runs
+        if task == "correct-teacher":
+            models = {"student": configs["teacher"]}
+            settings, kind = config.teacher_correction, "correct_teacher"
+        elif task.startswith("distill:"):
+            name = task.split(":", 1)[1]
+            models = {"student": configs[name], "teacher": configs["teacher"]}
+            settings, kind = students[name].distill or config.distill, "distill"
+        else:  # importance (the teacher's depth scan), evaluate (the largest model)
+            largest = max(shapes, key=lambda n: shapes[n].parameters())
+            models = {"student": configs["teacher" if task == "importance" else largest]}
+            settings, kind = None, "forward"
+        batch = config.importance.batch_size if task == "importance" else config.evaluate.batch_size
+        world = analytic.gpus * analytic.nodes
+
+        def run(cut: dict[str, dict], kind=kind, batch=batch, settings=settings, world=world) -> Traced:
+            if kind == "forward":
+                return trace_forward(cut["student"], batch, seq_len)
+            return trace_training(kind, cut["student"], settings, seq_len, cut.get("teacher"), world=world)
+
+        steps.append(_traced_step(analytic, models, run, extrapolate))
+    return steps
+
+
+def _traced_step(analytic, models: dict[str, dict], run, extrapolate: bool) -> TracedStep:
+    import math
+
+    counts = {k: c["num_hidden_layers"] for k, c in models.items()}
+    g = math.gcd(*counts.values())
+    if not extrapolate or g <= 3:
+        return TracedStep(analytic, run(models), "all")
+    # Two and three times the smallest cut: with one layer the peak can sit where a deeper model's does not (a
+    # forward pass's last layer output beside the loss), so one-layer traces are not on the line.
+    m1, m2 = 2, 3
+    cut = [{k: dict(c, num_hidden_layers=counts[k] // g * m) for k, c in models.items()} for m in (m1, m2)]
+    small, large = run(cut[0]), run(cut[1])
+
+    def at_g(a: int, b: int) -> int:  # linear in m (the layers' multiple): the value at m = g
+        return int(a + (b - a) * (g - m1) / (m2 - m1))
+
+    phases = {}
+    for name in small.phases:
+        (p1, c1), (p2, c2) = small.phases[name], large.phases[name]
+        categories = {k: at_g(c1.get(k, 0), c2.get(k, 0)) for k in {*c1, *c2}}
+        phases[name] = (at_g(p1, p2), {k: v for k, v in categories.items() if v})
+    name = max(phases, key=lambda n: phases[n][0])
+    traced = Traced(*phases[name], small.attention_kernels | large.attention_kernels, small.seconds + large.seconds,
+                    phases=phases, peak_phase=name)  # fmt: skip
+    layers = ", ".join(f"{k}: {counts[k] // g * m1} and {counts[k] // g * m2} of {counts[k]}" for k in counts)
+    return TracedStep(analytic, traced, f"{layers} (extrapolated)")
+
+
+def format_traced(steps: list[TracedStep]) -> str:
+    """The traced plan as a table (GiB per GPU), then what the trace cannot see."""
+    header = (f"{'step':<22} {'GPUs':>5} {'traced':>8} {'+runtime':>9} {'analytic':>9} {'ratio':>6} {'of':>5} "
+              f"{'fits':>4}  {'peak in':<13} traced by category")  # fmt: skip
+    lines = [header]
+    for s in steps:
+        a = s.analytic
+        cats = ", ".join(f"{k} {v / GiB:.1f}" for k, v in sorted(s.traced.categories.items(), key=lambda kv: -kv[1]))
+        lines.append(
+            f"{a.task:<22} {f'{a.nodes}x{a.gpus}':>5} {s.traced.peak / GiB:>8.1f} {s.total / GiB:>9.1f} "
+            f"{a.total / GiB:>9.1f} {s.ratio:>6.2f} {(a.available or 0) / GiB:>5.0f} {'yes' if s.fits() else 'NO':>4}"
+            f"  {s.traced.peak_phase:<13} {cats}"
+        )  # fmt: skip
+    kernels = sorted(set().union(*(s.traced.attention_kernels for s in steps))) if steps else []
+    lines += [
+        (
+            "traced: peak tensor bytes of one process under FakeTensorMode (MemTracker / FSDPMemTracker); "
+            "+runtime adds the analytic plan's CUDA context, cuBLAS workspaces and NCCL buffers, which it cannot "
+            "see; ratio = traced / analytic, both without runtime"
+        ),
+        "layers traced: " + "; ".join(f"{s.analytic.task}: {s.layers_traced}" for s in steps),
+        f"attention kernels seen: {', '.join(kernels)}",
+        (
+            "not seen by the trace: CUDA context, NCCL buffers, kernel workspaces, allocator fragmentation (left "
+            "to the 10% headroom), lm-eval's task scoring; CPU SDPA (flash for CPU) keeps what GPU flash "
+            "attention keeps"
+        ),
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def to_json(steps: list[TracedStep]) -> list[dict]:
+    return [
+        {"step": s.analytic.task, "analytic_gib": round(s.analytic.total / GiB, 2), "traced_gib": round(s.total / GiB, 2),
+         "capacity_gib": round(s.analytic.available / GiB, 2) if s.analytic.available else None, "fits": s.fits()}
+        for s in steps
+    ]  # fmt: skip
+
+
+def refusal(step: TracedStep) -> str:
+    """One line: the traced figure and the largest category."""
+    from secateurs.plan import HEADROOM
+
+    name, largest = step.traced.largest
+    return (f"{step.analytic.task} needs {step.total / GiB:.1f} GiB per GPU traced ({step.traced.peak / GiB:.1f} "
+            f"of tensors, largest {name} {largest / GiB:.1f}) but its GPU has {step.analytic.available / GiB:.1f} GiB "
+            f"({HEADROOM:.0%} usable)")  # fmt: skip
