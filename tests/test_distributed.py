@@ -266,6 +266,7 @@ def _workers(agent: subprocess.Popen) -> list[int]:
     return [int(pid) for pid in children.read_text().split()] if children.exists() else []
 
 
+@pytest.mark.e2e  # two full torchrun trainings, one killed and resumed (about a minute): make test-e2e
 def test_sigkill_of_one_rank_stops_the_run_and_the_same_command_resumes(tiny_models, student, tiny_data, tmp_path):
     out = tmp_path / "distilled"
     settings = dict(max_steps=30, save_steps=3)
@@ -470,6 +471,7 @@ def test_a_node_that_fails_once_is_restarted_in_place_and_the_step_follows_its_n
     assert "rank 0 attempt 0" in out and "rank 0 attempt 1" in out
 
 
+@pytest.mark.e2e  # two full torchrun trainings, one killed and resumed (about a minute): make test-e2e
 def test_a_rank_that_keeps_dying_fails_the_job_publishes_nothing_and_the_retry_resumes(
     tiny_models, student, tiny_data, tmp_path
 ):

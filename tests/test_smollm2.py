@@ -56,6 +56,7 @@ def test_import_is_a_stock_checkpoint_that_answers(smollm2_dir):
     assert "Paris" in tokenizer.decode(out[0, ids["input_ids"].shape[1] :])
 
 
+@pytest.mark.e2e  # SmolLM2 pruned and scored twice (about 90 s on 2 cores): make test-e2e
 @pytest.mark.parametrize("name", ["width", "depth"])
 def test_half_size_students_are_language_models(name, smollm2_students, smollm2_data):
     report, path = smollm2_students[name]
