@@ -206,8 +206,7 @@ def prune_cmd(
     """Prune a model to a target shape."""
     from secateurs import prune
 
-    targets = ("hidden_size", "ffn_hidden_size", "num_attention_heads", "num_key_value_heads", "num_layers",
-               "drop_layers")  # fmt: skip
+    targets = [name for name in PruneConfig.model_fields if name != "depth_criterion"]  # every field names a target
     if all(getattr(settings, name) is None for name in targets):
         # The library keeps every unit for an empty target (a lossless copy: the identity the tests check); typed
         # by hand, that is a forgotten option, not a wish.

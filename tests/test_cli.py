@@ -49,19 +49,32 @@ def test_a_step_runs_with_its_defaults_and_an_option_overrides_the_settings_file
     assert (config["batch_size"], config["max_sequences"], config["limit"]) == (8, 3, 4)
 
 
-def test_list_options_take_commas_or_json(monkeypatch):
+def test_list_options_take_commas_or_json():
     """The shapes the README shows for a list-valued option: `--block-sizes 15,18` and the same list as JSON; a list
-    of pairs as JSON (`--layer-pairs '[[3, 7], [5, 11]]'`). The step itself is stubbed: only the parsing is tested."""
-    from secateurs import importance, train
+    of pairs as JSON (`--layer-pairs '[[3, 7], [5, 11]]'`). Read by the mechanism every step command is built with
+    (`_model_options` over the step's own settings model), on a command that hands back what it was given."""
+    import typer
+
+    from secateurs.cli import _model_options
+    from secateurs.config import DistillConfig, ImportanceConfig
 
     seen = []
-    monkeypatch.setattr(importance, "run", lambda model, data, out, settings: seen.append(settings.block_sizes) or {})
-    monkeypatch.setattr(train, "distill", lambda *args, **kwargs: seen.append(args[-1].layer_pairs) or {})
+    probe = typer.Typer()
+
+    @probe.command("importance")
+    @_model_options(ImportanceConfig)
+    def importance_settings(settings: ImportanceConfig = None):
+        seen.append(settings.block_sizes)
+
+    @probe.command("distill")
+    @_model_options(DistillConfig)
+    def distill_settings(settings: DistillConfig = None):
+        seen.append(settings.layer_pairs)
+
     runner = CliRunner()
     for shape in ("15,18", "[15, 18]"):
-        result = runner.invoke(app, ["importance", "--model", "m", "--data", "d", "--out", "o", "--block-sizes", shape])
+        result = runner.invoke(probe, ["importance", "--block-sizes", shape])
         assert result.exit_code == 0, result.output + repr(result.exception)
-    result = runner.invoke(app, ["distill", "--teacher", "t", "--student", "s", "--data", "d", "--out", "o",
-                                 "--layer-pairs", "[[3, 7], [5, 11]]"])  # fmt: skip
+    result = runner.invoke(probe, ["distill", "--layer-pairs", "[[3, 7], [5, 11]]"])
     assert result.exit_code == 0, result.output + repr(result.exception)
     assert seen == [[15, 18], [15, 18], [(3, 7), (5, 11)]]
