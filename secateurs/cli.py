@@ -361,6 +361,7 @@ from secateurs import pipeline_cli  # noqa: E402
 
 app.command("run")(pipeline_cli.run_cmd)
 app.command("plan")(pipeline_cli.plan_cmd)
+app.command("rehearse")(pipeline_cli.rehearse_cmd)
 app.command("compile")(pipeline_cli.compile_cmd)
 app.command("submit")(pipeline_cli.submit_cmd)
 app.command("rerun")(pipeline_cli.rerun_cmd)

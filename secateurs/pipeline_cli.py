@@ -393,6 +393,80 @@ def rerun_plan(cfg: PipelineConfig, keys: str | set[str], downstream: bool, reco
     return selected, imports
 
 
+# -------------------------------------------------------------------------------------------- rehearse
+REHEARSAL_FILE = "rehearsal.json"
+
+
+@one_line_errors
+def rehearse_cmd(
+    config: Path = typer.Argument(..., help="Pipeline config YAML (a cluster config)."),
+    rehearsal_dir: Annotated[Path | None, typer.Option(
+        "--dir", help="Rehearsal directory; everything it writes stays there (default: runs/<name>-rehearsal)."
+    )] = None,
+    teacher_config: Annotated[Path | None, typer.Option(
+        "--teacher-config", help="The teacher's config.json (default: the teacher's own when it is a local "
+        "directory, else its family's default)."
+    )] = None,
+):
+    """Run CONFIG's own step graph and settings small on this machine (secateurs.rehearse): one row per step of
+    what ran, what was scaled and what could not run here, then the real config's plan. Exit 0 only when every
+    step ran as far as this machine allows."""
+    directory = (rehearsal_dir or Path("runs") / f"{load_config(config).name}-rehearsal").absolute()
+    rows, _ = rehearse(config, directory, teacher_config)
+    if not all(r["status"] in ("ran", "ran up to the GPU-only call") for r in rows):
+        raise PipelineError(f"the rehearsal of {config} did not run every step; see the table above")
+
+
+def rehearse(config: Path, directory: Path, teacher_config: Path | None = None) -> tuple[list[dict], PipelineConfig]:
+    """Rehearse CONFIG in DIRECTORY (started afresh: a killed rehearsal is simply run again); print and return
+    its table rows and the rehearsed config."""
+    import shutil
+
+    from secateurs import rehearse as lib
+
+    real = load_config(config)
+    if directory.exists() and any(directory.iterdir()) and not (directory / REHEARSAL_FILE).is_file():
+        raise PipelineError(f"{directory} exists and is not a rehearsal directory: give another --dir")
+    shutil.rmtree(directory, ignore_errors=True)
+    directory.mkdir(parents=True)
+    (directory / REHEARSAL_FILE).write_text(json.dumps({"config": str(Path(config).absolute())}))
+    failure = None
+    with lib.rehearsal_environment(directory, lib.s3_buckets(real)):
+        cfg, scaling = real, lib.Scaling()
+        if lib.asks_for_gpus(real):
+            shape = lib.teacher_config(real.teacher.source, teacher_config)
+            tokenizer = lib.write_shipped_tokenizer(directory / "tokenizer")
+            widths = [w for s in real.students if s.prune for w in (s.prune.hidden_size, s.prune.ffn_hidden_size) if w]
+            from secateurs.checkpoint import load_tokenizer
+
+            small = lib.scaled_teacher_config(shape, lib.width_factor(shape, widths), len(load_tokenizer(tokenizer)))
+            teacher = lib.write_rehearsal_teacher(small, tokenizer, directory / "teacher")
+            sources = lib.write_rehearsal_sources(real, directory, lib.SEQUENCES_PER_SOURCE * 128)
+            cfg, scaling = lib.scale_config(real, shape, teacher, directory, sources)
+            lib.upload_rehearsal_sources(cfg, directory)
+        cfg = for_local_run(cfg)
+        check_local(cfg)
+        from secateurs.pipelines.recipe import build_pipeline
+
+        state = _open_run(cfg, directory)
+        try:
+            _run_locally(build_pipeline(cfg, tracking_uri=state["tracking_uri"]), state, directory / "artifacts")
+        except PipelineError as e:
+            failure = str(e)
+        rows = lib.rehearsal_rows(real, cfg, scaling, recorded_outputs(state))
+    typer.echo(f"rehearsal of {config} (width factor {scaling.width_factor}):")
+    typer.echo(lib.format_rows(rows))
+    if failure:
+        typer.echo(f"rehearsal: {failure}")
+    from secateurs import plan
+
+    plans = plan.plan(real)
+    if plans:
+        typer.echo(f"the real config's plan ({config}):")
+        typer.echo(plan.format_plan(plans, plan.MEASURED_TOKENS_PER_SECOND), nl=False)
+    return rows, cfg
+
+
 # ------------------------------------------------------------------------------------------------ plan
 def check_plan(cfg: PipelineConfig) -> None:
     """Refuse, before anything is compiled, sent or run, a config whose GPU steps do not fit their GPUs."""
@@ -600,4 +674,4 @@ def lineage_cmd(
     Console().print(tracking.lineage_table(tracking.lineage(ref, uri=tracking_uri, run_dir=run_dir)))
 
 
-__all__ = ["check_local", "compile_cmd", "lineage_cmd", "rerun_cmd", "run_cmd", "submit_cmd"]
+__all__ = ["check_local", "compile_cmd", "lineage_cmd", "rehearse_cmd", "rerun_cmd", "run_cmd", "submit_cmd"]
