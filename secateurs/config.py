@@ -87,7 +87,9 @@ class DataConfig(Section):
     @model_validator(mode="after")
     def _one_way_to_name_sources(self):
         if self.sources is not None:
-            shorthand = {"source", "hub_config", "text_field", "sample_by"} & self.model_fields_set
+            # Given with a value of its own: a dump of a valid config (every field set, at its default) reads back.
+            shorthand = {f for f in ("source", "hub_config", "text_field", "sample_by")
+                         if f in self.model_fields_set and getattr(self, f) != type(self).model_fields[f].default}  # fmt: skip
             if shorthand:
                 raise ValueError(f"give either sources or {'/'.join(sorted(shorthand))}, not both")
             if not self.sources:
