@@ -70,6 +70,8 @@ METRICS_FILE = "metrics.json"
 # memory plan counts this chunk (`secateurs.plan.LOSS_CHUNK_TOKENS` repeats the number: the plan imports no torch).
 LOSS_CHUNK_TOKENS = 2048
 BUILTIN_TASKS = ("lambada-docs",)
+# A directory of lm-eval task files that stands in for lm-eval's registry (see `_lm_eval_registry`).
+LM_EVAL_TASKS_ENV = "SECATEURS_LM_EVAL_TASKS"
 _INSTALL = "pip install 'secateurs[eval]'"
 
 
@@ -323,9 +325,14 @@ def _task_manager(directory: Path):
 
 @functools.cache
 def _lm_eval_registry():
-    """lm-eval's whole registry; building its index reads every bundled task YAML, so once per process."""
+    """lm-eval's whole registry; building its index reads every bundled task YAML, so once per process.
+
+    With `LM_EVAL_TASKS_ENV` set, the task files of that directory instead: registry tasks whose dataset is a local
+    copy (a rehearsal's, `secateurs.rehearse.write_task_overrides`, each including the registry's own definition)."""
     from lm_eval.tasks import TaskManager
 
+    if os.environ.get(LM_EVAL_TASKS_ENV):
+        return TaskManager(include_defaults=False, include_path=os.environ[LM_EVAL_TASKS_ENV])
     return TaskManager()
 
 

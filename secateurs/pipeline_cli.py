@@ -431,7 +431,11 @@ def rehearse(config: Path, directory: Path, teacher_config: Path | None = None) 
     directory.mkdir(parents=True)
     (directory / REHEARSAL_FILE).write_text(json.dumps({"config": str(Path(config).absolute())}))
     failure = None
-    with lib.rehearsal_environment(directory, lib.s3_buckets(real)):
+    from secateurs.evaluate import LM_EVAL_TASKS_ENV
+
+    tasks = lib.write_task_overrides(real.evaluate.tasks, directory)
+    extra = {LM_EVAL_TASKS_ENV: str(tasks)} if tasks else {}
+    with lib.rehearsal_environment(directory, lib.s3_buckets(real), extra):
         cfg, scaling = real, lib.Scaling()
         if lib.asks_for_gpus(real):
             shape = lib.teacher_config(real.teacher.source, teacher_config)
