@@ -88,11 +88,12 @@ def step(kind: str, args: dict) -> Iterator[StepContext]:
         kind: the step kind, e.g. "distill".
         args: the component's arguments (`locals()` at the top of its body).
     """
+    from secateurs.config import settings_model
     from secateurs.manifest import MANIFEST
     from secateurs.steps import STEPS
 
     spec = STEPS[kind]
-    model = spec.settings_model()
+    model = settings_model(kind)
     settings = model.model_validate_json(args["settings"]) if model is not None else None
     outputs = {name: args[name] for name in spec.outputs}
     student = args.get("student", "")

@@ -8,6 +8,7 @@ happens before any compute and names the field and the reason, e.g.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -15,6 +16,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from secateurs.placement import PlacementConfig, TrackingConfig
+from secateurs.steps import STEPS
 
 # How layers are ranked for depth pruning (docs/recipe.md, step 2: Block Influence, LM-loss increase of one
 # layer or of a contiguous block). Kept here, not in `prune`, so that validating a config imports no torch.
@@ -37,6 +39,22 @@ def parse_layer_list(spec: str) -> list[int]:
     if not layers:
         raise ValueError(f"drop_layers: {spec!r} names no layer")
     return sorted(layers)
+
+
+@dataclass
+class PruneTarget:
+    """What `secateurs.prune.run` keeps. `None` keeps that dimension as it is.
+
+    A plain dataclass on this floor, beside `PruneConfig` which describes it, so that a config can name its target
+    without importing pruning (and torch)."""
+
+    hidden_size: int | None = None
+    ffn_hidden_size: int | None = None
+    num_attention_heads: int | None = None
+    num_key_value_heads: int | None = None
+    num_layers: int | None = None
+    depth_criterion: DepthCriterion = "block-influence"
+    drop_layers: list[int] | None = None
 
 
 class Section(BaseModel):
@@ -161,10 +179,8 @@ class PruneConfig(Section):
             )
         return self
 
-    def target(self):
-        """The `secateurs.prune.PruneTarget` this config describes (imported here: prune loads torch)."""
-        from secateurs.prune import PruneTarget
-
+    def target(self) -> PruneTarget:
+        """The `PruneTarget` this config describes."""
         return PruneTarget(
             hidden_size=self.hidden_size,
             ffn_hidden_size=self.ffn_hidden_size,
@@ -452,4 +468,11 @@ def format_error(err: dict) -> str:
     return f"{where or 'config'}{shown}: {msg}"
 
 
-__all__ = ["PipelineConfig", "load_config", "ConfigError", "DEPTH_CRITERIA"]
+def settings_model(kind: str) -> type[Section] | None:
+    """The pydantic model of step `kind`'s options: the class of this module that the registry names
+    (`secateurs.steps.StepSpec.settings`); None for a step without options."""
+    name = STEPS[kind].settings
+    return globals()[name] if name else None
+
+
+__all__ = ["PipelineConfig", "PruneTarget", "load_config", "ConfigError", "DEPTH_CRITERIA", "settings_model"]

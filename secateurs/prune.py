@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from secateurs.config import DEPTH_CRITERIA, DepthCriterion, parse_layer_list  # noqa: F401 (re-exported)
+from secateurs.config import DEPTH_CRITERIA, DepthCriterion, PruneTarget, parse_layer_list  # noqa: F401 (re-exported)
 from secateurs.checkpoint import check_checkpoint_dir, load_model, load_tokenizer
 from secateurs.families import (
     LAYER_PARAMETER_AXES,
@@ -33,19 +33,6 @@ from secateurs.manifest import atomic_output, content_hash, write_manifest
 
 class PruneError(ValueError):
     """A pruning target that cannot be applied to this model."""
-
-
-@dataclass
-class PruneTarget:
-    """What to keep. `None` keeps that dimension as it is."""
-
-    hidden_size: int | None = None
-    ffn_hidden_size: int | None = None
-    num_attention_heads: int | None = None
-    num_key_value_heads: int | None = None
-    num_layers: int | None = None
-    depth_criterion: DepthCriterion = "block-influence"
-    drop_layers: list[int] | None = None
 
 
 @dataclass

@@ -32,7 +32,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from secateurs.config import DistillConfig, SearchConfig
+from secateurs.config import DistillConfig, PruneTarget, SearchConfig
 from secateurs.families import LAYER_PARAMETER_AXES, MODEL_PARAMETER_AXES, Shape
 
 CANDIDATES_FILE = "candidates.json"
@@ -59,10 +59,8 @@ class Candidate:
         return (f"h{s.hidden_size}-f{s.intermediate_size}-a{s.num_attention_heads}-kv{s.num_key_value_heads}"
                 f"-l{s.num_hidden_layers}")  # fmt: skip
 
-    def target(self, depth_criterion: str):
-        """The `secateurs.prune.PruneTarget` that prunes to this shape."""
-        from secateurs.prune import PruneTarget
-
+    def target(self, depth_criterion: str) -> PruneTarget:
+        """The `PruneTarget` that prunes to this shape."""
         s = self.shape
         return PruneTarget(
             hidden_size=s.hidden_size,

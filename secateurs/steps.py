@@ -6,7 +6,8 @@ it records. The pipeline graph (`secateurs.pipelines.recipe`), task placement (`
 shared prologue (`secateurs.components.runtime.step`), tracking (model names, registration) and `secateurs rerun`
 all read this table; none of them restates it.
 
-Pure Python: importing it loads neither pydantic models nor torch nor kfp.
+Pure Python, and the bottom floor: it imports no module of secateurs, so that the config (`secateurs.config`,
+`secateurs.placement`) can be built from it; `secateurs.config.settings_model` resolves a step's settings name.
 """
 
 from __future__ import annotations
@@ -78,12 +79,6 @@ class StepSpec:
         key = key.replace("[:{student}]", f":{student}" if student else "")
         key = key.format(student=student, model=model or student or "teacher")
         return item_key(key, item) if self.fan_out and item != "" else key
-
-    def settings_model(self):
-        """The pydantic model of this step's options (imported here: `secateurs.config` imports this module)."""
-        from secateurs import config
-
-        return getattr(config, self.settings) if self.settings else None
 
     def image(self, engine_backend: str) -> Image:
         """Which image the step runs in, given the engine backend it builds with ("" for none)."""
