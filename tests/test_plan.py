@@ -59,54 +59,73 @@ def test_flagship_plan_worked_by_hand():
     width = steps["distill:width"]
     assert (width.gpus, width.parallelism, width.checkpointing) == (8, "fsdp", True)
     tokens = 8192
-    activations = 32 * 2 * tokens * 3072 + 2 * tokens * (4 * 3072 + 2 * 32 * 128 + 2 * 8 * 128 + 4 * 9216)
-    teacher_transient = 2 * tokens * (4 * 4096 + 2 * 32 * 128 + 2 * 8 * 128 + 4 * 14336 + 4096)
-    # The largest FSDP unit is [final norm, LM head], larger than a decoder layer at a 128k vocabulary. Reduced
-    # every micro-batch in fp32: its bf16 unsharded gradients, the fp32 reduce-scatter input and one fp32 shard.
-    head_unit = 128256 * 3072 + 3072
-    assert head_unit > layer
+    # Its peak is at the KD loss: the checkpointed layer inputs and the teacher's last hidden states; the KD
+    # chunk's five fp32 [2048, V] buffers and the student LM head's fp32 gradient; FSDP2's root and
+    # [final norm, LM head] units gathered. A layer's backward (both units and two layers gathered, the head
+    # unit's reduction buffers, a layer's recomputed activations) needs less.
     eight_processes = plan.CUDA_CONTEXT + plan.CUBLAS_WORKSPACES + plan.NCCL_BUFFERS
+    assert width.moment == "loss"
     assert width.bytes == {
         "weights": 4 * student // 8,
         "gradients": 4 * student // 8,
         "optimizer": 8 * student // 8,
-        "gathered": 2 * (root + 2 * layer),
-        "grad reduce": 2 * head_unit + 4 * head_unit + 4 * head_unit // 8,
         "teacher": 2 * teacher,
-        "activations": activations + teacher_transient,
-        "kd chunk": 3 * 4 * 2048 * 128256,
         "runtime": eight_processes,
+        "gathered": 2 * root,
+        "activations": 32 * 2 * tokens * 3072 + 2 * tokens * 4096,
+        "kd chunk": 5 * 4 * 2048 * 128256 + 4 * 128256 * 3072,
+    }
+    # The largest FSDP unit is [final norm, LM head], larger than a decoder layer at a 128k vocabulary. Reduced
+    # every micro-batch in fp32: its bf16 unsharded gradients, the fp32 reduce-scatter input and one fp32 shard.
+    head_unit = 128256 * 3072 + 3072
+    assert head_unit > layer
+    recompute = 2 * tokens * (4 * 3072 + 2 * 32 * 128 + 2 * 8 * 128 + 4 * 9216)
+    backward = 2 * (root + 2 * layer) + (2 * head_unit + 4 * head_unit + 4 * head_unit // 8) + (
+        32 * 2 * tokens * 3072 + recompute)
+    assert width.moments == {
+        "loss": 2 * root + 32 * 2 * tokens * 3072 + 2 * tokens * 4096 + 5 * 4 * 2048 * 128256 + 4 * 128256 * 3072,
+        "layer backward": backward,
+        "teacher forward": 2 * tokens * (3 * 14336 + 4 * 4096 + 32 * 128),
     }
     # Not the full unsharded gradients that accumulating across micro-batches without a reduction would keep.
-    assert width.bytes["grad reduce"] < 2 * student
+    assert backward - 2 * (root + 2 * layer) - 32 * 2 * tokens * 3072 - recompute < 2 * student
     assert width.available == 80 * GiB and width.fits()
     # The budget the config sets: max_steps x 1152 x 8192 tokens.
     assert width.tokens == config.distill.max_steps * 1152 * 8192
-    # The 8B teacher's own correction: 16 bytes a parameter over 8 shards, full logits of the 8192-token batch,
-    # and its [final norm, LM head] unit's gradients reduced in fp32.
+    # The 8B teacher's own correction: 16 bytes a parameter over 8 shards, and at its loss transformers' logits
+    # of the whole 8192-token batch (bf16, an fp32 copy, its log-softmax: 12 bytes counted).
     correct = steps["correct-teacher"]
-    teacher_head = 128256 * 4096 + 4096
-    assert correct.bytes["optimizer"] == 8 * teacher // 8 and correct.bytes["logits"] == 12 * tokens * 128256
-    assert correct.bytes["grad reduce"] == 6 * teacher_head + 4 * teacher_head // 8
-    assert correct.bytes["runtime"] == eight_processes
+    teacher_root = 2 * 128256 * 4096 + 4096
+    assert correct.moment == "loss"
+    assert correct.bytes == {
+        "weights": 4 * teacher // 8, "gradients": 4 * teacher // 8, "optimizer": 8 * teacher // 8,
+        "runtime": eight_processes, "gathered": 2 * teacher_root, "activations": 32 * 2 * tokens * 4096,
+        "logits": 12 * tokens * 128256,
+    }  # fmt: skip
     assert correct.fits()
 
 
 def test_forward_steps_count_the_logits_that_remain():
     """Importance (its depth scan) and evaluation compute the validation loss one fp32 chunk of logits at a time
     (`evaluate.validation_loss`), not the whole batch's; evaluation's lm-eval tasks then hold a padded batch's
-    bf16 logits and fp32 log-softmax, at the assumed longest request. One process: no NCCL."""
+    bf16 logits, their fp32 copy and fp32 log-softmax, at the assumed longest request. A layer's transients, the
+    loss and the tasks come one after the other: the largest counts. One process: no NCCL."""
     config = load_config(FLAGSHIP)
     steps = {s.task: s for s in plan.plan(config)}
     importance, evaluate = steps["importance"], steps["evaluate"]
-    assert importance.bytes["logits"] == 4 * plan.LOSS_CHUNK_TOKENS * 128256  # 1 GiB
-    batch = config.importance.batch_size * 8192
-    assert importance.bytes["logits"] * batch // plan.LOSS_CHUNK_TOKENS == 4 * batch * 128256  # a 32nd of before
-    task_tokens = config.evaluate.batch_size * min(8192, plan.LM_EVAL_CONTEXT_TOKENS)
-    assert evaluate.bytes["logits"] == (2 + 4) * task_tokens * 128256
+    tokens = config.importance.batch_size * 8192
+    layer = 2 * tokens * (3 * 14336 + 4 * 4096 + 32 * 128)
+    loss = 2 * tokens * 4096 + 4 * plan.LOSS_CHUNK_TOKENS * 128256  # 1 GiB of logits, not 4 x 32 GiB
+    assert importance.moments == {"layers": layer, "validation loss": loss}
+    assert importance.moment == "layers" and importance.bytes["activations"] == layer
+    lm_eval = (2 + 4 + 4) * config.evaluate.batch_size * plan.LM_EVAL_CONTEXT_TOKENS * 128256
+    assert evaluate.moments == {"layers": layer, "validation loss": loss, "lm-eval": lm_eval}
+    assert evaluate.moment == "lm-eval" and evaluate.bytes["logits"] == lm_eval
     for step in (importance, evaluate):
         assert step.bytes["runtime"] == plan.CUDA_CONTEXT + plan.CUBLAS_WORKSPACES
-        assert "grad reduce" not in step.bytes and step.fits()
+        assert step.bytes["weights"] == 2 * 8_030_261_248 and step.fits()
+        assert step.total == sum(step.bytes.values()) == step.bytes["weights"] + step.bytes["runtime"] + max(
+            step.moments.values())
 
 
 def test_gradient_buffers_by_parallelism():
@@ -229,8 +248,10 @@ def test_a_search_is_planned_with_a_candidate_beside_its_parent(tmp_path, capsys
     steps = {s.task: s for s in plan.plan(PipelineConfig.model_validate(raw))}
     assert list(steps) == ["importance", "search:auto-4b"]
     search, importance = steps["search:auto-4b"], steps["importance"]
-    assert search.bytes == {**importance.bytes, "activations": search.bytes["activations"],
-                            "logits": 4 * plan.LOSS_CHUNK_TOKENS * 128256, "candidate": 2 * 4_500_000_000}  # fmt: skip
+    # Scoring 4 sequences of the default 4096 tokens: a layer's transients outweigh the loss's chunk of logits.
+    assert search.bytes == {"weights": importance.bytes["weights"], "runtime": importance.bytes["runtime"],
+                            "activations": 2 * 4 * 4096 * (3 * 14336 + 4 * 4096 + 32 * 128),
+                            "candidate": 2 * 4_500_000_000}  # fmt: skip
     assert search.bytes["weights"] == 2 * 8_030_261_248 and search.fits()
     raw["placement"]["gpu_memory"] = "24Gi"
     path = tmp_path / "search.yaml"
