@@ -49,6 +49,12 @@ test: setup
 test-e2e: setup
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q --durations=10 -m "e2e and not containers"
 
+# Every config in configs/ rehearsed on this machine (secateurs rehearse: the cluster ones scaled down, demo-* as
+# they are): minutes each; `.ci/run` runs it.
+.PHONY: rehearse
+rehearse: setup
+	set -e; for c in configs/*.yaml; do HF_HUB_OFFLINE=1 $(BIN)/secateurs rehearse $$c --dir runs/rehearse/$$(basename $$c .yaml); done
+
 # The images built here and the pipeline run in them: slow (the first build takes minutes), hence apart.
 test-containers: setup
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q --durations=10 -m containers tests/test_containers.py

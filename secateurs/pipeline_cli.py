@@ -412,8 +412,10 @@ def rehearse_cmd(
     what ran, what was scaled and what could not run here, then the real config's plan. Exit 0 only when every
     step ran as far as this machine allows."""
     directory = (rehearsal_dir or Path("runs") / f"{load_config(config).name}-rehearsal").absolute()
+    from secateurs.rehearse import passed
+
     rows, _ = rehearse(config, directory, teacher_config)
-    if not all(r["status"] in ("ran", "ran up to the GPU-only call") for r in rows):
+    if not passed(rows):
         raise PipelineError(f"the rehearsal of {config} did not run every step; see the table above")
 
 
@@ -448,6 +450,7 @@ def rehearse(config: Path, directory: Path, teacher_config: Path | None = None) 
             sources = lib.write_rehearsal_sources(real, directory, lib.SEQUENCES_PER_SOURCE * 128)
             cfg, scaling = lib.scale_config(real, shape, teacher, directory, sources)
             lib.upload_rehearsal_sources(cfg, directory)
+        lib.check_sources(cfg)
         cfg = for_local_run(cfg)
         check_local(cfg)
         from secateurs.pipelines.recipe import build_pipeline
@@ -473,13 +476,14 @@ def rehearse(config: Path, directory: Path, teacher_config: Path | None = None) 
 
 # ------------------------------------------------------------------------------------------------ plan
 def check_plan(cfg: PipelineConfig) -> None:
-    """Refuse, before anything is compiled, sent or run, a config whose GPU steps do not fit their GPUs."""
-    from secateurs import plan
+    """Refuse, before anything is compiled, sent or run, a config whose GPU steps do not fit their GPUs: by the
+    analytic plan where it is clear of the limit, else by the step's trace (`secateurs.trace.check`)."""
+    from secateurs import plan, trace
 
     if not cfg.placement.gpus.requested():
         return
     try:
-        plan.check(cfg)
+        trace.check(cfg)
     except plan.ShapeUnknown as e:
         typer.secho(f"warning: memory plan skipped: {e}", fg="yellow", err=True)
     except plan.PlanError as e:
@@ -520,7 +524,7 @@ def plan_cmd(
             json_out.write_text(json.dumps(trace.to_json(steps), indent=1) + "\n")
         for step in steps:
             if not step.fits():
-                raise PipelineError(trace.refusal(step))
+                raise PipelineError(trace.refusal(step, cfg))
     check_plan(cfg)
     typer.echo("every step fits its GPUs")
 
@@ -584,12 +588,22 @@ def submit_cmd(
     service_account: str = typer.Option(
         None, "--service-account", help="ServiceAccount of the run's pods (default: placement.service_account)."
     ),
+    rehearse_first: Annotated[bool, typer.Option(
+        "--rehearse", help="Rehearse the config on this machine first (secateurs rehearse, into "
+        "runs/<name>-rehearsal) and submit only when every step ran as far as this machine allows."
+    )] = False,
 ):
     """Submit the pipeline to a Kubeflow Pipelines endpoint (token from KFP_TOKEN) and print the run's URL."""
     import tempfile
 
     cfg = load_config(config)
     check_plan(cfg)
+    if rehearse_first:
+        from secateurs.rehearse import passed
+
+        rows, _ = rehearse(config, (Path("runs") / f"{cfg.name}-rehearsal").absolute())
+        if not passed(rows):
+            raise PipelineError(f"the rehearsal of {config} did not run every step (table above): not submitted")
     settings = resolve_run_settings(cfg, pipeline_root, service_account)
     pipeline_run = f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     with tempfile.TemporaryDirectory() as tmp:

@@ -334,7 +334,9 @@ def write_rehearsal_sources(cfg: PipelineConfig, directory: Path, tokens_per_sou
     """
     from secateurs.data import BUILTIN_CORPORA, python_docs_texts
 
-    pages = python_docs_texts()
+    # Paragraphs, not whole pages (a page is one module's documentation, ~4,300 tokens): validation is held out by
+    # whole documents, and a few thousand tokens must hold several.
+    pages = [p for page in python_docs_texts() for p in page.split("\n\n") if len(p.strip()) > 80]
     chars = tokens_per_source * 4  # English prose runs ~4 characters a token
     uris = []
     offset = 0
@@ -353,6 +355,18 @@ def write_rehearsal_sources(cfg: PipelineConfig, directory: Path, tokens_per_sou
         out.write_text("".join(json.dumps({src.text_field: text}) + "\n" for text in picked))
         uris.append(src.source if src.source.startswith("s3://") else str(out.parent))
     return uris
+
+
+def check_sources(cfg: PipelineConfig) -> None:
+    """What prepare-data checks of each source first (it exists, its first document has the configured text field),
+    by the same code, before the graph: seconds here, where the cluster meets it after the teacher's import."""
+    from secateurs.data import DataError, documents
+
+    for src in cfg.data.blend():
+        try:
+            documents(src)
+        except DataError as e:
+            raise RehearsalError(f"step prepare-data: {e}") from None
 
 
 def upload_rehearsal_sources(cfg: PipelineConfig, directory: Path) -> None:
@@ -627,12 +641,19 @@ def write_task_overrides(tasks: list[str], directory: Path, items: int = REHEARS
             continue
         cfg = entry.cfg
         path = cfg.get("dataset_path")
+        fewshot_split = cfg.get("fewshot_split") or cfg.get("training_split") or cfg.get("validation_split")
+        available = REAL_SPLIT_ROWS.get((path, fewshot_split))
+        if shots is not None and available is not None and shots > available:
+            # lm-eval's own check (api/samplers.py, FirstNSampler.sample), which the cluster run meets after the
+            # distillations, in the first evaluation of a student.
+            raise RehearsalError(f"step evaluate: lm-eval task {name!r} asks for {shots} few-shot examples: number of "
+                                 f"fewshot samples requested exceeds the {available} that are available "
+                                 f"(its {fewshot_split!r} split)")  # fmt: skip
         rows = DATASET_ROWS.get(path)
         if rows is None:
             raise RehearsalError(f"lm-eval task {name!r}: the rehearsal has no local rows for its dataset {path!r} "
                                  f"(rows are written for {', '.join(DATASET_ROWS)})")  # fmt: skip
         files = {}
-        fewshot_split = cfg.get("fewshot_split") or cfg.get("training_split") or cfg.get("validation_split")
         for key in ("training_split", "validation_split", "test_split", "fewshot_split"):
             split = cfg.get(key)
             if not split or split in files:

@@ -137,3 +137,100 @@ def test_environment_points_home_and_is_restored(tmp_path):
     host, port = endpoint.removeprefix("http://").split(":")
     with pytest.raises(OSError):
         socket.create_connection((host, int(port)), timeout=2).close()
+
+
+# ----------------------------------------------------------------------------------------- broken on purpose
+def _flagship_with(tmp_path, change) -> Path:
+    import yaml
+
+    raw = yaml.safe_load(FLAGSHIP.read_text())
+    change(raw)
+    path = tmp_path / "broken.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def _secateurs(*args, env=None, timeout=1200):
+    return subprocess.run([sys.executable, "-m", "secateurs", *map(str, args)], capture_output=True, text=True,
+                          cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}, timeout=timeout)  # fmt: skip
+
+
+def _passes_validate_and_compile(config: Path, tmp_path: Path) -> None:
+    assert _secateurs("validate", config).returncode == 0
+    done = _secateurs("compile", config, "-o", tmp_path / "p.yaml")
+    assert done.returncode == 0, done.stderr
+
+
+def _one_line_error(done) -> str:
+    assert done.returncode == 1
+    return done.stderr.strip().splitlines()[-1]
+
+
+def test_blend_source_without_its_text_field(tmp_path):
+    """Caught before the graph, by prepare-data's own check, naming the step."""
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"content": f"document {i} " * 20}) + "\n" for i in range(20)))
+
+    def change(raw):
+        raw["data"]["sources"][1] = {"source": str(corpus), "weight": 0.2}
+        raw["evaluate"]["tasks"] = ["lambada-docs"]  # the registry's index costs 20 s; this check needs none
+
+    config = _flagship_with(tmp_path, change)
+    _passes_validate_and_compile(config, tmp_path)
+    line = _one_line_error(_secateurs("rehearse", config, "--dir", tmp_path / "r"))
+    assert line == (f"error: step prepare-data: data source {corpus} has no text field 'text' (fields: content)")
+
+
+@pytest.mark.e2e
+def test_registry_task_with_a_wrong_few_shot_count(tmp_path):
+    """mmlu's few-shot split (dev) holds 5 questions a subject: mmlu:6 fails in every first evaluation on the
+    cluster, after the distillations; the rehearsal says so before the graph, in lm-eval's words."""
+    def change(raw):
+        raw["evaluate"]["tasks"] = ["mmlu:6"]
+
+    config = _flagship_with(tmp_path, change)
+    _passes_validate_and_compile(config, tmp_path)
+    line = _one_line_error(_secateurs("rehearse", config, "--dir", tmp_path / "r"))
+    assert line.startswith("error: step evaluate: lm-eval task 'mmlu_")
+    assert line.endswith("asks for 6 few-shot examples: number of fewshot samples requested exceeds the 5 that are "
+                         "available (its 'dev' split)")  # fmt: skip
+
+
+@pytest.mark.parametrize("change, error", [
+    (lambda raw: raw["placement"].update(nodes={"distill": 2}, cache_volume=None),
+     "nodes.distill=2 needs cache_volume"),
+    (lambda raw: raw["placement"]["gpus"].update(distill=1),
+     "distill.parallelism=fsdp but the distill step runs in 1 process"),
+])  # fmt: skip
+def test_refused_by_validate_already(tmp_path, change, error):
+    """Two of the issue's broken configs never pass `validate` (the config's own rules refuse them); the rehearsal
+    refuses them with the same line, before anything runs."""
+    config = _flagship_with(tmp_path, change)
+    assert error in _one_line_error(_secateurs("validate", config))
+    assert error in _one_line_error(_secateurs("rehearse", config, "--dir", tmp_path / "r"))
+    assert not (tmp_path / "r").exists()
+
+
+# ------------------------------------------------------------------------------------------------- the flagship
+@pytest.mark.e2e
+def test_flagship_rehearsal(tmp_path):
+    """The whole flagship graph at the rehearsal's scale: every step ran, the engines up to the TensorRT-LLM
+    call; nothing written outside the rehearsal directory (HOME is an empty directory) and no process left."""
+    import psutil
+
+    home = tmp_path / "home"
+    home.mkdir()
+    directory = tmp_path / "rehearsal"
+    done = _secateurs("rehearse", FLAGSHIP, "--dir", directory, env={"HOME": str(home)})
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    table = done.stdout[done.stdout.index("| step |"):]
+    rows = [line.split(" | ")[:2] for line in table.splitlines()[2:] if line.startswith("| ")]
+    status = {step.removeprefix("| "): s for step, s in rows}
+    assert status["engine:teacher"] == status["engine:width"] == "ran up to the GPU-only call"
+    assert {s for k, s in status.items() if not k.startswith("engine")} == {"ran"}
+    for key in ("correct-teacher", "distill:width", "distill:depth", "evaluate:teacher", "evaluate:depth"):
+        assert key in status
+    assert "trtllm-bench --model secateurs/" in done.stdout and "| correct_teacher |" not in done.stdout
+    assert list(home.iterdir()) == []
+    mine = [p for p in psutil.process_iter(["cmdline"]) if str(directory) in " ".join(p.info["cmdline"] or [])]
+    assert mine == []
