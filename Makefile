@@ -9,7 +9,7 @@ EXTRAS ?= pipeline,engine,dev
 export TOKENIZERS_PARALLELISM ?= false
 export SECATEURS_CACHE ?= $(CURDIR)/.cache/secateurs
 
-.PHONY: setup test test-e2e test-containers demo demo-containers images-local bench gpu-check clean help
+.PHONY: setup test test-e2e docs test-containers demo demo-containers images-local bench gpu-check clean help
 
 include docker/images.mk
 
@@ -22,6 +22,7 @@ help:
 	@echo "make test-containers  test the images and the pipeline run in them (after make test; minutes)"
 	@echo "make demo-containers  the demo with every step in the image (secateurs run --runner container)"
 	@echo "make bench      run the CPU benchmarks in bench/"
+	@echo "make docs       build docs/ as a site with mkdocs --strict (a broken link fails)"
 	@echo "make gpu-check  the prepared CUDA check (run on a GPU machine)"
 
 # helm for tests/test_chart.py, fetched here so that `make test` needs no network (the version is the test's).
@@ -54,6 +55,10 @@ test-e2e: setup
 .PHONY: rehearse
 rehearse: setup
 	set -e; for c in configs/*.yaml; do HF_HUB_OFFLINE=1 $(BIN)/secateurs rehearse $$c --dir runs/rehearse/$$(basename $$c .yaml); done
+
+# docs/ as a site in site/; --strict fails on a broken link or anchor, or a page missing from mkdocs.yml's nav.
+docs: setup
+	$(BIN)/mkdocs build --strict --quiet
 
 # The images built here and the pipeline run in them: slow (the first build takes minutes), hence apart.
 test-containers: setup

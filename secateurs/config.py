@@ -18,8 +18,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from secateurs.placement import PlacementConfig, TrackingConfig
 from secateurs.steps import STEPS
 
-# How layers are ranked for depth pruning (docs/recipe.md, step 2: Block Influence, LM-loss increase of one
-# layer or of a contiguous block). Kept here, not in `prune`, so that validating a config imports no torch.
+# How layers are ranked for depth pruning (Minitron, arXiv 2407.14679 and 2408.11796: Block Influence, LM-loss
+# increase of one layer or of a contiguous block; docs/steps.md). Kept here, not in `prune`, so that validating a config imports no torch.
 DEPTH_CRITERIA = ("block-influence", "lm-loss", "lm-loss-contiguous")
 DepthCriterion = Literal["block-influence", "lm-loss", "lm-loss-contiguous"]
 

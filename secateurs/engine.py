@@ -47,7 +47,7 @@ from secateurs.manifest import atomic_output, read_manifest, write_manifest
 ENGINE_STEP = "build-engine"
 BENCH_FILE = "bench.json"
 DEFAULT_LENGTHS: tuple[tuple[int, int], ...] = ((128, 128), (2048, 128))
-# The image whose TensorRT-LLM version this code targets (docs/platform.md).
+# The image whose TensorRT-LLM version this code targets (docker/tensorrt-llm.Dockerfile's base; docs/cluster.md).
 TENSORRT_LLM_IMAGE = "nvcr.io/nvidia/tensorrt-llm/release:1.2.1"
 # The families secateurs prunes; both backends convert each of them.
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")

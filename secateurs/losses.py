@@ -1,4 +1,4 @@
-"""Knowledge-distillation losses of the Minitron recipe (docs/recipe.md, step 4).
+"""Knowledge-distillation losses of the Minitron recipe (arXiv 2408.11796, distillation; docs/steps.md).
 
 Consumes student and teacher outputs of one micro-batch: either full logits, or the final hidden states
 (after the final norm, i.e. `model.model(...).last_hidden_state`) together with the LM-head weights, plus

@@ -1,5 +1,5 @@
-"""Every command as a person types it: each step command with only its required options, and the README's shell
-blocks as written (at tiny sizes).
+"""Every command as a person types it: each step command with only its required options, and the shell blocks
+of the docs (docs/steps.md, docs/cluster.md, the README) as written (at tiny sizes).
 
 The commands run in this process through typer's test runner (the same `app` the `secateurs` script runs; a new
 interpreter per command would spend ~5 s a command importing torch), except torchrun, which starts real
@@ -177,9 +177,10 @@ def test_plan_and_validate_with_defaults(config):
     assert "every step fits its GPUs" in planned if "minitron" in config else "nothing to plan" in planned
 
 
-# ---------------------------------------------------------------------------- the README's blocks
-# Tiny mode: the README's size options at the values its blocks run with here (the model stays SmolLM2-135M). The
-# README says so in one sentence under "The steps, by hand"; every option of the table must still be in the blocks.
+# ---------------------------------------------------------------------------- the docs' blocks
+# Tiny mode: the guide's size options at the values its blocks run with here (the model stays SmolLM2-135M). The
+# guide (docs/steps.md) says so in one sentence under "The steps, by hand"; every option of the table must still be
+# in the blocks.
 TINY = {
     "--seq-len": "16",
     "--max-tokens": "8192",
@@ -194,15 +195,17 @@ TINY = {
 # checked, not run. `<!-- cluster-only: COMMAND -->` marks only COMMAND's lines so; `<!-- after make demo -->` a
 # block that reads the runs `make demo` leaves (runs/<name>, from configs/<config> as the Makefile's DEMO_RUN says).
 MARK = re.compile(r"(?:^<!-- (?P<mark>[^\n]*?) -->\n)?^```bash\n(?P<body>.*?)^```", re.DOTALL | re.MULTILINE)
+# The guide whose block runs every step by hand.
+STEPS_GUIDE = ROOT / "docs" / "steps.md"
 DEMO_RUNS = {"runs/demo": "configs/demo-cpu.yaml", "runs/demo-search-cpu": "configs/demo-search-cpu.yaml"}
 
 
-def readme_blocks(title: str, path: Path = ROOT / "README.md") -> list[tuple[str, str, list[list[str]]]]:
-    """The ```bash blocks of section `title`: each one's mark ('' for none), its text, and its commands as argument
-    lists (continuation lines joined, comments dropped)."""
+def readme_blocks(title: str | None, path: Path = ROOT / "README.md") -> list[tuple[str, str, list[list[str]]]]:
+    """The ```bash blocks of section `title` (None: of the whole file): each one's mark ('' for none), its text, and
+    its commands as argument lists (continuation lines joined, comments dropped)."""
     text = path.read_text()
-    start = text.index(f"## {title}\n")
-    end = text.find("\n## ", start + 1)
+    start = text.index(f"## {title}\n") if title else 0
+    end = text.find("\n## ", start + 1) if title else -1
     blocks = []
     for m in MARK.finditer(text[start : end if end >= 0 else None]):
         lines = m["body"].replace("\\\n", " ").splitlines()
@@ -257,7 +260,7 @@ def torchrun(argv: list[str]) -> None:
 
 
 def run_block(mark: str, commands: list[list[str]], used: set[str], monkeypatch) -> None:
-    """Run a README block's commands in order, at tiny sizes; check those its mark says cannot run here."""
+    """Run a docs block's commands in order, at tiny sizes; check those its mark says cannot run here."""
     assert mark in ("", "cluster-only", "after make demo") or mark.startswith("cluster-only: "), f"mark {mark!r}?"
     whole = mark in ("cluster-only", "after make demo")
     only = mark.removeprefix("cluster-only: ") if mark.startswith("cluster-only: ") else None
@@ -271,7 +274,7 @@ def run_block(mark: str, commands: list[list[str]], used: set[str], monkeypatch)
         elif argv[0] == "export":
             monkeypatch.setenv(*argv[1].split("=", 1))
         else:
-            raise AssertionError(f"the README runs {shlex.join(argv)}: add it to this test, or mark its block")
+            raise AssertionError(f"the docs run {shlex.join(argv)}: add it to this test, or mark its block")
         # The training steps' last checkpoints (the corrected teacher's AdamW state alone is 1.6 GB) are read by no
         # later line: dropped as they land, which keeps this test's disk peak near 3 GB instead of 5.3.
         for work in Path().glob("runs/*/*.checkpoints"):
@@ -279,16 +282,16 @@ def run_block(mark: str, commands: list[list[str]], used: set[str], monkeypatch)
 
 
 def test_the_steps_by_hand_run_as_written(tmp_path, monkeypatch):
-    """README "The steps, by hand": the real SmolLM2-135M through every step at tiny sizes, its torchrun line as
-    two gloo processes with FSDP2."""
+    """docs/steps.md "The steps, by hand": the real SmolLM2-135M through every step at tiny sizes, its torchrun line
+    as two gloo processes with FSDP2."""
     monkeypatch.chdir(tmp_path)
-    [(mark, _, commands)] = readme_blocks("The steps, by hand")
+    [(mark, _, commands)] = readme_blocks("The steps, by hand", STEPS_GUIDE)
     used = set()
     run_block(mark, commands, used, monkeypatch)
-    assert used == set(TINY), f"TINY has options the README no longer uses: {sorted(set(TINY) - used)}"
-    # The README's sentence on the tiny mode names these values.
-    said = (ROOT / "README.md").read_text().replace("\n", " ")
-    assert all(f"`{option} {value}" in said for option, value in TINY.items()), "README: the tiny mode's values"
+    assert used == set(TINY), f"TINY has options docs/steps.md no longer uses: {sorted(set(TINY) - used)}"
+    # The guide's sentence on the tiny mode names these values.
+    said = STEPS_GUIDE.read_text().replace("\n", " ")
+    assert all(f"`{option} {value}" in said for option, value in TINY.items()), "docs/steps.md: the tiny mode's values"
 
     m = tmp_path / "runs" / "m"
     for name in ("teacher", "width", "depth", "teacher-corrected", "width-kd", "depth-kd"):
@@ -304,14 +307,14 @@ def test_the_steps_by_hand_run_as_written(tmp_path, monkeypatch):
 
 
 def test_the_cluster_guide_runs_as_written(tmp_path, monkeypatch):
-    """README "Run on a cluster" (docs/cluster.md is the same text): what runs without a cluster runs (the compile
-    line), the rest is checked against the commands' options; a rerun's step keys are tasks of the demo's configs."""
+    """docs/cluster.md: what runs without a cluster runs (the compile line), the rest is checked against the
+    commands' options; a rerun's step keys are tasks of the demo's configs."""
     from secateurs.config import load_config
     from secateurs.pipelines.recipe import recipe
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "configs").symlink_to(ROOT / "configs")
-    blocks = readme_blocks("Run on a cluster")
+    blocks = readme_blocks(None, ROOT / "docs" / "cluster.md")
     assert {mark for mark, _, _ in blocks} == {"cluster-only", "cluster-only: secateurs submit", "after make demo"}
     for mark, body, commands in blocks:
         subprocess.run(["bash", "-n"], input=body, check=True, text=True)

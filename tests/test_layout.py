@@ -1,4 +1,4 @@
-"""The layout's rules, read from the code with `ast` (docs/architecture.md, "Import floors").
+"""The layout's rules, read from the code with `ast` (docs/architecture.md, "The library, floor by floor").
 
 Every import counts, a function-level one too: an import written inside a function to dodge a cycle is still an
 arrow a reader has to follow.
