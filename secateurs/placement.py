@@ -139,6 +139,13 @@ class PlacementConfig(_Section):
         description="Memory of one GPU, e.g. 80GiB, for the memory plan (default: read from the node selector's "
         "nvidia.com/gpu.product label, e.g. NVIDIA-H100-80GB-HBM3).",
     )
+    # Default: NVIDIA's DGX H100 datasheet, eight 400 Gb/s ConnectX-7 adapters for the compute fabric, one per GPU:
+    # 50 GB/s a GPU each way. Clusters without RDMA (NCCL over TCP) get less: set yours.
+    network_bandwidth: str = Field(
+        "50GB",
+        description="Bytes per second one GPU sends to other nodes, e.g. 50GB (400 Gb/s), for the plan's FSDP "
+        "communication time across nodes (`secateurs plan`: all-gather and reduce-scatter bytes per step).",
+    )
     node_selector: dict[str, str] = Field(default_factory=dict, description="Node labels for GPU steps.")
     tolerations: list[Toleration] = Field(default_factory=list, description="Tolerations for GPU steps.")
     secrets: list[SecretEnv] = Field(default_factory=list, description="Secrets exposed as env (S3, MLflow).")

@@ -102,6 +102,11 @@ GPU_MEMORY = {"NVIDIA-H200": 141 * 10**9, "NVIDIA-GH200-480GB": 96 * GiB, "NVIDI
 MEASURED_TOKENS_PER_SECOND = 10680
 
 
+# Bytes per second one GPU sends to the others of its node: NVLink 4 on H100 and H200 SXM, 900 GB/s both ways
+# together (NVIDIA H100 and H200 datasheets), 450 GB/s each way. Across nodes, `placement.network_bandwidth`.
+NVLINK_BANDWIDTH = 450 * 10**9
+
+
 class PlanError(ValueError):
     """A step that does not fit its GPUs; the message says which, by how much, and what would fit."""
 
@@ -130,6 +135,9 @@ class StepPlan:
     activations_other: int = 0  # activations under the other checkpointing choice
     available: int | None = None  # bytes of one GPU
     tokens: int = 0  # tokens the step reads
+    micro_batch_tokens: int = 0  # tokens one process reads per micro-batch
+    communication: int = 0  # bytes one GPU sends per micro-batch (FSDP's collectives; DDP's all-reduce, amortised)
+    bandwidth: int = 0  # bytes per second one GPU sends at (NVLink in one node, the network across nodes)
     moment: str = ""  # the moment of the step whose terms `bytes` holds: the one that needs the most
     moments: dict[str, int] = field(default_factory=dict)  # each moment's own terms' bytes (beside the common ones)
 
@@ -243,7 +251,36 @@ def _training(task, kind, settings, shape: Shape, teacher: Shape | None, seq_len
     step.activations_other = (without if settings.gradient_checkpointing else with_ckpt) + (
         loss["activations"] - saved)
     step.tokens = settings.max_steps * settings.global_batch_size * seq_len
+    step.micro_batch_tokens = tokens
+    step.communication = communication_bytes(shape, settings, gpus * nodes)
+    step.bandwidth = parse_bytes(placement.network_bandwidth) if nodes > 1 else NVLINK_BANDWIDTH
     return _at_peak(step, common, moments)
+
+
+def communication_bytes(shape: Shape, settings, processes: int) -> int:
+    """Bytes one GPU sends per micro-batch of a training step over `processes`, in ring collectives (each
+    process sends (p - 1) / p of the buffer of an all-gather or reduce-scatter, twice that of an all-reduce).
+
+    fsdp (`secateurs.train`'s FSDP2 settings): every unit's bf16 parameters all-gathered for the forward, the
+    decoder layers' again for the backward (resharded after forward; the root and head units are not), and every
+    gradient reduce-scattered in fp32 each micro-batch (`sync_each_batch`). ddp: one fp32 all-reduce of the
+    gradients per optimizer step, spread over its micro-batches."""
+    if processes < 2:
+        return 0
+    share = (processes - 1) / processes
+    n = shape.parameters()
+    if settings.parallelism == "fsdp":
+        return int(share * (2 * n + 2 * shape.num_hidden_layers * shape.layer_parameters() + 4 * n))
+    micro_batches = settings.global_batch_size // (settings.micro_batch_size * processes)
+    return int(2 * share * 4 * n / max(1, micro_batches))
+
+
+def communication_hours(step: StepPlan) -> float:
+    """GPU-hours of the step's collectives at `step.bandwidth`, if none of them overlapped with compute."""
+    if not step.communication or not step.micro_batch_tokens:
+        return 0.0
+    micro_batches = step.tokens / (step.micro_batch_tokens * step.gpus * step.nodes)
+    return micro_batches * step.communication / step.bandwidth * step.gpus * step.nodes / 3600
 
 
 def kd_chunk_bytes(shape: Shape, chunk: int) -> int:
@@ -432,7 +469,7 @@ def format_plan(plans: list[StepPlan], tokens_per_second: float = MEASURED_TOKEN
     columns += ["runtime"]
     table = Table(title=f"Memory per GPU (GiB); GPU-hours at {tokens_per_second:,.0f} tokens/s per GPU")
     for name in ["step", "GPUs", "parallelism", *columns, "total", "of", "fits", "other ckpt", "tokens",
-                 "GPU-hours", "hours"]:  # fmt: skip
+                 "GPU-hours", "hours", "comm GB/mb", "comm GPU-h"]:  # fmt: skip
         table.add_column(name, justify="left" if name in ("step", "parallelism", "fits") else "right")
     for s in plans:
         gib = [f"{s.bytes[c] / GiB:.1f}" if c in s.bytes else "-" for c in columns]
@@ -444,8 +481,10 @@ def format_plan(plans: list[StepPlan], tokens_per_second: float = MEASURED_TOKEN
             f"{s.tokens / 1e9:.2f}B" if s.tokens else "-",
             f"{gpu_hours:,.0f}" if s.tokens else "-",
             f"{gpu_hours / (s.gpus * s.nodes):,.1f}" if s.tokens else "-",
+            f"{s.communication / 1e9:.1f}" if s.communication else "-",
+            f"{communication_hours(s):,.0f}" if s.communication and s.tokens else "-",
         )  # fmt: skip
-    console = Console(width=220, record=True)
+    console = Console(width=260, record=True)
     with console.capture() as captured:
         console.print(table)
     return captured.get() + "\n".join(sources(tokens_per_second)) + "\n"
@@ -469,4 +508,10 @@ def sources(tokens_per_second: float = MEASURED_TOKENS_PER_SECOND) -> list[str]:
             f"lm-eval batches of at most {LM_EVAL_CONTEXT_TOKENS} tokens"
         ),
         f"measured: {throughput}" if throughput else "measured: nothing (the GPU-hours' throughput was given)",
+        (
+            "comm: bytes one GPU sends per micro-batch in FSDP's ring all-gathers and reduce-scatters (ddp: its "
+            f"all-reduce per step), and their GPU-hours if none overlapped compute, at NVLink's "
+            f"{NVLINK_BANDWIDTH / 1e9:.0f} GB/s in one node (NVIDIA H100/H200 datasheets) or "
+            "placement.network_bandwidth across nodes; where comm GPU-h passes GPU-hours, the network sets the time"
+        ),
     ]
