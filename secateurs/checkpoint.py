@@ -67,20 +67,15 @@ def check_checkpoint_dir(path: str | Path):
 
 
 def _check_safetensors_header(path: Path) -> None:
-    # The header is JSON prefixed by its 8-byte length; data offsets must fit the file. Reading it costs
-    # microseconds and catches truncated or overwritten files before a multi-minute load.
-    size = path.stat().st_size
+    # safetensors reads the header and checks that its data offsets cover the file exactly (a truncated or
+    # overwritten file fails) without reading the tensors: microseconds, before a multi-minute load.
+    from safetensors import SafetensorError, safe_open
+
     try:
-        with open(path, "rb") as f:
-            n = int.from_bytes(f.read(8), "little")
-            if n <= 0 or 8 + n > size:
-                raise ValueError("bad header length")
-            header = json.loads(f.read(n))
-        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
-        if 8 + n + end > size:
-            raise ValueError(f"truncated: needs {8 + n + end} bytes, file has {size}")
-    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"corrupt checkpoint {path}: {_first_line(e)}") from None
+        with safe_open(path, framework="pt"):
+            pass
+    except SafetensorError as e:
+        raise CheckpointError(f"corrupt checkpoint {path}: truncated or damaged ({_first_line(e)})") from None
 
 
 def load_model(path: str | Path, dtype: str | torch.dtype | None = "float32", device: str | None = None):
@@ -217,10 +212,24 @@ def _import_builtin(name: str, out: Path) -> dict:
     return json.loads((out / "secateurs.json").read_text())["report"]
 
 
+def hub_offline(*variables: str) -> bool:
+    """Whether the Hugging Face hub is off for this process: HF_HUB_OFFLINE (else TRANSFORMERS_OFFLINE), or any of
+    `variables` (e.g. HF_DATASETS_OFFLINE), set to a value huggingface_hub reads as true (1, yes, true, on)."""
+    # Not `huggingface_hub.is_offline_mode()`: it returns what the environment said when huggingface_hub was first
+    # imported, so a variable set later in the process would go unseen. These are its variables and its own set of
+    # true values, read when asked.
+    from huggingface_hub.constants import ENV_VARS_TRUE_VALUES
+
+    # As huggingface_hub reads them: TRANSFORMERS_OFFLINE counts only where HF_HUB_OFFLINE is unset or empty.
+    hub = os.environ.get("HF_HUB_OFFLINE") or os.environ.get("TRANSFORMERS_OFFLINE") or ""
+    return any(value.upper() in ENV_VARS_TRUE_VALUES for value in (hub, *(os.environ.get(v, "") for v in variables)))
+
+
 def _require_hub(repo_id: str, timeout: float = 5.0) -> None:
     """Fail fast when the hub is unreachable instead of waiting on retries."""
-    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
-        raise CheckpointError(f"cannot fetch {repo_id} from the Hugging Face hub: HF_HUB_OFFLINE is set")
+    if hub_offline():
+        raise CheckpointError(f"cannot fetch {repo_id} from the Hugging Face hub: HF_HUB_OFFLINE is set (or "
+                              "TRANSFORMERS_OFFLINE)")
     endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
     host = endpoint.split("://", 1)[-1].split("/", 1)[0]
     hostname, _, port = host.partition(":")

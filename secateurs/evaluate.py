@@ -48,7 +48,7 @@ from typing import Literal
 import torch
 from tqdm.auto import tqdm
 
-from secateurs.checkpoint import check_checkpoint_dir, load_model, load_tokenizer
+from secateurs.checkpoint import check_checkpoint_dir, hub_offline, load_model, load_tokenizer
 from secateurs.config import EvaluateConfig
 from secateurs.data import check_matches, load_packed
 from secateurs.families import parameter_count
@@ -342,16 +342,9 @@ def _lm_eval_version() -> str:
     return md.version("lm_eval")
 
 
-def _hub_offline() -> bool:
-    return any(
-        os.environ.get(v, "0") not in ("0", "", "false", "False")
-        for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
-    )
-
-
 def _require_hub_for(name: str) -> None:
     """Registry tasks download their datasets; fail now, naming the task, when that cannot work."""
-    if _hub_offline():
+    if hub_offline("HF_DATASETS_OFFLINE"):
         return  # offline mode: a cached dataset may serve; `_load_lm_eval_task` says so when it does not
     from secateurs.checkpoint import CheckpointError, _require_hub
 
@@ -399,7 +392,7 @@ def _load_lm_eval_task(task: Task):
         text = str(e).strip().splitlines()
         hint = (
             " (the hub is off: HF_HUB_OFFLINE / HF_DATASETS_OFFLINE, and no cached copy)"
-            if _hub_offline()
+            if hub_offline("HF_DATASETS_OFFLINE")
             else ""
         )
         raise EvaluationError(

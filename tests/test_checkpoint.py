@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -62,3 +65,21 @@ def test_hub_offline_fails_fast(monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(CheckpointError, match="HF_HUB_OFFLINE is set"):
         import_model("some-org/some-model", tmp_path / "o")
+
+
+def test_hub_offline_reads_the_environment_as_huggingface_hub_does():
+    # The oracle: huggingface_hub's own reading, its constants module reloaded after each change of the environment
+    # (it reads the variables once, on import), in a fresh process so that this one's modules stay as they are.
+    script = """
+import importlib, itertools, os
+import huggingface_hub.constants as constants
+from secateurs.checkpoint import hub_offline
+values = ["1", "0", "yes", "no", "on", "off", "true", "False", "TRUE", ""]
+for hub, transformers in itertools.product(values, ["", "1", "off"]):
+    os.environ["HF_HUB_OFFLINE"], os.environ["TRANSFORMERS_OFFLINE"] = hub, transformers
+    importlib.reload(constants)
+    assert hub_offline() == constants.HF_HUB_OFFLINE, (hub, transformers, hub_offline())
+print("agreed")
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=False)
+    assert done.stdout.strip() == "agreed", done.stderr[-2000:]
