@@ -116,6 +116,20 @@ def _session(aws_env: tuple[tuple[str, str], ...]) -> Any:
     return boto3.session.Session()
 
 
+def _checksum_defaults(session: Any) -> dict[str, str]:
+    """Request checksums only where an S3 operation requires them, unless the environment or the profile says.
+
+    Since boto3 1.36 every upload over HTTPS goes as aws-chunked with a CRC32 trailer by default; S3-compatible
+    servers older than that refuse it (Ceph radosgw 16 answers MissingContentLength; some MinIO releases too), so
+    a model that uploads to AWS would not upload to an on-premises store. TLS and the MD5 of each part still guard
+    the bytes. An explicit AWS_REQUEST_CHECKSUM_CALCULATION or profile setting is left to botocore."""
+    if "AWS_REQUEST_CHECKSUM_CALCULATION" in os.environ:
+        return {}
+    if "request_checksum_calculation" in session._session.get_scoped_config():
+        return {}
+    return {"request_checksum_calculation": "when_required"}
+
+
 def s3_client(*, connect_timeout: float = 10.0, read_timeout: float = 60.0) -> Any:
     """A boto3 S3 client configured by botocore from the environment and config files (see the module docstring).
 
@@ -137,7 +151,10 @@ def s3_client(*, connect_timeout: float = 10.0, read_timeout: float = 60.0) -> A
                 raise NoCredentialsError()
             _secrets.update(v for v in credentials.get_frozen_credentials() if v and len(v) >= 4)
             return session.client(
-                "s3", config=Config(connect_timeout=connect_timeout, read_timeout=read_timeout)
+                "s3",
+                config=Config(
+                    connect_timeout=connect_timeout, read_timeout=read_timeout, **_checksum_defaults(session)
+                ),
             )
     except (NoCredentialsError, PartialCredentialsError) as exc:
         missing = getattr(exc, "kwargs", {}).get("cred_var")

@@ -1,4 +1,5 @@
-"""secateurs.storage against a real S3-protocol server (moto's server mode) on 127.0.0.1.
+"""secateurs.storage against two S3 servers on 127.0.0.1: moto's server mode, and a real Ceph object gateway
+(tests/ceph_rgw.py; skipped with its reason where Debian's Ceph packages are not installed).
 
 Faults are injected by a small TCP proxy between the client and the server, so every request still travels
 over a real socket and is answered by real S3 code: the proxy only resets a connection or answers one request
@@ -28,6 +29,8 @@ from boto3.s3.transfer import TransferConfig
 from secateurs import storage
 from secateurs.manifest import MANIFEST
 
+from ceph_rgw import INSTALL, CephRGW, missing_tools
+
 MiB = 1 << 20
 # Small multipart settings so a 12 MiB file goes up and down in 3 parts (5 MiB is S3's minimum part size).
 SMALL = TransferConfig(multipart_threshold=5 * MiB, multipart_chunksize=5 * MiB, max_concurrency=4)
@@ -36,6 +39,7 @@ CREDENTIALS = {
     "AWS_SECRET_ACCESS_KEY": "s3cr3t-value-that-must-not-leak-9f2c",
     "AWS_SESSION_TOKEN": "session-token-that-must-not-leak-51ab",
 }
+PROFILE_KEY, PROFILE_SECRET = "AKIAPROFILEKEY000017", "profile-secret-that-must-not-leak-77e1"
 
 
 def free_port() -> int:
@@ -86,6 +90,31 @@ def moto_server_with_auth(tmp_path_factory):
     yield url
     proc.terminate()
     proc.wait(timeout=10)
+
+
+@pytest.fixture(scope="session")
+def ceph_rgw(tmp_path_factory):
+    """Ceph's radosgw with users for the tests' credentials (a session token is ignored by radosgw without STS)."""
+    missing = missing_tools()
+    if missing:
+        pytest.skip(f"Ceph's radosgw is not installed (no {', '.join(missing)}): {INSTALL}, as root")
+    server = CephRGW(tmp_path_factory.mktemp("ceph") / "cluster")
+    try:
+        server.start()
+        server.add_user(CREDENTIALS["AWS_ACCESS_KEY_ID"], CREDENTIALS["AWS_SECRET_ACCESS_KEY"])
+        # The profile's key belongs to the same user: radosgw, unlike moto, keeps each user's buckets to itself.
+        server.add_key(CREDENTIALS["AWS_ACCESS_KEY_ID"], PROFILE_KEY, PROFILE_SECRET)
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session", params=["moto", "ceph"])
+def s3_server(request) -> str:
+    """The endpoint of each S3 server the storage tests run against."""
+    if request.param == "moto":
+        return request.getfixturevalue("moto_server")
+    return request.getfixturevalue("ceph_rgw").http
 
 
 class FaultyProxy:
@@ -184,8 +213,12 @@ class FaultyProxy:
 
 
 @pytest.fixture
-def s3_env(monkeypatch, tmp_path, moto_server):
-    """Fake credentials and the moto endpoint, set the way botocore reads them, for this test only."""
+def s3_env(monkeypatch, tmp_path, s3_server):
+    """The test credentials and the server's endpoint, set the way botocore reads them, for this test only."""
+    return set_s3_env(monkeypatch, tmp_path, s3_server)
+
+
+def set_s3_env(monkeypatch, tmp_path, s3_server: str) -> str:
     for name in (
         "AWS_ENDPOINT_URL",
         "AWS_PROFILE",
@@ -202,8 +235,8 @@ def s3_env(monkeypatch, tmp_path, moto_server):
     monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-aws-config"))
     monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-aws-credentials"))
     monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")  # no instance-metadata probe for credentials
-    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", moto_server)
-    return moto_server
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", s3_server)
+    return s3_server
 
 
 @pytest.fixture
@@ -313,6 +346,9 @@ def test_single_file_round_trip(s3_env, bucket, tmp_path):
             call()
 
 
+# prepare-data's own S3 paths go through the calls the other tests make against both servers: moto alone here
+# keeps `make test` within its time (each takes 10-20 s).
+@pytest.mark.parametrize("s3_server", ["moto"], indirect=True)
 def test_prepare_data_reads_an_s3_source_and_writes_an_s3_output(bucket, tokenizer_dir, tmp_path, monkeypatch):
     from secateurs.config import DataConfig
     from secateurs.data import load_packed, prepare_data
@@ -349,6 +385,7 @@ def test_prepare_data_reads_an_s3_source_and_writes_an_s3_output(bucket, tokeniz
     assert not list((tmp_path / "cache" / "prepare").iterdir())  # the work directory went once uploaded
 
 
+@pytest.mark.parametrize("s3_server", ["moto"], indirect=True)
 def test_prepare_data_publishes_its_shards_to_an_s3_store_read_through_the_cache(
     bucket, tokenizer_dir, docs_dir, tmp_path, monkeypatch
 ):
@@ -472,14 +509,14 @@ def test_unreachable_endpoint_is_one_line(s3_env, tmp_path, monkeypatch):
     assert not (tmp_path / "dl").exists()
 
 
-def test_endpoint_variables_as_botocore_reads_them(bucket, moto_server, monkeypatch):
+def test_endpoint_variables_as_botocore_reads_them(bucket, s3_env, monkeypatch):
     # The generic AWS_ENDPOINT_URL serves every service; AWS_ENDPOINT_URL_S3 wins over it for S3.
     monkeypatch.delenv("AWS_ENDPOINT_URL_S3")
-    monkeypatch.setenv("AWS_ENDPOINT_URL", moto_server)
-    assert storage.s3_client().meta.endpoint_url == moto_server
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_env)
+    assert storage.s3_client().meta.endpoint_url == s3_env
     storage.check_access(f"s3://{bucket}/anything")
     monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{free_port()}")
-    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", moto_server)
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", s3_env)
     storage.check_access(f"s3://{bucket}/anything")
     # An invalid setting is one line naming where settings come from.
     monkeypatch.setenv("AWS_MAX_ATTEMPTS", "three")
@@ -489,14 +526,14 @@ def test_endpoint_variables_as_botocore_reads_them(bucket, moto_server, monkeypa
 
 def test_config_file_profile(bucket, proxy, tmp_path, monkeypatch):
     """Endpoint, region, retries, addressing and credentials from a named profile in the AWS config files."""
-    secret = "profile-secret-that-must-not-leak-77e1"
+    secret = PROFILE_SECRET
     (tmp_path / "config").write_text(
         "[default]\nregion = ap-south-1\n\n"
         f"[profile store]\nregion = eu-west-3\nendpoint_url = {proxy.url}\nretry_mode = adaptive\n"
         "max_attempts = 4\ns3 =\n  addressing_style = path\n"
     )
     (tmp_path / "credentials").write_text(
-        f"[store]\naws_access_key_id = AKIAPROFILEKEY000017\naws_secret_access_key = {secret}\n"
+        f"[store]\naws_access_key_id = {PROFILE_KEY}\naws_secret_access_key = {secret}\n"
     )
     for name in ("AWS_ENDPOINT_URL_S3", "AWS_DEFAULT_REGION", *CREDENTIALS):
         monkeypatch.delenv(name)
@@ -525,13 +562,24 @@ def assert_no_credentials(exc: BaseException) -> None:
         assert value not in text, f"{name} leaked into an error"
 
 
-def test_refused_credentials(moto_server_with_auth, s3_env, tmp_path, monkeypatch):
-    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", moto_server_with_auth)
+@pytest.fixture
+def refusing_server(s3_env, request, monkeypatch) -> str:
+    """An endpoint that refuses the test's credentials: moto checking against its empty IAM, or radosgw asked
+    with an access key it has no user for."""
+    if request.node.callspec.params["s3_server"] == "moto":
+        url = request.getfixturevalue("moto_server_with_auth")
+        monkeypatch.setenv("AWS_ENDPOINT_URL_S3", url)
+        return url
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIANOSUCHUSER000000")
+    return s3_env
+
+
+def test_refused_credentials(refusing_server, tmp_path):
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "f.txt").write_text("x")
     with pytest.raises(storage.StorageError) as err:
         storage.check_access("s3://models/llama")
-    assert str(err.value).startswith(f"S3 endpoint {moto_server_with_auth} refused to access bucket 'models'")
+    assert str(err.value).startswith(f"S3 endpoint {refusing_server} refused to access bucket 'models'")
     assert "AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY" in str(err.value)
     assert_no_credentials(err.value)
     for call in (
@@ -539,7 +587,7 @@ def test_refused_credentials(moto_server_with_auth, s3_env, tmp_path, monkeypatc
         lambda: storage.upload(tmp_path / "out", "s3://models/run"),
     ):
         with pytest.raises(
-            storage.StorageError, match=f"^S3 endpoint {moto_server_with_auth} refused to "
+            storage.StorageError, match=f"^S3 endpoint {refusing_server} refused to "
         ) as err:
             call()
         assert "\n" not in str(err.value)
@@ -581,3 +629,29 @@ def test_keys_that_leave_the_destination_are_refused(bucket, tmp_path):
     with pytest.raises(storage.StorageError, match="its path leaves"):
         storage.download(f"s3://{bucket}/p/", tmp_path / "a" / "b")
     assert not (tmp_path / "a").exists() and not (tmp_path / "escaped").exists()
+
+
+def test_uploads_over_tls_reach_radosgw_with_boto3_checksum_defaults(ceph_rgw, tmp_path, monkeypatch):
+    """Over HTTPS, boto3 >= 1.36 sends every upload as aws-chunked with a CRC32 trailer unless told otherwise;
+    radosgw 16 (Debian 12's) answers that with MissingContentLength, for single and multipart uploads alike, which
+    moto accepts. secateurs.storage asks for checksums only where an operation requires them, so a model and a
+    dataset go up and come back intact from a server that predates the trailers."""
+    set_s3_env(monkeypatch, tmp_path, ceph_rgw.https)
+    monkeypatch.setenv("AWS_CA_BUNDLE", str(ceph_rgw.ca_bundle))
+    for name in ("AWS_REQUEST_CHECKSUM_CALCULATION", "AWS_RESPONSE_CHECKSUM_VALIDATION"):
+        monkeypatch.delenv(name, raising=False)
+    bucket = f"secateurs-{uuid.uuid4().hex[:12]}"
+    storage.s3_client().create_bucket(Bucket=bucket)
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text('{"model_type": "llama"}')
+    (model / "model.safetensors").write_bytes(os.urandom(12 * MiB))  # 3 parts of 5 MiB
+    uri = f"s3://{bucket}/runs/r1/model"
+    storage.upload(model, uri, transfer=SMALL)
+    storage.download(uri, tmp_path / "copy", transfer=SMALL)
+    assert files_of(tmp_path / "copy") == files_of(model)
+
+    # A user's own choice stays theirs: with the trailers asked for, this server refuses the upload.
+    monkeypatch.setenv("AWS_REQUEST_CHECKSUM_CALCULATION", "when_supported")
+    with pytest.raises(storage.StorageError, match="MissingContentLength"):
+        storage.upload(model, f"s3://{bucket}/runs/r2/model", transfer=SMALL)
