@@ -402,6 +402,91 @@ def lm_loss_requests(lm, vocab_size: int, batch: int, tokens: int) -> None:
     lm._loglikelihood_tokens(requests, disable_tqdm=True)
 
 
+# ------------------------------------------------------------------------------------------------ the runtime
+# Dense bf16 tensor-core FLOP/s and DRAM bytes/s of the GPUs the roofline knows, from NVIDIA's datasheets: H100
+# SXM5 989 TFLOPS (1,979 "with sparsity") and 3.35 TB/s (the figures torch/_inductor/analysis/device_info.py
+# carries, from nvidia.com/en-us/data-center/h100/); H200 SXM 989 TFLOPS and 4.8 TB/s (NVIDIA H200 datasheet).
+GPU_PEAKS = {"H100": (989 * 10**12, 3.35 * 10**12), "H200": (989 * 10**12, 4.8 * 10**12)}
+
+
+def gpu_model(placement) -> str | None:
+    """"H100" or "H200" from the node selector's GPU product label, else None (no roofline)."""
+    product = placement.node_selector.get("nvidia.com/gpu.product", "")
+    return next((name for name in GPU_PEAKS if name in product), None)
+
+
+def _roofline_estimator(gpu: str):
+    """PyTorch's RuntimeEstimator in its roofline mode ("operator-level-cost-model") at `gpu`'s datasheet figures.
+
+    Upstream's roofline reads the figures of the CUDA device it runs on (`_roofline_estimate` asserts
+    `torch.cuda.is_available()`; `torch.utils._runtime_estimation` asks triton for the DRAM bandwidth), so on a CPU
+    the same cost model is applied here with the stated figures: per aten op, the larger of its FLOPs (torch's
+    `flop_registry`) as multiply-adds over 75% of the peak (upstream's `flops_to_ns`) and the bytes it reads and
+    writes (upstream's `get_num_bytes`) over the DRAM bandwidth."""
+    import torch.utils._pytree as pytree
+    from torch.distributed._tools.runtime_estimator import RuntimeEstimator
+    from torch.utils._runtime_estimation import _FLOAT_TYPES, _IGNORE_OPS, get_num_bytes
+    from torch.utils.flop_counter import flop_registry
+
+    flops_per_second, bytes_per_second = GPU_PEAKS[gpu]
+
+    class Roofline(RuntimeEstimator):
+        @classmethod
+        def _roofline_estimate(cls, func, args, kwargs):
+            kwargs = kwargs or {}
+            out = func(*args, **kwargs)
+            packet = func._overloadpacket
+            if packet in _IGNORE_OPS:
+                return out, 0.0
+            inputs = [t for t in pytree.tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
+            outputs = [t for t in pytree.tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
+            transfer = sum(get_num_bytes(t) for t in inputs + outputs) / bytes_per_second
+            dtypes = {t.dtype for t in outputs if t.dtype in _FLOAT_TYPES}
+            compute = 0.0
+            if packet in flop_registry and len(dtypes) == 1:
+                compute = flop_registry[packet](*args, **kwargs, out_val=out) / 2 / (0.75 * flops_per_second)
+            return out, max(transfer, compute) * 1e3  # milliseconds, as RuntimeEstimator sums them
+
+        def __call__(self, estimate_mode_type: str):
+            super().__call__(estimate_mode_type)
+            self._estimate = Roofline._roofline_estimate  # upstream names its own class's method here
+            return self
+
+    return Roofline()("operator-level-cost-model")
+
+
+def roofline_seconds(kind: str, student: dict, settings, seq_len: int, teacher: dict | None, gpu: str) -> float:
+    """Seconds one GPU computes one micro-batch of a training step (its forward, the teacher's for distillation,
+    the loss and the backward) by the roofline at `gpu`'s figures; one process in bf16, as FSDP computes (its
+    communication is counted apart: `plan.communication_bytes`)."""
+    import io
+
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from secateurs import losses
+
+    with FakeTensorMode():
+        model = model_from_config(student, torch.bfloat16).train()
+        if settings.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        frozen, pairs, projections = None, [], None
+        if kind == "distill":
+            frozen = model_from_config(teacher, torch.bfloat16).eval().requires_grad_(False)
+            if settings.intermediate_loss:
+                pairs = settings.layer_pairs or losses.default_layer_mapping(
+                    student["num_hidden_layers"], teacher["num_hidden_layers"], None)
+                projections = losses.intermediate_projections(student["hidden_size"], teacher["hidden_size"],
+                                                              len(pairs))  # fmt: skip
+                if projections is not None:  # None where the hidden sizes are equal
+                    projections = projections.to(torch.bfloat16)
+        trainer = trainer_for(kind, settings, frozen, pairs, projections)
+        ids = torch.randint(0, student["vocab_size"], (settings.micro_batch_size, seq_len))
+        estimator = _roofline_estimator(gpu)
+        with contextlib.redirect_stdout(io.StringIO()), _watched(set(), True), estimator:  # it prints its total
+            trainer.compute_loss(model, {"input_ids": ids}).backward()
+    return estimator.total_runtime / 1e3
+
+
 # ------------------------------------------------------------------------------------------------ the plan
 @dataclass
 class TracedStep:
@@ -410,6 +495,16 @@ class TracedStep:
     analytic: object  # plan.StepPlan
     traced: Traced
     layers_traced: str  # e.g. "1, 2 of 32 (extrapolated)"
+    micro_batch_seconds: float | None = None  # the roofline's compute time of one micro-batch on one GPU
+    gpu: str | None = None  # the GPU the roofline assumed (`GPU_PEAKS`)
+
+    @property
+    def roofline_hours(self) -> float | None:
+        """GPU-hours of the step's tokens at the roofline's compute time per micro-batch."""
+        a = self.analytic
+        if self.micro_batch_seconds is None or not a.micro_batch_tokens:
+            return None
+        return a.tokens / a.micro_batch_tokens * self.micro_batch_seconds / 3600
 
     @property
     def unseen(self) -> int:
@@ -435,7 +530,7 @@ class TracedStep:
 
 
 def trace_plan(config, extrapolate: bool = True, model_configs: dict[str, dict] | None = None,
-               tasks: set[str] | None = None) -> list[TracedStep]:  # fmt: skip
+               tasks: set[str] | None = None, roofline: bool = True) -> list[TracedStep]:  # fmt: skip
     """Trace every GPU step of `config` (a `PipelineConfig`) that `secateurs.plan.plan` plans.
 
     With `extrapolate`, each step is traced twice with every model's layers cut by the same factor (2L/g and 3L/g
@@ -444,7 +539,8 @@ def trace_plan(config, extrapolate: bool = True, model_configs: dict[str, dict] 
     sharded or not) is linear in it, and the trace of a 32-layer 8B step takes minutes on 2 cores where two traces
     of 2-3 layers take seconds. Without it, the models are traced whole. `model_configs` (model name ->
     config.json values) replaces the configs made from the teacher's config.json and the students' pruning targets.
-    `tasks` limits the trace to those steps.
+    `tasks` limits the trace to those steps. With `roofline`, each training step's micro-batch is also timed by
+    the roofline (`roofline_seconds`) at the node selector's GPU, extrapolated in the same way.
     """
     from secateurs import plan
 
@@ -454,6 +550,7 @@ def trace_plan(config, extrapolate: bool = True, model_configs: dict[str, dict] 
     configs.update(model_configs or {})
     seq_len = config.data.seq_len
     students = {s.name: s for s in config.lineage_order()}
+    gpu = gpu_model(config.placement) if roofline else None
     steps = []
     for analytic in plan.plan(config, shapes):
         task = analytic.task
@@ -482,17 +579,23 @@ def trace_plan(config, extrapolate: bool = True, model_configs: dict[str, dict] 
                                      lm_eval_tokens=plan.LM_EVAL_CONTEXT_TOKENS)  # fmt: skip
             return trace_training(kind, cut["student"], settings, seq_len, cut.get("teacher"), world=world)
 
-        steps.append(_traced_step(analytic, models, run, extrapolate))
+        timed = None
+        if kind != "forward" and gpu is not None and analytic.tokens:
+            def timed(cut: dict[str, dict], kind=kind, settings=settings) -> float:
+                return roofline_seconds(kind, cut["student"], settings, seq_len, cut.get("teacher"), gpu)
+
+        steps.append(_traced_step(analytic, models, run, extrapolate, timed))
+        steps[-1].gpu = gpu if timed else None
     return steps
 
 
-def _traced_step(analytic, models: dict[str, dict], run, extrapolate: bool) -> TracedStep:
+def _traced_step(analytic, models: dict[str, dict], run, extrapolate: bool, timed=None) -> TracedStep:
     import math
 
     counts = {k: c["num_hidden_layers"] for k, c in models.items()}
     g = math.gcd(*counts.values())
     if not extrapolate or g <= 3:
-        return TracedStep(analytic, run(models), "all")
+        return TracedStep(analytic, run(models), "all", timed(models) if timed else None)
     # Two and three times the smallest cut: with one layer the peak can sit where a deeper model's does not (a
     # forward pass's last layer output beside the loss), so one-layer traces are not on the line.
     m1, m2 = 2, 3
@@ -511,38 +614,79 @@ def _traced_step(analytic, models: dict[str, dict], run, extrapolate: bool) -> T
     traced = Traced(*phases[name], small.attention_kernels | large.attention_kernels, small.seconds + large.seconds,
                     phases=phases, peak_phase=name)  # fmt: skip
     layers = ", ".join(f"{k}: {counts[k] // g * m1} and {counts[k] // g * m2} of {counts[k]}" for k in counts)
-    return TracedStep(analytic, traced, f"{layers} (extrapolated)")
+    seconds = None
+    if timed is not None:
+        t1, t2 = timed(cut[0]), timed(cut[1])
+        seconds = t1 + (t2 - t1) * (g - m1) / (m2 - m1)
+    return TracedStep(analytic, traced, f"{layers} (extrapolated)", seconds)
 
 
 def format_traced(steps: list[TracedStep]) -> str:
-    """The traced plan as a table (GiB per GPU), then what the trace cannot see."""
-    header = (f"{'step':<22} {'GPUs':>5} {'traced':>8} {'+runtime':>9} {'analytic':>9} {'ratio':>6} {'of':>5} "
-              f"{'fits':>4}  {'peak in':<13} traced by category")  # fmt: skip
+    """The traced plan as a table (GiB per GPU), what the trace cannot see, then the training steps' GPU-hours
+    by the measured throughput, by the roofline at the steps' GPU, and of their communication."""
+    from secateurs import plan
+
+    gpu = next((s.gpu for s in steps if s.gpu), None)
+
+    header = (f"{'step':<22} {'GPUs':>5} {'traced':>8} {'+unseen':>8} {'analytic':>9} {'ratio':>6} {'of':>5} "
+              f"{'fits':>4}  {'peak in':<17} traced by category")  # fmt: skip
     lines = [header]
     for s in steps:
         a = s.analytic
         cats = ", ".join(f"{k} {v / GiB:.1f}" for k, v in sorted(s.traced.categories.items(), key=lambda kv: -kv[1]))
         lines.append(
-            f"{a.task:<22} {f'{a.nodes}x{a.gpus}':>5} {s.traced.peak / GiB:>8.1f} {s.total / GiB:>9.1f} "
+            f"{a.task:<22} {f'{a.nodes}x{a.gpus}':>5} {s.traced.peak / GiB:>8.1f} {s.total / GiB:>8.1f} "
             f"{a.total / GiB:>9.1f} {s.ratio:>6.2f} {(a.available or 0) / GiB:>5.0f} {'yes' if s.fits() else 'NO':>4}"
-            f"  {s.traced.peak_phase:<13} {cats}"
+            f"  {s.traced.peak_phase:<17} {cats}"
         )  # fmt: skip
     kernels = sorted(set().union(*(s.traced.attention_kernels for s in steps))) if steps else []
     lines += [
         (
             "traced: peak tensor bytes of one process under FakeTensorMode (MemTracker / FSDPMemTracker); "
-            "+runtime adds the analytic plan's CUDA context, cuBLAS workspaces and NCCL buffers, which it cannot "
-            "see; ratio = traced / analytic, both without runtime"
+            "+unseen adds what it cannot see from the analytic plan (CUDA context, cuBLAS workspaces, NCCL buffers; "
+            "DDP's buckets); ratio = traced / analytic, both without it"
         ),
         "layers traced: " + "; ".join(f"{s.analytic.task}: {s.layers_traced}" for s in steps),
         f"attention kernels seen: {', '.join(kernels)}",
         (
             "not seen by the trace: CUDA context, NCCL buffers, kernel workspaces, allocator fragmentation (left "
-            "to the 10% headroom), lm-eval's task scoring; CPU SDPA (flash for CPU) keeps what GPU flash "
-            "attention keeps"
+            "to the 10% headroom); on CPU the KD loss runs its chunked path (a GPU with liger-kernel runs Liger's "
+            "fused JSD) and its matmuls write a bf16 buffer a GPU's fp32-output matmul skips; CPU SDPA (flash for "
+            "CPU) keeps what GPU flash attention keeps (docs/memory-plan.md)"
         ),
     ]
+    timed = [s for s in steps if s.analytic.tokens]
+    if timed:
+        lines += ["", f"{'step':<22} {'tokens':>8} {'GPU-h measured':>15} {'GPU-h roofline':>15} "
+                      f"{'comm GPU-h':>11} {'comm GB/s':>10}  time set by"]  # fmt: skip
+        for s in timed:
+            a = s.analytic
+            measured = a.tokens / plan.MEASURED_TOKENS_PER_SECOND / 3600
+            roof = s.roofline_hours
+            comm = plan.communication_hours(a)
+            compute = roof if roof is not None else measured
+            lines.append(
+                f"{a.task:<22} {a.tokens / 1e9:>7.2f}B {measured:>15,.0f} "
+                f"{f'{roof:,.0f}' if roof is not None else '-':>15} {comm:>11,.0f} "
+                f"{a.bandwidth / 1e9 if a.communication else 0:>10.0f}  {'the network' if comm > compute else 'the GPUs'}"
+            )  # fmt: skip
+        peaks = plan_gpu_peaks(gpu)
+        lines += [
+            f"GPU-h measured: at {plan.MEASURED_TOKENS_PER_SECOND:,} tokens/s per GPU (distillation on one H200, "
+            "bench/results/gpu; no FSDP communication)",
+            f"GPU-h roofline: PyTorch's RuntimeEstimator cost model over the step's own micro-batch at {peaks} "
+            "(NVIDIA datasheet figures), compute only",
+            "comm GPU-h: FSDP's all-gathers and reduce-scatters (ddp: all-reduce) at the bandwidth shown, if none "
+            "overlapped compute; where it passes the compute hours, the interconnect sets the time",
+        ]
     return "\n".join(lines) + "\n"
+
+
+def plan_gpu_peaks(gpu: str | None) -> str:
+    if gpu is None:
+        return "no known GPU (placement.node_selector names none of " + ", ".join(GPU_PEAKS) + ": no roofline)"
+    flops, bandwidth = GPU_PEAKS[gpu]
+    return f"{gpu}: {flops / 1e12:,.0f} bf16 TFLOPS dense, {bandwidth / 1e12:.2f} TB/s"
 
 
 def to_json(steps: list[TracedStep]) -> list[dict]:
