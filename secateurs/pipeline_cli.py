@@ -429,6 +429,7 @@ def rehearse(config: Path, directory: Path, teacher_config: Path | None = None) 
     real = load_config(config)
     if directory.exists() and any(directory.iterdir()) and not (directory / REHEARSAL_FILE).is_file():
         raise PipelineError(f"{directory} exists and is not a rehearsal directory: give another --dir")
+    lib.check_sources(real, local_only=True)  # seconds, before anything is written
     shutil.rmtree(directory, ignore_errors=True)
     directory.mkdir(parents=True)
     (directory / REHEARSAL_FILE).write_text(json.dumps({"config": str(Path(config).absolute())}))

@@ -357,12 +357,15 @@ def write_rehearsal_sources(cfg: PipelineConfig, directory: Path, tokens_per_sou
     return uris
 
 
-def check_sources(cfg: PipelineConfig) -> None:
+def check_sources(cfg: PipelineConfig, local_only: bool = False) -> None:
     """What prepare-data checks of each source first (it exists, its first document has the configured text field),
-    by the same code, before the graph: seconds here, where the cluster meets it after the teacher's import."""
-    from secateurs.data import DataError, documents
+    by the same code, before the graph: seconds here, where the cluster meets it after the teacher's import.
+    LOCAL_ONLY: only the sources on this machine (before the rehearsal's S3 server holds the others)."""
+    from secateurs.data import BUILTIN_CORPORA, DataError, documents
 
     for src in cfg.data.blend():
+        if local_only and (src.source in BUILTIN_CORPORA or not Path(src.source).expanduser().exists()):
+            continue
         try:
             documents(src)
         except DataError as e:
@@ -400,6 +403,9 @@ def rehearsal_env(directory: Path, s3_endpoint: str | None) -> dict[str, str]:
         "XDG_CACHE_HOME": str(directory / "cache"),
         "TORCHINDUCTOR_CACHE_DIR": str(directory / "cache" / "inductor"),
         "TMPDIR": str(directory / "tmp"),
+        # One thread a process: at the rehearsal's widths a matmul is microseconds of work, and on 2 shared cores
+        # two threads synchronising made it 10-20x slower (a 256x128x448 linear: 5-20 ms against 0.8 ms).
+        "OMP_NUM_THREADS": "1",
         "HF_HUB_OFFLINE": "1",
         "HF_DATASETS_OFFLINE": "1",
         # Nothing but the rehearsal's own server answers for S3 (no profile or credentials file of the user's).

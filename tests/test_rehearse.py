@@ -166,6 +166,7 @@ def _one_line_error(done) -> str:
     return done.stderr.strip().splitlines()[-1]
 
 
+@pytest.mark.e2e
 def test_blend_source_without_its_text_field(tmp_path):
     """Caught before the graph, by prepare-data's own check, naming the step."""
     corpus = tmp_path / "corpus.jsonl"
