@@ -41,7 +41,8 @@ SHARED_FIXTURES = ["smollm2_dir", "tokenizer_dir", "tiny_models", "docs_dir", "t
 # data.py: only the blend (blend_counts, blend_index) and the reader (shards, PackedSplit, PackedDataset, load_packed);
 # the tests deselected there are its minute-long resume runs, which exercise preparation, not the reader.
 MODULES: dict[str, dict] = {
-    "prune": dict(file="secateurs/prune.py", patterns=[], produces=[], tests=["tests/test_prune.py"]),
+    "prune": dict(file="secateurs/prune.py", patterns=[], produces=[],
+                  tests=["tests/test_prune.py", "tests/test_mutants_prune.py"]),
     "importance": dict(file="secateurs/importance.py", patterns=[], produces=["tiny_importance"],
                        tests=["tests/test_importance.py", "tests/test_mutants_importance.py"]),
     "losses": dict(file="secateurs/losses.py", patterns=[], produces=[],

@@ -1,0 +1,30 @@
+"""What bench/mutation.py found no test for in prune.py: the manifest a pruned checkpoint carries."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+from transformers import AutoConfig
+
+from secateurs import prune
+from secateurs.manifest import MANIFEST, content_hash
+from secateurs.prune import PruneTarget
+
+
+def test_a_pruned_checkpoint_records_its_inputs_target_and_report(tiny_models, tiny_importance, tmp_path):
+    """The manifest names both inputs with their content hashes (what lineage and the importance check read), the
+    target as given, and the report prune.run returned, whose family is the stock loader's model_type."""
+    model, importance = tiny_models["qwen2"], tiny_importance["qwen2"]
+    target = PruneTarget(ffn_hidden_size=64, num_layers=3, depth_criterion="lm-loss")
+    report = prune.run(model, importance, tmp_path / "out", target)
+
+    manifest = json.loads((tmp_path / "out" / MANIFEST).read_text())
+    assert manifest["step"] == "prune"
+    assert manifest["inputs"] == {
+        "model": {"uri": str(model), "sha256": content_hash(model)},
+        "importance": {"uri": str(importance), "sha256": content_hash(importance)},
+    }
+    assert manifest["config"] == dataclasses.asdict(target)
+    assert manifest["report"] == json.loads(json.dumps(report))
+    assert report["family"] == AutoConfig.from_pretrained(model).model_type == "qwen2"
