@@ -22,12 +22,6 @@ logging.getLogger("mlflow.utils.async_logging.async_logging_queue").addFilter(
     lambda record: "Failed to log run data" not in record.getMessage()
 )
 
-# MLflow's server-side limits (mlflow/utils/validation.py in 3.17); `log_batch` splits batches itself.
-MAX_KEY_LENGTH = 250
-MAX_PARAM_VALUE_LENGTH = 6000
-MAX_TAG_VALUE_LENGTH = 8000
-MAX_DATASET_DIGEST_LENGTH = 36
-
 # The MLflow client retries 7 times with a backoff factor of 2 and a 120 s timeout by default: minutes per
 # call when the server is down. A training step would stall that long at every logging interval.
 HTTP_DEFAULTS = {
@@ -142,10 +136,12 @@ def mlflow_key(name: str) -> str:
     a key that is not a normalised path (MLflow may store it as a file) loses its slashes; at most 250
     characters.
     """
+    from mlflow.utils.validation import MAX_ENTITY_KEY_LENGTH
+
     key = re.sub(r"[^/\w.\- ]", "_", str(name))
     if not key or posixpath.normpath(key) != key or key.startswith(("/", "..")):
         key = key.replace("/", "_") or "_"
-    return _truncate(key, MAX_KEY_LENGTH)
+    return _truncate(key, MAX_ENTITY_KEY_LENGTH)
 
 
 class Failure(str):

@@ -26,9 +26,6 @@ from secateurs.families import parameter_count
 from secateurs.manifest import MANIFEST, content_hash, read_manifest
 from secateurs.steps import BY_NAME
 from secateurs.tracking.backend import (
-    MAX_DATASET_DIGEST_LENGTH,
-    MAX_PARAM_VALUE_LENGTH,
-    MAX_TAG_VALUE_LENGTH,
     _set_global_tracking_uri,
     _truncate,
     mlflow_key,
@@ -181,6 +178,8 @@ class ModelRecorder:
         Returns:
             The model id, or None when it could not be logged.
         """
+        from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH, MAX_TAG_VAL_LENGTH
+
         if not self.active:
             return None
         model_params = checkpoint_params(path) if path is not None else {}
@@ -194,8 +193,8 @@ class ModelRecorder:
         if teacher is not None:
             model_tags[TAG_TEACHER_MODEL_ID] = teacher.model_id
         model_tags.update({k: str(v) for k, v in (tags or {}).items()})
-        model_tags = {k: _truncate(v, MAX_TAG_VALUE_LENGTH) for k, v in model_tags.items()}
-        model_params = {mlflow_key(k): _truncate(v, MAX_PARAM_VALUE_LENGTH) for k, v in model_params.items()}
+        model_tags = {k: _truncate(v, MAX_TAG_VAL_LENGTH) for k, v in model_tags.items()}
+        model_params = {mlflow_key(k): _truncate(v, MAX_PARAM_VAL_LENGTH) for k, v in model_params.items()}
         model = self.tracker.guard(
             f"log model {name}", self._create_external_model, name, model_tags, model_params
         )
@@ -265,6 +264,7 @@ class ModelRecorder:
 
     def _register(self, model_id: str, name: str, tags: Mapping[str, Any]) -> Any:
         from mlflow.exceptions import MlflowException
+        from mlflow.utils.validation import MAX_TAG_VAL_LENGTH
 
         client = self.tracker.client
         try:
@@ -276,7 +276,7 @@ class ModelRecorder:
             name,
             source=f"models:/{model_id}",
             run_id=self.run_id,
-            tags={k: _truncate(str(v), MAX_TAG_VALUE_LENGTH) for k, v in tags.items()},
+            tags={k: _truncate(str(v), MAX_TAG_VAL_LENGTH) for k, v in tags.items()},
             model_id=model_id,
             await_creation_for=0,
         )
@@ -409,6 +409,7 @@ class ModelRecorder:
         model's (`model_id`), with one `train_share.<source>` per data source, logged against that source's
         dataset: MLflow lists the datasets of a model's metrics as the model's "Datasets used"."""
         from mlflow.entities import Metric
+        from mlflow.utils.validation import MAX_DATASET_DIGEST_SIZE
 
         now = int(time.time() * 1000)
         batch = []
@@ -423,7 +424,7 @@ class ModelRecorder:
             if share is not None:
                 batch.append(Metric(
                     mlflow_key(f"train_share.{source['name']}"), float(share), now, 0, model_id=model_id,
-                    dataset_name=source["name"], dataset_digest=source["content_sha256"][:MAX_DATASET_DIGEST_LENGTH],
+                    dataset_name=source["name"], dataset_digest=source["content_sha256"][:MAX_DATASET_DIGEST_SIZE],
                 ))  # fmt: skip
         if batch:
             self._send_metrics(batch, "report metrics")
@@ -565,12 +566,13 @@ def _dataset_entity(uri: str, sha256: str | None, name: str, profile: dict[str, 
     from mlflow.data.dataset_source_registry import resolve_dataset_source
     from mlflow.data.meta_dataset import MetaDataset
     from mlflow.entities import Dataset
+    from mlflow.utils.validation import MAX_DATASET_DIGEST_SIZE
 
     with warnings.catch_warnings():
         # Local paths match two equivalent source types; MLflow warns and picks one.
         warnings.simplefilter("ignore", UserWarning)
         source = resolve_dataset_source(uri)
-    meta = MetaDataset(source, name=name, digest=(sha256 or None) and sha256[:MAX_DATASET_DIGEST_LENGTH])
+    meta = MetaDataset(source, name=name, digest=(sha256 or None) and sha256[:MAX_DATASET_DIGEST_SIZE])
     entity = meta._to_mlflow_entity()
     return Dataset(
         name=entity.name,

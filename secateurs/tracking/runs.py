@@ -24,8 +24,6 @@ from typing import Any, Self
 
 from secateurs.tracking.backend import (
     HTTP_DEFAULTS,
-    MAX_PARAM_VALUE_LENGTH,
-    MAX_TAG_VALUE_LENGTH,
     Failure,
     Guard,
     _set_global_tracking_uri,
@@ -423,8 +421,9 @@ class StepRun(ModelRecorder):
 def _params(params: Mapping[str, Any], prefix: str = "") -> list:
     """MLflow Params: nested mappings flattened to dotted keys, values cut to MLflow's limit."""
     from mlflow.entities import Param
+    from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH
 
-    return [Param(mlflow_key(k), _truncate(_param_text(v), MAX_PARAM_VALUE_LENGTH))
+    return [Param(mlflow_key(k), _truncate(_param_text(v), MAX_PARAM_VAL_LENGTH))
             for k, v in flatten(params, prefix).items()]  # fmt: skip
 
 
@@ -440,8 +439,9 @@ def _metrics(metrics: Mapping[str, Any], step: int = 0, model_id: str | None = N
 def _tags(tags: Mapping[str, Any]) -> list:
     """MLflow RunTags, values cut to MLflow's limit."""
     from mlflow.entities import RunTag
+    from mlflow.utils.validation import MAX_TAG_VAL_LENGTH
 
-    return [RunTag(mlflow_key(k), _truncate(str(v), MAX_TAG_VALUE_LENGTH)) for k, v in tags.items()]
+    return [RunTag(mlflow_key(k), _truncate(str(v), MAX_TAG_VAL_LENGTH)) for k, v in tags.items()]
 
 
 def _wait(operations: Any) -> None:
