@@ -141,15 +141,14 @@ def set_explicit_shape(config) -> None:
 def parameter_count(model: Any) -> int:
     """Unique parameters (tied embeddings counted once) of a loaded model, or of a checkpoint directory from its
     safetensors headers, without reading a weight (transformers saves a tied weight once)."""
-    if isinstance(model, (str, os.PathLike)):
-        from safetensors import safe_open
+    if not isinstance(model, (str, os.PathLike)):
+        return model.num_parameters()  # `named_parameters()` yields a tied weight once
+    from safetensors import safe_open
 
-        shapes = []
-        for file in sorted(Path(model).glob("*.safetensors")):
-            with safe_open(str(file), framework="pt") as st:
-                shapes += [st.get_slice(key).get_shape() for key in st.keys()]  # noqa: SIM118 (not iterable)
-    else:
-        shapes = [p.shape for p in {id(p): p for p in model.parameters()}.values()]
+    shapes = []
+    for file in sorted(Path(model).glob("*.safetensors")):
+        with safe_open(str(file), framework="pt") as st:
+            shapes += [st.get_slice(key).get_shape() for key in st.keys()]  # noqa: SIM118 (not iterable)
     return sum(math.prod(shape) for shape in shapes)
 
 
