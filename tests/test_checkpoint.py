@@ -83,3 +83,13 @@ print("agreed")
 """
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=False)
     assert done.stdout.strip() == "agreed", done.stderr[-2000:]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
+def test_load_and_import_take_the_config_s_dtype_names(tiny_models, tmp_path, dtype):
+    # Each name of TeacherConfig.dtype loads as the torch dtype of that name; "auto" keeps the checkpoint's own.
+    assert load_model(tiny_models["llama-tied"], dtype=dtype).dtype == getattr(torch, dtype)
+    import_model(str(tiny_models["llama-tied"]), tmp_path / "o", dtype=dtype)
+    saved = json.loads((tmp_path / "o" / "config.json").read_text())["dtype"]
+    assert saved == dtype
+    assert load_model(tmp_path / "o", dtype="auto").dtype == getattr(torch, dtype)
