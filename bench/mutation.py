@@ -159,7 +159,7 @@ def write_setup_cfg(tree: Path, module: dict) -> None:
 
 
 def run_module(name: str, tree: Path, work: Path, env: dict, fixtures: Path, max_children: int, sample: int,
-               seed: int) -> dict:
+               seed: int, only: list[str]) -> dict:
     module = MODULES[name]
     copy = work / name
     if copy.exists():
@@ -170,7 +170,9 @@ def run_module(name: str, tree: Path, work: Path, env: dict, fixtures: Path, max
     (work / f"fixtures-{name}.json").write_text(json.dumps(prebuilt))
     env = {**env, FIXTURES_ENV: str(work / f"fixtures-{name}.json")}
     names = module["patterns"]
-    if sample:
+    if only:
+        names = [n for n in only if n.startswith(module["file"][:-3].replace("/", ".") + ".")]
+    elif sample:
         names = sample_mutants(name, copy, env, sample, seed)
     subprocess.run([sys.executable, "-m", "mutmut", "run", f"--max-children={max_children}", *names],
                    cwd=copy, env=env, check=False)
@@ -242,6 +244,8 @@ def main() -> int:
     parser.add_argument("--sample", type=int, default=0,
                         help="test this many mutants per module, drawn uniformly (0: every mutant)")
     parser.add_argument("--seed", type=int, default=0, help="the sample's seed")
+    parser.add_argument("--mutants", nargs="+", default=[],
+                        help="test only these mutants (names as in the JSON, e.g. a run's survivors)")
     args = parser.parse_args()
 
     cache = REPO / ".cache"
@@ -254,7 +258,8 @@ def main() -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     print("| module | mutants (of all) | killed | score |\n| --- | ---: | ---: | ---: |")
     for name in args.modules:
-        result = run_module(name, tree, args.work, env, fixtures, args.max_children, args.sample, args.seed)
+        result = run_module(name, tree, args.work, env, fixtures, args.max_children, args.sample, args.seed,
+                            args.mutants)
         (args.out / f"{name}.json").write_text(json.dumps(result, indent=1))
         print(f"| {name} | {result['mutants']} ({result['all_mutants']}) | {result['killed']} "
               f"| {100 * (result['score'] or 0):.0f}% |", flush=True)

@@ -1,13 +1,19 @@
-"""What bench/mutation.py found no test for in prune.py: the manifest a pruned checkpoint carries."""
+"""What bench/mutation.py found no test for in prune.py: the manifest a pruned checkpoint carries, and a weight
+outside the layout pruning knows."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
 
+import pytest
+import torch
 from transformers import AutoConfig
 
 from secateurs import prune
+from secateurs.checkpoint import load_model
+from secateurs.families import Shape
+from secateurs.importance import load_importance
 from secateurs.manifest import MANIFEST, content_hash
 from secateurs.prune import PruneTarget
 
@@ -28,3 +34,17 @@ def test_a_pruned_checkpoint_records_its_inputs_target_and_report(tiny_models, t
     assert manifest["config"] == dataclasses.asdict(target)
     assert manifest["report"] == json.loads(json.dumps(report))
     assert report["family"] == AutoConfig.from_pretrained(model).model_type == "qwen2"
+
+
+def test_a_parameter_outside_the_known_layout_is_refused(tiny_models, tiny_importance):
+    """A checkpoint with a weight pruning does not know (outside the decoder layers too) is refused by name, not
+    silently dropped from the pruned model."""
+    model = load_model(tiny_models["llama-untied"])
+    scores, depth, _ = load_importance(tiny_importance["llama-untied"])
+    plan = prune.plan_pruning(Shape.of(model.config), scores, depth, PruneTarget(num_layers=3))
+    state = dict(model.state_dict())
+    assert len(prune.prune_state_dict(state, plan)) == len(state) - sum(
+        1 for n in state if n.startswith(f"model.layers.{set(range(4)).difference(plan.kept_layers).pop()}."))
+    state["model.vision_tower.weight"] = torch.zeros(2)
+    with pytest.raises(prune.PruneError, match="^unknown parameter model.vision_tower.weight: "):
+        prune.prune_state_dict(state, plan)
