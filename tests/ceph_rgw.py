@@ -52,9 +52,9 @@ class CephRGW:
                               timeout=timeout).stdout
 
     def _daemon(self, *args: str) -> None:
-        log = open(self.root / "log" / f"{args[0]}.out", "wb")
-        self.daemons.append(subprocess.Popen([*args, "-c", str(self._conf()), "-f"], stdout=log,
-                                             stderr=subprocess.STDOUT))
+        with open(self.root / "log" / f"{args[0]}.out", "wb") as log:  # the child keeps its own descriptor
+            self.daemons.append(subprocess.Popen([*args, "-c", str(self._conf()), "-f"], stdout=log,
+                                                 stderr=subprocess.STDOUT))
 
     def _wait(self, what: str, ready, timeout: float = 90) -> None:
         deadline = time.monotonic() + timeout

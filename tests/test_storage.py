@@ -25,11 +25,10 @@ from urllib.parse import urlsplit
 import botocore.exceptions
 import pytest
 from boto3.s3.transfer import TransferConfig
+from ceph_rgw import INSTALL, CephRGW, missing_tools
 
 from secateurs import storage
 from secateurs.manifest import MANIFEST
-
-from ceph_rgw import INSTALL, CephRGW, missing_tools
 
 MiB = 1 << 20
 # Small multipart settings so a 12 MiB file goes up and down in 3 parts (5 MiB is S3's minimum part size).
