@@ -219,7 +219,6 @@ def test_lambada_docs_items_are_deterministic_and_shared_by_models_of_one_tokeni
     assert few == [a[k * len(a) // 5] for k in range(5)]
 
 
-@pytest.mark.slow
 def test_real_model_beats_random_weights_on_lambada_docs(smollm2_dir, tiny_models, eval_data, tmp_path):
     real = evaluate.run(smollm2_dir, eval_data, tmp_path / "real", EvaluateConfig(max_sequences=1, limit=20))
     rand = evaluate.run(tiny_models["llama-untied"], eval_data, tmp_path / "rand", EvaluateConfig(max_sequences=1, limit=20))
