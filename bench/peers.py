@@ -57,6 +57,21 @@ STUDENTS = {
     "width": {"hidden_size": 384, "ffn_hidden_size": 1024, "num_attention_heads": 6},
     "depth": {"num_layers": 20},
 }
+# Random-weight Llama shapes for the GPU setting: teacher, and each student as overrides of it. The 8B teacher and
+# the Llama-3.1-Minitron-4B-Width/-Depth shapes (arXiv 2408.11796) need ~100 GB with full-vocabulary peers (the
+# student's fp32 weights, gradients and AdamW state alone are 72 GB): an H200. Llama-3.2-3B shapes fit an H100.
+_LLAMA = {"num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 128, "vocab_size": 128256,
+          "rope_theta": 500000.0, "max_position_embeddings": 8192, "rms_norm_eps": 1e-5}
+RANDOM_SHAPES = {
+    "llama31-8b": {"teacher": {**_LLAMA, "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32},
+                   "width": {"hidden_size": 3072, "intermediate_size": 9216}, "depth": {"num_hidden_layers": 16}},
+    "llama32-3b": {"teacher": {**_LLAMA, "hidden_size": 3072, "intermediate_size": 8192, "num_hidden_layers": 28,
+                               "num_attention_heads": 24},
+                   "width": {"hidden_size": 2048, "intermediate_size": 6144}, "depth": {"num_hidden_layers": 14}},
+    "tiny": {"teacher": {**_LLAMA, "hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 4,
+                         "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 32, "vocab_size": 49152},
+             "width": {"hidden_size": 96, "intermediate_size": 192}, "depth": {"num_hidden_layers": 2}},
+}  # fmt: skip
 
 
 def main() -> int:
@@ -78,16 +93,23 @@ def main() -> int:
     parser.add_argument("--students", default="width,depth", help="depth runs at 1 process, the first seed")
     parser.add_argument("--impls", default=None, help=f"comma list of {IMPLS} (default: {DEFAULT_IMPLS})")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    parser.add_argument("--teacher", default="smollm2-135m",
-                        help="teacher: a built-in model name, or a checkpoint dir (with --students-from)")
-    parser.add_argument("--students-from", type=Path, default=None,
-                        help="dir holding <student>/student checkpoints (skips pruning; for random-weight GPU shapes)")
+    parser.add_argument("--random-shapes", choices=["auto", *RANDOM_SHAPES], default=None,
+                        help="random-weight teacher and students of these shapes instead of SmolLM2 and its pruned "
+                        "students (for speed and memory at GPU scale; auto: by the GPU's memory)")
+    parser.add_argument("--peer-site", action="append", default=[], metavar="NAME=DIR",
+                        help="run peer environment NAME (nemo, trl) with this python and DIR first on PYTHONPATH "
+                        "instead of creating .cache/peers/NAME (a machine without network: bench/gpu_check.sh)")
     parser.add_argument("--work", type=Path, default=PEERS / "work")
     parser.add_argument("--out", type=Path, default=ROOT / "bench/results/cpu/peers.json")
     parser.add_argument("--plot", type=Path, default=ROOT / "docs/images/peers.png")
     parser.add_argument("--timeout", type=int, default=900, help="seconds one run may take")
     args = parser.parse_args()
     args.impls = args.impls or DEFAULT_IMPLS[args.device]
+    if args.random_shapes == "auto":
+        import torch
+
+        memory = torch.cuda.get_device_properties(0).total_memory if torch.cuda.is_available() else 0
+        args.random_shapes = "llama31-8b" if memory > 120 * 2**30 else "llama32-3b" if memory else "tiny"
     impls, seeds = args.impls.split(","), [int(s) for s in args.seeds.split(",")]
     unknown = sorted(set(impls) - set(IMPLS))
     if unknown:
@@ -95,13 +117,15 @@ def main() -> int:
     if args.global_batch % args.micro_batch or args.global_batch % (2 * args.micro_batch):
         sys.exit(f"--global-batch {args.global_batch} must be a multiple of 2 x --micro-batch {args.micro_batch}")
 
-    pythons = {impl: peer_python(impl) for impl in impls}
+    sites = dict(item.split("=", 1) for item in args.peer_site)
+    pythons = {impl: peer_python(impl, sites) for impl in impls}
     work = prepare(args)
     runs = []
     for student, processes, seed in plan(args, seeds):
         tokens = write_tokens(work, args, seed)
         for impl in impls:
-            runs.append(run_one(impl, pythons[impl], student, processes, seed, tokens, work, args))
+            python, site = pythons[impl]
+            runs.append(run_one(impl, python, site, student, processes, seed, tokens, work, args))
     report = summarise(runs, args, impls, pythons)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=1) + "\n")
@@ -133,11 +157,14 @@ def plan(args, seeds: list[int]) -> list[tuple[str, int, int]]:
 # ---- environments ----------------------------------------------------------------------------------------------
 
 
-def peer_python(impl: str) -> Path:
-    """The python that runs IMPL: this one for ours and plain; the peer's own environment otherwise (made here)."""
+def peer_python(impl: str, sites: dict[str, str]) -> tuple[Path, str | None]:
+    """The python that runs IMPL and a directory to put first on its PYTHONPATH: this python for ours and plain;
+    for a peer, its environment under .cache/peers (made here), or this python with the peer's `--peer-site`."""
     if impl not in VENV_OF:
-        return Path(sys.executable)
+        return Path(sys.executable), None
     name = VENV_OF[impl]
+    if name in sites:
+        return Path(sys.executable), sites[name]
     venv = PEERS / name
     marker = venv / "secateurs-pins.txt"
     pins = "\n".join([TORCH, *VENVS[name]])
@@ -153,12 +180,14 @@ def peer_python(impl: str) -> Path:
             subprocess.run([str(venv / "bin/python"), "-m", "pip", "uninstall", "-y", "-q", *UNINSTALL[name]],
                            check=True)  # fmt: skip
         marker.write_text(pins)
-    return venv / "bin/python"
+    return venv / "bin/python", None
 
 
-def installed_versions(python: Path, names: list[str]) -> dict:
+def installed_versions(python: Path, site: str | None, names: list[str]) -> dict:
     code = ("import json, importlib.metadata as m; print(json.dumps({n: m.version(n) for n in %r}))" % names)
-    return json.loads(subprocess.run([str(python), "-c", code], capture_output=True, text=True, check=True).stdout)
+    env = {**os.environ, **({"PYTHONPATH": site} if site else {})}
+    done = subprocess.run([str(python), "-c", code], capture_output=True, text=True, check=True, env=env)
+    return json.loads(done.stdout)
 
 
 # ---- inputs ----------------------------------------------------------------------------------------------------
@@ -172,10 +201,14 @@ def prepare(args) -> Path:
     from secateurs.data import prepare_data
     from secateurs.recipe import prune_student
 
-    work = args.work
-    teacher = work / "teacher"
-    if not teacher.exists():
-        import_model("smollm2-135m", teacher)
+    smollm2 = args.work / "teacher"
+    if not smollm2.exists():
+        import_model("smollm2-135m", smollm2)
+    work, teacher = args.work, smollm2
+    if args.random_shapes:
+        work = args.work / f"random-{args.random_shapes}"
+        teacher = work / "teacher"
+        make_random_models(work, args.random_shapes, args.students.split(","), smollm2)
     # Enough training sequences that every run stays within the sampler's first epoch.
     needed = args.steps * args.global_batch + args.val_sequences
     data = work / f"data-{args.seq_len}-{needed}"
@@ -184,18 +217,45 @@ def prepare(args) -> Path:
         settings = DataConfig(source="python-docs", seq_len=args.seq_len, max_tokens=args.seq_len * sequences,
                               val_fraction=0.1)  # fmt: skip
         prepare_data(teacher, data, settings)
+    if args.random_shapes:
+        return work
     # The students are pruned once, from importance scored on a calibration set of their own (the same whatever
     # --steps or --seq-len say), and kept: every run of every implementation starts from these weights.
     calibration = work / "calibration"
     if not calibration.exists():
         prepare_data(teacher, calibration, DataConfig(source="python-docs", seq_len=128, max_tokens=128 * 40,
                                                       val_fraction=0.1))  # fmt: skip
-    scoring = ImportanceConfig(samples=16, batch_size=8, block_sizes=[18], depth_samples=4)
+    # Small on purpose (a few minutes on 2 cores): the comparison needs fixed students, not the best ones.
+    scoring = ImportanceConfig(samples=16, batch_size=8, block_sizes=[29], depth_samples=2)
     for name in args.students.split(","):
         if not student_dir(work, name).exists():
             prune_student(teacher, calibration, work / "students", prune.PruneTarget(**STUDENTS[name]), scoring,
                           name=name)  # fmt: skip
     return work
+
+
+def make_random_models(work: Path, shapes: str, students: list[str], smollm2: Path) -> None:
+    """Random-weight Llama teacher and students of RANDOM_SHAPES[shapes], with SmolLM2's tokenizer (token ids below
+    its 49,152 are valid in any of these vocabularies); kept in WORK."""
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from secateurs.checkpoint import load_tokenizer
+
+    tokenizer = load_tokenizer(smollm2)
+    shape = RANDOM_SHAPES[shapes]
+    for name, overrides in [("teacher", {}), *[(s, shape[s]) for s in students]]:
+        out = work / "teacher" if name == "teacher" else student_dir(work, name)
+        if out.exists():
+            continue
+        config = LlamaConfig(**{**shape["teacher"], **overrides}, tie_word_embeddings=False, use_cache=False)
+        torch.manual_seed(0)
+        # bf16 on disk (what a GPU run loads the teacher in; the students are read into fp32 weights).
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+        model.save_pretrained(out)
+        tokenizer.save_pretrained(out)
+        del model
+
 
 
 def student_dir(work: Path, name: str) -> Path:
@@ -246,7 +306,7 @@ def write_tokens(work: Path, args, seed: int) -> dict:
 # ---- one run ---------------------------------------------------------------------------------------------------
 
 
-def run_one(impl, python, student, processes, seed, tokens, work, args) -> dict:
+def run_one(impl, python, site, student, processes, seed, tokens, work, args) -> dict:
     name = f"{impl}-{student}-p{processes}-seed{seed}"
     out = work / "runs" / name
     if out.exists():
@@ -273,7 +333,8 @@ def run_one(impl, python, student, processes, seed, tokens, work, args) -> dict:
     else:
         command = [str(python), "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}",
                    runner, impl, str(out / "spec.json")]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": str(spec["threads_per_process"]), "PYTHONPATH": str(ROOT),
+    path = os.pathsep.join([*([site] if site else []), str(ROOT)])
+    env = {**os.environ, "OMP_NUM_THREADS": str(spec["threads_per_process"]), "PYTHONPATH": path,
            "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}  # fmt: skip
     log(f"{name}: running")
     started = time.perf_counter()
@@ -300,6 +361,7 @@ def run_one(impl, python, student, processes, seed, tokens, work, args) -> dict:
         "step_seconds": main_rank["step_seconds"], "median_step_seconds": step_s,
         "tokens_per_s": args.global_batch * args.seq_len / step_s,
         "peak_rss_mib": [r["peak_rss_mib"] for r in ranks], "notes": main_rank["notes"],
+        "peak_cuda_mib": [r.get("peak_cuda_mib") for r in ranks],
     })  # fmt: skip
     if main_rank["order"] is not None:
         run["order_matches"] = order_matches([r["order"] for r in ranks], tokens["order"], args.global_batch)
@@ -335,6 +397,8 @@ def summarise(runs: list[dict], args, impls: list[str], pythons: dict) -> dict:
         entry = {
             "tokens_per_s_1p": statistics.median(r["tokens_per_s"] for r in width1),
             "peak_rss_mib_1p": statistics.median(max(r["peak_rss_mib"]) for r in width1),
+            **({"peak_cuda_mib_1p": statistics.median(max(r["peak_cuda_mib"]) for r in width1)}
+               if args.device == "cuda" else {}),
             "final_validation_mean": statistics.mean(last),
             "final_validation_spread": max(last) - min(last),
             "final_train_kl_mean": statistics.mean(kl_last),
@@ -356,15 +420,16 @@ def summarise(runs: list[dict], args, impls: list[str], pythons: dict) -> dict:
             ratios[f"ours/{impl}"] = {
                 key: summary["ours"][key] / entry[key]
                 for key in entry
-                if key in summary["ours"] and (key.startswith("tokens_per_s") or key.startswith("peak_rss"))
+                if key in summary["ours"] and key.startswith(("tokens_per_s", "peak_rss", "peak_cuda"))
             }  # fmt: skip
     versions = {}
-    for impl, python in pythons.items():
+    for impl, (python, site) in pythons.items():
         names = {"ours": ["torch", "transformers", "accelerate"], "plain": ["torch", "transformers"],
                  "trl": ["torch", "transformers", "accelerate", "trl"],
-                 "nemo": ["torch", "transformers", "nemo-automodel"]}[impl]  # fmt: skip
+                 "nemo": ["torch", "transformers", "nemo-automodel"],
+                 "nemo-loss": ["torch", "transformers", "nemo-automodel"]}[impl]  # fmt: skip
         try:
-            versions[impl] = installed_versions(python, names)
+            versions[impl] = installed_versions(python, site, names)
         except subprocess.CalledProcessError as error:
             versions[impl] = {"error": error.stderr[-300:]}
     return {
