@@ -224,6 +224,10 @@ def _wait_gone(custom, namespace: str, name: str, poll: float) -> None:
 
 def _wait(custom, core, namespace: str, name: str, job: JobPlacement) -> None:
     """Until the job completes (return) or fails (raise), streaming rank 0's log once its pod runs."""
+    # Polled rather than a `kubernetes.watch.Watch` with a field selector: each round reads two kinds of object
+    # (the TrainJob's conditions, and its node pods for the pending timeout and for a restarted rank 0's log), so
+    # it would take two watches, each ended by the server's timeout and resumed by resourceVersion (410 Gone
+    # handled). A GET of each every `poll_seconds` (10 s) is a few requests a minute for a job of hours.
     started, streaming, streamed = time.monotonic(), None, 0
     while True:
         trainjob = _get(custom, namespace, name)
