@@ -329,7 +329,7 @@ def shard(model, mesh, bf16: bool) -> None:
 
 def trace_forward(config: dict, batch: int, seq_len: int, bf16: bool = True, fake: bool = True,
                   step: str = "validation", block_sizes: tuple[int, ...] = (),
-                  lm_eval_tokens: int = 0) -> Traced:  # fmt: skip
+                  lm_eval_tokens: int = 0, beside: dict | None = None) -> Traced:  # fmt: skip
     """Peak bytes of a forward-only step on one batch of `batch` x `seq_len` tokens, through the step's own code.
 
     Args:
@@ -338,6 +338,8 @@ def trace_forward(config: dict, batch: int, seq_len: int, bf16: bool = True, fak
             validation loss of the model and of each model with layers left out, `block_sizes` as configured);
             "evaluate": the validation loss, then lm-eval's scoring (`lm_loss_requests`) of `batch` requests of
             `lm_eval_tokens` tokens.
+        beside: the config.json values of a model held beside it in memory (a search's parent, beside the
+            candidate it scores).
     """
     from torch._subclasses.fake_tensor import FakeTensorMode
 
@@ -348,11 +350,12 @@ def trace_forward(config: dict, batch: int, seq_len: int, bf16: bool = True, fak
     mode = FakeTensorMode() if fake else contextlib.nullcontext()
     with mode:
         model = model_from_config(config, torch.bfloat16 if bf16 else torch.float32).eval()
+        held = model_from_config(beside, torch.bfloat16 if bf16 else torch.float32).eval() if beside else None
         ids = torch.randint(0, config["vocab_size"], (batch, seq_len))
     lm = lm_eval_model(model, batch) if step == "evaluate" else None  # outside fake tensors: it reads real values
     with mode:
         tracker = _memory_tracker()
-        tracker.track_external(model, ids)
+        tracker.track_external(model, ids, *([held] if held is not None else []))
         phases = _Phases(tracker)
         with tracker, _watched(seen, fake):
             if step == "importance":
@@ -556,9 +559,23 @@ def trace_plan(config, extrapolate: bool = True, model_configs: dict[str, dict] 
         task = analytic.task
         if tasks is not None and task not in tasks:
             continue
-        if task.startswith("search"):
-            continue  # not traced yet: the search's candidate scoring and short runs
-        if task == "correct-teacher":
+        search = students[task.split(":", 1)[1]].search if task.startswith("search") else None
+        if task.startswith("search:") and search.latency is not None:
+            continue  # its candidates are chosen by measured engine throughput: the analytic plan decides
+        if task.startswith("search:"):
+            # The largest candidate the search scores (`search.enumerate_candidates`), beside its parent.
+            parent = students[task.split(":", 1)[1]].parent
+            models = {"student": largest_candidate(configs[parent], search), "parent": configs[parent]}
+            settings, kind = None, "search"
+        elif task.startswith("search-distill:"):
+            # Its short distillations, of a candidate no larger than the parent-bounded student shape.
+            from secateurs.search import short_distill_settings
+
+            name = task.split(":", 1)[1]
+            models = {"student": configs[name], "teacher": configs["teacher"]}
+            settings = short_distill_settings(students[name].distill or config.distill, search.tokens, seq_len)
+            kind = "distill"
+        elif task == "correct-teacher":
             models = {"student": configs["teacher"]}
             settings, kind = config.teacher_correction, "correct_teacher"
         elif task.startswith("distill:"):
@@ -569,10 +586,13 @@ def trace_plan(config, extrapolate: bool = True, model_configs: dict[str, dict] 
             largest = max(shapes, key=lambda n: shapes[n].parameters())
             models = {"student": configs["teacher" if task == "importance" else largest]}
             settings, kind = None, "forward"
-        batch = config.importance.batch_size if task == "importance" else config.evaluate.batch_size
+        batch = {"importance": config.importance.batch_size, "evaluate": config.evaluate.batch_size}.get(
+            task, search.batch_size if search else 0)  # fmt: skip
         world = analytic.gpus * analytic.nodes
 
         def run(cut: dict[str, dict], kind=kind, batch=batch, settings=settings, world=world, task=task) -> Traced:
+            if kind == "search":
+                return trace_forward(cut["student"], batch, seq_len, beside=cut["parent"])
             if kind == "forward":
                 return trace_forward(cut["student"], batch, seq_len, step=task,
                                      block_sizes=tuple(config.importance.block_sizes or ()),
@@ -580,7 +600,7 @@ def trace_plan(config, extrapolate: bool = True, model_configs: dict[str, dict] 
             return trace_training(kind, cut["student"], settings, seq_len, cut.get("teacher"), world=world)
 
         timed = None
-        if kind != "forward" and gpu is not None and analytic.tokens:
+        if kind not in ("forward", "search") and gpu is not None and analytic.tokens:
             def timed(cut: dict[str, dict], kind=kind, settings=settings) -> float:
                 return roofline_seconds(kind, cut["student"], settings, seq_len, cut.get("teacher"), gpu)
 
@@ -589,13 +609,31 @@ def trace_plan(config, extrapolate: bool = True, model_configs: dict[str, dict] 
     return steps
 
 
+def largest_candidate(parent: dict, settings) -> dict:
+    """The config.json values of the largest candidate a search of `parent` scores: the first of
+    `search.enumerate_candidates`, which lists them closest to the budget first."""
+    from transformers import AutoConfig
+
+    from secateurs.search import ParameterCounter, enumerate_candidates
+
+    values = dict(parent)
+    values.setdefault("model_type", "llama")
+    counter = ParameterCounter(AutoConfig.for_model(**values))
+    shape = enumerate_candidates(counter, settings)[0].shape
+    return dict(parent, hidden_size=shape.hidden_size, intermediate_size=shape.intermediate_size,
+                num_attention_heads=shape.num_attention_heads, num_key_value_heads=shape.num_key_value_heads,
+                num_hidden_layers=shape.num_hidden_layers)  # fmt: skip
+
+
 def _traced_step(analytic, models: dict[str, dict], run, extrapolate: bool, timed=None) -> TracedStep:
     import math
 
     counts = {k: c["num_hidden_layers"] for k, c in models.items()}
     g = math.gcd(*counts.values())
-    if not extrapolate or g <= 3:
+    if not extrapolate or max(counts.values()) <= 3:
         return TracedStep(analytic, run(models), "all", timed(models) if timed else None)
+    if g <= 3:  # layer counts without a common cut (a search's candidate beside its parent)
+        return _traced_apart(analytic, models, run)
     # Two and three times the smallest cut: with one layer the peak can sit where a deeper model's does not (a
     # forward pass's last layer output beside the loss), so one-layer traces are not on the line.
     m1, m2 = 2, 3
@@ -619,6 +657,30 @@ def _traced_step(analytic, models: dict[str, dict], run, extrapolate: bool, time
         t1, t2 = timed(cut[0]), timed(cut[1])
         seconds = t1 + (t2 - t1) * (g - m1) / (m2 - m1)
     return TracedStep(analytic, traced, f"{layers} (extrapolated)", seconds)
+
+
+def _traced_apart(analytic, models: dict[str, dict], run) -> TracedStep:
+    """Each category extrapolated linearly in each model's layer count apart: traced with every model at 2 layers,
+    then with each model in turn at 3 (every term is linear in each model's layers, as `_traced_step` says)."""
+    counts = {k: c["num_hidden_layers"] for k, c in models.items()}
+    base = run({k: dict(c, num_hidden_layers=2) for k, c in models.items()})
+    moved = {k: run({j: dict(c, num_hidden_layers=3 if j == k else 2) for j, c in models.items()}) for k in models}
+    phases = {}
+    for name in base.phases:
+        p0, c0 = base.phases[name]
+        peak = p0 + sum((moved[k].phases[name][0] - p0) * (counts[k] - 2) for k in models)
+        categories = {}
+        for cat in {*c0, *(c for k in models for c in moved[k].phases[name][1])}:
+            v0 = c0.get(cat, 0)
+            categories[cat] = int(v0 + sum((moved[k].phases[name][1].get(cat, 0) - v0) * (counts[k] - 2)
+                                           for k in models))  # fmt: skip
+        phases[name] = (int(peak), {k: v for k, v in categories.items() if v})
+    name = max(phases, key=lambda n: phases[n][0])
+    kernels = base.attention_kernels.union(*(t.attention_kernels for t in moved.values()))
+    traced = Traced(*phases[name], kernels, base.seconds + sum(t.seconds for t in moved.values()), phases=phases,
+                    peak_phase=name)  # fmt: skip
+    layers = ", ".join(f"{k}: 2 and 3 of {counts[k]}" for k in counts)
+    return TracedStep(analytic, traced, f"{layers} (extrapolated apart)")
 
 
 def format_traced(steps: list[TracedStep]) -> str:
@@ -722,6 +784,9 @@ def check(config) -> list:
 
     plans = plan.plan(config)
     near = {s.task for s in plans if s.available and s.total * (1 + AGREEMENT) > plan.HEADROOM * s.available}
+    # Without gradient checkpointing a layer keeps more for backward than the analytic plan counts (1.7x at
+    # Llama-3.1-8B's shapes, traced): there the trace is the plan.
+    near |= {s.task for s in plans if s.available and s.parallelism != "forward" and not s.checkpointing}
     if not near:
         return plans
     key = config.model_dump_json()  # `compile` then `submit` of one config trace once
