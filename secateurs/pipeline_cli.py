@@ -430,6 +430,7 @@ def rehearse(config: Path, directory: Path, teacher_config: Path | None = None) 
     if directory.exists() and any(directory.iterdir()) and not (directory / REHEARSAL_FILE).is_file():
         raise PipelineError(f"{directory} exists and is not a rehearsal directory: give another --dir")
     lib.check_sources(real, local_only=True)  # seconds, before anything is written
+    lib.stop_leftovers(directory)  # of a killed rehearsal of the same directory, before its files go
     shutil.rmtree(directory, ignore_errors=True)
     directory.mkdir(parents=True)
     (directory / REHEARSAL_FILE).write_text(json.dumps({"config": str(Path(config).absolute())}))
@@ -461,7 +462,10 @@ def rehearse(config: Path, directory: Path, teacher_config: Path | None = None) 
             _run_locally(build_pipeline(cfg, tracking_uri=state["tracking_uri"]), state, directory / "artifacts")
         except PipelineError as e:
             failure = str(e)
-        rows = lib.rehearsal_rows(real, cfg, scaling, recorded_outputs(state))
+        recorded = recorded_outputs(state)
+        rows = lib.rehearsal_rows(real, cfg, scaling, recorded)
+        if lib.multi_node_steps(real):  # each as the Trainer runtime runs its nodes, on what the graph recorded
+            rows += lib.rehearse_nodes(real, cfg, recorded, directory)
     typer.echo(f"rehearsal of {config} (width factor {scaling.width_factor}):")
     typer.echo(lib.format_rows(rows))
     if failure:

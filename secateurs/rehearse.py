@@ -48,8 +48,8 @@ MIN_SEQ_LEN = 64
 SEQUENCES_PER_SOURCE = 40
 # Importance and evaluation read this many validation sequences at most.
 REHEARSAL_SAMPLES = 8
-# Items of each evaluation task.
-REHEARSAL_TASK_ITEMS = 4
+# Items of each evaluation task (of each task of a group: mmlu's 57 make 228 loglikelihood requests a model).
+REHEARSAL_TASK_ITEMS = 1
 # Engine benchmark: requests and repeats at the rehearsal's scale.
 REHEARSAL_ENGINE_BATCH = 2
 
@@ -429,9 +429,17 @@ def rehearsal_environment(directory: Path, buckets: set[str], extra: dict[str, s
 
     The steps are subprocesses of this one (kfp.local's SubprocessRunner): they inherit this environment.
     """
+    import signal
+
+    # A terminated rehearsal ends as an interrupted one does: through the `finally` below, which ends its steps.
+    previous_handler = signal.signal(signal.SIGTERM, _exit_on_sigterm)
     server, endpoint = None, None
     if buckets:
-        from moto.server import ThreadedMotoServer
+        try:
+            from moto.server import ThreadedMotoServer
+        except ImportError:
+            raise RehearsalError("the rehearsal serves the config's s3:// locations from a local S3 server, moto: "
+                                 "pip install 'secateurs[rehearse]'") from None
 
         port = _free_port()
         server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
@@ -458,8 +466,44 @@ def rehearsal_environment(directory: Path, buckets: set[str], extra: dict[str, s
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+        end_children()
+        signal.signal(signal.SIGTERM, previous_handler)
         if server is not None:
             server.stop()
+
+
+def _exit_on_sigterm(signum, frame):
+    raise SystemExit(128 + signum)
+
+
+def end_children(timeout: float = 10.0) -> None:
+    """End every process this one started that is still running (kfp.local's step processes, torchrun and its
+    workers): terminate, then kill what is left after TIMEOUT seconds."""
+    import psutil
+
+    children = psutil.Process().children(recursive=True)
+    for child in children:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            child.terminate()
+    _, alive = psutil.wait_procs(children, timeout=timeout)
+    for child in alive:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            child.kill()
+
+
+def stop_leftovers(directory: Path) -> None:
+    """End the processes a killed rehearsal of DIRECTORY left (a step of its graph outlives a SIGKILL of the
+    rehearsal): those whose command line names the directory, which only a rehearsal's steps do."""
+    import psutil
+
+    me = psutil.Process()
+    spared = {me.pid, *(p.pid for p in me.parents())}  # this rehearsal and what started it (a shell, timeout)
+    found = [p for p in psutil.process_iter(["pid", "cmdline"])
+             if p.info["pid"] not in spared and str(directory) in " ".join(p.info["cmdline"] or [])]  # fmt: skip
+    for p in found:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            p.kill()
+    psutil.wait_procs(found, timeout=10)
 
 
 def _free_port() -> int:
@@ -833,3 +877,78 @@ def _modelopt_fp8(model_dir: Path, batches, out: Path, config_name: str) -> dict
         raise RehearsalError(f"ModelOpt exported no FP8 checkpoint (quantization_config: {quant})")
     return {"quant_algo": quant["quant_algo"], "ignore": quant.get("ignore", []),
             "files": sorted(p.name for p in (out / "checkpoint").iterdir())}  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------- several nodes
+def multi_node_steps(real: PipelineConfig) -> dict[str, int]:
+    """Training step kind -> nodes, for the kinds the real config runs on more than one node."""
+    return {kind: n for kind, n in real.placement.nodes.items() if n > 1}
+
+
+def rehearse_nodes(real: PipelineConfig, rehearsed: PipelineConfig, recorded: dict[tuple[str, str], str],
+                   directory: Path) -> list[dict[str, str]]:  # fmt: skip
+    """Each training step the real config runs on several nodes, run again after the graph as the Trainer runtime
+    runs it: the TrainJob's own command and environment (`trainjob.trainjob_manifest`, the code that builds the
+    job) in two torchrun agents on this machine, with the `PET_*` variables the torch-distributed runtime sets in
+    each node's pod, one process each, on the step's recorded inputs. Returns one table row per step."""
+    import socket
+    import subprocess
+    import sys
+
+    from secateurs.trainjob import JobPlacement, trainjob_manifest
+
+    rows = []
+    for kind, nodes in multi_node_steps(real).items():
+        step, settings, inputs = _multi_node_task(kind, rehearsed, recorded)
+        row = {"step": f"{step} on {nodes} nodes", "status": NOT_RUN,
+               "scaled": f"{nodes} nodes x {real.placement.processes_of(kind)} processes -> 2 torchrun agents x 1 "
+                         "process (the TrainJob's command and environment, PET_* as the torch-distributed runtime sets them)",
+               "not exercised": "the Kubeflow Trainer controller, JobSet and pod scheduling; Secret-filled variables"}  # fmt: skip
+        rows.append(row)
+        if inputs is None:
+            continue
+        placement = real.placement.model_copy(deep=True)
+        placement.cache_volume.mount_path = str(directory / "volume")
+        job = JobPlacement.of(placement, kind, placement.resolved_images()["secateurs"])
+        work = directory / "nodes" / step.replace(":", "-")
+        work.mkdir(parents=True, exist_ok=True)
+        (work / "settings.json").write_text(settings.model_dump_json())
+        trainer = trainjob_manifest(f"rehearsal-{kind}", STEP_COMMAND[kind], inputs, str(work / "out"),
+                                    str(work / "settings.json"), job)["spec"]["trainer"]  # fmt: skip
+        command = [sys.executable if trainer["command"][0] == "python" else trainer["command"][0], *trainer["command"][1:]]
+        env = {**os.environ, **{e["name"]: e["value"] for e in trainer["env"] if "value" in e}}
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = str(s.getsockname()[1])
+        agents = [subprocess.Popen(command, env={**env, "PET_NNODES": "2", "PET_NPROC_PER_NODE": "1",
+                                                 "PET_NODE_RANK": str(rank), "PET_MASTER_ADDR": "127.0.0.1",
+                                                 "PET_MASTER_PORT": port})
+                  for rank in (0, 1)]  # fmt: skip
+        codes = [agent.wait() for agent in agents]
+        if codes == [0, 0] and (work / "out" / "secateurs.json").is_file():
+            row["status"] = RAN
+    return rows
+
+
+# The `secateurs` command of each training step kind (its TrainJob's command).
+STEP_COMMAND = {"correct_teacher": "correct-teacher", "distill": "distill"}
+
+
+def _multi_node_task(kind: str, cfg: PipelineConfig, recorded: dict[tuple[str, str], str]):
+    """(task key, settings, command inputs) of the first task of step KIND in the rehearsed graph, its inputs as
+    the graph recorded them; inputs None when the graph did not record them."""
+    from secateurs.pipelines.recipe import recipe
+
+    steps = [s for s in recipe(cfg) if s.kind == kind]
+    step = steps[0]
+    settings = cfg.teacher_correction if kind == "correct_teacher" else next(
+        (s.distill or cfg.distill) for s in cfg.students if s.name == step.student)  # fmt: skip
+    # The component's input names -> the command's options (components/steps.py: correct_teacher, distill).
+    options = {"correct_teacher": {"model": "model", "dataset": "data"},
+               "distill": {"teacher": "teacher", "model": "student", "dataset": "data"}}[kind]  # fmt: skip
+    inputs = {}
+    for name, ref in step.inputs.items():
+        if ref not in recorded:
+            return step.key, settings, None
+        inputs[options[name]] = recorded[ref]
+    return step.key, settings, inputs

@@ -235,3 +235,28 @@ def test_flagship_rehearsal(tmp_path):
     assert list(home.iterdir()) == []
     mine = [p for p in psutil.process_iter(["cmdline"]) if str(directory) in " ".join(p.info["cmdline"] or [])]
     assert mine == []
+
+
+def test_leftovers_of_a_killed_rehearsal_are_ended(tmp_path):
+    """A step process outlives a SIGKILL of its rehearsal; the next rehearsal of the directory ends it first (and
+    spares itself and what started it)."""
+    import psutil
+
+    directory = tmp_path / "rehearsal"
+    step = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)", str(directory / "artifacts")])
+    try:
+        rehearse.stop_leftovers(directory)
+        step.wait(timeout=20)  # returns: the 600 s sleep is over (psutil reaped it, so its status reads 0)
+        assert not psutil.pid_exists(step.pid)
+    finally:
+        step.kill()
+    assert psutil.Process().is_running()
+
+
+def test_children_ended_when_the_rehearsal_ends(tmp_path):
+    import psutil
+
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    rehearse.end_children(timeout=5)
+    child.wait(timeout=20)
+    assert not psutil.pid_exists(child.pid)
