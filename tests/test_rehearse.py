@@ -260,3 +260,34 @@ def test_children_ended_when_the_rehearsal_ends(tmp_path):
     rehearse.end_children(timeout=5)
     child.wait(timeout=20)
     assert not psutil.pid_exists(child.pid)
+
+
+def _flagship_with_search(raw):
+    raw["students"] = [{"name": "auto", "search": {"params": 4.5e9, "tolerance": 0.05, "top_k": 3}}]
+
+
+def test_search_budget_is_the_same_fraction_of_the_teacher(tmp_path):
+    from secateurs.families import Shape
+
+    config = _flagship_with(tmp_path, _flagship_with_search)
+    real = load_config(config)
+    shape = json.loads(LLAMA_8B.read_text())
+    cfg, _ = rehearse.scale_config(real, shape, tmp_path / "t", tmp_path, None, 49152)
+    params = {k: Shape.of(type("C", (), c)).parameters() for k, c in
+              (("real", shape), ("small", rehearse.scaled_teacher_config(shape, 32, 49152)))}  # fmt: skip
+    assert params["real"] == 8_030_261_248  # Llama-3.1-8B's published count
+    search = cfg.students[0].search
+    assert search.params == pytest.approx(4.5e9 * params["small"] / params["real"], rel=1e-12)
+    assert (search.hidden_divisor, search.ffn_divisor, search.top_k) == (2, 2, 2)
+    assert search.tokens == 4 * cfg.distill.global_batch_size * cfg.data.seq_len
+    assert cfg.distill.parallelism == "fsdp" and cfg.placement.processes["distill"] == 2
+
+
+@pytest.mark.e2e
+def test_search_student_under_fsdp_rehearsed(tmp_path):
+    """A search student's candidates distilled briefly under fsdp at 2 processes, through the flagship's graph."""
+    config = _flagship_with(tmp_path, _flagship_with_search)
+    done = _secateurs("rehearse", config, "--dir", tmp_path / "r", env={"HOME": str(tmp_path)})
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    for key in ("search:auto", "search-distill:auto", "search-pick:auto", "distill:auto"):
+        assert f"| {key} | ran |" in done.stdout
