@@ -656,12 +656,6 @@ def run(model_dir: str | Path, calib_dataset: str | Path | None, out_dir: str | 
     Returns:
         The benchmark results (`bench_engine`'s).
     """
-    from secateurs.rehearse import REHEARSAL_ENV
-
-    if settings.backend == TensorRTLLM.name and os.environ.get(REHEARSAL_ENV):
-        from secateurs.rehearse import rehearse_tensorrt_llm  # everything up to the GPU-only call
-
-        return rehearse_tensorrt_llm(model_dir, calib_dataset, out_dir, settings)
     lengths = parse_lengths(settings.lengths)
     build_engine(model_dir, settings.backend, settings.precision, out_dir, lengths=lengths, calib_dataset=calib_dataset)
     return bench_engine(out_dir, lengths, batch=settings.batch, repeats=settings.repeats)
