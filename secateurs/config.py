@@ -15,7 +15,7 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from secateurs.placement import PlacementConfig, TrackingConfig
+from secateurs.placement import PlacementConfig
 from secateurs.steps import STEPS
 
 # How layers are ranked for depth pruning (Minitron, arXiv 2407.14679 and 2408.11796: Block Influence, LM-loss
@@ -352,6 +352,19 @@ class StudentConfig(Section):
         if (self.prune is None) == (self.search is None):
             raise ValueError("give either prune (a target shape) or search (a budget), not both or neither")
         return self
+
+
+class TrackingConfig(Section):
+    """Where the run's records go: the MLflow server and the KFP pipeline root."""
+
+    uri: str | None = Field(
+        None,
+        description="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///<run dir>/mlflow.db).",
+    )
+    pipeline_root: str | None = Field(
+        None,
+        description="Where KFP keeps artifacts: a local dir or s3://bucket/prefix (default: <run dir>/artifacts).",
+    )
 
 
 class PipelineConfig(Section):

@@ -1,8 +1,8 @@
-"""Where the pipeline's steps run and where their records go: the `placement` and `tracking` config sections.
+"""Where the pipeline's steps run: the `placement` config section.
 
 Consumed by `secateurs.pipelines` (which turns `PlacementConfig` into KFP task settings in one helper) and by
 `secateurs.pipeline_cli` (which checks, before any compute, that a local run asks for no GPU it does not have
-and that the tracking and storage endpoints answer). Pure pydantic: importing it needs no kfp.
+and that the storage endpoints answer). Pure pydantic: importing it needs no kfp.
 
 Secrets are named, never given: `secrets` maps a Kubernetes Secret to the environment variables it fills, so a
 compiled pipeline holds Secret names and keys only, never credential values.
@@ -215,14 +215,3 @@ class PlacementConfig(_Section):
         env = os.environ if environ is None else environ
         given = {"secateurs": self.image, "tensorrt-llm": self.tensorrt_llm_image}
         return {role: given[role] or env.get(IMAGE_ENV[role]) or DEFAULT_IMAGES[role] for role in DEFAULT_IMAGES}
-
-
-class TrackingConfig(_Section):
-    uri: str | None = Field(
-        None,
-        description="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///<run dir>/mlflow.db).",
-    )
-    pipeline_root: str | None = Field(
-        None,
-        description="Where KFP keeps artifacts: a local dir or s3://bucket/prefix (default: <run dir>/artifacts).",
-    )
