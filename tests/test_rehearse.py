@@ -224,8 +224,8 @@ def test_flagship_rehearsal(tmp_path):
     directory = tmp_path / "rehearsal"
     done = _secateurs("rehearse", FLAGSHIP, "--dir", directory, env={"HOME": str(home)})
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    table = done.stdout[done.stdout.index("| step |"):]
-    rows = [line.split(" | ")[:2] for line in table.splitlines()[2:] if line.startswith("| ")]
+    table = done.stdout[done.stdout.index("| step |"):].split("\n\n")[0]
+    rows = [line.split(" | ")[:2] for line in table.splitlines()[2:]]
     status = {step.removeprefix("| "): s for step, s in rows}
     assert status["engine:teacher"] == status["engine:width"] == "ran up to the GPU-only call"
     assert {s for k, s in status.items() if not k.startswith("engine")} == {"ran"}
