@@ -20,13 +20,13 @@ read), which are rebuilt in every process as in the real suite.
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 import shutil
 import subprocess
 import sys
 import tarfile
-import io
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -37,31 +37,38 @@ FIXTURES_ENV = "SECATEURS_MUTATION_FIXTURES"
 # The session fixtures of tests/conftest.py that are built once; per module, those it produces are rebuilt.
 SHARED_FIXTURES = ["smollm2_dir", "tokenizer_dir", "tiny_models", "docs_dir", "tiny_data", "tiny_importance"]
 
-# module -> (file, mutant name patterns or [] for every function, fixtures it produces, the fast tests covering it).
-# data.py: only the blend (blend_counts, blend_index) and the reader (shards, PackedSplit, PackedDataset, load_packed);
-# the tests deselected there are its minute-long resume runs, which exercise preparation, not the reader.
+# module -> its file, mutant name patterns ([] for every function), the session fixtures it produces (rebuilt for
+# every mutant), and the fast tests that cover it. The data blend and reader: data/blend.py and data/reader.py
+# since data.py became a package; in a tree from before, the same functions of data.py by name. The tests
+# deselected there are the minute-long resume runs, which exercise preparation, not the blend or the reader.
+DATA_TESTS = ["tests/test_data.py", "tests/test_mutants_data.py",
+              "-k", "not killed_preparation and not in_every_process and not interrupted_preparation"]
 MODULES: dict[str, dict] = {
-    "prune": dict(file="secateurs/prune.py", patterns=[], produces=[],
-                  tests=["tests/test_prune.py", "tests/test_mutants_prune.py"]),
-    "importance": dict(file="secateurs/importance.py", patterns=[], produces=["tiny_importance"],
-                       tests=["tests/test_importance.py", "tests/test_mutants_importance.py"]),
-    "losses": dict(file="secateurs/losses.py", patterns=[], produces=[],
-                   tests=["tests/test_losses.py", "tests/test_mutants_losses.py"]),
-    "data": dict(
-        file="secateurs/data.py",
-        patterns=["secateurs.data.x_blend_counts__*", "secateurs.data.x_blend_index__*", "secateurs.data.x__shards__*",
-                  "secateurs.data.x__shard_bytes__*", "secateurs.data.x_shard_root__*",
-                  "secateurs.data.x__verify_shard__*", "secateurs.data.xǁPackedSplitǁ*",
-                  "secateurs.data.xǁPackedDatasetǁ*", "secateurs.data.x_load_packed__*"],
-        produces=["tiny_data", "tiny_importance"],
-        tests=["tests/test_data.py", "tests/test_mutants_data.py",
-               "-k", "not killed_preparation and not in_every_process and not interrupted_preparation"]),
-    "plan": dict(file="secateurs/plan.py", patterns=[], produces=[],
-                 tests=["tests/test_plan.py", "tests/test_mutants_plan.py"]),
-    "checkpoint": dict(file="secateurs/checkpoint.py", patterns=[],
-                       produces=["smollm2_dir", "tokenizer_dir", "tiny_models", "tiny_data", "tiny_importance"],
-                       tests=["tests/test_checkpoint.py", "tests/test_mutants_checkpoint.py"]),
+    "prune": {"file": "secateurs/prune.py", "patterns": [], "produces": [],
+              "tests": ["tests/test_prune.py", "tests/test_mutants_prune.py"]},
+    "importance": {"file": "secateurs/importance.py", "patterns": [], "produces": ["tiny_importance"],
+                   "tests": ["tests/test_importance.py", "tests/test_mutants_importance.py"]},
+    "losses": {"file": "secateurs/losses.py", "patterns": [], "produces": [],
+               "tests": ["tests/test_losses.py", "tests/test_mutants_losses.py"]},
+    "data-blend": {"file": "secateurs/data/blend.py", "patterns": [], "produces": ["tiny_data", "tiny_importance"],
+                   "tests": DATA_TESTS},
+    "data-reader": {"file": "secateurs/data/reader.py", "patterns": [], "produces": ["tiny_data", "tiny_importance"],
+                    "tests": DATA_TESTS},
+    "plan": {"file": "secateurs/plan.py", "patterns": [], "produces": [],
+             "tests": ["tests/test_plan.py", "tests/test_mutants_plan.py"]},
+    "checkpoint": {"file": "secateurs/checkpoint.py", "patterns": [],
+                   "produces": ["smollm2_dir", "tokenizer_dir", "tiny_models", "tiny_data", "tiny_importance"],
+                   "tests": ["tests/test_checkpoint.py", "tests/test_mutants_checkpoint.py"]},
+    # The blend and reader in a tree where they were still functions of data.py.
+    "data": {"file": "secateurs/data.py",
+             "patterns": ["secateurs.data.x_blend_counts__*", "secateurs.data.x_blend_index__*",
+                          "secateurs.data.x__shards__*", "secateurs.data.x__shard_bytes__*",
+                          "secateurs.data.x_shard_root__*", "secateurs.data.x__verify_shard__*",
+                          "secateurs.data.xǁPackedSplitǁ*", "secateurs.data.xǁPackedDatasetǁ*",
+                          "secateurs.data.x_load_packed__*"],
+             "produces": ["tiny_data", "tiny_importance"], "tests": DATA_TESTS},
 }
+DEFAULT_MODULES = ["prune", "importance", "losses", "data-blend", "data-reader", "plan", "checkpoint"]
 
 # mutmut's exit codes (mutmut/stats.py status_by_exit_code): 1 and 3 killed, 0 survived, 33/5 no tests,
 # 36/24/-24/152/255 timeout (a mutant that loops forever is caught by the time limit, so it counts as killed).
@@ -227,16 +234,17 @@ def summarize(name: str, copy: Path, env: dict, names: list[str]) -> dict:
     diffs = {}
     for key in survived + untested:
         shown = subprocess.run([sys.executable, "-m", "mutmut", "show", key], cwd=copy, env=env,
-                               capture_output=True, text=True)
+                               capture_output=True, text=True, check=False)
         diffs[key] = shown.stdout
-    return dict(module=name, file=module["file"], all_mutants=all_mutants, mutants=len(codes), killed=len(killed), survived=survived,
-                no_tests=untested, other={k: codes[k] for k in other},
-                score=len(killed) / len(codes) if codes else None, diffs=diffs, tests=module["tests"])
+    return {"module": name, "file": module["file"], "all_mutants": all_mutants, "mutants": len(codes),
+            "killed": len(killed), "survived": survived, "no_tests": untested, "other": {k: codes[k] for k in other},
+            "score": len(killed) / len(codes) if codes else None, "diffs": diffs, "tests": module["tests"]}
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--modules", nargs="+", default=list(MODULES), choices=list(MODULES))
+    parser.add_argument("--modules", nargs="+", default=DEFAULT_MODULES, choices=list(MODULES),
+                        help="in a tree from before data.py became a package, name `data` for its blend and reader")
     parser.add_argument("--work", type=Path, default=Path("/tmp/secateurs-mutation"))
     parser.add_argument("--rev", default="HEAD")
     parser.add_argument("--max-children", type=int, default=2)
