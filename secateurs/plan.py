@@ -1,44 +1,43 @@
 """The memory plan: bytes per GPU of every GPU step, worked out from the config before anything runs.
 
-For each training step (teacher correction, distillation of each student, and a search's short distillations,
-which run as distillation runs) under its parallelism and process count, and for the forward-only steps
-(importance, evaluation, and a search's scoring, which holds one candidate pruned from the parent beside it: at
-most the budget's parameters in bf16):
-- weights, gradients and AdamW state of the trained model: fp32, 4 + 4 + 8 bytes a parameter, divided by the
-  number of shards (1 under ddp; every process of the run under fsdp);
-- under fsdp, the parameters FSDP2 gathers in bf16 while it computes: the root module's (embeddings, LM head,
-  final norm: it keeps them whole from forward to backward) and two decoder layers' (the one computing, the one
-  prefetched);
-- the gradients' communication buffers ("grad reduce"). Under fsdp the gradients are reduce-scattered every
-  micro-batch in fp32 (`secateurs.train`: accelerate's `sync_each_batch`, `reduce_dtype` float32), so what exists
-  beside the sharded fp32 gradients is one FSDP unit's worth at a time: its unsharded bf16 gradients (2 bytes a
-  parameter), the fp32 reduce-scatter input FSDP2 copies them into (4) and the fp32 output, one shard's (4 / shards),
-  counted for the largest unit, a decoder layer or the LM head (accelerate >= 1.14 gives the embeddings and
-  [final norm, LM head] units of their own). Under ddp with more than one process, DDP's reducer keeps its
-  buckets, a second fp32 copy of every gradient (`gradient_as_bucket_view` is off);
-- the frozen teacher of distillation, replicated in bf16 (`secateurs.train` says why it is not sharded), and its
-  forward pass's transient activations (one layer's at a time, and its final hidden states);
-- activations of one micro-batch in bf16, with gradient checkpointing (every layer's input, plus one layer's
-  activations being recomputed) and without (every layer's activations), counted per token and layer as the
-  tensors a Llama-family layer keeps for backward: two norm inputs and outputs (4h), queries and attention
-  output (2 heads x head_dim), keys and values (2 kv x head_dim), and the MLP's gate, up, activation and product
-  (4 ffn); attention itself is SDPA's fused kernel, which keeps no sequence x sequence matrix;
-- every copy of the logits that exists: in training, fp32 logits, their softmax and their gradient (3 x 4 bytes a
-  vocabulary entry) for a KD chunk of `kd_chunk_size` tokens, or for the whole micro-batch in teacher
-  correction's plain LM loss; in the forward steps, the validation loss's one fp32 chunk of `LOSS_CHUNK_TOKENS`
-  positions (`secateurs.evaluate.validation_loss`, which the importance depth scan and a search's scoring call
-  too); and in evaluation, also lm-eval's batch: bf16 logits and their fp32 log-softmax (2 + 4 bytes) of
-  `batch_size` requests padded to the longest, assumed at most `LM_EVAL_CONTEXT_TOKENS` tokens. Loss and tasks run
-  one after the other, so the larger of the two counts;
-- the process's runtime ("runtime"): the CUDA context, cuBLAS workspaces and, with more than one process, NCCL's
-  buffers, as the constants below.
-A step fits when the sum is at most `HEADROOM` of the GPU's memory: the rest is left to the caching allocator's
-fragmentation.
+Each step's bytes are its common terms plus those of its largest moment: terms of different moments do not exist
+at once (a forward step frees a layer's transients before it forms the logits). `secateurs.trace` runs each
+step's own code under fake tensors at the same shapes; on the flagship config the two agree within 1% on every
+step (tests/test_plan_trace.py), and the refusal of `compile`, `submit` and `run` traces a step wherever this plan
+puts it within that agreement of its GPU's memory (`trace.check`).
 
-What is measured and what is assumed: every term but the runtime is counted from the shapes and settings, not
-measured; the runtime constants, the allocator's share and lm-eval's context length are assumptions, each with its
-source below. On a GPU, the activation and KD-chunk terms came out below the measured step (README), so the plan is
-a floor. The GPU-hours are worked at a measured throughput (`MEASURED_TOKENS_PER_SECOND`) unless one is given.
+Training steps (teacher correction, distillation of each student, a search's short distillations), under their
+parallelism and process count:
+- common: the trained model's fp32 weights, gradients and AdamW state (4 + 4 + 8 bytes a parameter, over the
+  shards: 1 under ddp, every process under fsdp); the frozen teacher of distillation, replicated in bf16; under
+  ddp with several processes, DDP's buckets ("grad reduce"), a second fp32 copy of the gradients; the runtime;
+- the loss: under fsdp the root and [final norm, LM head] units FSDP2 keeps gathered from forward into backward
+  ("gathered", bf16); under ddp, autocast's cached bf16 copy of every weight; the activations backward keeps
+  (with gradient checkpointing each layer's input; without, every layer's saved tensors, counted per token as the
+  tensors a Llama-family layer keeps, `activation_elements`, which the trace finds 1.7x too few, so such steps are
+  traced before they are accepted); the teacher's hidden states the KD loss reads; and the logits: teacher
+  correction's whole micro-batch through transformers' loss (bf16 logits, their fp32 copy and log-softmax,
+  counted as 3 x 4 bytes), or the KD loss's chunk (`kd_chunk_bytes`: five fp32 [chunk, V] buffers and the
+  student LM head's fp32 gradient);
+- a layer's backward: under fsdp the root units and two decoder layers gathered, and the gradients' reduction
+  buffers (reduce-scattered every micro-batch in fp32, `sync_each_batch`: the largest unit's bf16 gradients, the
+  fp32 reduce-scatter input and one shard of its output, `gradient_buffers`); the checkpointed inputs and one
+  layer's recomputed activations;
+- the teacher's forward (distillation): one of its layers' transients (`forward_elements`).
+Forward steps (importance and its depth scan, evaluation, a search's scoring, which holds a candidate at most the
+budget's size beside the parent): the bf16 weights and the runtime, and the largest of a layer's transients, the
+validation loss's final hidden states and one fp32 chunk of `LOSS_CHUNK_TOKENS` positions' logits, and in
+evaluation lm-eval's scoring of a batch of `batch_size` requests of `LM_EVAL_CONTEXT_TOKENS` tokens: bf16 logits,
+the fp32 copy log-softmax makes of them and its fp32 output (2 + 4 + 4 bytes a vocabulary entry).
+The runtime: the CUDA context, cuBLAS workspaces and, with more than one process, NCCL's buffers, as the constants
+below. A step fits when the sum is at most `HEADROOM` of the GPU's memory: the rest is left to the caching
+allocator's fragmentation.
+
+What is counted, assumed and measured: every term but the runtime is counted from the shapes and settings; the
+runtime constants, the allocator's share and lm-eval's request length are assumptions, each with its source below.
+The GPU-hours are worked at a measured throughput (`MEASURED_TOKENS_PER_SECOND`) unless one is given; beside them,
+the bytes one GPU sends per micro-batch in FSDP's collectives (`communication_bytes`) and their hours at NVLink's
+bandwidth in one node or `placement.network_bandwidth` across nodes.
 
 The GPU's memory is `placement.gpu_memory`, else read from the node selector's `nvidia.com/gpu.product` label
 (`NVIDIA-H100-80GB-HBM3` -> 80 GiB). Model shapes come from the teacher's config.json (a local checkpoint, the
