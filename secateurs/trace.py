@@ -4,10 +4,18 @@
 PyTorch's `FakeTensorMode`, where a tensor has a shape, dtype and device but no storage, and runs the step's own
 code on it:
 - teacher correction: `secateurs.train.LMTrainer.compute_loss`, its backward, for `MICRO_BATCHES` micro-batches of
-  gradient accumulation, then the Trainer's optimizer (`adamw_torch_fused`, transformers' default) step;
-- distillation: `secateurs.train.DistillationTrainer.compute_loss` (frozen bf16 teacher, chunked KD loss, the
-  intermediate loss and its projections where configured), the same accumulation and optimizer step;
-- importance (its depth scan) and evaluation: `secateurs.evaluate.validation_loss` on one batch.
+  gradient accumulation, then the Trainer's optimizer (`adamw_torch_fused`, transformers' default) step; the
+  traced step is the second (the first, untraced, makes AdamW's state, which every later step runs beside);
+- distillation (and a search's short distillations): `secateurs.train.DistillationTrainer.compute_loss` (frozen
+  bf16 teacher, chunked KD loss, the intermediate loss and its projections where configured), the same way;
+- importance: its own `collect_activation_scores` (statistic hooks, block influence) and `lm_loss_depth_scan`
+  (the validation loss of the model and of each model with layers left out) on one batch;
+- evaluation: `secateurs.evaluate.validation_loss` on one batch, then lm-eval's own scoring
+  (`HFLM._loglikelihood_tokens`, built as `secateurs.evaluate.score_tasks` builds it) of one batch of
+  `evaluate.batch_size` requests of `plan.LM_EVAL_CONTEXT_TOKENS` tokens; its data-dependent reads (`.item()`,
+  `.all()`) return 1 under fake tensors, which leaves its memory unchanged;
+- a search's scoring: the validation loss of its largest candidate (`search.enumerate_candidates`) beside the
+  parent it is pruned from.
 Peak bytes per GPU and their categories are read by PyTorch's `MemTracker` (one process) or `FSDPMemTracker`
 (fsdp), as torchtitan's memory estimator does (scripts/estimate/estimation.py). Under fsdp the world size is the
 step's processes, formed by a fake process group (`torch.testing._internal.distributed.fake_pg.FakeStore`) whose
@@ -16,20 +24,24 @@ accelerate to (each decoder layer a unit resharded after forward, the final norm
 gathered after forward, bf16 parameters and fp32 gradient reduction), one reduce-scatter per micro-batch
 (`sync_each_batch`). Under ddp the step runs in one process with bf16 autocast, as the Trainer runs it (DDP's
 reducer buckets, a second fp32 copy of the gradients with more than one process, are added from the plan).
+Each training step's micro-batch is also timed by PyTorch's `RuntimeEstimator` roofline cost model at the node's
+GPU (`GPU_PEAKS`, NVIDIA datasheet figures).
 
 What the trace cannot see, and is added from the analytic plan's constants (`secateurs.plan.runtime_bytes`, each
-sourced there) or left to its headroom:
+sourced there) or left to its headroom (docs/memory-plan.md cites each):
 - the CUDA context and cuBLAS/cuBLASLt workspaces (`plan.CUDA_CONTEXT`, `plan.CUBLAS_WORKSPACES`);
 - NCCL's buffers with more than one process (`plan.NCCL_BUFFERS`);
 - the caching allocator's fragmentation and its 512-byte rounding of CPU tensors (`plan.HEADROOM`; MemTracker
   rounds CUDA tensors only, torch/distributed/_tools/mem_tracker.py `_WeakRefInfo._calculate_mem_consumed`);
 - kernel workspaces other than cuBLAS's (cuDNN, flash attention's split-KV scratch);
+- kernels that differ on a GPU: the KD loss runs its chunked path on CPU (on CUDA with liger-kernel installed,
+  Liger's fused linear JSD), and on CPU its logits matmuls write a bf16 [chunk, V] buffer that CUDA's fp32-output
+  matmul skips (`losses._logits_fp32`), which the trace counts and a GPU does not;
 - attention: the models run with `attn_implementation="sdpa"` on fake CPU tensors, where SDPA dispatches to
   `_scaled_dot_product_flash_attention_for_cpu` (aten/src/ATen/native/transformers/attention.cpp,
   `_fused_sdp_choice_cpp`), which like FlashAttention-2 on a GPU keeps the output and a [batch, heads, seq] fp32
   log-sum-exp for backward and no [seq, seq] matrix; the GPU's flash kernel keeps the same tensors, so no
   correction is made. `Traced.attention_kernels` records which kernel the trace saw.
-- lm-eval's task scoring in evaluation (a separate library's loop, not traced).
 """
 
 from __future__ import annotations
@@ -789,9 +801,13 @@ def check(config) -> list:
     near |= {s.task for s in plans if s.available and s.parallelism != "forward" and not s.checkpointing}
     if not near:
         return plans
+    # Not a search's scoring: its candidates' enumeration (`search.enumerate_candidates`, every grid shape
+    # validated by transformers) takes minutes at an 8B's grid; the analytic plan, which agreed with its trace
+    # within 1% (tests/test_plan_trace.py), decides there.
+    near = {t for t in near if not t.startswith("search:")}
     key = config.model_dump_json()  # `compile` then `submit` of one config trace once
     if key not in _TRACED:
-        _TRACED[key] = {s.analytic.task: s for s in trace_plan(config, tasks=near)}
+        _TRACED[key] = {s.analytic.task: s for s in trace_plan(config, tasks=near, roofline=False)} if near else {}
     for step in plans:
         traced = _TRACED[key].get(step.task)
         if traced is not None and not traced.fits():
