@@ -61,8 +61,9 @@ MiB = 2**20
 
 # What a GPU process holds beside its tensors: assumed, not measured by secateurs, each from the source named.
 # The CUDA context with PyTorch's kernels loaded (lazily, CUDA_MODULE_LOADING=LAZY, the default since CUDA 11.7):
-# commonly reported at 0.5-1 GiB on an H100 (nvidia-smi's per-process memory minus torch.cuda.memory_reserved()),
-# not measured here; the upper end.
+# about 300-400 MB at the first CUDA operation, kernels added as they are first used, and over 1000 MB when all
+# are loaded (pytorch/pytorch#107667 and #109888, a PyTorch CUDA maintainer's figures); not measured here: 1 GiB,
+# the whole-library figure, for a training step's many kernels.
 CUDA_CONTEXT = 1 * GiB
 # cuBLAS and cuBLASLt workspaces, one of each per (handle, stream): 32 MiB each on Hopper (PyTorch's default
 # CUBLAS_WORKSPACE_CONFIG on sm90 is ":4096:8", 8 x 4 MiB, aten/src/ATen/cuda/CublasHandlePool.cpp; its cuBLASLt
@@ -497,8 +498,8 @@ def sources(tokens_per_second: float = MEASURED_TOKENS_PER_SECOND) -> list[str]:
         throughput = None
     return [
         (
-            "counted from the shapes and settings: every column but runtime; a floor (on an H200 the distillation "
-            "step's activations and KD chunk took more than counted, README)"
+            "counted from the shapes and settings: every column but runtime; each step at its largest moment; "
+            "`plan --trace` runs the steps' own code at these shapes (docs/memory-plan.md)"
         ),
         (
             f"assumed: runtime = CUDA context {CUDA_CONTEXT / GiB:.1f} GiB + cuBLAS workspaces "
