@@ -126,14 +126,12 @@ class CephRGW:
                   f"--access-key={access_key}", f"--secret-key={secret_key}")
 
     def stop(self) -> None:
+        # Killed, not asked to stop: the OSD keeps its objects in memory, so there is nothing to flush, and a clean
+        # shutdown of the three daemons takes about 8 s.
         for proc in reversed(self.daemons):
-            proc.terminate()
-        for proc in reversed(self.daemons):
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+            proc.kill()
+        for proc in self.daemons:
+            proc.wait()
 
 
 def _accepts(port: int) -> bool:
