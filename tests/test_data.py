@@ -279,7 +279,7 @@ def test_a_killed_preparation_resumes_and_writes_the_same_shards(tokenizer_dir, 
 
 def test_an_interrupted_preparation_resumes_from_its_work_directory_beside_the_output(tokenizer_dir, docs_dir,
                                                                                        tmp_path, monkeypatch):
-    from secateurs import data
+    from secateurs.data import prepare as data  # the step's module, whose names prepare_data calls
 
     settings = DataConfig(source=str(docs_dir), seq_len=64, shard_tokens=64 * 16, batch_documents=2)
     prepare_data(tokenizer_dir, tmp_path / "whole", settings)
@@ -405,7 +405,7 @@ def test_a_dataset_in_a_store_is_a_small_reference_to_shards_read_in_place(token
     """With a store on a shared directory (a cluster's cache volume, which every step mounts) the shards are
     published there once, named by what was prepared, and the output (the KFP artifact) is the manifest and an index
     with their location and sha256: under 1 MB whatever the corpus, read in place by every reader."""
-    from secateurs import data
+    from secateurs.data import prepare as data  # the step's module, whose names prepare_data calls
 
     settings = DataConfig(source=str(docs_dir), seq_len=32, val_fraction=0.2, shard_tokens=32 * 200)
     whole_report = prepare_data(tokenizer_dir, tmp_path / "whole", settings)

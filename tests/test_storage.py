@@ -390,7 +390,7 @@ def test_prepare_data_publishes_its_shards_to_an_s3_store_read_through_the_cache
 ):
     """A pipeline with an `s3://` root and no cache volume: the shards go to `<root>/datasets/<digest>`, the KFP
     artifact is their index (under 1 MB), and a reader fetches them into its node's cache once, checked by sha256."""
-    from secateurs import data
+    from secateurs.data import prepare as data  # the step's module, whose names prepare_data calls
     from secateurs.config import DataConfig
     from secateurs.data import DataError, load_packed, prepare_data
 
