@@ -271,7 +271,7 @@ def check_engine(settings: SearchConfig) -> None:
                           f"{', '.join(backend.precisions)}")  # fmt: skip
     engine.parse_lengths(settings.engine_lengths)
     try:
-        backend.check_runtime(settings.engine_precision, engine._gpu_capability() if
+        backend.check_runtime(settings.engine_precision, engine.detect_gpu_capability() if
                               settings.engine_backend == engine.TensorRTLLM.name else None)  # fmt: skip
     except engine.BackendUnavailable as e:
         raise SearchError(f"latency budget: the {settings.engine_backend} engine backend is not available here "

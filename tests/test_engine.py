@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from secateurs import engine
+from secateurs.engine import trtllm
 from secateurs.engine import (
     BackendUnavailable,
     OnnxRuntimeGenAI,
@@ -352,7 +353,7 @@ def test_fp8_calibration_reads_the_dataset_prepare_data_made(tiny_data, tiny_mod
     as every step reads a prepared dataset (token shards + index), cut to the calibration length."""
     from secateurs.data import load_packed
 
-    batches = engine._calibration_batches(tiny_data, 5, 16)
+    batches = trtllm._calibration_batches(tiny_data, 5, 16)
     expected = load_packed(tiny_data)[0]["validation"].spread(5)
     assert len(batches) == 5
     for batch, row in zip(batches, expected):

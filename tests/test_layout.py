@@ -114,3 +114,13 @@ def test_every_module_imports(name):
     if name == "secateurs.__main__":
         pytest.skip("runs the CLI when imported")
     importlib.import_module(name)
+
+
+def test_every_package_is_in_the_wheel():
+    # setuptools installs only the packages pyproject.toml lists: a new package folder left out of the list works in
+    # an editable install and is missing from the image's wheel.
+    import tomllib
+
+    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {name for name, path in package_modules().items() if path.name == "__init__.py"}
+    assert found == listed, f"packages on disk but not in pyproject.toml: {sorted(found - listed)}; listed but gone: {sorted(listed - found)}"
