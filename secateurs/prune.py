@@ -231,16 +231,16 @@ def prune_state_dict(state: dict[str, torch.Tensor], plan: PrunePlan) -> dict[st
 
 
 def build_model(config, state: dict[str, torch.Tensor]):
-    """A model of the pruned config holding exactly `state` (no random init: built on the meta device)."""
+    """A model of the pruned config holding exactly `state` (no random init: parameters made empty, then assigned)."""
+    from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
 
-    with torch.device("meta"):
+    # Parameters on the meta device, buffers (the rotary frequencies, not in a state dict) made as usual.
+    with init_empty_weights():
         model = AutoModelForCausalLM.from_config(config, dtype=next(iter(state.values())).dtype)
     model.load_state_dict(state, assign=True, strict=True)
     if config.tie_word_embeddings:
         model.tie_weights()
-    # Non-persistent buffers (rotary inv_freq) were created on meta; rebuild them for in-memory use.
-    model.model.rotary_emb.__init__(config=config)
     return model.eval()
 
 

@@ -179,7 +179,10 @@ def _train(model, ctx: _Context | None, dd, out, settings: TrainingConfig, ident
     weights = None
     if trainer.is_fsdp_enabled:
         # Under FSDP the whole weights exist only once gathered: every process takes part, the main one keeps them
-        # (in CPU memory). The plugin's own get_state_dict follows its SHARDED_STATE_DICT setting: shards.
+        # (in CPU memory). Not `accelerator.get_state_dict`: it follows the plugin's SHARDED_STATE_DICT setting
+        # (the Trainer's checkpoints are shards) and would hand back shards. Nor `save_checkpoint(state_dict=...)`
+        # on the trained model: it is FSDP's subclass of the model class, and its class name would be written as
+        # the checkpoint's architecture, so `_unsharded` puts the weights into a plain model first.
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
         options = StateDictOptions(full_state_dict=True, cpu_offload=True)
@@ -529,14 +532,14 @@ def _kept_layers(student_dir) -> list[int] | None:
 
 def _on_main_process(write) -> None:
     """Call `write()` (which writes the output) in the main process only; every process waits until it is done,
-    so none reports success before the output exists."""
-    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    so none reports success before the output exists (and none hangs when it fails)."""
+    from accelerate import PartialState
+
+    state = PartialState()
     try:
-        if not distributed or torch.distributed.get_rank() == 0:
-            write()
+        state.on_main_process(write)()
     finally:
-        if distributed:
-            torch.distributed.barrier()
+        state.wait_for_everyone()
 
 
 def _validation_loss(model_dir: Path, dd, sequences: int, batch_size: int) -> float:
@@ -573,9 +576,11 @@ def _save(model, tokenizer, out: Path, report: dict, weights: dict | None = None
 def _unsharded(config, weights: dict):
     """A plain model of `config` holding `weights` (an FSDP model's gathered state dict): the FSDP-wrapped module
     itself cannot be saved as a stock checkpoint (its class is FSDP's subclass and its parameters are shards)."""
+    from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
 
-    with torch.device("meta"):
+    # Parameters on the meta device (assigned below), buffers (the rotary frequencies) made as usual.
+    with init_empty_weights():
         model = AutoModelForCausalLM.from_config(config)
     # Copies: the gathered tensors can share storage that FSDP frees or reuses.
     weights = {k: v.detach().to(torch.float32).clone() for k, v in weights.items()
@@ -586,6 +591,4 @@ def _unsharded(config, weights: dict):
         missing = [k for k in missing if k != "lm_head.weight"]
     if missing or unexpected:
         raise TrainingError(f"gathered weights do not match the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
-    # Only for writing: its non-persistent buffers (rotary frequencies) stay on the meta device, and a state dict
-    # (what is written) holds none of them.
     return model.eval()
