@@ -76,8 +76,10 @@ RANDOM_SHAPES = {
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=12)
-    parser.add_argument("--seq-len", type=int, default=128)
+    # The default fits 30 minutes on 2 free cores: 20 runs (4 implementations x 3 seeds, 2 processes, the depth
+    # student), most of each its start-up and model loading.
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--seq-len", type=int, default=64)
     parser.add_argument("--global-batch", type=int, default=4, help="sequences per optimizer step")
     parser.add_argument("--micro-batch", type=int, default=2, help="sequences per forward pass and process")
     parser.add_argument("--lr", type=float, default=5e-4)
@@ -118,17 +120,23 @@ def main() -> int:
         sys.exit(f"--global-batch {args.global_batch} must be a multiple of 2 x --micro-batch {args.micro_batch}")
 
     sites = dict(item.split("=", 1) for item in args.peer_site)
+    if not 0 <= args.warmup < args.steps:
+        # NeMo's OptimizerParamScheduler asserts lr_warmup_steps < lr_decay_steps (components/optim/scheduler.py).
+        sys.exit(f"--warmup {args.warmup} must be below --steps {args.steps}")
     pythons = {impl: peer_python(impl, sites) for impl in impls}
     work = prepare(args)
     runs = []
+    versions = peer_versions(pythons)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
     for student, processes, seed in plan(args, seeds):
         tokens = write_tokens(work, args, seed)
         for impl in impls:
             python, site = pythons[impl]
             runs.append(run_one(impl, python, site, student, processes, seed, tokens, work, args))
-    report = summarise(runs, args, impls, pythons)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=1) + "\n")
+            # Written after every run: a long run cut short keeps what it measured.
+            report = summarise(runs, args, impls, versions)
+            args.out.write_text(json.dumps(report, indent=1) + "\n")
+    print_table(report)
     print(f"wrote {args.out}")
     plot(report, args.plot)
     failed = [r["name"] for r in runs if r.get("error")]
@@ -385,7 +393,21 @@ def order_matches(rank_orders: list[list[int]], expected: list[int], global_batc
 # ---- results ---------------------------------------------------------------------------------------------------
 
 
-def summarise(runs: list[dict], args, impls: list[str], pythons: dict) -> dict:
+def peer_versions(pythons: dict) -> dict:
+    versions = {}
+    for impl, (python, site) in pythons.items():
+        names = {"ours": ["torch", "transformers", "accelerate"], "plain": ["torch", "transformers"],
+                 "trl": ["torch", "transformers", "accelerate", "trl"],
+                 "nemo": ["torch", "transformers", "nemo-automodel"],
+                 "nemo-loss": ["torch", "transformers", "nemo-automodel"]}[impl]  # fmt: skip
+        try:
+            versions[impl] = installed_versions(python, site, names)
+        except subprocess.CalledProcessError as error:
+            versions[impl] = {"error": error.stderr[-300:]}
+    return versions
+
+
+def summarise(runs: list[dict], args, impls: list[str], versions: dict) -> dict:
     ok = [r for r in runs if not r.get("error")]
     summary = {}
     for impl in impls:
@@ -422,16 +444,6 @@ def summarise(runs: list[dict], args, impls: list[str], pythons: dict) -> dict:
                 for key in entry
                 if key in summary["ours"] and key.startswith(("tokens_per_s", "peak_rss", "peak_cuda"))
             }  # fmt: skip
-    versions = {}
-    for impl, (python, site) in pythons.items():
-        names = {"ours": ["torch", "transformers", "accelerate"], "plain": ["torch", "transformers"],
-                 "trl": ["torch", "transformers", "accelerate", "trl"],
-                 "nemo": ["torch", "transformers", "nemo-automodel"],
-                 "nemo-loss": ["torch", "transformers", "nemo-automodel"]}[impl]  # fmt: skip
-        try:
-            versions[impl] = installed_versions(python, site, names)
-        except subprocess.CalledProcessError as error:
-            versions[impl] = {"error": error.stderr[-300:]}
     return {
         "command": " ".join(["python", "bench/peers.py", *sys.argv[1:]]),
         "machine": {"processor": platform.processor() or platform.machine(), "cores": os.cpu_count(),
@@ -439,6 +451,17 @@ def summarise(runs: list[dict], args, impls: list[str], pythons: dict) -> dict:
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "versions": versions, "summary": summary, "ratios": ratios, "runs": runs,
     }  # fmt: skip
+
+
+def print_table(report: dict) -> None:
+    summary, ratios = report["summary"], report["ratios"]
+    keys = sorted({k for entry in summary.values() for k in entry})
+    print(f"{'':38}" + "".join(f"{impl:>12}" for impl in summary))
+    for key in keys:
+        cells = [summary[impl].get(key) for impl in summary]
+        print(f"{key:38}" + "".join(f"{c:>12.4g}" if c is not None else f"{'-':>12}" for c in cells))
+    for name, values in ratios.items():
+        print(name + ": " + ", ".join(f"{k} x{v:.3f}" for k, v in values.items()))
 
 
 def plot(report: dict, path: Path) -> None:
