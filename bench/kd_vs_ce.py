@@ -69,11 +69,11 @@ def main() -> None:
     batch = args.global_batch or args.micro_batch
 
     from secateurs import prune, train
+    from secateurs.chain import prune_student, random_init
     from secateurs.checkpoint import import_model, load_model
     from secateurs.config import DataConfig, DistillConfig, ImportanceConfig, TeacherCorrectionConfig
     from secateurs.data import load_packed, prepare_data
     from secateurs.evaluate import validation_loss
-    from secateurs.recipe import prune_student, random_init
 
     work = Path(args.work or tempfile.mkdtemp(prefix="kd-vs-ce-"))
     teacher = Path(args.model) if Path(args.model).is_dir() else work / "teacher"

@@ -1,9 +1,9 @@
 """One KFP lightweight component per recipe step; each body calls one library function.
 
-The step registry (`secateurs.steps`) says what each step reads, writes and records; the signatures below are
+The step registry (`secateurs.registry`) says what each step reads, writes and records; the signatures below are
 its inputs and outputs written as KFP annotations, because KFP ships a lightweight component's body as source and
 reads its interface from the function (`tests/test_pipeline.py` checks the two agree). The prologue every
-tracked body shares lives once, in `secateurs.components.runtime.step`: it validates the step's settings (the
+tracked body shares lives once, in `secateurs.components.prologue.step`: it validates the step's settings (the
 JSON of its config section) with the registry's settings model, opens the step's MLflow run, records every
 output and copies the report into the artifacts' metadata.
 
@@ -27,7 +27,7 @@ from kfp.dsl import Artifact, Dataset, Input, Metrics, Model, Output
 def import_model(settings: str, tracking_uri: str, pipeline_run: str, model: Output[Model]):
     """1. Import the teacher as a stock Hugging Face checkpoint."""
     from secateurs.checkpoint import import_model as run_import
-    from secateurs.components.runtime import step
+    from secateurs.components.prologue import step
 
     with step("import_model", locals()) as s:
         s.report = run_import(s.settings.source, model.path, dtype=s.settings.dtype)
@@ -40,7 +40,7 @@ def prepare_data(
     the pipeline in the task's environment) the shards go there and `dataset` holds only their index."""
     import os
 
-    from secateurs.components.runtime import step
+    from secateurs.components.prologue import step
     from secateurs.data import prepare_data as run_prepare
     from secateurs.manifest import DATA_STORE_ENV
 
@@ -60,12 +60,12 @@ def correct_teacher(
 ):
     """3. Teacher correction: a short LM fine-tune of the teacher on the distillation data (under torchrun when
     `processes` > 1, as a Kubeflow Trainer TrainJob over several nodes when `trainjob` describes one)."""
-    from secateurs import launch
-    from secateurs.components.runtime import step
+    from secateurs import training_launch
+    from secateurs.components.prologue import step
 
     with step("correct_teacher", locals()) as s:
         inputs = {"model": model.path, "data": dataset.path}
-        launch.train("correct-teacher", inputs, corrected.path, s.settings, processes, s.callbacks, trainjob)
+        training_launch.train("correct-teacher", inputs, corrected.path, s.settings, processes, s.callbacks, trainjob)
 
 
 def importance(
@@ -79,7 +79,7 @@ def importance(
 ):
     """4. Importance of every head, KV group, neuron, channel and layer of `model` (for its children)."""
     from secateurs import importance as lib
-    from secateurs.components.runtime import step
+    from secateurs.components.prologue import step
 
     with step("importance", locals()) as s:
         lib.run(model.path, dataset.path, scores.path, s.settings)
@@ -96,7 +96,7 @@ def prune(
 ):
     """5. Structured pruning of `model` to the student's shape, keeping its most important units."""
     from secateurs import prune as lib
-    from secateurs.components.runtime import step
+    from secateurs.components.prologue import step
 
     with step("prune", locals()) as s:
         report = lib.run(model.path, scores.path, pruned.path, s.settings.target())
@@ -116,7 +116,7 @@ def search(
     """5s. Architecture search: prune every candidate shape under the budget from `scores`, score each, keep the
     top_k pruned checkpoints."""
     from secateurs import search as lib
-    from secateurs.components.runtime import step
+    from secateurs.components.prologue import step
 
     with step("search", locals()) as s:
         report = lib.score_candidates(model.path, scores.path, dataset.path, candidates.path, s.settings,
@@ -140,7 +140,7 @@ def search_distill(
     """5s. Short distillation of one top candidate (`item`: its rank after pruning), run as the distill step runs
     (`processes`, `trainjob`), and its validation loss, computed by that run on what it wrote."""
     from secateurs import search as lib
-    from secateurs.components.runtime import step
+    from secateurs.components.prologue import step
 
     with step("search_distill", locals()) as s:
         score = lib.distill_candidate(teacher.path, candidates.path, int(item), dataset.path, scored.path, s.settings,
@@ -161,7 +161,7 @@ def search_pick(
 ):
     """5s. The candidate with the lowest validation loss after its short distillation: its pruned checkpoint."""
     from secateurs import search as lib
-    from secateurs.components.runtime import step
+    from secateurs.components.prologue import step
 
     with step("search_pick", locals()) as s:
         result = lib.pick_winner(candidates.path, [a.path for a in scored], winner.path)
@@ -187,12 +187,12 @@ def distill(
 ):
     """6. Knowledge distillation of the pruned student from the (corrected) teacher (under torchrun when
     `processes` > 1, as a Kubeflow Trainer TrainJob over several nodes when `trainjob` describes one)."""
-    from secateurs import launch
-    from secateurs.components.runtime import step
+    from secateurs import training_launch
+    from secateurs.components.prologue import step
 
     with step("distill", locals()) as s:
         inputs = {"teacher": teacher.path, "student": model.path, "data": dataset.path}
-        report = launch.train("distill", inputs, distilled.path, s.settings, processes, s.callbacks, trainjob)
+        report = training_launch.train("distill", inputs, distilled.path, s.settings, processes, s.callbacks, trainjob)
         s.report = {k: report[k] for k in ("steps", "final_loss", "tokens_seen", "processes")}
 
 
@@ -213,7 +213,7 @@ def evaluate(
     import json
 
     from secateurs import evaluate as lib
-    from secateurs.components.runtime import report_entry, step
+    from secateurs.components.prologue import report_entry, step
 
     with step("evaluate", locals()) as s:
         entry = report_entry(name, role, parent, lib.run(model.path, dataset.path, evaluation.path, s.settings))
@@ -238,7 +238,7 @@ def engine(
     import os
 
     from secateurs import engine as lib
-    from secateurs.components.runtime import step
+    from secateurs.components.prologue import step
     from secateurs.engine_rehearsal import REHEARSAL_ENV, rehearse_tensorrt_llm
 
     with step("engine", locals()) as s:
@@ -282,7 +282,7 @@ def report(table: Input[Artifact], tracking_uri: str, pipeline_run: str, compari
     import os
     from pathlib import Path
 
-    from secateurs.components.runtime import step
+    from secateurs.components.prologue import step
     from secateurs.report import format_table, write_report
 
     entries = json.loads(Path(table.path).read_text())

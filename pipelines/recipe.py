@@ -3,7 +3,7 @@
 `recipe(config)` lists the steps in order, each with the outputs of earlier steps it reads; `build_pipeline`
 turns that list (or the part of it a rerun needs, with the rest brought in by `dsl.importer`) into a pipeline
 function; `place` is the one place where a task gets its cluster settings. What each step kind is (its task key,
-inputs and outputs, GPU or not, image) comes from the step registry, `secateurs.steps`.
+inputs and outputs, GPU or not, image) comes from the step registry, `secateurs.registry`.
 
 Task keys name the steps for people and for `secateurs rerun`: `import-model`, `prepare-data`,
 `correct-teacher`, `importance` (of the teacher) and `importance:<student>` (of a distilled student that other
@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 from secateurs.config import PipelineConfig
 from secateurs.placement import DEFAULTS_KEYS, PlacementConfig
-from secateurs.steps import STEPS
+from secateurs.registry import STEPS
 
 
 @dataclass
@@ -39,7 +39,7 @@ class Step:
     @property
     def task_keys(self) -> list[str]:
         """The keys its tasks are recorded under: one per item for a fan-out step, else its own key."""
-        from secateurs.steps import item_key
+        from secateurs.registry import item_key
 
         return [item_key(self.key, i) for i in self.items] or [self.key]
 

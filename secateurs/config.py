@@ -16,7 +16,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from secateurs.placement import PlacementConfig
-from secateurs.steps import STEPS
+from secateurs.registry import STEPS
 
 # How layers are ranked for depth pruning (Minitron, arXiv 2407.14679 and 2408.11796: Block Influence, LM-loss
 # increase of one layer or of a contiguous block; docs/steps.md). Kept here, not in `prune`, so that validating a config imports no torch.
@@ -483,7 +483,7 @@ def format_error(err: dict) -> str:
 
 def settings_model(kind: str) -> type[Section] | None:
     """The pydantic model of step `kind`'s options: the class of this module that the registry names
-    (`secateurs.steps.StepSpec.settings`); None for a step without options."""
+    (`secateurs.registry.StepSpec.settings`); None for a step without options."""
     name = STEPS[kind].settings
     return globals()[name] if name else None
 

@@ -14,14 +14,14 @@ validation split, `perplexity` is exactly `exp(validation_loss)`, `validation_to
 Every task is scored by the LM Evaluation Harness (`lm_eval.simple_evaluate` on the loaded model; the `eval`
 extra). Tasks are named three ways:
 - `lambada-docs`, built in and offline: LAMBADA-style last-word prediction on passages of the validation split
-  (`secateurs.lm_tasks.lambada_docs_items`). The items depend only on the dataset and its tokenizer, which
+  (`secateurs.eval_tasks.lambada_docs_items`). The items depend only on the dataset and its tokenizer, which
   `check_matches` makes the model's, so a teacher and its students evaluated on one dataset answer the same items.
-- a path to a task YAML. Either a secateurs task file (a JSONL of items; format in `secateurs.lm_tasks`) or an
+- a path to a task YAML. Either a secateurs task file (a JSONL of items; format in `secateurs.eval_tasks`) or an
   lm-eval task file (it has a `task:` key), loaded with the file's directory as include path.
 - an lm-eval registry name (`hellaswag`, `mmlu`, `winogrande`, ...), optionally with a few-shot count
   (`mmlu:5`). Needs the Hugging Face hub (or its datasets already cached with HF_DATASETS_OFFLINE=1).
 
-`lambada-docs` and secateurs task files become generated lm-eval task YAMLs over local JSONL (`secateurs.lm_tasks`),
+`lambada-docs` and secateurs task files become generated lm-eval task YAMLs over local JSONL (`secateurs.eval_tasks`),
 so they run offline. A last_word task reports `acc` (greedy decoding reproduces every token of the target), the
 mean `log_likelihood` of the target (nats) and `perplexity` = exp(-mean log-likelihood), lm-eval's LAMBADA
 metrics; a multiple_choice task reports `acc` (argmax of each choice's summed log-probability) and `acc_norm`
@@ -51,8 +51,7 @@ from tqdm.auto import tqdm
 from secateurs.checkpoint import check_checkpoint_dir, hub_offline, load_model, load_tokenizer
 from secateurs.config import EvaluateConfig
 from secateurs.data import check_matches, load_packed
-from secateurs.families import parameter_count
-from secateurs.lm_tasks import (
+from secateurs.eval_tasks import (
     LAMBADA_DOCS_ITEMS,
     LAMBADA_SOURCE_TOKENS,
     PASSAGE_CHARS,
@@ -61,6 +60,7 @@ from secateurs.lm_tasks import (
     read_task_file,
     write_task,
 )
+from secateurs.families import parameter_count
 from secateurs.losses import IGNORE_INDEX, _logits_fp32
 from secateurs.manifest import atomic_output, write_manifest
 
@@ -437,7 +437,7 @@ def _score(task: Task, lm, limit: int | None) -> dict:
         if filt and isinstance(value, (int, float)) and not isinstance(value, bool) and "_stderr" not in metric:
             metrics[metric if filt == "none" else f"{metric}_{filt}"] = value
     if task.type == "last_word":
-        # The generated task averages the per-item log-likelihoods under lm-eval's name `perplexity` (lm_tasks).
+        # The generated task averages the per-item log-likelihoods under lm-eval's name `perplexity` (eval_tasks).
         ll = metrics.pop("perplexity")
         metrics = {"acc": metrics["acc"], "log_likelihood": ll, "perplexity": _exp(-ll)}
     # n: the items of every leaf task under the name (a group such as mmlu nests groups of tasks).

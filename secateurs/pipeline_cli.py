@@ -206,7 +206,7 @@ def _client(uri: str):
 
 def _step_runs(state: dict, pipeline_runs: list[str] | None = None, status: str | None = None) -> list:
     """The step runs of the run's pipeline run(s), newest first."""
-    from secateurs.components.runtime import TAG_TASK
+    from secateurs.components.prologue import TAG_TASK
     from secateurs.tracking import EXPERIMENT, TAG_PIPELINE_RUN, TAG_ROLE
 
     client = _client(state["tracking_uri"])
@@ -231,7 +231,7 @@ def failed_steps(state: dict) -> list[str]:
     runs = _step_runs(state, status="FAILED")
     if not runs:
         return []
-    from secateurs.components.runtime import TAG_ITEM
+    from secateurs.components.prologue import TAG_ITEM
 
     latest = runs[0].data.tags
     item = f"/{latest[TAG_ITEM]}" if latest.get(TAG_ITEM) else ""
@@ -243,7 +243,7 @@ def recorded_outputs(state: dict) -> dict[tuple[str, str], str]:
 
     The newest record of a task wins, so a step rerun after a failure supplies its outputs to later reruns.
     """
-    from secateurs.components.runtime import TAG_OUTPUT_PREFIX, TAG_TASK
+    from secateurs.components.prologue import TAG_OUTPUT_PREFIX, TAG_TASK
     from secateurs.tracking import EXPERIMENT, TAG_PIPELINE_RUN
 
     client = _client(state["tracking_uri"])
@@ -326,7 +326,7 @@ def rerun_phases(cfg: PipelineConfig, key: str, downstream: bool) -> list[tuple[
     the fan-out's outputs and everything after them (a `dsl.Collected` input gathers one loop's outputs, so the
     rerun item and the recorded others meet only in a second pipeline that imports them all)."""
     from secateurs.pipelines.recipe import recipe
-    from secateurs.steps import split_item
+    from secateurs.registry import split_item
 
     group, item = split_item(key)
     if not (item and downstream):
@@ -350,7 +350,7 @@ def rerun_plan(cfg: PipelineConfig, keys: str | set[str], downstream: bool, reco
     import dataclasses
 
     from secateurs.pipelines.recipe import recipe
-    from secateurs.steps import STEPS, split_item
+    from secateurs.registry import STEPS, split_item
 
     steps = recipe(cfg)
     by_key = {s.key: s for s in steps}

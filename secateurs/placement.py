@@ -14,7 +14,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator, model_validator
 
-from secateurs.steps import GPU_STEPS, STEPS, TRAINING_STEPS
+from secateurs.registry import GPU_STEPS, STEPS, TRAINING_STEPS
 
 # Every step kind of the pipeline, as named in `resources`.
 STEP_KINDS = tuple(STEPS)

@@ -320,7 +320,7 @@ def _scale_engine(cfg: PipelineConfig, scaling: Scaling) -> None:
 
 def _scale_placement(cfg: PipelineConfig, scaling: Scaling, directory: Path) -> None:
     from secateurs.placement import GpuConfig
-    from secateurs.steps import TRAINING_STEPS
+    from secateurs.registry import TRAINING_STEPS
 
     p = cfg.placement
     scaling.note("placement", "gpus", p.gpus.requested(), {})
@@ -568,7 +568,7 @@ def step_sections(step) -> list[str]:
 def step_status(step, recorded: dict[tuple[str, str], str], report_ran: bool) -> str:
     """RAN when every task of STEP recorded its outputs (an untracked step: when the report ran), UP_TO_GPU for
     an engine whose benchmark stopped at the GPU-only call, else NOT_RUN."""
-    from secateurs.steps import STEPS
+    from secateurs.registry import STEPS
 
     if not STEPS[step.kind].tracked:
         return RAN if report_ran else NOT_RUN

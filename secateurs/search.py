@@ -16,7 +16,7 @@ after pruning is a poor guide):
 2. prune each one from the importance artifact in memory (prune.py's own plan and surgery) and score it by
    validation loss;
 3. distil the best `top_k` for `tokens` tokens each with the run's KD settings, as the distill step runs
-   (`secateurs.launch.train`: in one process, under torchrun, or as a TrainJob), and score them again;
+   (`secateurs.training_launch.train`: in one process, under torchrun, or as a TrainJob), and score them again;
 4. pick the lowest validation loss after that short distillation.
 
 Guarantees: every bad budget, fixed dimension or depth criterion fails in one line before any weight is read; a
@@ -452,7 +452,7 @@ def distill_candidate(
     `score.json` and a manifest; the short-distilled weights and their checkpoints are dropped (the winner's full
     distillation starts again from its pruned checkpoint).
 
-    The distillation runs as the distill step runs (`secateurs.launch.train`): in this process, under torchrun
+    The distillation runs as the distill step runs (`secateurs.training_launch.train`): in this process, under torchrun
     with `processes` on this node, or as a TrainJob over several nodes, so `parallelism: fsdp` shards a candidate
     over the same GPUs. The run scores it too (`DistillConfig.validation_sequences`): its main process reads back
     the student it wrote and computes the validation loss on its GPU, so a TrainJob's watching pod, which holds
@@ -462,7 +462,7 @@ def distill_candidate(
         processes: training processes on this node (the distill step's `placement.processes`); 1 trains here.
         trainjob: JSON of a `secateurs.trainjob.JobPlacement` to train on several nodes; "" for this node.
     """
-    from secateurs import launch
+    from secateurs import training_launch
     from secateurs.manifest import atomic_output, read_manifest, write_manifest
 
     listing = json.loads((Path(candidates_dir) / CANDIDATES_FILE).read_text())
@@ -476,7 +476,7 @@ def distill_candidate(
     inputs = {"teacher": str(teacher_dir), "student": str(student), "data": str(data_dir)}
     # Scored by the run that trains it, on the sequences the search scored it on after pruning.
     distill = distill.model_copy(update={"validation_sequences": scoring.val_sequences})
-    report = launch.train("distill", inputs, str(work), distill, processes, callbacks, trainjob)
+    report = training_launch.train("distill", inputs, str(work), distill, processes, callbacks, trainjob)
     shutil.rmtree(report["checkpoint_dir"], ignore_errors=True)
     loss = report["validation_loss"]
     shutil.rmtree(work, ignore_errors=True)

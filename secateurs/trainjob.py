@@ -88,7 +88,7 @@ def train(step: str, inputs: dict[str, str], out: str, settings, job: JobPlaceme
     """Run training step `step` as a TrainJob and publish its output to `out`; returns the step's report.
 
     Args:
-        inputs: command option -> input directory, as for `secateurs.launch.train`.
+        inputs: command option -> input directory, as for `secateurs.training_launch.train`.
         digest: the run's identity digest (`secateurs.train.run_digest`), which names the job.
         api_client: a `kubernetes.client.ApiClient` (default: the pod's in-cluster configuration, else kubeconfig).
         namespace: default: the pod's own namespace.

@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # The folders that install as the `secateurs` package (pyproject.toml's package-dir).
 PACKAGE_DIRS = {"secateurs": "secateurs", "secateurs.components": "components", "secateurs.pipelines": "pipelines"}
 # The bottom floor: the step registry and the config built from it. They import nothing of secateurs but each other.
-FLOOR = {"secateurs.steps", "secateurs.placement", "secateurs.config"}
+FLOOR = {"secateurs.registry", "secateurs.placement", "secateurs.config"}
 
 
 def package_modules() -> dict[str, Path]:
@@ -75,13 +75,29 @@ def reachable(graph: dict[str, set[str]], start: str) -> dict[str, list[str]]:
     return paths
 
 
+def floors(graph: dict[str, set[str]]) -> dict[str, int]:
+    """Each module's floor: 1 for a module that imports none of the package, else one above the highest it imports.
+
+    Defined only for a graph without a circle (the test below holds the package to that)."""
+    floor: dict[str, int] = {}
+
+    def of(name: str) -> int:
+        if name not in floor:
+            floor[name] = 1 + max((of(low) for low in graph[name]), default=0)
+        return floor[name]
+
+    for name in graph:
+        of(name)
+    return floor
+
+
 def test_the_graph_reads_the_package():
     graph = import_graph()
     # The reader finds the modules and their arrows, top level and function level alike.
-    assert {"secateurs.config", "secateurs.steps", "secateurs.components.steps", "secateurs.pipelines.recipe"} <= set(graph)
+    assert {"secateurs.config", "secateurs.registry", "secateurs.components.steps", "secateurs.pipelines.recipe"} <= set(graph)
     assert "secateurs.config" in graph["secateurs.prune"]
     assert "secateurs.tracking.backend" in graph["secateurs.tracking.runs"]  # a relative import
-    assert "secateurs.manifest" in graph["secateurs.components.runtime"]  # imported inside `step`
+    assert "secateurs.manifest" in graph["secateurs.components.prologue"]  # imported inside `step`
 
 
 def test_a_function_level_import_is_an_arrow(tmp_path):
@@ -89,6 +105,11 @@ def test_a_function_level_import_is_an_arrow(tmp_path):
     (tmp_path / "a.py").write_text("def f():\n    from pkg import b\n    from .c import g\n")
     modules = {"pkg.a": tmp_path / "a.py", "pkg.b": tmp_path / "b.py", "pkg.c": tmp_path / "c.py"}
     assert imported_modules("pkg.a", tmp_path / "a.py", modules) == {"pkg.b", "pkg.c"}
+
+
+def test_a_floor_is_one_above_the_highest_import():
+    # a -> b -> c and a -> c: c is on the ground, b above it, a above b (not above c alone).
+    assert floors({"a": {"b", "c"}, "b": {"c"}, "c": set(), "d": set()}) == {"a": 3, "b": 2, "c": 1, "d": 1}
 
 
 def test_no_module_imports_one_that_imports_it_back():
@@ -124,3 +145,12 @@ def test_every_package_is_in_the_wheel():
     listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
     found = {name for name, path in package_modules().items() if path.name == "__init__.py"}
     assert found == listed, f"packages on disk but not in pyproject.toml: {sorted(found - listed)}; listed but gone: {sorted(listed - found)}"
+
+
+if __name__ == "__main__":
+    # `python tests/test_layout.py` prints the floors, bottom up: the table of docs/architecture.md.
+    by_floor: dict[int, list[str]] = {}
+    for module, level in floors(import_graph()).items():
+        by_floor.setdefault(level, []).append(module.removeprefix("secateurs."))
+    for level in sorted(by_floor):
+        print(level, ", ".join(sorted(by_floor[level])))

@@ -214,7 +214,7 @@ def test_compiled_spec_is_valid_for_kfp_protos(compiled):
 def test_compiled_flagship_sets_every_cluster_setting_on_every_task(compiled):
     """Setting by setting, what a KFP 2.x cluster with the chart installed needs to run the flagship config."""
     from secateurs.placement import DEFAULTS_KEYS
-    from secateurs.steps import STEPS
+    from secateurs.registry import STEPS
 
     config, _, spec, platform, _ = compiled
     assert spec["defaultPipelineRoot"] == "s3://secateurs/pipeline-root" == config.tracking.pipeline_root
@@ -402,7 +402,7 @@ def test_components_declare_the_registry_inputs_and_outputs():
     """A lightweight component's interface is its Python signature (KFP ships the source); it must be the
     registry's, artifact types included."""
     from secateurs.components.steps import FUNCTIONS, component
-    from secateurs.steps import STEPS
+    from secateurs.registry import STEPS
 
     assert set(FUNCTIONS) == set(STEPS)
     for kind, spec in STEPS.items():

@@ -419,7 +419,7 @@ def test_the_rerun_of_one_candidate_compiles_without_an_importer_in_a_loop(tmp_p
     from secateurs.config import PipelineConfig
     from secateurs.pipeline_cli import rerun_phases, rerun_plan
     from secateurs.pipelines.recipe import build_pipeline, recipe
-    from secateurs.steps import STEPS
+    from secateurs.registry import STEPS
 
     config = PipelineConfig.model_validate({
         "teacher": {"source": "meta-llama/Llama-3.1-8B"},

@@ -93,8 +93,8 @@ def test_pruned_students_beat_random_init_and_kd_keeps_up_with_ce(smollm2_dir, s
     sequences spread over the ~30 held-out modules. `bench/kd_vs_ce.py` runs this setting for seeds 0-2 and other
     LRs (README)."""
     from secateurs import train
+    from secateurs.chain import prune_student, random_init
     from secateurs.config import DistillConfig, TeacherCorrectionConfig
-    from secateurs.recipe import prune_student, random_init
 
     data = smollm2_wide_data
     correction = TeacherCorrectionConfig(max_steps=40, micro_batch_size=4, global_batch_size=4, learning_rate=5e-4,

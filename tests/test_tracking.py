@@ -226,7 +226,7 @@ def artifacts(tmp_path_factory, server_process, tokenizer_dir):
 
 
 def record_step(tracker: Tracker, step: str, out_dir: Path, student: str | None = None):
-    """One step's run holding the manifest of `out_dir`, as `components.runtime.step` records a step's output."""
+    """One step's run holding the manifest of `out_dir`, as `components.prologue.step` records a step's output."""
     with tracker.step(step, student) as run:
         return run.record(out_dir)
 
@@ -599,7 +599,7 @@ def test_the_server_killed_during_training(tmp_path, tiny_models, tiny_data, cap
     server = MlflowServer(tmp_path / "server")
     proc = server.proc
 
-    class ForwardThenKill(TrainerCallback):  # components.runtime.LossForwarder, and the outage
+    class ForwardThenKill(TrainerCallback):  # components.prologue.LossForwarder, and the outage
         def __init__(self, run):
             self.run = run
 

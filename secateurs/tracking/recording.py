@@ -24,7 +24,7 @@ from typing import Any
 
 from secateurs.families import parameter_count
 from secateurs.manifest import MANIFEST, content_hash, read_manifest
-from secateurs.steps import BY_NAME
+from secateurs.registry import BY_NAME
 from secateurs.tracking.backend import (
     _set_global_tracking_uri,
     _truncate,
@@ -296,7 +296,7 @@ class ModelRecorder:
         - `config` -> params (flattened, 100 per call, truncated); `report` numbers -> metrics (lists of
           numbers -> one value per step), other report scalars -> params `report.*`. The report's
           `log_history` (the Trainer's log) is left out: the training callback already sent it to the run as
-          the metric history `train/loss`, `train/grad_norm`, ... (live, or replayed by `secateurs.launch`).
+          the metric history `train/loss`, `train/grad_norm`, ... (live, or replayed by `secateurs.training_launch`).
         - each input -> tag `secateurs.input.<name>` = "uri sha256"; inputs that are recorded LoggedModels
           (found by content hash) -> model edges; other inputs with a hash that are not checkpoints ->
           datasets (context = the input's name), one per source for a dataset made by prepare-data.

@@ -33,7 +33,7 @@ class InjectedFailure(RuntimeError):
 
 def check_injected_failure(step: str, student: str = "", item: str = "") -> None:
     """Raise InjectedFailure when SECATEURS_FAIL_STEP names this step (and student; and fan-out item, or none)."""
-    from secateurs.steps import item_key
+    from secateurs.registry import item_key
 
     wanted = {w.strip() for w in os.environ.get(FAIL_STEP_ENV, "").split(",") if w.strip()}
     me = f"{step}:{student}" if student else step
@@ -80,7 +80,7 @@ class StepContext:
 def step(kind: str, args: dict) -> Iterator[StepContext]:
     """The prologue and epilogue every tracked component shares, driven by the step registry.
 
-    Validates `args["settings"]` with the step's settings model (`secateurs.steps.STEPS[kind]`), opens its MLflow
+    Validates `args["settings"]` with the step's settings model (`secateurs.registry.STEPS[kind]`), opens its MLflow
     step run under the pipeline run (task key from the registry), and, once the body is done, records every output
     that carries a manifest and copies the report's scalars into the metadata of its non-metrics outputs.
 
@@ -90,7 +90,7 @@ def step(kind: str, args: dict) -> Iterator[StepContext]:
     """
     from secateurs.config import settings_model
     from secateurs.manifest import MANIFEST
-    from secateurs.steps import STEPS
+    from secateurs.registry import STEPS
 
     spec = STEPS[kind]
     model = settings_model(kind)

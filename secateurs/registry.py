@@ -3,7 +3,7 @@
 One `StepSpec` per step kind says how its tasks are keyed, what it reads and writes (with KFP artifact types),
 which settings model holds its options, whether it wants a GPU, which image it runs in, and which MLflow model
 it records. The pipeline graph (`secateurs.pipelines.recipe`), task placement (`place`), the components and their
-shared prologue (`secateurs.components.runtime.step`), tracking (model names, registration) and `secateurs rerun`
+shared prologue (`secateurs.components.prologue.step`), tracking (model names, registration) and `secateurs rerun`
 all read this table; none of them restates it.
 
 Pure Python, and the bottom floor: it imports no module of secateurs, so that the config (`secateurs.config`,
