@@ -79,3 +79,17 @@ def test_blend_index_of_an_empty_blend_is_empty_and_typed():
     source_of, sample_of = blend_index([0, 0], [1.0, 1.0], seed=0)
     assert source_of.shape == sample_of.shape == (0,)
     assert (source_of.dtype, sample_of.dtype) == (np.int32, np.int64)
+
+
+def test_check_matches_refuses_another_sequence_length(tiny_data, tokenizer_dir):
+    """A step that needs a sequence length (given as `seq_len`) gets the dataset's own checked: tiny_data was
+    packed at 32 tokens."""
+    from secateurs.checkpoint import load_tokenizer
+    from secateurs.data import DataError, check_matches
+
+    _, data_config = load_packed(tiny_data)
+    tokenizer = load_tokenizer(tokenizer_dir)
+    check_matches(data_config, tokenizer, seq_len=32, where="dataset x")
+    with pytest.raises(DataError) as refused:
+        check_matches(data_config, tokenizer, seq_len=64, where="dataset x")
+    assert str(refused.value) == "dataset x has seq_len=32, expected 64"
