@@ -4,14 +4,17 @@
 #   2. bench/distill.py --preset llama31-8b-4b-width (random Llama-3.1-8B teacher, 4B-Width student, bf16);
 #   3. the same with every decoder layer of both models compiled (torch.compile, as `compile_layers: true` does in
 #      training; informational: how much MFU compilation adds; its failure does not fail the check);
-#   4. our KD step beside its peers (bench/peers.py: ours, NeMo AutoModel's KD recipe, TRL's GKDTrainer, a plain
+#   4. the traced memory plan against the allocator (bench/trace_vs_allocator.py): the distillation step at the
+#      preset's shapes (8 decoder layers on CUDA, so that it fits one GPU) traced under FakeTensorMode, then run
+#      for real, torch.cuda.max_memory_allocated() beside the traced peak (the goal: within 10%; informational);
+#   5. our KD step beside its peers (bench/peers.py: ours, NeMo AutoModel's KD recipe, TRL's GKDTrainer, a plain
 #      loop) on random-weight Llama shapes: 8B -> 4.5B-Width on a GPU over 120 GB, 3B -> width student otherwise;
 #      NeMo and TRL only where bench/fetch_peer_wheels.sh put their wheels in .whl/peers/ (informational: its
 #      failure does not fail the check; it runs last, under its own time limit).
 # Needs python3 with torch, transformers, accelerate, triton and pytest; liger-kernel comes as a wheel from .whl/
 # (bench/fetch_gpu_wheels.sh), installed without network. Results go to $OUT (default ./out).
-# Parts 1-3 finish in well under 8 minutes, part 4 in at most 7 more: each part has its own time limit. Exit code
-# non-zero if one of parts 1-3 failed.
+# Parts 1-3 finish in well under 8 minutes, part 4 in at most 2.5 more, part 5 in at most 7: each part has its own
+# time limit. Exit code non-zero if one of parts 1-3 failed.
 # A dry run of the script itself on CPU: GPU_CHECK_DEVICE=cpu GPU_CHECK_PRESET=tiny bash bench/gpu_check.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -58,6 +61,11 @@ if [ "$DEVICE" = cuda ]; then
     compiled_rc=${PIPESTATUS[0]}
 fi
 
+echo "== the traced memory plan against the allocator, $PRESET on $DEVICE" | tee "$OUT/trace_vs_allocator.txt"
+timeout 150 python3 bench/trace_vs_allocator.py --preset "$PRESET" --device "$DEVICE" \
+    --out "$OUT/trace_vs_allocator.json" 2>&1 | tee -a "$OUT/trace_vs_allocator.txt"
+trace_rc=${PIPESTATUS[0]}
+
 echo "== our KD step beside its peers on $DEVICE" | tee "$OUT/peers.txt"
 peer_args=()
 peer_impls=ours,plain
@@ -87,5 +95,5 @@ timeout 420 python3 bench/peers.py --impls "$peer_impls" --seeds 0 --processes 1
 peers_rc=${PIPESTATUS[0]}
 
 echo "loss tests exit $test_rc, benchmark exit $bench_rc, with compiled layers exit $compiled_rc," \
-    "peers exit $peers_rc (informational)" | tee "$OUT/summary.txt"
+    "traced vs allocator exit $trace_rc, peers exit $peers_rc (informational)" | tee "$OUT/summary.txt"
 exit $status

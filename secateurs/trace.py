@@ -95,7 +95,7 @@ def training_step(trainer, model, optimizer, batches: list[torch.Tensor], autoca
     """
     phase = phase or (lambda name: None)
     for i, ids in enumerate(batches):
-        with torch.autocast("cpu", torch.bfloat16, enabled=autocast):
+        with torch.autocast(ids.device.type, torch.bfloat16, enabled=autocast):  # cpu, or cuda when run to measure
             loss = trainer.compute_loss(model, {"input_ids": ids})
         (loss / len(batches)).backward()
         del loss
