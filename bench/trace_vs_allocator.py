@@ -33,14 +33,16 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from distill import PRESETS  # noqa: E402  (bench/distill.py: the shapes of the distillation benchmark)
+from distill import PRESETS
 
-from secateurs import trace  # noqa: E402
-from secateurs.config import DistillConfig  # noqa: E402
+from secateurs import trace
+from secateurs.config import DistillConfig
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--preset", choices=sorted(PRESETS), default="llama31-8b-4b-width")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--layers", type=int, default=None,
@@ -101,7 +103,9 @@ def profiled_peak(fn) -> int:
 
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
-    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]")
+    events = sorted(
+        (e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"
+    )
     current = peak = 0
     for _, nbytes in events:
         current += nbytes
