@@ -15,6 +15,10 @@ from collections.abc import Iterator
 EXPECTED = (ValueError, ConnectionError, FileNotFoundError, FileExistsError, PermissionError, RuntimeError)
 
 
+class PipelineError(ValueError):
+    """A pipeline that cannot be run, compiled, submitted or rerun as asked; the message says why."""
+
+
 def exception_chain(exc: BaseException) -> Iterator[BaseException]:
     """The exception, its causes and contexts, and the last error s3transfer gave up on, each once."""
     seen: set[int] = set()

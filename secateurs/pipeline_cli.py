@@ -1,25 +1,20 @@
-"""The pipeline commands of `secateurs`: run (locally, through kfp.local), compile, submit, rerun, lineage.
+"""The pipeline commands of `secateurs`: run (locally, through kfp.local), rehearse, plan, compile, submit, rerun,
+lineage. Each command reads its options and calls the module that does the work:
 
-A local run lives in one directory, `runs/<name>` by default:
-- `config.yaml`: the resolved config it ran;
-- `run.json`: its pipeline run id and tracking URI. Running the same command again reuses them, so kfp.local's
-  cache (under `artifacts/.kfp_cache`) serves every step that already succeeded and only what failed or changed
-  runs again, under the same MLflow pipeline run;
-- `artifacts/`: the pipeline root (every step's outputs), `mlflow.db`: the MLflow store (SQLite).
+- a local run, its directory and its checks: `secateurs.local_run`;
+- what MLflow recorded of a run: `secateurs.run_records`;
+- which steps a rerun runs and what it imports: `secateurs.rerun`;
+- compiling and submitting to Kubeflow Pipelines: `secateurs.submit`;
+- the rehearsal: `secateurs.rehearse`; the memory plan: `secateurs.plan` and `secateurs.trace`.
 
 `rerun RUN --step STEP[:STUDENT]` runs one step again in a new pipeline whose inputs are the artifacts RUN recorded in
-MLflow (brought in with `dsl.importer`); its outputs land in a new directory, so nothing RUN produced changes, and
-its MLflow pipeline run is tagged `secateurs.rerun_of=<RUN's pipeline run>`. One task of a fan-out step is rerun
-alone by its item (`--step search-distill:auto/1`: one candidate's short distillation).
-
-Everything that can be checked before compute is: the config, GPUs asked of a machine without one, the MLflow
-and S3 endpoints. kfp is imported inside the functions (the library core runs without it).
+MLflow; its outputs land in a new directory, and its MLflow pipeline run is tagged
+`secateurs.rerun_of=<RUN's pipeline run>`.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 from typing import Annotated
@@ -27,16 +22,20 @@ from typing import Annotated
 import typer
 
 from secateurs.config import PipelineConfig, load_config
-from secateurs.errors import one_line_errors
-
-RUN_FILE = "run.json"
-RUNNERS = ("subprocess", "container")
-CONFIG_FILE = "config.yaml"
-TAG_RERUN_OF = "secateurs.rerun_of"
-
-
-class PipelineError(ValueError):
-    """A pipeline that cannot be run, compiled, submitted or rerun as asked; the message says why."""
+from secateurs.errors import PipelineError, one_line_errors
+from secateurs.local_run import (
+    RUNNERS,
+    check_local,
+    ensure_dir,
+    for_local_run,
+    local_pipeline_root,
+    open_run,
+    read_run,
+    run_locally,
+)
+from secateurs.rerun import rerun_phases, rerun_plan
+from secateurs.run_records import TAG_RERUN_OF, recorded_outputs, report_table
+from secateurs.submit import compile_pipeline, resolve_run_settings, submit_spec
 
 
 # ------------------------------------------------------------------------------------------------ run
@@ -57,7 +56,7 @@ def run_cmd(
     run_dir = (run_dir or Path("runs") / cfg.name).absolute()
     check_local(cfg)
     check_plan(cfg)
-    pipeline_root = _local_pipeline_root(cfg, run_dir)
+    pipeline_root = local_pipeline_root(cfg, run_dir)
     from secateurs.pipelines.recipe import build_pipeline
 
     if runner == "container":
@@ -65,15 +64,15 @@ def run_cmd(
 
         inputs = containers.local_inputs([cfg.teacher.source, *(s.source for s in cfg.data.blend())])
         # Made here, group-writable: a bind source that does not exist yet would be made by podman, root's alone.
-        with containers.shared_with_group(), containers.podman_service(_mkdir(run_dir)) as url:
-            _mkdir(pipeline_root)
+        with containers.shared_with_group(), containers.podman_service(ensure_dir(run_dir)) as url:
+            ensure_dir(pipeline_root)
             containers.require_image(url, cfg.placement.resolved_images()["secateurs"])
-            state = _open_run(cfg, run_dir)
+            state = open_run(cfg, run_dir)
             pipeline = build_pipeline(cfg, tracking_uri=state["tracking_uri"])
-            _run_locally(pipeline, state, pipeline_root, docker=(url, containers.runner_arguments(run_dir, inputs)))
+            run_locally(pipeline, state, pipeline_root, docker=(url, containers.runner_arguments(run_dir, inputs)))
     else:
-        state = _open_run(cfg, run_dir)
-        _run_locally(build_pipeline(cfg, tracking_uri=state["tracking_uri"]), state, pipeline_root)
+        state = open_run(cfg, run_dir)
+        run_locally(build_pipeline(cfg, tracking_uri=state["tracking_uri"]), state, pipeline_root)
     table = report_table(state)
     if table:
         typer.echo(table)
@@ -81,205 +80,26 @@ def run_cmd(
     typer.echo(f"MLflow UI: mlflow ui --backend-store-uri {state['tracking_uri']}")
 
 
-def for_local_run(cfg: PipelineConfig) -> PipelineConfig:
-    """The config as a local run uses it: no retries (a failure on one machine is not transient; run the
-    command again instead, which reuses every finished step)."""
-    cfg = cfg.model_copy(deep=True)
-    cfg.placement.retries = 0
-    return cfg
 
 
-def check_local(cfg: PipelineConfig) -> None:
-    """Refuse, before any compute, what a local run cannot do: GPUs it lacks, unreachable MLflow or S3."""
-    import torch
-
-    from secateurs import storage, tracking
-
-    gpus = cfg.placement.gpus.requested()
-    if gpus and not torch.cuda.is_available():
-        kind, n = next(iter(gpus.items()))
-        raise PipelineError(
-            f"placement.gpus.{kind}={n} but this machine has no CUDA GPU: set it to 0 for a local run"
-        )
-    if cfg.tracking.uri:
-        tracking.check_reachable(tracking.resolve_tracking_uri(cfg.tracking.uri))
-    from secateurs.search import SearchError, check_engine
-
-    for s in cfg.students:  # a latency budget's engine backend, before the steps that precede the search
-        if s.search is not None:
-            try:
-                check_engine(s.search)
-            except SearchError as e:
-                raise PipelineError(f"student {s.name}: {e}") from None
-    sources = [(f"data.sources[{i}]" if cfg.data.sources else "data.source", s.source)
-               for i, s in enumerate(cfg.data.blend())]  # fmt: skip
-    for where, uri in [("teacher.source", cfg.teacher.source), *sources]:
-        if storage.is_s3_uri(uri):
-            try:
-                storage.check_access(uri)
-            except storage.StorageError as e:
-                raise PipelineError(f"{where}: {e}") from None
 
 
-def _local_pipeline_root(cfg: PipelineConfig, run_dir: Path) -> Path:
-    from secateurs import storage
-
-    root = cfg.tracking.pipeline_root
-    if root and storage.is_s3_uri(root):
-        raise PipelineError(
-            f"tracking.pipeline_root={root} is on S3, but a local run keeps artifacts on local disk: "
-            "leave it unset for `secateurs run` (it is for `submit`)"
-        )
-    return Path(root).absolute() if root else run_dir / "artifacts"
 
 
-def _open_run(cfg: PipelineConfig, run_dir: Path) -> dict:
-    """The run directory's state: a new pipeline run id the first time, the same one on every later run."""
-    import yaml
-
-    from secateurs import tracking
-
-    run_dir.mkdir(parents=True, exist_ok=True)
-    state_file = run_dir / RUN_FILE
-    uri = tracking.resolve_tracking_uri(cfg.tracking.uri, run_dir)
-    tracking.check_reachable(uri)
-    if state_file.is_file():
-        state = json.loads(state_file.read_text())
-    else:
-        state = {"pipeline_run": f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}", "tracking_uri": uri}
-        state_file.write_text(json.dumps(state, indent=1))
-    state["run_dir"] = str(run_dir)
-    (run_dir / CONFIG_FILE).write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
-    return state
 
 
-def _mkdir(path: Path) -> Path:
-    path.mkdir(parents=True, exist_ok=True)
-    return path
 
 
-def _run_locally(pipeline, state: dict, pipeline_root: Path, rerun_of: str | None = None,
-                 docker: tuple[str, dict] | None = None) -> None:  # fmt: skip
-    """Run `pipeline` through kfp.local with caching, closing its MLflow pipeline run with the outcome.
-
-    Args:
-        docker: (DOCKER_HOST, DockerRunner arguments) to run each step in its image; default: subprocesses.
-    """
-    import contextlib
-
-    from kfp import local
-
-    from secateurs.tracking import Tracker
-
-    # Opening the tracker here creates the pipeline run (or finds it again when resuming) before the steps do.
-    tracker = Tracker(state["tracking_uri"], pipeline_run=state["pipeline_run"])
-    if rerun_of and tracker.active:
-        tracker.client.set_tag(tracker.parent_run_id, TAG_RERUN_OF, rerun_of)
-    adapter = contextlib.nullcontext()
-    if docker is None:
-        runner = local.SubprocessRunner(use_venv=False)
-    else:
-        from secateurs.containers import through, writable_by_steps
-
-        writable_by_steps(state["tracking_uri"])  # created by the tracker above, as SQLite creates files: 0o644
-        runner, adapter = local.DockerRunner(**docker[1]), through(docker[0])
-    local.init(runner, pipeline_root=str(pipeline_root), enable_caching=True)
-    try:
-        with adapter:
-            pipeline(tracking_uri=state["tracking_uri"], pipeline_run=state["pipeline_run"])
-    except RuntimeError as e:
-        tracker.finish_pipeline("FAILED")
-        failed = failed_steps(state)
-        where = f"step {', '.join(failed)} failed" if failed else str(e).splitlines()[0]
-        raise PipelineError(
-            f"{where} (its log is above); run the same command again to redo only what did not finish"
-        ) from None
-    tracker.finish_pipeline("FINISHED")
 
 
 # --------------------------------------------------------------------------------- what MLflow recorded
-def _client(uri: str):
-    from mlflow import MlflowClient
-
-    return MlflowClient(tracking_uri=uri)
 
 
-def _step_runs(state: dict, pipeline_runs: list[str] | None = None, status: str | None = None) -> list:
-    """The step runs of the run's pipeline run(s), newest first."""
-    from secateurs.components.prologue import TAG_TASK
-    from secateurs.tracking import EXPERIMENT, TAG_PIPELINE_RUN, TAG_ROLE
-
-    client = _client(state["tracking_uri"])
-    experiment = client.get_experiment_by_name(EXPERIMENT)
-    if experiment is None:
-        return []
-    runs = []
-    for pipeline_run in pipeline_runs or [state["pipeline_run"]]:
-        found = client.search_runs(
-            [experiment.experiment_id],
-            filter_string=f"tags.`{TAG_PIPELINE_RUN}` = '{pipeline_run}' AND tags.`{TAG_ROLE}` = 'step'",
-            order_by=["attributes.start_time DESC"],
-        )
-        runs += [r for r in found if status is None or r.info.status == status]
-    runs.sort(key=lambda r: r.info.start_time, reverse=True)
-    return [r for r in runs if status != "FINISHED" or TAG_TASK in r.data.tags]
 
 
-def failed_steps(state: dict) -> list[str]:
-    from secateurs.tracking import TAG_STEP, TAG_STUDENT
-
-    runs = _step_runs(state, status="FAILED")
-    if not runs:
-        return []
-    from secateurs.components.prologue import TAG_ITEM
-
-    latest = runs[0].data.tags
-    item = f"/{latest[TAG_ITEM]}" if latest.get(TAG_ITEM) else ""
-    return [latest.get(TAG_STEP, "?") + (f":{latest[TAG_STUDENT]}" if latest.get(TAG_STUDENT) else "") + item]
 
 
-def recorded_outputs(state: dict) -> dict[tuple[str, str], str]:
-    """(task key, output name) -> URI of every output the run's finished steps (and its reruns) recorded.
 
-    The newest record of a task wins, so a step rerun after a failure supplies its outputs to later reruns.
-    """
-    from secateurs.components.prologue import TAG_OUTPUT_PREFIX, TAG_TASK
-    from secateurs.tracking import EXPERIMENT, TAG_PIPELINE_RUN
-
-    client = _client(state["tracking_uri"])
-    experiment = client.get_experiment_by_name(EXPERIMENT)
-    reruns = client.search_runs(
-        [experiment.experiment_id], filter_string=f"tags.`{TAG_RERUN_OF}` = '{state['pipeline_run']}'"
-    ) if experiment else []  # fmt: skip
-    ids = [state["pipeline_run"]] + [r.data.tags[TAG_PIPELINE_RUN] for r in reruns]
-    outputs: dict[tuple[str, str], str] = {}
-    for run in reversed(_step_runs(state, ids, status="FINISHED")):  # oldest first, newest overwrites
-        for tag, uri in run.data.tags.items():
-            if tag.startswith(TAG_OUTPUT_PREFIX):
-                outputs[(run.data.tags[TAG_TASK], tag.removeprefix(TAG_OUTPUT_PREFIX))] = uri
-    return outputs
-
-
-def report_table(state: dict) -> str | None:
-    """The final comparison table of a finished local run, from the report step's recorded output."""
-    from secateurs.report import format_table
-
-    uri = recorded_outputs(state).get(("report", "comparison"))
-    if uri is None or not (Path(uri) / "entries.json").is_file():
-        return None
-    return format_table(json.loads((Path(uri) / "entries.json").read_text()))
-
-
-def read_run(run: Path) -> tuple[PipelineConfig, dict]:
-    """The config and state of a local run directory."""
-    state_file, config_file = Path(run) / RUN_FILE, Path(run) / CONFIG_FILE
-    if not state_file.is_file() or not config_file.is_file():
-        raise PipelineError(
-            f"{run} is not a run directory of `secateurs run` ({RUN_FILE} or {CONFIG_FILE} is missing)"
-        )
-    state = json.loads(state_file.read_text())
-    state["run_dir"] = str(Path(run).absolute())
-    return load_config(config_file), state
 
 
 # ---------------------------------------------------------------------------------------------- rerun
@@ -308,7 +128,7 @@ def rerun_cmd(
         steps, imports = first if i == 0 else rerun_plan(cfg, keys, down, recorded_outputs(state))
         pipeline = build_pipeline(cfg, steps=steps, imports=imports, fresh={s.key for s in steps},
                                   tracking_uri=state["tracking_uri"])  # fmt: skip
-        _run_locally(pipeline, rerun_state, _local_pipeline_root(cfg, Path(state["run_dir"])),
+        run_locally(pipeline, rerun_state, local_pipeline_root(cfg, Path(state["run_dir"])),
                      rerun_of=state["pipeline_run"])  # fmt: skip
         ran += [k for s in steps for k in s.task_keys]
     for (key, output), uri in recorded_outputs(state).items():
@@ -319,78 +139,8 @@ def rerun_cmd(
     )
 
 
-def rerun_phases(cfg: PipelineConfig, key: str, downstream: bool) -> list[tuple[set[str], bool]]:
-    """The pipelines a rerun of task `key` runs, in order: (task keys, with what depends on them).
-
-    One pipeline, except for one item of a fan-out step with `downstream`: that item alone, then the steps that read
-    the fan-out's outputs and everything after them (a `dsl.Collected` input gathers one loop's outputs, so the
-    rerun item and the recorded others meet only in a second pipeline that imports them all)."""
-    from secateurs.pipelines.recipe import recipe
-    from secateurs.registry import split_item
-
-    group, item = split_item(key)
-    if not (item and downstream):
-        return [({key}, downstream)]
-    readers = {s.key for s in recipe(cfg) if any(ref[0] == group for ref in s.inputs.values())}
-    return [({key}, False), (readers, True)]
 
 
-def rerun_plan(cfg: PipelineConfig, keys: str | set[str], downstream: bool, recorded: dict[tuple[str, str], str]):
-    """The steps a rerun of tasks `keys` runs and the recorded artifacts it imports.
-
-    A key `STEP:STUDENT/ITEM` is one item of a fan-out step: that step is run over this item alone. An output of a
-    fan-out step that is imported is a list of URIs, one per item, in item order.
-
-    Untracked steps (the registry's `tracked=False`: the report's row gathering) record nothing to import: they
-    are cheap, so any that a rerun step needs is run again too.
-
-    Raises:
-        PipelineError: a key is not a task of the config's pipeline, or an input was never recorded.
-    """
-    import dataclasses
-
-    from secateurs.pipelines.recipe import recipe
-    from secateurs.registry import STEPS, split_item
-
-    steps = recipe(cfg)
-    by_key = {s.key: s for s in steps}
-    items: dict[str, list[str]] = {}  # a fan-out step rerun for some of its items only
-    chosen = set()
-    for key in {keys} if isinstance(keys, str) else keys:
-        group, item = split_item(key)
-        step = by_key.get(group)
-        if step is None or (item and item not in step.items):
-            listed = [k for s in steps for k in dict.fromkeys([s.key, *s.task_keys])]
-            raise PipelineError(f"{key!r} is not a step of this pipeline; its steps are: {', '.join(listed)}")
-        chosen.add(group)
-        if item:
-            items.setdefault(group, []).append(item)
-    if downstream:
-        for s in steps:  # recipe order is topological: one pass reaches every descendant
-            if any(ref[0] in chosen for ref in s.inputs.values()):
-                chosen.add(s.key)
-    pending = list(chosen)
-    while pending:  # pull in the untracked steps the chosen ones read
-        for ref in by_key[pending.pop()].inputs.values():
-            if not STEPS[by_key[ref[0]].kind].tracked and ref[0] not in chosen:
-                chosen.add(ref[0])
-                pending.append(ref[0])
-    selected = [dataclasses.replace(s, items=items[s.key]) if s.key in items else s for s in steps if s.key in chosen]
-    imports = {}
-    for s in selected:
-        for ref in s.inputs.values():
-            if ref[0] in chosen:
-                continue
-            # A fan-out step's output is recorded per item: its reader imports every item's.
-            wanted = [(key, ref[1]) for key in by_key[ref[0]].task_keys]
-            for task, output in wanted:
-                if (task, output) not in recorded:
-                    raise PipelineError(
-                        f"{s.key} needs {task}.{output}, which the run never finished: rerun {task} first"
-                    )
-            uris = [recorded[w] for w in wanted]
-            imports[ref] = uris if by_key[ref[0]].items else uris[0]
-    return selected, imports
 
 
 # -------------------------------------------------------------------------------------------- rehearse
@@ -457,9 +207,9 @@ def rehearse(config: Path, directory: Path, teacher_config: Path | None = None) 
         check_local(cfg)
         from secateurs.pipelines.recipe import build_pipeline
 
-        state = _open_run(cfg, directory)
+        state = open_run(cfg, directory)
         try:
-            _run_locally(build_pipeline(cfg, tracking_uri=state["tracking_uri"]), state, directory / "artifacts")
+            run_locally(build_pipeline(cfg, tracking_uri=state["tracking_uri"]), state, directory / "artifacts")
         except PipelineError as e:
             failure = str(e)
         recorded = recorded_outputs(state)
@@ -535,19 +285,6 @@ def plan_cmd(
 
 
 # -------------------------------------------------------------------------------------- compile, submit
-def resolve_run_settings(cfg: PipelineConfig, pipeline_root: str | None = None,
-                         service_account: str | None = None) -> dict[str, str | None]:  # fmt: skip
-    """Where a cluster run keeps its artifacts and which ServiceAccount its pods use.
-
-    Each is the command line's value, else the config's (`tracking.pipeline_root`, `placement.service_account`),
-    else the chart's defaults ConfigMap variable when it is in the environment (`SECATEURS_PIPELINE_ROOT`,
-    `SECATEURS_SERVICE_ACCOUNT`: a notebook or job in the cluster that loads it), else None (KFP's own default).
-    """
-    return {
-        "pipeline_root": pipeline_root or cfg.tracking.pipeline_root or os.environ.get("SECATEURS_PIPELINE_ROOT"),
-        "service_account": service_account or cfg.placement.service_account
-        or os.environ.get("SECATEURS_SERVICE_ACCOUNT"),
-    }  # fmt: skip
 
 
 _PIPELINE_ROOT_HELP = "Where KFP keeps artifacts, e.g. s3://bucket/prefix (default: tracking.pipeline_root)."
@@ -568,19 +305,6 @@ def compile_cmd(
     typer.echo(f"wrote {output}")
 
 
-def compile_pipeline(cfg: PipelineConfig, output: Path, pipeline_root: str | None = None) -> Path:
-    """Compile `cfg`'s pipeline to `output`, with `pipeline_root` as the spec's default root.
-
-    Credentials never enter the spec: secrets are referenced by name.
-    """
-    from kfp import compiler
-
-    from secateurs.pipelines.recipe import build_pipeline
-
-    output.parent.mkdir(parents=True, exist_ok=True)
-    pipeline = build_pipeline(cfg, tracking_uri=cfg.tracking.uri or "", pipeline_root=pipeline_root)
-    compiler.Compiler().compile(pipeline, str(output))
-    return output
 
 
 @one_line_errors
@@ -618,64 +342,8 @@ def submit_cmd(
     typer.echo(url)
 
 
-def submit_spec(spec: Path, host: str, arguments: dict, run_name: str, experiment: str, namespace: str | None,
-                caching: bool, pipeline_root: str | None = None, service_account: str | None = None) -> str:  # fmt: skip
-    """Create a run of a compiled spec on `host`; returns its URL. One-line errors for refused or unreachable.
-
-    `pipeline_root` and `service_account` go on the run (None: KFP's defaults).
-    """
-    import kfp
-
-    token = os.environ.get("KFP_TOKEN")
-    _check_kfp_host(host, token)
-    try:
-        client = kfp.Client(host=host, existing_token=token, namespace=namespace)
-        result = client.create_run_from_pipeline_package(
-            str(spec), arguments=arguments, run_name=run_name, experiment_name=experiment,
-            namespace=namespace, enable_caching=caching, pipeline_root=pipeline_root,
-            service_account=service_account,
-        )  # fmt: skip
-    except Exception as e:  # noqa: BLE001 -- kfp raises urllib3, requests and ApiException errors alike
-        status = getattr(e, "status", None)
-        if status in (401, 403):
-            raise PipelineError(
-                f"Kubeflow Pipelines at {host} refused the token (HTTP {status}): set KFP_TOKEN to a valid one"
-            ) from None
-        text = str(e).splitlines()[0] if str(e) else type(e).__name__
-        try:  # ApiException's first line is only "(400)": the reason is the API's JSON body (google.rpc.Status)
-            body = json.loads(getattr(e, "body", None) or "null")
-            text = body.get("message") or body.get("error_message") or text
-        except (ValueError, AttributeError):
-            pass
-        if status is None:
-            raise PipelineError(
-                f"Kubeflow Pipelines at {host} is unreachable: {type(e).__name__}: {text}"
-            ) from None
-        raise PipelineError(f"Kubeflow Pipelines at {host} answered HTTP {status}: {text}") from None
-    return f"{host.rstrip('/')}/#/runs/details/{result.run_id}"
 
 
-def _check_kfp_host(host: str, token: str | None) -> None:
-    """One authenticated request to the API's health endpoint, so that a refused token or an unreachable host is
-    one line at once (kfp.Client retries its own health check five times with pauses and then reports any
-    refusal as a timeout)."""
-    import urllib.error
-    import urllib.request
-
-    request = urllib.request.Request(f"{host.rstrip('/')}/apis/v2beta1/healthz")
-    if token:
-        request.add_header("Authorization", f"Bearer {token}")
-    try:
-        urllib.request.urlopen(request, timeout=30).close()
-    except urllib.error.HTTPError as e:
-        if e.code in (401, 403):
-            raise PipelineError(
-                f"Kubeflow Pipelines at {host} refused the token (HTTP {e.code}): set KFP_TOKEN to a valid one"
-            ) from None
-        raise PipelineError(f"Kubeflow Pipelines at {host} answered HTTP {e.code} on /apis/v2beta1/healthz") from None
-    except (urllib.error.URLError, OSError) as e:
-        reason = getattr(e, "reason", e)
-        raise PipelineError(f"Kubeflow Pipelines at {host} is unreachable: {type(reason).__name__}: {reason}") from None
 
 
 # -------------------------------------------------------------------------------------------- lineage
@@ -697,4 +365,4 @@ def lineage_cmd(
     Console().print(tracking.lineage_table(tracking.lineage(ref, uri=tracking_uri, run_dir=run_dir)))
 
 
-__all__ = ["check_local", "compile_cmd", "lineage_cmd", "rehearse_cmd", "rerun_cmd", "run_cmd", "submit_cmd"]
+__all__ = ["compile_cmd", "lineage_cmd", "rehearse_cmd", "rerun_cmd", "run_cmd", "submit_cmd"]

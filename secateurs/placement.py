@@ -1,7 +1,7 @@
 """Where the pipeline's steps run: the `placement` config section.
 
 Consumed by `secateurs.pipelines` (which turns `PlacementConfig` into KFP task settings in one helper) and by
-`secateurs.pipeline_cli` (which checks, before any compute, that a local run asks for no GPU it does not have
+`secateurs.local_run` (which checks, before any compute, that a local run asks for no GPU it does not have
 and that the storage endpoints answer). Pure pydantic: importing it needs no kfp.
 
 Secrets are named, never given: `secrets` maps a Kubernetes Secret to the environment variables it fills, so a

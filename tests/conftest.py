@@ -150,7 +150,9 @@ def failed_then_resumed(tmp_path_factory, tiny_models, docs_dir):
     import yaml
     from test_pipeline import tiny_config
 
-    from secateurs.pipeline_cli import read_run, recorded_outputs, run_cmd
+    from secateurs.local_run import read_run
+    from secateurs.pipeline_cli import run_cmd
+    from secateurs.run_records import recorded_outputs
 
     config = tiny_config(tiny_models["llama-tied"], docs_dir)
     # The shards in a store, as on a cluster's cache volume: every step reads them through the run's dataset

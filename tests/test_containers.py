@@ -86,7 +86,9 @@ def both_runs(image, tmp_path_factory, tiny_models, docs_dir):
     """The tiny pipeline of test_pipeline.py, through the subprocess runner and through the container runner."""
     from test_pipeline import tiny_config
 
-    from secateurs.pipeline_cli import read_run, recorded_outputs, run_cmd
+    from secateurs.local_run import read_run
+    from secateurs.pipeline_cli import run_cmd
+    from secateurs.run_records import recorded_outputs
 
     config = tmp_path_factory.mktemp("config") / "tiny.yaml"
     config.write_text(yaml.safe_dump(tiny_config(tiny_models["llama-tied"], docs_dir, placement={"image": image})))

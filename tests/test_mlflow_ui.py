@@ -95,7 +95,7 @@ def render(url: str, profile: Path, expect: str = "", tries: int = 3) -> Page:
 def pipeline_run(failed_then_resumed):
     """The state of the tiny pipeline run the pipeline tests share (conftest): students a and b, a corrected
     teacher, distillation in two processes, tracked in its run directory's SQLite store."""
-    from secateurs.pipeline_cli import read_run
+    from secateurs.local_run import read_run
 
     _, state = read_run(failed_then_resumed[0])
     return state

@@ -76,7 +76,8 @@ def test_the_run_s_dataset_artifact_is_an_index_of_the_shards_in_the_store(faile
     it holds the sequences a preparation without a store makes."""
     from secateurs.config import DataConfig
     from secateurs.data import load_packed, prepare_data
-    from secateurs.pipeline_cli import read_run, recorded_outputs
+    from secateurs.local_run import read_run
+    from secateurs.run_records import recorded_outputs
 
     run_dir, _ = failed_then_resumed
     cfg, state = read_run(run_dir)
@@ -93,7 +94,8 @@ def test_the_run_s_dataset_artifact_is_an_index_of_the_shards_in_the_store(faile
 
 
 def test_lineage_of_the_derived_student_reaches_the_teacher(failed_then_resumed):
-    from secateurs.pipeline_cli import read_run, recorded_outputs
+    from secateurs.local_run import read_run
+    from secateurs.run_records import recorded_outputs
     from secateurs.tracking import lineage
 
     run_dir, _ = failed_then_resumed
@@ -104,7 +106,8 @@ def test_lineage_of_the_derived_student_reaches_the_teacher(failed_then_resumed)
 
 
 def test_report_compares_every_model(failed_then_resumed):
-    from secateurs.pipeline_cli import read_run, recorded_outputs
+    from secateurs.local_run import read_run
+    from secateurs.run_records import recorded_outputs
 
     run_dir, _ = failed_then_resumed
     _, state = read_run(run_dir)
@@ -120,8 +123,10 @@ def test_report_compares_every_model(failed_then_resumed):
 
 
 def test_rerun_one_step_reproduces_it_and_leaves_the_run_untouched(failed_then_resumed):
+    from secateurs.local_run import read_run
     from secateurs.manifest import content_hash
-    from secateurs.pipeline_cli import read_run, recorded_outputs, rerun_cmd
+    from secateurs.pipeline_cli import rerun_cmd
+    from secateurs.run_records import recorded_outputs
 
     run_dir, _ = failed_then_resumed
     _, state = read_run(run_dir)
@@ -271,7 +276,7 @@ def test_the_data_store_is_the_cache_volume_else_an_s3_pipeline_root_else_none(t
     without a volume; `placement.data_store` when set; nowhere for a config with neither (a local run keeps the
     shards in its artifact). Only the prepare-data task gets it."""
     from secateurs.config import load_config
-    from secateurs.pipeline_cli import compile_pipeline
+    from secateurs.submit import compile_pipeline
 
     for k, v in IMAGES.items():
         monkeypatch.setenv(k, v)
@@ -303,7 +308,7 @@ def test_engine_image_follows_the_engine_backend(tmp_path, monkeypatch):
     """With the onnxruntime-genai backend the engine runs in the secateurs image; with tensorrt-llm (the
     flagship, above) in the TensorRT-LLM one."""
     from secateurs.config import load_config
-    from secateurs.pipeline_cli import compile_pipeline
+    from secateurs.submit import compile_pipeline
 
     for k, v in IMAGES.items():
         monkeypatch.setenv(k, v)
@@ -322,7 +327,7 @@ def test_four_nodes_hand_distillation_to_a_trainjob(tmp_path, monkeypatch):
     """With placement.nodes.distill = 4 the distill tasks carry the TrainJob they create: 4 nodes of 8 GPUs, in
     the step's own image; teacher correction stays on its node."""
     from secateurs.config import load_config
-    from secateurs.pipeline_cli import compile_pipeline
+    from secateurs.submit import compile_pipeline
 
     for k, v in IMAGES.items():
         monkeypatch.setenv(k, v)
@@ -341,7 +346,7 @@ def test_four_nodes_hand_distillation_to_a_trainjob(tmp_path, monkeypatch):
 def two_nodes(tmp_path_factory, monkeypatch_module):
     """The flagship compiled with its distillations on 2 nodes each: the config and the spec's tasks."""
     from secateurs.config import load_config
-    from secateurs.pipeline_cli import compile_pipeline
+    from secateurs.submit import compile_pipeline
 
     for k, v in IMAGES.items():
         monkeypatch_module.setenv(k, v)
@@ -532,7 +537,8 @@ def test_submit_of_a_package_kfp_refuses_is_one_line_with_the_server_s_reason(tm
     """The strict stand-in parses the run's spec with KFP's PipelineSpec proto, as the API server does: a package
     without a root component is "unknown template format" (HTTP 500, as KFP wraps it), and the one-line error
     carries that reason rather than ApiException's bare "(500)"."""
-    from secateurs.pipeline_cli import PipelineError, submit_spec
+    from secateurs.errors import PipelineError
+    from secateurs.submit import submit_spec
 
     package = tmp_path / "p.yaml"
     package.write_text("pipelineInfo:\n  name: not-a-spec\nschemaVersion: 2.1.0\n")

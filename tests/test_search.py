@@ -208,7 +208,9 @@ def searched(tmp_path_factory, tiny_models, docs_dir):
     pytest.importorskip("kfp")
     import yaml
 
-    from secateurs.pipeline_cli import read_run, recorded_outputs, run_cmd
+    from secateurs.local_run import read_run
+    from secateurs.pipeline_cli import run_cmd
+    from secateurs.run_records import recorded_outputs
 
     train = {"max_steps": 2, "micro_batch_size": 2, "global_batch_size": 4, "warmup_steps": 0, "logging_steps": 1}
     teacher = parameter_count(load_model(tiny_models["llama-tied"]))
@@ -302,8 +304,12 @@ def test_rerun_of_one_candidate_leaves_the_others_and_the_winner_lineage_intact(
     loss again, into a new artifact); with --downstream, the pick then reads it with the others' recorded ones."""
     from mlflow import MlflowClient
 
+    from secateurs.errors import PipelineError
+    from secateurs.local_run import read_run
     from secateurs.manifest import content_hash
-    from secateurs.pipeline_cli import PipelineError, read_run, recorded_outputs, rerun_cmd, rerun_phases, rerun_plan
+    from secateurs.pipeline_cli import rerun_cmd
+    from secateurs.rerun import rerun_phases, rerun_plan
+    from secateurs.run_records import recorded_outputs
     from secateurs.tracking import lineage
 
     run_dir, state, _ = searched
@@ -417,9 +423,9 @@ def test_the_rerun_of_one_candidate_compiles_without_an_importer_in_a_loop(tmp_p
     from kfp import compiler
 
     from secateurs.config import PipelineConfig
-    from secateurs.pipeline_cli import rerun_phases, rerun_plan
     from secateurs.pipelines.recipe import build_pipeline, recipe
     from secateurs.registry import STEPS
+    from secateurs.rerun import rerun_phases, rerun_plan
 
     config = PipelineConfig.model_validate({
         "teacher": {"source": "meta-llama/Llama-3.1-8B"},
@@ -475,7 +481,7 @@ def _search_distill_task(config, tmp_path) -> tuple[dict, dict, dict]:
     its Kubernetes executor config."""
     import yaml
 
-    from secateurs.pipeline_cli import compile_pipeline
+    from secateurs.submit import compile_pipeline
 
     spec, platform = yaml.safe_load_all(compile_pipeline(config, tmp_path / "p.yaml").read_text())
     (loop,) = [t for t in spec["root"]["dag"]["tasks"].values() if "parameterIterator" in t]
