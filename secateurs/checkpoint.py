@@ -79,6 +79,24 @@ def load_model(path: str | Path, dtype: str | torch.dtype | None = "float32", de
     return model.eval()
 
 
+def default_device() -> str:
+    """The GPU when there is one, else the CPU."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def frozen_dtype(device: str) -> torch.dtype:
+    """The dtype of a model that is scored or teaches but is not trained: bf16 on a GPU (an 8B teacher never
+    exists in fp32 there), fp32 on the CPU (where bf16 matmuls are slower, and the tests compare exact values)."""
+    return torch.bfloat16 if device.startswith("cuda") else torch.float32
+
+
+def load_frozen(path: str | Path, device: str | None = None):
+    """`load_model` for a model that is scored, not trained: on `device` (default: `default_device()`), in
+    `frozen_dtype` of it."""
+    device = device or default_device()
+    return load_model(path, dtype=frozen_dtype(device), device=device)
+
+
 def load_tokenizer(path: str | Path):
     from transformers import AutoTokenizer
 

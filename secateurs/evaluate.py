@@ -48,7 +48,7 @@ from typing import Literal
 import torch
 from tqdm.auto import tqdm
 
-from secateurs.checkpoint import check_checkpoint_dir, hub_offline, load_model, load_tokenizer
+from secateurs.checkpoint import check_checkpoint_dir, hub_offline, load_frozen, load_tokenizer
 from secateurs.config import EvaluateConfig
 from secateurs.data import check_matches, load_packed
 from secateurs.eval_tasks import (
@@ -125,9 +125,7 @@ def run(
         load_tasks(resolved, Path(generated), tokenizer, dd["validation"], limit)
         validation = dd["validation"].spread(settings.max_sequences)
 
-        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
-        model = load_model(model_dir, dtype=dtype, device=device)
+        model = load_frozen(model_dir, device)
         loss = validation_loss(model, validation, batch_size, progress="validation loss")
         metrics = {
             "validation_loss": loss,

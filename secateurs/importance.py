@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from secateurs.checkpoint import load_model, load_tokenizer
+from secateurs.checkpoint import load_frozen, load_tokenizer
 from secateurs.config import ImportanceConfig
 from secateurs.data import check_matches, load_packed
 from secateurs.evaluate import validation_loss
@@ -55,9 +55,7 @@ def run(
     """
     settings = settings or ImportanceConfig()
     samples, batch_size, depth_samples = settings.samples, settings.batch_size, settings.depth_samples
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
-    model = load_model(model_dir, dtype=dtype, device=device)
+    model = load_frozen(model_dir, device)
     dd, data_config = load_packed(data_dir)
     check_matches(data_config, load_tokenizer(model_dir), where=f"dataset {data_dir}")
     n_layers = model.config.num_hidden_layers

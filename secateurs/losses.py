@@ -40,6 +40,8 @@ _MM_OUT_DTYPE = torch.torch_version.TorchVersion(torch.__version__) >= "2.8"
 # --------------------------------------------------------------------------------------------------------------
 # Logit losses on full logits (the plain reference path)
 # --------------------------------------------------------------------------------------------------------------
+# Training runs `chunked_kd_loss`; `forward_kl` stays in the library as the definition it is held equal to (the
+# tests) and as the full-logits baseline it is measured against (bench/distill.py): one copy for both.
 
 
 def forward_kl(
@@ -83,23 +85,6 @@ def forward_kl(
     log_q = F.log_softmax(student, dim=-1)
     per_token = F.kl_div(log_q, log_p, reduction="none", log_target=True).sum(-1)
     return _masked_mean(per_token, mask) * temperature**2
-
-
-def cross_entropy_mix(kd_loss: torch.Tensor, ce_loss: torch.Tensor, alpha: float) -> torch.Tensor:
-    """The optional cross-entropy mix: `(1 - alpha) * kd_loss + alpha * ce_loss`.
-
-    The recipe uses distillation alone (alpha = 0); alpha = 1 is plain language-model training.
-
-    Args:
-        kd_loss: scalar distillation loss.
-        ce_loss: scalar cross-entropy of the student against the data's next tokens.
-        alpha: weight of the cross-entropy term, in [0, 1].
-
-    Returns:
-        Scalar mixed loss.
-    """
-    _check_alpha(alpha)
-    return (1.0 - alpha) * kd_loss + alpha * ce_loss
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -49,6 +49,12 @@ def software_versions() -> dict[str, str]:
     return versions
 
 
+def json_digest(value: Any, length: int | None = 16) -> str:
+    """sha256 of `value` as JSON with sorted keys (values JSON cannot hold written with `str`), hex, cut to
+    `length` characters (None: all 64): equal for equal settings however their dicts were built."""
+    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:length]
+
+
 def content_hash(path: str | Path, patterns: tuple[str, ...] = ("*.json", "*.safetensors", "*.arrow")) -> str:
     """sha256 over the files of an artifact directory (names and bytes), ignoring the manifest itself.
 

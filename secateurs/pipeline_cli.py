@@ -33,7 +33,7 @@ from secateurs.local_run import (
     read_run,
     run_locally,
 )
-from secateurs.rerun import rerun_phases, rerun_plan
+from secateurs.rerun import rerun_phases, rerun_selection
 from secateurs.run_records import TAG_RERUN_OF, recorded_outputs, report_table
 from secateurs.submit import compile_pipeline, resolve_run_settings, submit_spec
 
@@ -119,13 +119,13 @@ def rerun_cmd(
     from secateurs.pipelines.recipe import build_pipeline
 
     phases = rerun_phases(cfg, step, downstream)
-    first = rerun_plan(cfg, *phases[0], recorded_outputs(state))  # a bad step or a missing input: before any work
+    first = rerun_selection(cfg, *phases[0], recorded_outputs(state))  # a bad step or a missing input: before any work
     rerun_state = {**state, "pipeline_run": f"{state['pipeline_run']}-rerun-{time.strftime('%Y%m%d-%H%M%S')}"}
     ran = []
     for i, (keys, down) in enumerate(phases):
         # A later phase reads what the one before it recorded: a fan-out item rerun alone, then its readers,
         # which import every item's output (the new one included).
-        steps, imports = first if i == 0 else rerun_plan(cfg, keys, down, recorded_outputs(state))
+        steps, imports = first if i == 0 else rerun_selection(cfg, keys, down, recorded_outputs(state))
         pipeline = build_pipeline(cfg, steps=steps, imports=imports, fresh={s.key for s in steps},
                                   tracking_uri=state["tracking_uri"])  # fmt: skip
         run_locally(pipeline, rerun_state, local_pipeline_root(cfg, Path(state["run_dir"])),

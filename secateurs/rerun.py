@@ -27,7 +27,7 @@ def rerun_phases(cfg: PipelineConfig, key: str, downstream: bool) -> list[tuple[
     return [({key}, False), (readers, True)]
 
 
-def rerun_plan(cfg: PipelineConfig, keys: str | set[str], downstream: bool, recorded: dict[tuple[str, str], str]):
+def rerun_selection(cfg: PipelineConfig, keys: str | set[str], downstream: bool, recorded: dict[tuple[str, str], str]):
     """The steps a rerun of tasks `keys` runs and the recorded artifacts it imports.
 
     A key `STEP:STUDENT/ITEM` is one item of a fan-out step: that step is run over this item alone. An output of a

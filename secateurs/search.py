@@ -285,7 +285,6 @@ def measure_throughput(
     the settings' lengths and batch, cached by shape, measurement settings and the hardware and runtime measured
     on, under the secateurs cache (which may be a volume that machines of several kinds share). An fp8 engine is
     calibrated on `calib_dataset` (its values do not change the speed, but TensorRT-LLM's fp8 build needs them)."""
-    import hashlib
     import tempfile
 
     import torch
@@ -294,7 +293,7 @@ def measure_throughput(
     from secateurs import engine
     from secateurs.checkpoint import load_tokenizer, save_checkpoint
     from secateurs.families import family_of
-    from secateurs.manifest import cache_dir
+    from secateurs.manifest import cache_dir, json_digest
     from secateurs.prune import PrunePlan, pruned_config
 
     new = pruned_config(config, PrunePlan(kept_layers=list(range(shape.num_hidden_layers)), hidden=None,
@@ -302,8 +301,7 @@ def measure_throughput(
     key = {"config": new.to_dict(), "backend": settings.engine_backend, "precision": settings.engine_precision,
            "lengths": settings.engine_lengths, "batch": settings.engine_batch,
            "hardware": engine.hardware_identity(settings.engine_backend)}  # fmt: skip
-    digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
-    cached = cache_dir() / "search-throughput" / f"{digest}.json"
+    cached = cache_dir() / "search-throughput" / f"{json_digest(key)}.json"
     if cached.is_file():
         return json.loads(cached.read_text())["output_tokens_per_s"]
     lengths = engine.parse_lengths(settings.engine_lengths)
@@ -368,10 +366,9 @@ def score_candidates(
             figures and loss after pruning (the pipeline step's `StepRun.item_run`: a nested MLflow run per
             candidate); what it returns is kept as the candidate's `mlflow_run_id`, for the steps that add to it.
     """
-    import torch
 
     from secateurs import prune
-    from secateurs.checkpoint import check_checkpoint_dir, load_model, load_tokenizer
+    from secateurs.checkpoint import check_checkpoint_dir, load_frozen, load_tokenizer
     from secateurs.data import check_matches, load_packed
     from secateurs.evaluate import validation_loss
     from secateurs.families import family_of, parameter_count
@@ -395,16 +392,14 @@ def score_candidates(
                           "raise tolerance")  # fmt: skip
     plans = [prune.plan_pruning(source, scores, depth, c.target(settings.depth_criterion)) for c in candidates]
 
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
-    model = load_model(model_dir, dtype=dtype, device=device)
+    model = load_frozen(model_dir, device)
     validation = dd["validation"].spread(settings.val_sequences)
     family, state = family_of(model.config), model.state_dict()
     rows = []
     for candidate, plan in zip(candidates, plans):
         pruned = prune.build_model(prune.pruned_config(model.config, plan, family), prune.prune_state_dict(state, plan))
         assert parameter_count(pruned) == candidate.parameters, (candidate.name, parameter_count(pruned))
-        loss = validation_loss(pruned.to(device), validation, settings.batch_size)
+        loss = validation_loss(pruned.to(model.device), validation, settings.batch_size)
         rows.append(_row(candidate, settings, pruned_loss=loss))
         if settings.latency is not None:  # measured during enumeration: read from the cache
             rows[-1]["output_tokens_per_s"] = measure_throughput(config, model_dir, candidate.shape, settings, data_dir)

@@ -29,7 +29,6 @@ the accelerate pin, checked again in `_check_processes`.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import math
 import os
@@ -42,11 +41,11 @@ import torch
 from transformers import Trainer, TrainerCallback
 
 from secateurs import losses
+from secateurs.checkpoint import default_device, frozen_dtype, load_frozen, load_model, load_tokenizer
 from secateurs.config import DistillConfig, TeacherCorrectionConfig, TrainingConfig
-from secateurs.checkpoint import load_model, load_tokenizer
 from secateurs.data import check_matches, load_packed, tokenizer_identity
 from secateurs.families import compile_decoder_layers, parameter_count
-from secateurs.manifest import CHECKPOINTS_ENV, atomic_output, read_manifest, write_manifest
+from secateurs.manifest import CHECKPOINTS_ENV, atomic_output, json_digest, read_manifest, write_manifest
 
 RUN_ID_FILE = "secateurs-run.json"
 # The student's submodule holding the intermediate-loss projections while it trains (never saved with it).
@@ -98,7 +97,7 @@ def distill(teacher_dir, student_dir, data_dir, out, settings: DistillConfig, ca
     dd, data_config = load_packed(data_dir)
     check_matches(data_config, student_tok, where=f"dataset {data_dir}")
     # Frozen, so loaded straight in the dtype it runs in: bf16 on GPUs (an 8B teacher never exists in fp32).
-    teacher = load_model(teacher_dir, dtype=torch.bfloat16 if torch.cuda.is_available() else torch.float32)
+    teacher = load_model(teacher_dir, dtype=frozen_dtype(default_device()))
     student = load_model(student_dir, dtype=torch.float32)
     if parameter_count(student) >= parameter_count(teacher):
         raise TrainingError(
@@ -151,7 +150,7 @@ def _train(model, ctx: _Context | None, dd, out, settings: TrainingConfig, ident
     """
     from transformers import default_data_collator
 
-    digest = _digest(identity)
+    digest = json_digest(identity)
     work = _checkpoints_dir(out, identity["step"], digest)
     if settings.compile_layers:
         compile_decoder_layers(model, *([] if ctx is None else [ctx.teacher]), backend=COMPILE_BACKEND)
@@ -455,11 +454,7 @@ def _run_identity(step: str, inputs: list, settings: TrainingConfig) -> dict:
 def run_digest(step: str, inputs: list, settings: TrainingConfig) -> str:
     """The digest of a run's identity (inputs' content hashes and settings): it names the run's checkpoint
     directory under $SECATEURS_CHECKPOINTS and its TrainJob."""
-    return _digest(_run_identity(step, inputs, settings))
-
-
-def _digest(identity: dict) -> str:
-    return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return json_digest(_run_identity(step, inputs, settings))
 
 
 def _checkpoints_dir(out, step: str, digest: str) -> Path:
@@ -549,8 +544,8 @@ def _validation_loss(model_dir: Path, dd, sequences: int, batch_size: int) -> fl
     no GPU to score it afterwards)."""
     from secateurs.evaluate import validation_loss
 
-    cuda = torch.cuda.is_available()
-    model = load_model(model_dir, dtype=torch.bfloat16 if cuda else torch.float32, device="cuda" if cuda else "cpu")
+    model = load_frozen(model_dir)
+    cuda = model.device.type == "cuda"
     try:
         return validation_loss(model, dd["validation"].spread(sequences), batch_size)
     finally:

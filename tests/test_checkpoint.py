@@ -10,7 +10,14 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from secateurs.checkpoint import CheckpointError, check_checkpoint_dir, import_model, load_model
+from secateurs.checkpoint import (
+    CheckpointError,
+    check_checkpoint_dir,
+    frozen_dtype,
+    import_model,
+    load_frozen,
+    load_model,
+)
 from secateurs.families import UnsupportedModelError
 
 
@@ -93,3 +100,13 @@ def test_load_and_import_take_the_config_s_dtype_names(tiny_models, tmp_path, dt
     saved = json.loads((tmp_path / "o" / "config.json").read_text())["dtype"]
     assert saved == dtype
     assert load_model(tmp_path / "o", dtype="auto").dtype == getattr(torch, dtype)
+
+
+def test_a_frozen_model_is_bf16_on_a_gpu_and_fp32_on_the_cpu(tiny_models):
+    # The rule of every step that scores or teaches with a model (evaluate, importance, search, the teacher).
+    assert frozen_dtype("cuda") == frozen_dtype("cuda:1") == torch.bfloat16
+    assert frozen_dtype("cpu") == torch.float32
+    model = load_frozen(tiny_models["qwen2"], "cpu")
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
+    assert {p.device.type for p in model.parameters()} == {"cpu"}
+    assert not model.training

@@ -8,6 +8,7 @@ processes.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -30,7 +31,7 @@ from secateurs.config import (
     ImportanceConfig,
     TeacherCorrectionConfig,
 )
-from secateurs.manifest import read_manifest
+from secateurs.manifest import json_digest, read_manifest
 
 ROOT = Path(__file__).resolve().parents[1]
 # A hung rendezvous or a step gone wrong fails the test instead of hanging the suite.
@@ -325,3 +326,11 @@ def test_the_cluster_guide_runs_as_written(tmp_path, monkeypatch):
                 keys = {k for s in recipe(cfg) for k in (s.key, *s.task_keys)}
                 assert argv[argv.index("--step") + 1] in keys, shlex.join(argv)
     assert (tmp_path / "pipeline.yaml").is_file()
+
+
+def test_a_json_digest_is_the_sha256_of_the_sorted_json_cut_to_its_length():
+    # It names training checkpoint directories and TrainJobs, the search's throughput cache and a dataset's
+    # preparation: a change of its value orphans what they hold.
+    whole = hashlib.sha256(b'{"a": "x", "b": [1, 2]}').hexdigest()
+    assert json_digest({"b": [1, 2], "a": Path("x")}) == whole[:16]
+    assert json_digest({"a": Path("x"), "b": [1, 2]}, length=None) == whole

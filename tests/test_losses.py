@@ -200,12 +200,10 @@ def test_chunked_kd_loss_with_cross_entropy_mix_equals_reference(temperature):
     torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-7)
     for g_got, g_want in zip(grads_got, torch.autograd.grad(want, [h64, w64])):
         torch.testing.assert_close(g_got.double(), g_want, rtol=1e-4, atol=1e-7)
-    # The same mix on full logits through cross_entropy_mix.
-    plain = losses.cross_entropy_mix(
-        losses.forward_kl(s_logits.float(), t_logits.float(), mask=c["mask"], temperature=temperature),
-        torch.nn.functional.cross_entropy(s_logits[..., :40].float().reshape(-1, 40), labels.reshape(-1)),
-        alpha,
-    )
+    # The same mix on full logits: forward_kl and torch's cross-entropy.
+    plain = (1 - alpha) * losses.forward_kl(
+        s_logits.float(), t_logits.float(), mask=c["mask"], temperature=temperature
+    ) + alpha * torch.nn.functional.cross_entropy(s_logits[..., :40].float().reshape(-1, 40), labels.reshape(-1))
     torch.testing.assert_close(plain.double(), want, rtol=1e-5, atol=1e-7)
 
 
@@ -335,7 +333,12 @@ def test_liger_path_equals_reference(name):
             ),
             "chunk_size",
         ),
-        (lambda c: losses.cross_entropy_mix(torch.tensor(1.0), torch.tensor(2.0), 1.5), "alpha"),
+        (
+            lambda c: losses.chunked_kd_loss(
+                c["student_hidden"], c["student_weight"], c["teacher_hidden"], c["teacher_weight"], ce_alpha=1.5
+            ),
+            "alpha",
+        ),
     ],
 )
 def test_bad_arguments_raise_a_clear_error(call, message):

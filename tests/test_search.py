@@ -308,7 +308,7 @@ def test_rerun_of_one_candidate_leaves_the_others_and_the_winner_lineage_intact(
     from secateurs.local_run import read_run
     from secateurs.manifest import content_hash
     from secateurs.pipeline_cli import rerun_cmd
-    from secateurs.rerun import rerun_phases, rerun_plan
+    from secateurs.rerun import rerun_phases, rerun_selection
     from secateurs.run_records import recorded_outputs
     from secateurs.tracking import lineage
 
@@ -362,20 +362,20 @@ def test_rerun_of_one_candidate_leaves_the_others_and_the_winner_lineage_intact(
         ({"search-distill:auto/1"}, False), ({"search-pick:auto"}, True)
     ]
     assert rerun_phases(cfg, "search-distill:auto", True) == [({"search-distill:auto"}, True)]
-    steps, imports = rerun_plan(cfg, {"search-pick:auto"}, True, recorded_outputs(state))
+    steps, imports = rerun_selection(cfg, {"search-pick:auto"}, True, recorded_outputs(state))
     assert imports[("search-distill:auto", "scored")] == [
         recorded_outputs(state)[(f"search-distill:auto/{i}", "scored")] for i in range(3)
     ]
     assert {"search-pick:auto", "distill:auto", "report"} <= {s.key for s in steps}
-    (one,), _ = rerun_plan(cfg, "search-distill:auto/2", False, before)
+    (one,), _ = rerun_selection(cfg, "search-distill:auto/2", False, before)
     assert (one.key, one.items) == ("search-distill:auto", ["2"])
     with pytest.raises(PipelineError, match="'search-distill:auto/7' is not a step of this pipeline.*"
                                             "search-distill:auto/0, search-distill:auto/1"):  # fmt: skip
-        rerun_plan(cfg, "search-distill:auto/7", False, before)
+        rerun_selection(cfg, "search-distill:auto/7", False, before)
     missing = {k: v for k, v in before.items() if k[0] != "search-distill:auto/2"}
     with pytest.raises(PipelineError, match="search-pick:auto needs search-distill:auto/2.scored, which the run "
                                             "never finished: rerun search-distill:auto/2 first"):  # fmt: skip
-        rerun_plan(cfg, "search-pick:auto", False, missing)
+        rerun_selection(cfg, "search-pick:auto", False, missing)
 
 
 def test_compiled_search_fans_out_one_gpu_task_per_candidate(tmp_path):
@@ -425,7 +425,7 @@ def test_the_rerun_of_one_candidate_compiles_without_an_importer_in_a_loop(tmp_p
     from secateurs.config import PipelineConfig
     from secateurs.pipelines.recipe import build_pipeline, recipe
     from secateurs.registry import STEPS
-    from secateurs.rerun import rerun_phases, rerun_plan
+    from secateurs.rerun import rerun_phases, rerun_selection
 
     config = PipelineConfig.model_validate({
         "teacher": {"source": "meta-llama/Llama-3.1-8B"},
@@ -442,7 +442,7 @@ def test_the_rerun_of_one_candidate_compiles_without_an_importer_in_a_loop(tmp_p
     phases = rerun_phases(config, "search-distill:auto-4b/1", True)
     assert len(phases) == 2
     for i, (keys, downstream) in enumerate(phases):
-        steps, imports = rerun_plan(config, keys, downstream, recorded)
+        steps, imports = rerun_selection(config, keys, downstream, recorded)
         compiler.Compiler().compile(build_pipeline(config, steps=steps, imports=imports), str(tmp_path / f"{i}.yaml"))
         spec = next(yaml.safe_load_all((tmp_path / f"{i}.yaml").read_text()))
         loops = [c["dag"]["tasks"] for name, c in spec["components"].items() if name.startswith("comp-for-loop")]

@@ -26,6 +26,8 @@ def tokenizer_identity(tokenizer) -> str:
     """A hash of the vocabulary and special tokens: equal for the same tokenizer saved anywhere."""
     vocab = tokenizer.get_vocab()
     ident = {"vocab": sorted(vocab.items()), "eos": tokenizer.eos_token, "bos": tokenizer.bos_token}
+    # Not `manifest.json_digest`: that sorts the keys, and every dataset already written records this hash of the
+    # keys in this order; a tokenizer would then no longer match the datasets prepared with it.
     return hashlib.sha256(json.dumps(ident).encode()).hexdigest()[:16]
 
 

@@ -21,7 +21,7 @@ from secateurs.data.reader import PackedDataset, _shard_bytes, _shards, _verify_
 from secateurs.data.sources import _prepared, _text, documents
 from secateurs.data.tokenizing import _encoded
 from secateurs.data.writer import _SplitWriter
-from secateurs.manifest import CHECKPOINTS_ENV, MANIFEST, publish, read_manifest, write_manifest
+from secateurs.manifest import CHECKPOINTS_ENV, MANIFEST, json_digest, publish, read_manifest, write_manifest
 
 PROGRESS = "progress.json"  # in the work directory while a preparation runs: what a restart resumes from
 
@@ -151,7 +151,7 @@ def prepare_data(tokenizer_dir: str | Path, out: str | Path, settings: DataConfi
 
 def _digest(config: dict) -> str:
     """What a preparation makes, as a hash: the format and every setting that changes the shards."""
-    return hashlib.sha256(json.dumps([FORMAT, config], sort_keys=True).encode()).hexdigest()
+    return json_digest([FORMAT, config], length=None)
 
 
 def _publish(work: Path, destination: str | Path) -> None:
