@@ -42,7 +42,7 @@ def prepare_data(
 
     from secateurs.components.prologue import step
     from secateurs.data import prepare_data as run_prepare
-    from secateurs.manifest import DATA_STORE_ENV
+    from secateurs.files import DATA_STORE_ENV
 
     with step("prepare_data", locals()) as s:
         s.report = run_prepare(model.path, dataset.path, s.settings, store=os.environ.get(DATA_STORE_ENV))

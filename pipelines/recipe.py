@@ -174,7 +174,7 @@ def build_pipeline(
     from kfp import dsl
 
     from secateurs.components.steps import component, recorded_component
-    from secateurs.manifest import DATA_STORE_ENV
+    from secateurs.files import DATA_STORE_ENV
 
     every = recipe(config)
     steps = every if steps is None else steps

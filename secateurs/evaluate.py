@@ -61,8 +61,9 @@ from secateurs.eval_tasks import (
     write_task,
 )
 from secateurs.families import parameter_count
+from secateurs.files import atomic_output
 from secateurs.losses import IGNORE_INDEX, _logits_fp32
-from secateurs.manifest import atomic_output, write_manifest
+from secateurs.manifest import write_manifest
 
 METRICS_FILE = "metrics.json"
 # Positions whose logits `validation_loss` forms at once: one [2048, V] fp32 buffer, 1 GiB at a 128k vocabulary

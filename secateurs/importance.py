@@ -29,7 +29,8 @@ from secateurs.config import ImportanceConfig
 from secateurs.data import check_matches, load_packed
 from secateurs.evaluate import validation_loss
 from secateurs.families import Shape, decoder_layers, family_of
-from secateurs.manifest import atomic_output, read_manifest, write_manifest
+from secateurs.files import atomic_output
+from secateurs.manifest import read_manifest, write_manifest
 
 SCORES_FILE = "importance.safetensors"
 DEPTH_FILE = "depth.json"

@@ -28,7 +28,8 @@ from secateurs.families import (
     set_explicit_shape,
 )
 from secateurs.importance import load_importance
-from secateurs.manifest import atomic_output, content_hash, write_manifest
+from secateurs.files import atomic_output
+from secateurs.manifest import content_hash, write_manifest
 
 
 class PruneError(ValueError):

@@ -127,7 +127,8 @@ def write_rehearsal_teacher(config: dict, tokenizer_dir: Path, out: Path, seed: 
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from secateurs.checkpoint import load_tokenizer, save_checkpoint
-    from secateurs.manifest import atomic_output, write_manifest
+    from secateurs.files import atomic_output
+    from secateurs.manifest import write_manifest
 
     tokenizer = load_tokenizer(tokenizer_dir)
     settings = {k: v for k, v in config.items() if k not in ("architectures", "model_type", "torch_dtype")}

@@ -293,7 +293,8 @@ def measure_throughput(
     from secateurs import engine
     from secateurs.checkpoint import load_tokenizer, save_checkpoint
     from secateurs.families import family_of
-    from secateurs.manifest import cache_dir, json_digest
+    from secateurs.files import cache_dir
+    from secateurs.manifest import json_digest
     from secateurs.prune import PrunePlan, pruned_config
 
     new = pruned_config(config, PrunePlan(kept_layers=list(range(shape.num_hidden_layers)), hidden=None,
@@ -372,8 +373,9 @@ def score_candidates(
     from secateurs.data import check_matches, load_packed
     from secateurs.evaluate import validation_loss
     from secateurs.families import family_of, parameter_count
+    from secateurs.files import atomic_output
     from secateurs.importance import load_importance
-    from secateurs.manifest import atomic_output, write_manifest
+    from secateurs.manifest import write_manifest
 
     # Every bad input fails here, before a weight is read: the checkpoint, the importance artifact, the budget and
     # fixed dimensions (enumeration) and every candidate's pruning plan (the depth criterion's block sizes).
@@ -458,7 +460,8 @@ def distill_candidate(
         trainjob: JSON of a `secateurs.trainjob.JobPlacement` to train on several nodes; "" for this node.
     """
     from secateurs import training_launch
-    from secateurs.manifest import atomic_output, read_manifest, write_manifest
+    from secateurs.files import atomic_output
+    from secateurs.manifest import read_manifest, write_manifest
 
     listing = json.loads((Path(candidates_dir) / CANDIDATES_FILE).read_text())
     scoring = SearchConfig.model_validate(read_manifest(candidates_dir)["config"])
@@ -491,7 +494,7 @@ def pick_winner(candidates_dir: str | Path, scored: list[str | Path], out: str |
     """Step 4: rank the short-distilled candidates by validation loss; write the winner's pruned checkpoint to OUT
     (with its prune manifest, so lineage and the distill step read it as any pruned student) and the whole table
     to OUT/candidates.json."""
-    from secateurs.manifest import atomic_output
+    from secateurs.files import atomic_output
 
     listing = json.loads((Path(candidates_dir) / CANDIDATES_FILE).read_text())
     scores = [json.loads((Path(p) / SCORE_FILE).read_text()) for p in scored]

@@ -50,8 +50,8 @@ from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from secateurs.errors import exception_chain
+from secateurs.files import cache_dir as default_cache_dir
 from secateurs.manifest import MANIFEST
-from secateurs.manifest import cache_dir as manifest_cache_dir
 
 if TYPE_CHECKING:
     from boto3.s3.transfer import TransferConfig
@@ -351,7 +351,7 @@ def localize(
     canonical = uri.rstrip("/") if key.rstrip("/") else f"s3://{bucket}"
     name = PurePosixPath(key.rstrip("/")).name or bucket
     target = (
-        Path(cache_dir or manifest_cache_dir())
+        Path(cache_dir or default_cache_dir())
         / "s3"
         / f"{name}-{hashlib.sha256(canonical.encode()).hexdigest()[:16]}"
     )

@@ -45,7 +45,8 @@ from secateurs.checkpoint import default_device, frozen_dtype, load_frozen, load
 from secateurs.config import DistillConfig, TeacherCorrectionConfig, TrainingConfig
 from secateurs.data import check_matches, load_packed, tokenizer_identity
 from secateurs.families import compile_decoder_layers, parameter_count
-from secateurs.manifest import CHECKPOINTS_ENV, atomic_output, json_digest, read_manifest, write_manifest
+from secateurs.files import CHECKPOINTS_ENV, atomic_output
+from secateurs.manifest import json_digest, read_manifest, write_manifest
 
 RUN_ID_FILE = "secateurs-run.json"
 # The student's submodule holding the intermediate-loss projections while it trains (never saved with it).

@@ -95,7 +95,8 @@ def train(step: str, inputs: dict[str, str], out: str, settings, job: JobPlaceme
     """
     from kubernetes import client
 
-    from secateurs.manifest import atomic_output, read_manifest
+    from secateurs.files import atomic_output
+    from secateurs.manifest import read_manifest
 
     api_client = api_client or _default_client()
     namespace = namespace or _own_namespace()
@@ -295,7 +296,7 @@ def _stage(source: Path, staged: Path) -> Path:
     """`source` on the shared volume: itself when it is there already, else a copy (made once per job)."""
     if staged.is_dir():
         return staged
-    from secateurs.manifest import atomic_output
+    from secateurs.files import atomic_output
 
     with atomic_output(staged) as tmp:
         shutil.copytree(source, tmp, dirs_exist_ok=True)

@@ -361,7 +361,7 @@ def test_a_work_directory_on_another_file_system_is_published(tmp_path):
     """On a cluster the work directory is on the cache volume and the output on the pod's disk."""
     import tempfile
 
-    from secateurs.manifest import publish
+    from secateurs.files import publish
 
     if os.stat("/dev/shm").st_dev == os.stat(tmp_path).st_dev:
         pytest.skip("/dev/shm is on the same file system as the temp dir here")
@@ -379,7 +379,7 @@ def test_a_work_directory_on_another_file_system_is_published(tmp_path):
 def test_a_published_artifact_is_readable_as_the_umask_allows(tmp_path):
     """transformers writes model.safetensors 0o600 and temporary directories are 0o700: an artifact left so could
     be read only by the uid that wrote it, not by the next step running under another uid of its group."""
-    from secateurs.manifest import atomic_output
+    from secateurs.files import atomic_output
 
     old = os.umask(0o002)
     try:

@@ -21,7 +21,8 @@ from secateurs.data.reader import PackedDataset, _shard_bytes, _shards, _verify_
 from secateurs.data.sources import _prepared, _text, documents
 from secateurs.data.tokenizing import _encoded
 from secateurs.data.writer import _SplitWriter
-from secateurs.manifest import CHECKPOINTS_ENV, MANIFEST, json_digest, publish, read_manifest, write_manifest
+from secateurs.files import CHECKPOINTS_ENV, publish
+from secateurs.manifest import MANIFEST, json_digest, read_manifest, write_manifest
 
 PROGRESS = "progress.json"  # in the work directory while a preparation runs: what a restart resumes from
 
@@ -64,7 +65,7 @@ def prepare_data(tokenizer_dir: str | Path, out: str | Path, settings: DataConfi
     """
     from secateurs import storage
     from secateurs.checkpoint import load_tokenizer
-    from secateurs.manifest import cache_dir
+    from secateurs.files import cache_dir
 
     tokenizer = load_tokenizer(tokenizer_dir)
     identity = tokenizer_identity(tokenizer)
@@ -191,7 +192,7 @@ def _stored(location: str, digest: str) -> tuple[dict, dict] | None:
     if storage.is_s3_uri(location):
         import tempfile
 
-        from secateurs.manifest import cache_dir
+        from secateurs.files import cache_dir
 
         sizes = storage.object_sizes(location, missing_ok=True)
         if not {MANIFEST, INDEX} <= set(sizes):
@@ -223,7 +224,7 @@ def _write_reference(out: str | Path, location: str, index: dict, tokenizer_dir:
     import tempfile
 
     from secateurs import storage
-    from secateurs.manifest import cache_dir
+    from secateurs.files import cache_dir
 
     parent = cache_dir() if storage.is_s3_uri(str(out)) else Path(out).parent
     parent.mkdir(parents=True, exist_ok=True)

@@ -46,7 +46,7 @@ def shard_root(path: Path, index: dict) -> Path:
         return path
     if location.startswith("s3://"):
         from secateurs import storage
-        from secateurs.manifest import cache_dir
+        from secateurs.files import cache_dir
 
         return storage.localize(location, cache_dir())
     if not Path(location).is_dir():

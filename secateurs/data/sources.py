@@ -98,7 +98,7 @@ def _s3_records(objects: list[str], builder: str, sample_by: str):
     import datasets
 
     from secateurs import storage
-    from secateurs.manifest import cache_dir
+    from secateurs.files import cache_dir
 
     (cache_dir() / "streams").mkdir(parents=True, exist_ok=True)
     for uri in objects:
@@ -113,7 +113,7 @@ def _s3_records(objects: list[str], builder: str, sample_by: str):
 def _localized(source: str) -> str:
     if source.startswith("s3://"):
         from secateurs import storage
-        from secateurs.manifest import cache_dir
+        from secateurs.files import cache_dir
 
         return str(storage.localize(source, cache_dir()))
     return source

@@ -12,7 +12,8 @@ from typing import Any
 from secateurs.engine.onnxruntime_genai import OnnxRuntimeGenAI
 from secateurs.engine.trtllm import TensorRTLLM, check_calibration
 from secateurs.engine.workload import ENGINE_STEP, _model_config, check_lengths, detect_gpu_capability
-from secateurs.manifest import atomic_output, write_manifest
+from secateurs.files import atomic_output
+from secateurs.manifest import write_manifest
 
 BACKENDS: dict[str, OnnxRuntimeGenAI | TensorRTLLM] = {b.name: b for b in (OnnxRuntimeGenAI(), TensorRTLLM())}
 
