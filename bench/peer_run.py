@@ -339,6 +339,9 @@ def run_trl(spec: dict, record: Record) -> None:
         weight_decay=spec["weight_decay"], max_grad_norm=spec["max_grad_norm"], seed=spec["seed"],
         data_seed=spec["seed"], use_cpu=not cuda, bf16=cuda, logging_steps=1, save_strategy="no", report_to=[],
         dataloader_num_workers=0, lmbda=0.0, beta=0.0, temperature=spec["temperature"], max_length=None,
+        # SFTConfig (which GKDConfig extends) turns activation checkpointing on by default (trl/trainer/
+        # sft_config.py: "`gradient_checkpointing`: Defaults to `True`"); ours and the loops keep activations.
+        gradient_checkpointing=False,
     )  # fmt: skip
     trainer = GKDTrainer(model=student, teacher_model=teacher, args=args, train_dataset=train,
                          data_collator=collate, processing_class=tokenizer,
