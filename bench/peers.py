@@ -470,17 +470,20 @@ def plot(report: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    colours = {"ours": "C0", "nemo": "C2", "trl": "C1", "plain": "C7"}
+    colours = {"ours": "C0", "nemo": "C2", "nemo-loss": "C2", "trl": "C1", "plain": "C7"}
+    # Ours, NeMo's loss and the plain loop compute the same KL: dashes keep the lines drawn over each other visible.
+    styles = {"ours": "-", "nemo": "--", "nemo-loss": "--", "trl": "-", "plain": ":"}
     fig, (kl_ax, val_ax) = plt.subplots(1, 2, figsize=(11, 4))
     for run in report["runs"]:
         if run.get("error") or run["student"] != "width" or run["processes"] != 1:
             continue
         label = run["impl"] if run["seed"] == report["runs"][0]["seed"] else None
         steps = range(1, len(run["train_kl"]) + 1)
-        kl_ax.plot(steps, run["train_kl"], color=colours[run["impl"]], alpha=0.7, label=label)
+        kl_ax.plot(steps, run["train_kl"], styles[run["impl"]], color=colours[run["impl"]], alpha=0.7,
+                   label=label)  # fmt: skip
         points = sorted((int(k), v) for k, v in run["validation"].items())
-        val_ax.plot([p[0] for p in points], [p[1] for p in points], "o-", color=colours[run["impl"]], alpha=0.7,
-                    label=label)  # fmt: skip
+        val_ax.plot([p[0] for p in points], [p[1] for p in points], "o" + styles[run["impl"]],
+                    color=colours[run["impl"]], alpha=0.7, label=label)  # fmt: skip
     kl_ax.set(xlabel="optimizer step", ylabel="training KL(teacher || student), nats/token", yscale="log")
     val_ax.set(xlabel="optimizer step", ylabel="validation cross-entropy, nats/token")
     for ax in (kl_ax, val_ax):
