@@ -150,6 +150,17 @@ class ImportanceConfig(Section):
         return v
 
 
+def kv_grouping_problem(heads: int, kv: int, per_group: int | None = None) -> str | None:
+    """The GQA rule for `heads` query heads over `kv` KV groups: whole groups, each of at most `per_group` query
+    heads (the source's; None: not checked). What breaks it, as the end of a sentence about
+    `num_attention_heads=<heads>`; None when nothing does."""
+    if heads % kv:
+        return f"is not a multiple of the {kv} KV groups"
+    if per_group is not None and heads // kv > per_group:
+        return f"needs {heads // kv} heads per KV group; the source has {per_group}"
+    return None
+
+
 class PruneConfig(Section):
     hidden_size: int | None = Field(None, ge=1, description="Embedding channels to keep.")
     ffn_hidden_size: int | None = Field(None, ge=1, description="MLP neurons to keep per layer.")
@@ -172,11 +183,10 @@ class PruneConfig(Section):
     def _depth_exclusive(self):
         if self.num_layers is not None and self.drop_layers is not None:
             raise ValueError("give either num_layers or drop_layers, not both")
-        if self.num_key_value_heads and self.num_attention_heads and self.num_attention_heads % self.num_key_value_heads:
-            raise ValueError(
-                f"num_attention_heads={self.num_attention_heads} is not a multiple of the "
-                f"{self.num_key_value_heads} KV groups"
-            )
+        if self.num_key_value_heads and self.num_attention_heads:
+            problem = kv_grouping_problem(self.num_attention_heads, self.num_key_value_heads)
+            if problem:
+                raise ValueError(f"num_attention_heads={self.num_attention_heads} {problem}")
         return self
 
     def target(self) -> PruneTarget:

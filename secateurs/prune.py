@@ -17,8 +17,14 @@ from pathlib import Path
 
 import torch
 
-from secateurs.config import DEPTH_CRITERIA, DepthCriterion, PruneTarget, parse_layer_list  # noqa: F401 (re-exported)
 from secateurs.checkpoint import check_checkpoint_dir, load_model, load_tokenizer
+from secateurs.config import (  # noqa: F401 (re-exported)
+    DEPTH_CRITERIA,
+    DepthCriterion,
+    PruneTarget,
+    kv_grouping_problem,
+    parse_layer_list,
+)
 from secateurs.families import (
     LAYER_PARAMETER_AXES,
     MODEL_PARAMETER_AXES,
@@ -27,8 +33,8 @@ from secateurs.families import (
     parameter_count,
     set_explicit_shape,
 )
-from secateurs.importance import load_importance
 from secateurs.files import atomic_output
+from secateurs.importance import load_importance
 from secateurs.manifest import content_hash, write_manifest
 
 
@@ -111,12 +117,9 @@ def plan_pruning(shape: Shape, scores: dict[str, torch.Tensor], depth: dict, tar
         heads = kv * per_group
     else:
         heads = _check_size("num_attention_heads", target.num_attention_heads, shape.num_attention_heads)
-        if heads % kv:
-            raise PruneError(f"num_attention_heads={heads} is not a multiple of the {kv} KV groups")
-        if heads // kv > per_group:
-            raise PruneError(
-                f"num_attention_heads={heads} needs {heads // kv} heads per KV group; the source has {per_group}"
-            )
+        problem = kv_grouping_problem(heads, kv, per_group)
+        if problem:
+            raise PruneError(f"num_attention_heads={heads} {problem}")
     kept_layers = choose_layers(shape.num_hidden_layers, depth, target)
 
     plan = PrunePlan(kept_layers=kept_layers, hidden=top_k_sorted(scores["hidden"], hidden))
