@@ -14,7 +14,7 @@ that torch). ours and plain run in this environment. Measured per implementation
 validation loss (`peer_run.validation_loss`, the same code for all) at the same steps, tokens/s (median of the
 steps after warm-up), peak RSS per process, at 1 process (3 seeds) and 2 processes (gloo: DDP; NeMo: its FSDP2).
 
-    nice -n 10 python bench/peers.py                        # the default setting, ~30 min on 2 cores
+    nice -n 10 python bench/peers.py                        # the default setting: 20 runs (timings: docs/peers.md)
     python bench/peers.py --steps 2 --seeds 0 --processes 1 --students width --impls plain,ours   # a smoke run
 
 Writes bench/results/cpu/peers.json and docs/images/peers.png.
@@ -76,8 +76,9 @@ RANDOM_SHAPES = {
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    # The default fits 30 minutes on 2 free cores: 20 runs (4 implementations x 3 seeds, 2 processes, the depth
-    # student), most of each its start-up and model loading.
+    # The default: 20 runs (4 implementations x 3 seeds, 2 processes, the depth student), most of each its
+    # start-up and model loading. A run took 34-45 s at 2 processes on a quiet 2-core machine, 2.5-10 minutes
+    # at 1 process with other work on the cores (docs/peers.md): 30 minutes needs the cores to itself.
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--seq-len", type=int, default=64)
     parser.add_argument("--global-batch", type=int, default=4, help="sequences per optimizer step")
