@@ -208,7 +208,7 @@ def prepare(args) -> Path:
     from secateurs.checkpoint import import_model
     from secateurs.config import DataConfig, ImportanceConfig
     from secateurs.data import prepare_data
-    from secateurs.recipe import prune_student
+    from secateurs.chain import prune_student
 
     smollm2 = args.work / "teacher"
     if not smollm2.exists():
