@@ -232,13 +232,13 @@ def rehearse(config: Path, directory: Path, teacher_config: Path | None = None) 
 # ------------------------------------------------------------------------------------------------ plan
 def check_plan(cfg: PipelineConfig) -> None:
     """Refuse, before anything is compiled, sent or run, a config whose GPU steps do not fit their GPUs: by the
-    analytic plan where it is clear of the limit, else by the step's trace (`secateurs.plan.check`)."""
-    from secateurs import plan
+    analytic plan where it is clear of the limit, else by the step's trace (`secateurs.fit.check`)."""
+    from secateurs import fit, plan
 
     if not cfg.placement.gpus.requested():
         return
     try:
-        plan.check(cfg)
+        fit.check(cfg)
     except plan.ShapeUnknown as e:
         typer.secho(f"warning: memory plan skipped: {e}", fg="yellow", err=True)
     except plan.PlanError as e:

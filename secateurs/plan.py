@@ -4,7 +4,7 @@ Each step's bytes are its common terms plus those of its largest moment: terms o
 at once (a forward step frees a layer's transients before it forms the logits). `secateurs.trace` runs each
 step's own code under fake tensors at the same shapes; on the flagship config the two agree within 1% on every
 step (tests/test_plan_trace.py), and the refusal of `compile`, `submit` and `run` traces a step wherever this plan
-puts it within that agreement of its GPU's memory (`plan.check`).
+puts it within that agreement of its GPU's memory (`fit.check`).
 
 Training steps (teacher correction, distillation of each student, a search's short distillations), under their
 parallelism and process count:
@@ -515,42 +515,3 @@ def sources(tokens_per_second: float = MEASURED_TOKENS_PER_SECOND) -> list[str]:
             "placement.network_bandwidth across nodes; where comm GPU-h passes GPU-hours, the network sets the time"
         ),
     ]
-
-
-# The flagship's analytic plan agrees with its trace within this share on every step (tests/test_plan_trace.py).
-AGREEMENT = 0.10
-
-
-def check(config) -> list:
-    """The analytic plan of `config` after refusing (`PlanError`, one line) a step that does not fit its GPUs.
-
-    The analytic plan decides where it is clear of the limit by more than its agreement with the trace; a step it
-    puts nearer (or over) is traced, and the trace decides: the refusal names the traced figure. Tracing only
-    those steps keeps the check instant for configs that fit with room to spare (all the CPU configs)."""
-    plans = plan(config)
-    near = {s.task for s in plans if s.available and s.total * (1 + AGREEMENT) > HEADROOM * s.available}
-    # Without gradient checkpointing a layer keeps more for backward than the analytic plan counts (1.7x at
-    # Llama-3.1-8B's shapes, traced): there the trace is the plan.
-    near |= {s.task for s in plans if s.available and s.parallelism != "forward" and not s.checkpointing}
-    if not near:
-        return plans
-    # Not a search's scoring: its candidates' enumeration (`search.enumerate_candidates`, every grid shape
-    # validated by transformers) takes minutes at an 8B's grid; the analytic plan, which agreed with its trace
-    # within 1% (tests/test_plan_trace.py), decides there.
-    near = {t for t in near if not t.startswith("search:")}
-    # Imported here, as torch with it: `validate` and `compile` of a config clear of its limits load no torch.
-    from secateurs import trace
-
-    key = config.model_dump_json()  # `compile` then `submit` of one config trace once
-    if key not in _TRACED:
-        _TRACED[key] = {s.analytic.task: s for s in trace.trace_plan(config, tasks=near, roofline=False)} if near else {}
-    for step in plans:
-        traced = _TRACED[key].get(step.task)
-        if traced is not None and not traced.fits():
-            raise PlanError(trace.refusal(traced, config))
-        if traced is None and not step.fits():  # a step the trace does not run: the analytic plan decides
-            raise PlanError(refusal(step, config))
-    return plans
-
-
-_TRACED: dict[str, dict] = {}  # a config's JSON -> its traced steps by task
