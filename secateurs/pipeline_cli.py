@@ -15,6 +15,7 @@ MLflow; its outputs land in a new directory, and its MLflow pipeline run is tagg
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 from typing import Annotated
@@ -187,9 +188,13 @@ def rehearse(config: Path, directory: Path, teacher_config: Path | None = None) 
     failure = None
     from secateurs.evaluate import LM_EVAL_TASKS_ENV
 
-    tasks = lib.write_task_overrides(real.evaluate.tasks, directory)
-    extra = {LM_EVAL_TASKS_ENV: str(tasks)} if tasks else {}
-    with lib.rehearsal_environment(directory, lib.s3_buckets(real), extra):
+    # Everything from here on inside the environment: the task overrides import lm_eval and with it datasets and
+    # huggingface_hub, which fix their cache directories at import from HF_HOME and HOME, so an import before it
+    # would have this process write its dataset locks into the user's ~/.cache.
+    with lib.rehearsal_environment(directory, lib.s3_buckets(real)):
+        tasks = lib.write_task_overrides(real.evaluate.tasks, directory)
+        if tasks:
+            os.environ[LM_EVAL_TASKS_ENV] = str(tasks)  # unset again with the rest when the environment ends
         cfg, scaling = real, lib.Scaling()
         if lib.asks_for_gpus(real):
             shape = lib.teacher_config(real.teacher.source, teacher_config)

@@ -444,7 +444,7 @@ def rehearsal_env(directory: Path, s3_endpoint: str | None) -> dict[str, str]:
 
 
 @contextlib.contextmanager
-def rehearsal_environment(directory: Path, buckets: set[str], extra: dict[str, str] | None = None):
+def rehearsal_environment(directory: Path, buckets: set[str]):
     """Run the body with every cache, credential and endpoint pointing into DIRECTORY and, when BUCKETS are
     named, a moto S3 server on 127.0.0.1 holding them; the environment is restored and the server stopped after,
     however the body ends.
@@ -467,10 +467,10 @@ def rehearsal_environment(directory: Path, buckets: set[str], extra: dict[str, s
         server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
         server.start()
         endpoint = f"http://127.0.0.1:{port}"
-    env = rehearsal_env(directory, endpoint) | (extra or {})
+    env = rehearsal_env(directory, endpoint)
     for d in ("cache", "tmp", "aws"):
         (directory / d).mkdir(parents=True, exist_ok=True)
-    saved = {k: os.environ.get(k) for k in [*env, *_CLEARED]}
+    saved = dict(os.environ)  # restored whole: what the body sets too (the lm-eval task overrides)
     try:
         for k in _CLEARED:
             os.environ.pop(k, None)
@@ -483,11 +483,8 @@ def rehearsal_environment(directory: Path, buckets: set[str], extra: dict[str, s
                 client.create_bucket(Bucket=bucket)
         yield env
     finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+        os.environ.clear()
+        os.environ.update(saved)
         end_children()
         signal.signal(signal.SIGTERM, previous_handler)
         if server is not None:

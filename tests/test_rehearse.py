@@ -139,6 +139,51 @@ def test_environment_points_home_and_is_restored(tmp_path):
         socket.create_connection((host, int(port)), timeout=2).close()
 
 
+_CACHES_AT_THE_FIRST_STEP = """
+import sys
+from pathlib import Path
+
+from secateurs import pipeline_cli
+
+
+class Stop(Exception):
+    pass
+
+
+def first_step(cfg, directory):
+    # What the rehearsing process itself has loaded by the time the graph would start.
+    import datasets.config
+    import huggingface_hub.constants
+
+    print(datasets.config.HF_DATASETS_CACHE, huggingface_hub.constants.HF_HUB_CACHE, sep="\\n")
+    raise Stop
+
+
+pipeline_cli.open_run = first_step
+try:
+    pipeline_cli.rehearse(Path(sys.argv[1]), Path(sys.argv[2]))
+except Stop:
+    pass
+"""
+
+
+def test_the_rehearsing_process_caches_inside_the_directory(tmp_path):
+    """The flagship's registry tasks (mmlu, hellaswag, winogrande) make the rehearsal import lm-eval, and with it
+    datasets and huggingface_hub, which fix their cache directories at import: the process writing its dataset
+    locks into the user's ~/.cache when that import came before the rehearsal's environment."""
+    pytest.importorskip("lm_eval")
+    home, directory = tmp_path / "home", tmp_path / "rehearsal"
+    home.mkdir()
+    done = subprocess.run([sys.executable, "-c", _CACHES_AT_THE_FIRST_STEP, str(FLAGSHIP), str(directory)],
+                          capture_output=True, text=True, cwd=ROOT, timeout=600,
+                          env={**os.environ, "HOME": str(home), "HF_HUB_OFFLINE": "1"})  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    datasets_cache, hub_cache = done.stdout.splitlines()[-2:]
+    assert Path(datasets_cache) == directory / "cache" / "huggingface" / "datasets"
+    assert Path(hub_cache) == directory / "cache" / "huggingface" / "hub"
+    assert list(home.iterdir()) == []
+
+
 # ----------------------------------------------------------------------------------------- broken on purpose
 def _flagship_with(tmp_path, change) -> Path:
     import yaml
