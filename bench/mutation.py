@@ -158,6 +158,8 @@ def write_setup_cfg(tree: Path, module: dict) -> None:
     (tree / "setup.cfg").write_text(
         "[mutmut]\n"
         "source_paths =\n    secateurs\n"
+        # The tests read the shipped configs (the flagship's plan worked by hand) besides tests/ (copied anyway).
+        "also_copy =\n    configs\n"
         f"only_mutate =\n    {module['file']}\n"
         f"pytest_add_cli_args =\n{lines(['-p', 'mutation', '-p', 'no:cacheprovider', '-x', '-q'])}\n"
         f"pytest_add_cli_args_test_selection =\n{lines(t for t in module['tests'] if (tree / t).exists() or not t.startswith('tests/'))}\n"
