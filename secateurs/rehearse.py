@@ -423,6 +423,11 @@ def rehearsal_env(directory: Path, s3_endpoint: str | None) -> dict[str, str]:
         "SECATEURS_CACHE": str(directory / "cache"),
         "HF_HOME": str(directory / "cache" / "huggingface"),
         "XDG_CACHE_HOME": str(directory / "cache"),
+        # Configuration written on first use: matplotlib's (the report's plots), MLflow's telemetry installation id.
+        "XDG_CONFIG_HOME": str(directory / "config"),
+        "MPLCONFIGDIR": str(directory / "config" / "matplotlib"),
+        # MLflow's usage telemetry posts to the network: off, as a rehearsal reaches nothing outside this machine.
+        "MLFLOW_DISABLE_TELEMETRY": "true",
         "TORCHINDUCTOR_CACHE_DIR": str(directory / "cache" / "inductor"),
         "TMPDIR": str(directory / "tmp"),
         # One thread a process: at the rehearsal's widths a matmul is microseconds of work, and on 2 shared cores
@@ -468,7 +473,7 @@ def rehearsal_environment(directory: Path, buckets: set[str]):
         server.start()
         endpoint = f"http://127.0.0.1:{port}"
     env = rehearsal_env(directory, endpoint)
-    for d in ("cache", "tmp", "aws"):
+    for d in ("cache", "config", "tmp", "aws"):
         (directory / d).mkdir(parents=True, exist_ok=True)
     saved = dict(os.environ)  # restored whole: what the body sets too (the lm-eval task overrides)
     try:

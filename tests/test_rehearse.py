@@ -154,8 +154,12 @@ def first_step(cfg, directory):
     # What the rehearsing process itself has loaded by the time the graph would start.
     import datasets.config
     import huggingface_hub.constants
+    import matplotlib
+    from mlflow.telemetry.installation_id import _get_telemetry_file_path
+    from mlflow.environment_variables import MLFLOW_DISABLE_TELEMETRY
 
-    print(datasets.config.HF_DATASETS_CACHE, huggingface_hub.constants.HF_HUB_CACHE, sep="\\n")
+    print(MLFLOW_DISABLE_TELEMETRY.get(), _get_telemetry_file_path(), matplotlib.get_configdir(),
+          datasets.config.HF_DATASETS_CACHE, huggingface_hub.constants.HF_HUB_CACHE, sep="\\n")
     raise Stop
 
 
@@ -170,7 +174,8 @@ except Stop:
 def test_the_rehearsing_process_caches_inside_the_directory(tmp_path):
     """The flagship's registry tasks (mmlu, hellaswag, winogrande) make the rehearsal import lm-eval, and with it
     datasets and huggingface_hub, which fix their cache directories at import: the process writing its dataset
-    locks into the user's ~/.cache when that import came before the rehearsal's environment."""
+    locks into the user's ~/.cache when that import came before the rehearsal's environment. MLflow (its telemetry
+    id) and matplotlib (the report's plots) write ~/.config unless told otherwise."""
     pytest.importorskip("lm_eval")
     home, directory = tmp_path / "home", tmp_path / "rehearsal"
     home.mkdir()
@@ -178,7 +183,11 @@ def test_the_rehearsing_process_caches_inside_the_directory(tmp_path):
                           capture_output=True, text=True, cwd=ROOT, timeout=600,
                           env={**os.environ, "HOME": str(home), "HF_HUB_OFFLINE": "1"})  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
-    datasets_cache, hub_cache = done.stdout.splitlines()[-2:]
+    telemetry_off, telemetry_file, matplotlib_config, datasets_cache, hub_cache = done.stdout.splitlines()[-5:]
+    # MLflow's telemetry (it posts to the network) off; its installation id and matplotlib's config in the directory.
+    assert telemetry_off == "True"
+    assert Path(telemetry_file) == directory / "config" / "mlflow" / "telemetry.json"
+    assert Path(matplotlib_config) == directory / "config" / "matplotlib"
     assert Path(datasets_cache) == directory / "cache" / "huggingface" / "datasets"
     assert Path(hub_cache) == directory / "cache" / "huggingface" / "hub"
     assert list(home.iterdir()) == []
