@@ -6,6 +6,7 @@ the default device. Each kills mutants of `secateurs.checkpoint` that survived `
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -54,7 +55,7 @@ def test_builtin_model_without_its_package(cold_cache, tmp_path, monkeypatch):
 
 def test_import_from_s3_round_trips(tiny_models, cold_cache, tmp_path, monkeypatch):
     """s3://bucket/prefix/ of a checkpoint, served by moto on 127.0.0.1: fetched into the cache and imported as the
-    directory it is."""
+    directory it is, checked as one."""
     from moto.server import ThreadedMotoServer
 
     from secateurs import storage
@@ -71,6 +72,14 @@ def test_import_from_s3_round_trips(tiny_models, cold_cache, tmp_path, monkeypat
         storage.s3_client().create_bucket(Bucket="models")
         storage.upload(tiny_models["llama-tied"], "s3://models/tiny/")
         report = import_model("s3://models/tiny/", tmp_path / "imported")
+        # A truncated checkpoint on S3 gets the same one-line refusal as a local one, before transformers reads it.
+        shutil.copytree(tiny_models["llama-tied"], tmp_path / "truncated")
+        weights = tmp_path / "truncated" / "model.safetensors"
+        weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+        storage.upload(tmp_path / "truncated", "s3://models/truncated/")
+        with pytest.raises(CheckpointError, match=r"^corrupt checkpoint .*truncated"):
+            import_model("s3://models/truncated/", tmp_path / "not-imported")
+        assert not (tmp_path / "not-imported").exists()
     finally:
         server.stop()
     assert report["source"] == "s3://models/tiny/"
