@@ -14,7 +14,7 @@ that torch). ours and plain run in this environment. Measured per implementation
 validation loss (`peer_run.validation_loss`, the same code for all) at the same steps, tokens/s (median of the
 steps after warm-up), peak RSS per process, at 1 process (3 seeds) and 2 processes (gloo: DDP; NeMo: its FSDP2).
 
-    nice -n 10 python bench/peers.py                        # the default setting: 20 runs (timings: docs/peers.md)
+    python bench/peers.py                                   # the default setting: 20 runs, 8 minutes (docs/peers.md)
     python bench/peers.py --steps 2 --seeds 0 --processes 1 --students width --impls plain,ours   # a smoke run
 
 Writes bench/results/cpu/peers.json and docs/images/peers.png.
@@ -77,8 +77,8 @@ RANDOM_SHAPES = {
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     # The default: 20 runs (4 implementations x 3 seeds, 2 processes, the depth student), most of each its
-    # start-up and model loading. A run took 34-45 s at 2 processes on a quiet 2-core machine, 2.5-10 minutes
-    # at 1 process with other work on the cores (docs/peers.md): 30 minutes needs the cores to itself.
+    # start-up and model loading: 7 min 44 s in all on a quiet 2-core machine, 18-29 s a run (docs/peers.md), once
+    # the peers' environments exist (about 4 minutes the first time). Other work on the cores makes it minutes a run.
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--seq-len", type=int, default=64)
     parser.add_argument("--global-batch", type=int, default=4, help="sequences per optimizer step")
