@@ -84,8 +84,10 @@ def main() -> int:
     if not teacher.exists():
         import_model(config.teacher.source, teacher)
 
-    rows = json.loads(args.out.read_text())["runs"] if args.out.exists() else []
-    renderings = []
+    previous = json.loads(args.out.read_text()) if args.out.exists() else {"runs": [], "renderings": []}
+    rows = previous["runs"]
+    # The renderings of earlier runs into the same file are kept (their rows are), unless rendered again here.
+    renderings = [r for r in previous["renderings"] if r["python"] not in args.python]
     for python in args.python:
         tag = Path(python).resolve().as_posix().strip("/").replace("/", "-")
         where = args.work / tag
