@@ -29,19 +29,27 @@ def check(config) -> list:
     # validated by transformers) takes minutes at an 8B's grid; the analytic plan, which agreed with its trace
     # within 1% (tests/test_plan_trace.py), decides there.
     near = {t for t in near if not t.startswith("search:")}
-    # Imported here, as torch with it: `validate` and `compile` of a config clear of its limits load no torch.
-    from secateurs import trace
-
-    key = config.model_dump_json()  # `compile` then `submit` of one config trace once
-    if key not in _TRACED:
-        _TRACED[key] = {s.analytic.task: s for s in trace.trace_plan(config, tasks=near, roofline=False)} if near else {}
+    traced_steps = _traced(config, near) if near else {}
     for step in plans:
-        traced = _TRACED[key].get(step.task)
+        traced = traced_steps.get(step.task)
         if traced is not None and not traced.fits():
+            from secateurs import trace
+
             raise PlanError(trace.refusal(traced, config))
         if traced is None and not step.fits():  # a step the trace does not run: the analytic plan decides
             raise PlanError(refusal(step, config))
     return plans
+
+
+def _traced(config, tasks: set[str]) -> dict:
+    """The traced steps of TASKS by task, traced once per config (`compile` then `submit` of one config)."""
+    # Imported here, as torch with it: `validate` and `compile` of a config clear of its limits load no torch.
+    from secateurs import trace
+
+    key = config.model_dump_json()
+    if key not in _TRACED:
+        _TRACED[key] = {s.analytic.task: s for s in trace.trace_plan(config, tasks=tasks, roofline=False)}
+    return _TRACED[key]
 
 
 _TRACED: dict[str, dict] = {}  # a config's JSON -> its traced steps by task

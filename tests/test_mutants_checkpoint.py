@@ -56,19 +56,13 @@ def test_builtin_model_without_its_package(cold_cache, tmp_path, monkeypatch):
 def test_import_from_s3_round_trips(tiny_models, cold_cache, tmp_path, monkeypatch):
     """s3://bucket/prefix/ of a checkpoint, served by moto on 127.0.0.1: fetched into the cache and imported as the
     directory it is, checked as one."""
-    from moto.server import ThreadedMotoServer
+    from test_storage import set_s3_env, start_moto
 
     from secateurs import storage
-    from conftest import free_port
 
-    port = free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
+    server, url = start_moto({}, tmp_path / "moto.log")
     try:
-        for key, value in {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "test",
-                           "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1"}.items():  # fmt: skip
-            monkeypatch.setenv(key, value)
-        monkeypatch.delenv("AWS_PROFILE", raising=False)
+        set_s3_env(monkeypatch, tmp_path, url)
         storage.s3_client().create_bucket(Bucket="models")
         storage.upload(tiny_models["llama-tied"], "s3://models/tiny/")
         report = import_model("s3://models/tiny/", tmp_path / "imported")
@@ -81,7 +75,8 @@ def test_import_from_s3_round_trips(tiny_models, cold_cache, tmp_path, monkeypat
             import_model("s3://models/truncated/", tmp_path / "not-imported")
         assert not (tmp_path / "not-imported").exists()
     finally:
-        server.stop()
+        server.terminate()
+        server.wait(timeout=10)
     assert report["source"] == "s3://models/tiny/"
     manifest = json.loads((tmp_path / "imported" / "secateurs.json").read_text())
     assert manifest["step"] == "import-model" and manifest["config"]["source"] == "s3://models/tiny/"
